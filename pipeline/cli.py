@@ -1,0 +1,140 @@
+"""`prx-data`: one subcommand per stage, plus tools to look at what stages wrote.
+
+Every stage subcommand is generated from its config dataclass, so `--help`, the YAML file (`--config`)
+and the saved `_stage.json` always agree.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+# Stage modules: each defines STAGE (a pipeline.stage.Stage subclass) and may define
+# add_commands(subparsers) for extra commands that belong with it (e.g. download-report).
+STAGE_MODULES = [
+    "pipeline.stages.ingest",
+]
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which calls out
+
+
+def _stage_command(args: argparse.Namespace) -> int:
+    from pipeline.config import build_config
+    from pipeline.runner import format_summary, run_stage
+
+    stage_cls = args._stage
+    values = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    cfg = build_config(stage_cls.config_cls, values)
+    summary = run_stage(stage_cls(cfg))
+    print(format_summary(stage_cls.name, cfg.out, summary))
+    return 0
+
+
+def _inspect_command(args: argparse.Namespace) -> int:
+    from pipeline.inspect import folder_report, format_report, write_html
+
+    for folder in args.dirs:
+        report = folder_report(folder)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        if args.html:
+            n = write_html(folder, args.html, args.max_images)
+            print(f"wrote {args.html} ({n} samples)")
+    return 0
+
+
+def _ledger_command(args: argparse.Namespace) -> int:
+    from pipeline.inspect import format_trace, trace_key
+
+    rows = trace_key(args.dir, args.key)
+    print(json.dumps(rows, indent=2, default=str) if args.json else format_trace(rows))
+    return 0 if rows else 1
+
+
+def _reasons_command(args: argparse.Namespace) -> int:
+    from pipeline import ledger
+
+    _load_stage_modules()  # stages register their own codes on import
+    print(ledger.reason_table_markdown())
+    return 0
+
+
+def _tiny_models_command(args: argparse.Namespace) -> int:
+    from pipeline.tiny_models import build
+
+    paths = build(args.dir, args.only or None, seed=args.seed)
+    if not paths:
+        print("no tiny models are registered")
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _load_stage_modules():
+    return [importlib.import_module(m) for m in STAGE_MODULES]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.config import add_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="prx-data",
+        description="Turn images into training shards: ingest/download -> filter -> recaption -> encode, "
+                    "with a ledger row for every input and `audit` at any point.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _load_stage_modules():
+        stage = module.STAGE
+        p = sub.add_parser(stage.name, help=stage.help, description=(stage.__doc__ or stage.help),
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_arguments(p, stage.config_cls)
+        p.set_defaults(_func=_stage_command, _stage=stage)
+        if hasattr(module, "add_commands"):
+            module.add_commands(sub)
+
+    p = sub.add_parser("inspect", help="counts, members and sizes of shard folders; --html renders a grid")
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("--html", metavar="FILE", help="write a page with images and their captions")
+    p.add_argument("--max-images", type=int, default=100, help="samples shown in --html (default 100)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(_func=_inspect_command)
+
+    p = sub.add_parser("ledger", help="a sample's ledger rows across every stage folder it passed")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--key", required=True, help="the sample key (32 hex digits)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(_func=_ledger_command)
+
+    p = sub.add_parser("reasons", help="the ledger's reason codes, as a markdown table")
+    p.set_defaults(_func=_reasons_command)
+
+    dev = sub.add_parser("dev", help="developer tools")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="TOOL")
+    p = dev_sub.add_parser("tiny-models", help="build seeded tiny random models of the real classes into DIR")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="comma-separated names (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(_func=_tiny_models_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.stage import StageError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._func(args)
+    except (ConfigError, StageError, FileNotFoundError, KeyError) as exc:
+        print(f"prx-data {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

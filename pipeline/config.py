@@ -1,0 +1,198 @@
+"""One config loader: dataclass defaults < `--config FILE` YAML < command-line flags.
+
+Every stage (and the trainer) describes its options as a dataclass. The same dataclass generates the
+argparse flags, validates the YAML file, and is saved (with its hash) next to every output, so a run
+can always be explained and resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or flag that cannot be used; the message says which and why."""
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str = "", flag: str | None = None,
+           runtime: bool = False, choices: list | None = None, default_factory: Any = dataclasses.MISSING):
+    """A dataclass field with CLI metadata.
+
+    runtime=True marks options that change how a run executes but not what it writes
+    (executor, workers, ...): they are left out of the config hash so a resume may change them.
+    """
+    meta = {"help": help, "flag": flag, "runtime": runtime, "choices": choices}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class CommonConfig:
+    """Flags every stage has (DESIGN.md, Stage runner)."""
+
+    input: str | None = option(None, flag="--in", help="input folder of shards (local path or fsspec URL)")
+    out: str | None = option(None, runtime=True, help="output folder: one run of one stage")
+    executor: str = option("dask", runtime=True, choices=["local", "dask"],
+                           help="'dask' (default: a LocalCluster here, or --scheduler) or 'local' (in-process)")
+    scheduler: str | None = option(None, runtime=True, help="address of an existing Dask scheduler")
+    workers: int | None = option(None, runtime=True, help="Dask LocalCluster worker processes (default: cores, or GPUs)")
+    overwrite: bool = option(False, runtime=True, help="replace an output folder written with a different config")
+    config: str | None = option(None, runtime=True, help="YAML file with any of these options; flags win")
+    limit: int | None = option(None, help="process at most N input shards (ingest: N input samples)")
+    progress: bool = option(True, runtime=True, help="show a progress bar")
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    """Strip Optional[...] / `X | None` to X."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _base_type(args[0])
+    return tp
+
+
+def _parse_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _converter(tp: Any):
+    tp = _base_type(tp)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1] or (str,)
+        conv = _converter(inner)
+        return lambda text: [conv(t) for t in _parse_list(text)]
+    if origin is dict:
+        return _parse_weights
+    if tp in (int, float, str):
+        return tp
+    return str
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    """`long=0.5,short=0.5` -> {"long": 0.5, "short": 0.5}."""
+    out = {}
+    for part in _parse_list(text):
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT, got {part!r}")
+        name, value = part.split("=", 1)
+        out[name.strip()] = float(value)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per dataclass field. Defaults are SUPPRESSed so we can tell what the user set."""
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "")
+        if _base_type(tp) is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _converter(tp)
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            kwargs["metavar"] = f.name.upper().replace("_", "-") if not f.metadata.get("choices") else None
+        if default not in (None, [], {}):
+            help_text = f"{help_text} (default: {default})"
+        kwargs["help"] = help_text
+        parser.add_argument(_flag_name(f), **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Check one YAML value against the field's type; strings are parsed as on the CLI."""
+    tp = _base_type(typing.get_type_hints(cls)[name])
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"option {name!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, str) and tp is not str:
+        return _converter(tp)(value)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"option {name!r} must be a list, got {value!r}")
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"option {name!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"option {name!r} must be a number, got {value!r}")
+        if tp is int and float(value) != int(value):
+            raise ConfigError(f"option {name!r} must be an integer, got {value!r}")
+        return tp(value)
+    return value
+
+
+def read_yaml(path: str) -> dict:
+    from pipeline import fs
+
+    with fs.open_file(path, "rb") as fh:
+        data = yaml.safe_load(fh.read().decode("utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+    return data
+
+
+def build_config(cls: type, cli: dict[str, Any] | None = None, file: str | None = None) -> Any:
+    """Effective config: defaults, then the YAML file (`file` or cli['config']), then CLI values."""
+    cli = dict(cli or {})
+    file = cli.get("config", file)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if file:
+        data = read_yaml(file)
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name == "in":
+                name = "input"
+            if name not in names:
+                raise ConfigError(f"{file}: unknown option {key!r}; known: {', '.join(sorted(names))}")
+            values[name] = _coerce(cls, name, value)
+        values["config"] = file
+    unknown = set(cli) - names
+    if unknown:
+        raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    values.update(cli)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field without a value
+        raise ConfigError(str(exc)) from exc
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def content_fields(cfg: Any) -> dict[str, Any]:
+    """The options that decide what a run writes (runtime options left out)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.metadata.get("runtime")}
+
+
+def config_hash(cfg: Any, extra: dict | None = None) -> str:
+    payload = {"config": content_fields(cfg), "extra": extra or {}}
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,346 @@
+"""The stage runner: resume rules, executors (local or Dask), progress and the end-of-stage summary.
+
+One output folder holds one run of one stage. Rerunning into it with the same config hash resumes
+(finished shards are skipped, each phase on its own); a different hash is refused unless --overwrite.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import sys
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable
+
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pipeline import fs, ledger
+from pipeline.config import config_hash, to_dict
+from pipeline.shards import ShardWriter, shard_done, shard_name
+from pipeline.stage import GlobalStage, Stage, StageError, Task, read_stage_json
+
+PACKAGES = ("prx", "torch", "torchvision", "transformers", "diffusers", "open_clip_torch", "webdataset",
+            "img2dataset", "dask", "distributed", "datasets", "pyarrow", "pillow", "vllm")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------ worker side
+_MODEL_CACHE: dict[Any, Any] = {}
+
+
+def cached(key: Any, factory: Callable[[], Any]) -> Any:
+    """Load a model once per worker process and reuse it across shards."""
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = factory()
+    return _MODEL_CACHE[key]
+
+
+def worker_device() -> str:
+    """The torch device for this worker: its own GPU when there are GPUs, else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        from distributed import get_worker
+
+        rank = int(get_worker().name)
+    except Exception:  # noqa: BLE001 - not on a Dask worker, or a named one
+        rank = 0
+    return f"cuda:{rank % torch.cuda.device_count()}"
+
+
+@dataclass
+class TaskResult:
+    index: int
+    rows: int = 0
+    kept: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    bytes_by_member: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def run_task(stage_cls: type, cfg: Any, task: Task, plan: dict | None = None) -> TaskResult:
+    """One output shard: the unit of work sent to an executor."""
+    start = time.perf_counter()
+    stage = stage_cls(cfg)
+    if plan is not None:
+        stage.set_plan(plan)
+    writer = ShardWriter(cfg.out, task.index, stage.name)
+    try:
+        stage.process(task, writer)
+        stats = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    reasons = Counter(f"{r.outcome}:{r.reason}" for r in stats.rows)
+    return TaskResult(task.index, len(stats.rows), sum(r.outcome == ledger.KEPT for r in stats.rows),
+                      dict(reasons), stats.bytes_by_member, time.perf_counter() - start)
+
+
+def run_scan(stage_cls: type, cfg: Any, task: Task) -> TaskResult:
+    start = time.perf_counter()
+    table = stage_cls(cfg).scan(task)
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    fs.write_bytes_atomic(fs.join(cfg.out, "_map", shard_name(task.index, "parquet")), buf.getvalue())
+    return TaskResult(task.index, rows=table.num_rows, seconds=time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------ executors
+class LocalExecutor:
+    """In-process, one task after another: for debugging and tests."""
+
+    def map(self, fn, stage: Stage, tasks: list[Task], *args):
+        for task in tasks:
+            yield fn(type(stage), stage.cfg, task, *args)
+
+    def close(self):
+        pass
+
+
+class DaskExecutor:
+    """A distributed.LocalCluster on this machine, or an existing cluster by address."""
+
+    def __init__(self, scheduler: str | None, workers: int | None, uses_model: bool):
+        from distributed import Client, LocalCluster
+
+        self.cluster = None
+        self.resources: dict[str, float] = {}
+        if scheduler:
+            self.client = Client(scheduler)
+            infos = self.client.scheduler_info().get("workers", {}).values()
+            if uses_model and any(w.get("resources", {}).get("GPU") for w in infos):
+                self.resources = {"GPU": 1}
+        else:
+            n_gpus = _local_gpu_count() if uses_model else 0
+            kwargs: dict[str, Any] = {"threads_per_worker": 1, "processes": True, "dashboard_address": None}
+            if n_gpus:
+                kwargs["n_workers"] = workers or n_gpus
+                kwargs["resources"] = {"GPU": 1}
+                self.resources = {"GPU": 1}
+            else:
+                kwargs["n_workers"] = workers or os.cpu_count() or 1
+            self.cluster = LocalCluster(**kwargs)
+            self.client = Client(self.cluster)
+
+    def map(self, fn, stage: Stage, tasks: list[Task], *args):
+        from distributed import as_completed
+
+        futures = [self.client.submit(fn, type(stage), stage.cfg, t, *args, pure=False,
+                                      resources=self.resources or None, key=f"{fn.__name__}-{stage.name}-{t.index}")
+                   for t in tasks]
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    def close(self):
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _local_gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def make_executor(cfg: Any, uses_model: bool):
+    if cfg.executor == "local":
+        return LocalExecutor()
+    if cfg.executor == "dask":
+        return DaskExecutor(cfg.scheduler, cfg.workers, uses_model)
+    raise StageError(f"unknown executor {cfg.executor!r}: use local or dask")
+
+
+# ------------------------------------------------------------------------------------ the run
+def _hash_file_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def prepare_output(stage: Stage, chash: str) -> None:
+    """Apply the one-folder-one-run rule: resume on the same hash, refuse or wipe on another."""
+    out = stage.cfg.out
+    previous = read_stage_json(out)
+    if previous is None:
+        if fs.exists(out) and fs.glob(fs.join(out, "*.tar")):
+            if not stage.cfg.overwrite:
+                raise StageError(f"{out} holds shards but no _stage.json; use another --out or --overwrite")
+            fs.remove(out)
+        return
+    same = previous.get("stage") == stage.name and previous.get("config_hash") == chash
+    if same:
+        return
+    if not stage.cfg.overwrite:
+        raise StageError(
+            f"{out} holds a run of stage {previous.get('stage')!r} with config hash {previous.get('config_hash')}; "
+            f"this run's hash is {chash}. Use another --out, or --overwrite to replace it.")
+    fs.remove(out)
+
+
+def write_stage_json(stage: Stage, chash: str, info: dict[str, Any]) -> None:
+    doc = {
+        "stage": stage.name,
+        "inputs": stage.input_folders(),
+        "config": to_dict(stage.cfg),
+        "config_hash": chash,
+        "provenance": stage.provenance(),
+        "packages": package_versions(),
+        **info,
+    }
+    fs.write_bytes_atomic(fs.join(stage.cfg.out, "_stage.json"),
+                          json.dumps(doc, indent=2, default=str).encode("utf-8"))
+
+
+def _progress(stage: Stage, total: int, desc: str):
+    return tqdm(total=total, desc=f"{stage.name} {desc}", unit="shard", disable=not stage.cfg.progress,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def _drive(executor, fn, stage: Stage, tasks: list[Task], desc: str, *args) -> list[TaskResult]:
+    results = []
+    start = time.perf_counter()
+    samples = 0
+    with _progress(stage, len(tasks), desc) as bar:
+        for res in executor.map(fn, stage, tasks, *args):
+            results.append(res)
+            samples += res.rows
+            bar.set_postfix(samples=samples, rate=f"{samples / max(time.perf_counter() - start, 1e-9):.1f}/s")
+            bar.update(1)
+    return results
+
+
+def run_stage(stage: Stage) -> dict[str, Any]:
+    """Run (or resume) one stage into cfg.out and return its summary."""
+    cfg = stage.cfg
+    if not cfg.out:
+        raise StageError("--out is required")
+    stage.validate()
+    prov = stage.provenance()
+    chash = config_hash(cfg, extra=prov)
+    prepare_output(stage, chash)
+    fs.makedirs(cfg.out)
+    started = _now()
+    previous = read_stage_json(cfg.out) or {}
+    write_stage_json(stage, chash, {"status": "running", "started": previous.get("started", started)})
+    tasks = stage.plan()
+    t0 = time.perf_counter()
+    executor = None
+
+    def get_executor():
+        nonlocal executor
+        if executor is None:
+            executor = make_executor(cfg, stage.uses_model)
+        return executor
+
+    plan_hash = None
+    try:
+        plan = None
+        if isinstance(stage, GlobalStage):
+            scan_todo = [t for t in tasks
+                         if not fs.exists(fs.join(cfg.out, "_map", shard_name(t.index, "parquet")))]
+            if scan_todo:
+                _drive(get_executor(), run_scan, stage, scan_todo, "scan")
+            plan_path = fs.join(cfg.out, "_plan.json")
+            if not fs.exists(plan_path):
+                partials = [fs.join(cfg.out, "_map", shard_name(t.index, "parquet")) for t in tasks]
+                plan = stage.reduce(partials)
+                fs.write_bytes_atomic(plan_path, json.dumps(plan, sort_keys=True).encode("utf-8"))
+            data = fs.read_bytes(plan_path)
+            plan, plan_hash = json.loads(data), _hash_file_bytes(data)
+        todo = [t for t in tasks if not shard_done(cfg.out, t.index)]
+        if todo:
+            args = (plan,) if plan is not None else ()
+            _drive(get_executor(), run_task, stage, todo, "apply" if plan is not None else "", *args)
+    finally:
+        if executor is not None:
+            executor.close()
+    seconds = time.perf_counter() - t0
+    summary = summarize(cfg.out, [t.index for t in tasks])
+    summary["seconds_this_run"] = round(seconds, 3)
+    summary["shards_resumed"] = len(tasks) - len(todo)
+    info = {"status": "complete", "started": previous.get("started", started), "finished": _now(),
+            "counts": summary}
+    if plan_hash:
+        info["plan_hash"] = plan_hash
+    write_stage_json(stage, chash, info)
+    return summary
+
+
+def tar_member_bytes(path: str) -> tuple[int, dict[str, int]]:
+    """(samples, bytes by member name) from a shard's tar headers."""
+    samples: set[str] = set()
+    by_member: Counter = Counter()
+    with fs.open_file(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
+        for info in tar:
+            key, _, member = info.name.partition(".")
+            samples.add(key)
+            by_member[member] += info.size
+    return len(samples), dict(by_member)
+
+
+def summarize(out: str, indices: list[int]) -> dict[str, Any]:
+    """Counts by outcome and reason (from the ledgers) and bytes per sample by member (from the tars)."""
+    outcomes: Counter = Counter()
+    reasons: Counter = Counter()
+    for i in indices:
+        table = ledger.read(fs.join(out, shard_name(i, "parquet")))
+        for outcome, reason in zip(table.column("outcome").to_pylist(), table.column("reason").to_pylist()):
+            outcomes[outcome] += 1
+            if reason:
+                reasons[f"{outcome}:{reason}"] += 1
+    samples, member_bytes = 0, Counter()
+    for i in indices:
+        n, by = tar_member_bytes(fs.join(out, shard_name(i)))
+        samples += n
+        member_bytes.update(by)
+    return {
+        "in": sum(outcomes.values()),
+        "kept": outcomes.get(ledger.KEPT, 0),
+        "rejected": outcomes.get(ledger.REJECTED, 0),
+        "failed": outcomes.get(ledger.FAILED, 0),
+        "reasons": dict(sorted(reasons.items())),
+        "shards": len(indices),
+        "samples_written": samples,
+        "bytes_per_sample": {m: round(b / samples, 1) for m, b in sorted(member_bytes.items())} if samples else {},
+    }
+
+
+def format_summary(name: str, out: str, s: dict[str, Any]) -> str:
+    lines = [f"{name}: {s['in']} in, {s['kept']} kept, {s['rejected']} rejected, {s['failed']} failed "
+             f"in {s.get('seconds_this_run', 0):.1f}s ({s['shards']} shards, {s.get('shards_resumed', 0)} resumed)"]
+    for reason, n in s["reasons"].items():
+        lines.append(f"  {reason:<40} {n}")
+    if s["bytes_per_sample"]:
+        lines.append("  bytes per sample: " + ", ".join(f"{m} {b:,.0f}" for m, b in s["bytes_per_sample"].items()))
+    lines.append(f"  output: {out}")
+    return "\n".join(lines)

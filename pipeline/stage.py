@@ -1,0 +1,196 @@
+"""What a stage is: a config dataclass plus a pure function over one shard.
+
+`Stage`     plans tasks (one per output shard) and processes one task into a ShardWriter.
+`MapStage`  the usual case, input shard N -> output shard N: read samples, handle a batch, write
+            kept samples (members the stage does not own copied byte for byte) and one ledger row each.
+`GlobalStage` a MapStage that first needs a view of every shard: scan (per shard, a parquet of partial
+            results) -> reduce (one plan, hashed into `_stage.json`) -> apply (per shard).
+The runner (`pipeline.runner`) decides where and when tasks run; stages never see executors.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import pyarrow as pa
+
+from pipeline import fs, ledger
+from pipeline.config import CommonConfig
+from pipeline.shards import Problem, Sample, ShardWriter, dumps_json, list_shards, read_shard, shard_index
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as configured; the message names the fix."""
+
+
+@dataclass
+class Task:
+    index: int                      # output shard number
+    inputs: list[str]               # input shard path(s) or stage-specific input items
+    max_samples: int | None = None  # --limit quota for this shard
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """What a stage decided for one sample."""
+
+    sample: Sample
+    row: ledger.Row
+    members: dict[str, bytes] = field(default_factory=dict)  # new or replaced members (own members only)
+    drop_members: tuple[str, ...] = ()                        # members this stage removes (e.g. --drop-images)
+
+    @property
+    def kept(self) -> bool:
+        return self.row.outcome == ledger.KEPT
+
+
+def keep(sample: Sample, meta: dict | None = None, members: dict[str, bytes] | None = None,
+         scores: dict[str, float] | None = None, detail: str = "", drop: tuple[str, ...] = ()) -> Result:
+    new = dict(members or {})
+    if meta is not None:
+        new["json"] = dumps_json(meta)
+    return Result(sample, ledger.row(sample.key, sample_input_id(sample), "", detail, scores=scores or {}), new, drop)
+
+
+def reject(sample: Sample, reason: str, detail: str = "", scores: dict[str, float] | None = None) -> Result:
+    return Result(sample, ledger.row(sample.key, sample_input_id(sample), reason, detail, scores=scores or {}))
+
+
+def sample_input_id(sample: Sample) -> str:
+    """The original input id (URL, path or source member) travels in json; fall back to shard:key."""
+    try:
+        return str(sample.meta().get("input_id") or sample.input_id)
+    except Exception:  # noqa: BLE001 - a bad json member is reported elsewhere
+        return sample.input_id
+
+
+class Stage:
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    config_cls: ClassVar[type] = CommonConfig
+    uses_model: ClassVar[bool] = False  # model tasks ask for the GPU resource where workers have one
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # --- what _stage.json records beyond the config
+    def input_folders(self) -> list[str]:
+        return [self.cfg.input] if self.cfg.input else []
+
+    def provenance(self) -> dict[str, Any]:
+        """Model ids and revisions, prompt hashes...: hashed with the config."""
+        return {}
+
+    def validate(self) -> None:
+        """Raise StageError before any work if the config cannot work."""
+
+    # --- work
+    def plan(self) -> list[Task]:
+        raise NotImplementedError
+
+    def process(self, task: Task, writer: ShardWriter) -> None:
+        raise NotImplementedError
+
+
+def kept_counts(folder: str) -> dict[int, int]:
+    """Samples per shard of a folder, from its ledgers (kept rows); empty when it has no ledgers."""
+    table = ledger.read_folder(folder)
+    counts: dict[int, int] = {}
+    for shard, outcome in zip(table.column("shard").to_pylist(), table.column("outcome").to_pylist()):
+        if outcome == ledger.KEPT:
+            counts[shard] = counts.get(shard, 0) + 1
+    return counts
+
+
+class MapStage(Stage):
+    """Input shard N -> output shard N."""
+
+    batch_size: int = 64
+
+    def plan(self) -> list[Task]:
+        if not self.cfg.input:
+            raise StageError("--in is required")
+        shards = list_shards(self.cfg.input)
+        if not shards:
+            raise StageError(f"no NNNNNN.tar shards in {self.cfg.input}")
+        tasks = [Task(shard_index(p), [p]) for p in shards]
+        if self.cfg.limit is not None:
+            counts = kept_counts(self.cfg.input)
+            left, limited = self.cfg.limit, []
+            for t in tasks:
+                if left <= 0:
+                    break
+                n = counts.get(t.index, left)
+                t.max_samples = min(n, left)
+                left -= t.max_samples
+                limited.append(t)
+            tasks = limited
+        return tasks
+
+    def samples(self, task: Task) -> Iterator[Sample | Problem]:
+        n = 0
+        for item in read_shard(task.inputs[0]):
+            if task.max_samples is not None and n >= task.max_samples:
+                return
+            n += 1
+            yield item
+
+    def process(self, task: Task, writer: ShardWriter) -> None:
+        batch: list[Sample] = []
+        for item in self.samples(task):
+            if isinstance(item, Problem):
+                writer.add_row(item.row())
+                continue
+            batch.append(item)
+            if len(batch) >= self.batch_size:
+                self._write(self._timed(batch, task), writer)
+                batch = []
+        if batch:
+            self._write(self._timed(batch, task), writer)
+
+    def _timed(self, batch: list[Sample], task: Task) -> list[Result]:
+        start = time.perf_counter()
+        results = self.process_batch(batch, task)
+        if len(results) != len(batch):
+            raise RuntimeError(f"{self.name}: process_batch returned {len(results)} results for {len(batch)} samples")
+        per = (time.perf_counter() - start) / max(len(batch), 1)
+        for r in results:
+            r.row.seconds = per
+        return results
+
+    @staticmethod
+    def _write(results: list[Result], writer: ShardWriter) -> None:
+        for r in results:
+            if r.kept:
+                members = {k: v for k, v in r.sample.members.items() if k not in r.drop_members}
+                members.update(r.members)
+                writer.write(r.sample.key, members)
+            writer.add_row(r.row)
+
+    def process_batch(self, samples: list[Sample], task: Task) -> list[Result]:
+        """One Result per sample, in order."""
+        raise NotImplementedError
+
+
+class GlobalStage(MapStage):
+    """scan -> reduce -> apply. `scan` returns a table per shard; `reduce` turns them into a plan."""
+
+    def scan(self, task: Task) -> pa.Table:
+        raise NotImplementedError
+
+    def reduce(self, partial_paths: list[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def set_plan(self, plan: dict[str, Any]) -> None:
+        self.plan_data = plan
+
+
+def read_stage_json(folder: str) -> dict[str, Any] | None:
+    import json
+
+    path = fs.join(folder, "_stage.json")
+    if not fs.exists(path):
+        return None
+    return json.loads(fs.read_bytes(path).decode("utf-8"))

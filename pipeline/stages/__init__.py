@@ -1,0 +1,1 @@
+"""The stages of prx-data: each module defines STAGE."""

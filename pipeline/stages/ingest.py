@@ -1,0 +1,286 @@
+"""`prx-data ingest`: images you already have -> raw shards with content keys and a ledger.
+
+Inputs: a folder tree of images with optional `stem.txt` / `stem.json` sidecars; existing webdataset or
+img2dataset shards (a folder of .tar); or a Hugging Face `datasets` dataset (`hf:NAME`, or a folder saved
+with `save_to_disk`). Each input becomes one ledger row. Image bytes are kept as they are; the member is
+named by the format detected from the bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from pipeline import fs, ledger
+from pipeline.config import CommonConfig, option
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from pipeline.runner import cached
+from pipeline.shards import Problem, ShardWriter, dumps_json, read_shard
+from pipeline.stage import Stage, StageError, Task
+
+SIDECARS = (".txt", ".json")
+
+
+@dataclass
+class IngestConfig(CommonConfig):
+    source: str | None = option(None, help="source name recorded in every sample (default: the input folder's name)")
+    kind: str = option("auto", choices=["auto", "folder", "webdataset", "hf"],
+                       help="input kind; auto: hf:NAME or a save_to_disk folder -> hf, a folder with .tar -> webdataset, "
+                            "else a folder of images")
+    shard_size: int = option(1000, help="samples per output shard (folder and hf inputs; tar inputs map 1:1)")
+    max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="reject images whose header declares more pixels")
+    hf_split: str = option("train", help="split of a Hugging Face dataset")
+    image_column: str = option("image", help="image column of a Hugging Face dataset")
+    text_column: str = option("text", help="caption column of a Hugging Face dataset ('' for none)")
+
+
+@dataclass
+class Item:
+    """One input: the image bytes (None when unreadable), its caption bytes and metadata."""
+
+    input_id: str
+    data: bytes | None
+    caption: bytes | str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    orig_key: str | None = None
+    url: str | None = None
+    problem: Problem | None = None
+
+
+def content_key(data: bytes) -> tuple[str, str]:
+    """(`__key__`, full sha256): the key is the first 32 hex digits of the sha256 of the image bytes."""
+    digest = hashlib.sha256(data).hexdigest()
+    return digest[:32], digest
+
+
+def decode_caption(raw: bytes | str | None) -> tuple[str, str]:
+    """Caption bytes -> (text, note). Non-UTF-8 text is decoded as cp1252 or latin-1 and the note says so."""
+    if raw is None:
+        return "", ""
+    if isinstance(raw, str):
+        return raw, ""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError:
+        pass
+    for enc in ("cp1252", "latin-1"):
+        try:
+            return raw.decode(enc), f"caption not UTF-8; decoded as {enc}"
+        except UnicodeDecodeError:
+            continue
+    return raw.decode("utf-8", errors="replace"), "caption not UTF-8; undecodable bytes replaced"
+
+
+def detect_kind(cfg: IngestConfig) -> str:
+    if cfg.kind != "auto":
+        return cfg.kind
+    path = cfg.input
+    if path.startswith("hf:"):
+        return "hf"
+    if fs.exists(fs.join(path, "dataset_info.json")) or fs.exists(fs.join(path, "state.json")):
+        return "hf"
+    if fs.glob(fs.join(path, "*.tar")):
+        return "webdataset"
+    return "folder"
+
+
+def folder_inputs(root: str) -> list[str]:
+    """Every file that is an input (sidecars excluded), sorted, relative to root."""
+    files = list(fs.walk_files(root))
+    stems = {}
+    for f in files:
+        stem, ext = os.path.splitext(f)
+        if ext.lower() not in SIDECARS:
+            stems[stem] = f
+    inputs = []
+    for f in files:
+        stem, ext = os.path.splitext(f)
+        if ext.lower() in SIDECARS and stem in stems:
+            continue
+        inputs.append(f)
+    return inputs
+
+
+def _read(path: str) -> bytes | None:
+    return fs.read_bytes(path) if fs.exists(path) else None
+
+
+def folder_items(root: str, paths: list[str]) -> Iterator[Item]:
+    for path in paths:
+        rel = os.path.relpath(path, root) if "://" not in root else path[len(root):].lstrip("/")
+        stem = os.path.splitext(path)[0]
+        try:
+            data = fs.read_bytes(path)
+            caption = _read(stem + ".txt")
+            extra_raw = _read(stem + ".json")
+        except OSError as exc:
+            yield Item(rel, None, problem=Problem("", rel, "read_error", str(exc)))
+            continue
+        extra: dict[str, Any] = {}
+        if extra_raw is not None:
+            try:
+                extra = json.loads(extra_raw.decode("utf-8"))
+                if not isinstance(extra, dict):
+                    extra = {"value": extra}
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                extra = {"sidecar_error": f"{type(exc).__name__}: {exc}"}
+        yield Item(rel, data, caption, extra=extra, url=extra.get("url"))
+
+
+def tar_items(path: str) -> Iterator[Item]:
+    """Samples of an existing webdataset/img2dataset shard; its own keys are kept as orig_key."""
+    for s in read_shard(path):
+        if isinstance(s, Problem):
+            yield Item(s.input_id, None, problem=s)
+            continue
+        image = s.image_member
+        try:
+            meta = s.meta()
+        except Exception as exc:  # noqa: BLE001 - bad json member: keep the image, note it
+            meta = {"sidecar_error": str(exc)}
+        if image is None:
+            yield Item(s.input_id, None, problem=Problem("", s.input_id, "missing_image",
+                                                         f"members: {', '.join(sorted(s.members))}"))
+            continue
+        caption = s.members.get("txt")
+        yield Item(s.input_id, s.members[image], caption, extra=meta, orig_key=s.key, url=meta.get("url"))
+
+
+def _load_hf(cfg: IngestConfig):
+    import datasets
+
+    def load():
+        name = cfg.input[3:] if cfg.input.startswith("hf:") else cfg.input
+        if fs.exists(fs.join(name, "state.json")) or fs.exists(fs.join(name, "dataset_info.json")):
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[cfg.hf_split]
+        else:
+            ds = datasets.load_dataset(name, split=cfg.hf_split)
+        if cfg.image_column not in ds.column_names:
+            raise StageError(f"dataset has no column {cfg.image_column!r}; columns: {ds.column_names}")
+        if isinstance(ds.features[cfg.image_column], datasets.Image):
+            ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        return ds
+
+    return cached(("hf", cfg.input, cfg.hf_split, cfg.image_column), load)
+
+
+def hf_items(cfg: IngestConfig, start: int, stop: int) -> Iterator[Item]:
+    ds = _load_hf(cfg)
+    name = cfg.input[3:] if cfg.input.startswith("hf:") else posixpath.basename(cfg.input.rstrip("/"))
+    for i in range(start, stop):
+        row = ds[i]
+        value = row[cfg.image_column]
+        input_id = f"{name}[{cfg.hf_split}][{i}]"
+        data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
+        if data is None and isinstance(value, dict) and value.get("path") and os.path.exists(value["path"]):
+            data = fs.read_bytes(value["path"])
+        if data is None:
+            yield Item(input_id, None, problem=Problem("", input_id, "missing_image", "image column holds no bytes"))
+            continue
+        caption = row.get(cfg.text_column) if cfg.text_column else None
+        extra = {k: v for k, v in row.items() if k not in (cfg.image_column, cfg.text_column)
+                 and isinstance(v, (str, int, float, bool, type(None)))}
+        yield Item(input_id, data, caption if isinstance(caption, (str, bytes)) else None, extra=extra,
+                   orig_key=str(i), url=extra.get("url"))
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    help = "images you have (folder, webdataset/img2dataset shards, HF dataset) -> raw shards + ledger"
+    config_cls = IngestConfig
+
+    def validate(self) -> None:
+        cfg = self.cfg
+        if not cfg.input:
+            raise StageError("--in is required (a folder, a folder of .tar shards, or hf:NAME)")
+        if not cfg.input.startswith("hf:") and not fs.exists(cfg.input):
+            raise StageError(f"input {cfg.input} does not exist")
+        if cfg.shard_size < 1:
+            raise StageError("--shard-size must be at least 1")
+
+    @property
+    def source(self) -> str:
+        return self.cfg.source or posixpath.basename(self.cfg.input.rstrip("/").removeprefix("hf:")) or "unnamed"
+
+    def plan(self) -> list[Task]:
+        cfg = self.cfg
+        kind = detect_kind(cfg)
+        limit = cfg.limit
+        if kind == "webdataset":
+            tars = fs.glob(fs.join(cfg.input, "*.tar"))
+            tasks = [Task(i, [p]) for i, p in enumerate(tars)]
+            if limit is None:
+                return tasks
+            from pipeline.runner import tar_member_bytes
+
+            left, limited = limit, []
+            for t in tasks:
+                if left <= 0:
+                    break
+                t.max_samples = min(left, tar_member_bytes(t.inputs[0])[0])
+                left -= t.max_samples
+                limited.append(t)
+            return limited
+        if kind == "hf":
+            n = len(_load_hf(cfg))
+            n = min(n, limit) if limit is not None else n
+            return [Task(i, [], extra={"start": s, "stop": min(s + cfg.shard_size, n)})
+                    for i, s in enumerate(range(0, n, cfg.shard_size))]
+        paths = folder_inputs(cfg.input)
+        if limit is not None:
+            paths = paths[:limit]
+        return [Task(i, paths[s:s + cfg.shard_size]) for i, s in enumerate(range(0, len(paths), cfg.shard_size))]
+
+    def items(self, task: Task) -> Iterator[Item]:
+        kind = detect_kind(self.cfg)
+        if kind == "hf":
+            return hf_items(self.cfg, task.extra["start"], task.extra["stop"])
+        if kind == "webdataset":
+            items = tar_items(task.inputs[0])
+            if task.max_samples is not None:
+                import itertools
+
+                items = itertools.islice(items, task.max_samples)
+            return items
+        return folder_items(self.cfg.input, task.inputs)
+
+    def process(self, task: Task, writer: ShardWriter) -> None:
+        for item in self.items(task):
+            start = time.perf_counter()
+            row = self.ingest_one(item, writer)
+            row.seconds = time.perf_counter() - start
+            writer.add_row(row)
+
+    def ingest_one(self, item: Item, writer: ShardWriter) -> ledger.Row:
+        if item.problem is not None:
+            return item.problem.row()
+        if item.data is None:
+            return ledger.row("", item.input_id, "read_error", "no bytes")
+        key, digest = content_key(item.data) if item.data else ("", "")
+        try:
+            _, info = decode_image(item.data, self.cfg.max_image_pixels)
+        except ImageRejected as exc:
+            return ledger.row(key, item.input_id, exc.reason, exc.detail)
+        caption, note = decode_caption(item.caption)
+        if key in writer:
+            detail = json.dumps({"kept_key": key, "url": item.url, "caption": caption}, ensure_ascii=False)
+            return ledger.row(key, item.input_id, "duplicate_exact", detail)
+        meta: dict[str, Any] = {"key": key, "sha256": digest, "input_id": item.input_id, "source": self.source,
+                                "url": item.url, "width": info.width, "height": info.height,
+                                "orig_key": item.orig_key, "format": info.ext}
+        if item.extra:
+            meta["source_meta"] = item.extra
+        writer.write(key, {info.ext: item.data, "txt": caption.encode("utf-8"), "json": dumps_json(meta)})
+        return ledger.row(key, item.input_id, "", note)
+
+
+STAGE = IngestStage
