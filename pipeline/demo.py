@@ -22,8 +22,6 @@ def write_photos(folder: str) -> str:
         "coffee": "A cup of coffee on a saucer with a spoon, seen from above.",
         "chelsea": "Chelsea the tabby cat looking up.",
         "rocket": "A rocket on the launch pad before lift-off.",
-        "cat": "A cat with green eyes looking at the camera.",
-        "motorcycle_left": "The left view of a red motorcycle in a stereo pair.",
         "china": "A Chinese temple with a red roof among trees.",
         "flower": "A close-up of a pink flower.",
     }

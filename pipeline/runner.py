@@ -207,6 +207,15 @@ def prepare_output(stage: Stage, chash: str) -> None:
     fs.remove(out)
 
 
+def remove_stale_temporaries(out: str) -> None:
+    """Half-written files of a killed run (their finished shards were never renamed into place).
+
+    One output folder holds one run: two runs writing into the same folder at once are not supported."""
+    for pattern in (".*.tmp*", "_map/.*.tmp*"):
+        for path in fs.glob(fs.join(out, pattern)):
+            fs.remove(path)
+
+
 def write_stage_json(stage: Stage, chash: str, info: dict[str, Any]) -> None:
     doc = {
         "stage": stage.name,
@@ -249,6 +258,7 @@ def run_stage(stage: Stage) -> dict[str, Any]:
     chash = config_hash(cfg, extra=prov)
     prepare_output(stage, chash)
     fs.makedirs(cfg.out)
+    remove_stale_temporaries(cfg.out)
     started = _now()
     previous = read_stage_json(cfg.out) or {}
     write_stage_json(stage, chash, {"status": "running", "started": previous.get("started", started)})

@@ -250,13 +250,13 @@ def read_shard(path: str) -> Iterator[Sample | Problem]:
                 if not info.isfile():
                     yield Problem(key, f"{base}:{info.name}", "not_a_regular_file", f"tar type {info.type!r}")
                     continue
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise EOFError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
                 if current is None or current.key != key:
                     if current is not None:
                         yield finish(current, current_problem)
                     current, current_problem = Sample(key, {}, str(path)), None
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise EOFError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
                 if member in current.members:
                     current_problem = f"member {info.name} appears twice"
                     continue

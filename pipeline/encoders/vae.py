@@ -1,0 +1,91 @@
+"""The VAE: any diffusers `AutoencoderKL` by alias or folder (FLUX.1's by default).
+
+`mean` and `logvar` of the posterior are stored (float32), so the trainer can draw a fresh latent each
+epoch; scaling and shift factors are recorded, not applied. FLUX.2's VAE (`AutoencoderKLFlux2`, latents
+normalised by batch-norm statistics, which diffusers' PRX pipeline does not decode) is refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.models import GATED_HELP, ModelSpec, import_class, resolve
+from pipeline.stage import StageError
+
+DEFAULT_CLASS = "diffusers.AutoencoderKL"
+UNSUPPORTED = {
+    "AutoencoderKLFlux2": "FLUX.2's VAE (AutoencoderKLFlux2) is not supported yet: its latents are normalised "
+                          "by batch-norm statistics that diffusers' PRX pipeline does not decode. Use a diffusers "
+                          "AutoencoderKL such as --vae flux1.",
+}
+
+
+def vae_spec(name: str) -> ModelSpec:
+    spec = resolve(name, DEFAULT_CLASS)
+    cls = (spec.cls or DEFAULT_CLASS).rpartition(".")[2]
+    if cls in UNSUPPORTED:
+        raise StageError(f"--vae {name}: {UNSUPPORTED[cls]}")
+    return spec
+
+
+def load_config(spec: ModelSpec) -> dict[str, Any]:
+    from diffusers import AutoencoderKL
+
+    try:
+        cfg = AutoencoderKL.load_config(spec.id, **spec.load_kwargs())
+    except OSError as exc:
+        if spec.gated or "gated" in str(exc).lower() or "401" in str(exc):
+            raise StageError(GATED_HELP.format(id=spec.id) + f" (original error: {exc})") from exc
+        raise StageError(f"cannot read the VAE config of {spec.name} ({spec.id}): {exc}") from exc
+    cls = cfg.get("_class_name", "AutoencoderKL")
+    if cls in UNSUPPORTED:
+        raise StageError(f"--vae {spec.name}: {UNSUPPORTED[cls]}")
+    if cls != "AutoencoderKL":
+        raise StageError(f"--vae {spec.name} is a {cls}; the encode stage supports diffusers AutoencoderKL VAEs")
+    return cfg
+
+
+def vae_info(spec: ModelSpec, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What `_stage.json` and every sample's json record about the VAE."""
+    cfg = cfg if cfg is not None else load_config(spec)
+    return {**spec.provenance(), "class": "diffusers.AutoencoderKL",
+            "scaling_factor": float(cfg.get("scaling_factor") or 1.0),
+            "shift_factor": float(cfg.get("shift_factor") or 0.0),
+            "latent_channels": int(cfg.get("latent_channels", 4)),
+            "downsample": 2 ** (len(cfg.get("block_out_channels", [0])) - 1),
+            "dtype": "float32"}
+
+
+@dataclass
+class VAE:
+    model: Any
+    spec: ModelSpec
+    info: dict[str, Any]
+    device: str
+    bf16: bool  # BF16 autocast (GPU)
+
+    def encode(self, pixels):
+        """float32 B x 3 x H x W in [-1, 1] -> (mean, logvar), float32 on the CPU."""
+        import torch
+
+        x = pixels.to(self.device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.bf16):
+            dist = self.model.encode(x).latent_dist
+        return dist.mean.float().cpu(), dist.logvar.float().cpu()
+
+
+def load_vae(name: str, device: str = "cpu", bf16: bool = False) -> VAE:
+    import torch
+
+    spec = vae_spec(name)
+    cfg = load_config(spec)
+    klass = import_class(DEFAULT_CLASS)
+    try:
+        model = klass.from_pretrained(spec.id, **spec.load_kwargs(), torch_dtype=torch.float32)
+    except OSError as exc:
+        if spec.gated or "gated" in str(exc).lower() or "401" in str(exc):
+            raise StageError(GATED_HELP.format(id=spec.id) + f" (original error: {exc})") from exc
+        raise
+    model.requires_grad_(False).eval().to(device)
+    return VAE(model, spec, vae_info(spec, cfg), device, bf16)
