@@ -192,3 +192,28 @@ def test_s3_input_and_output(tmp_path, photo_folder, s3_server):
     for p in shards:  # the same samples, input ids and source name: the same bytes
         assert fs.cat_file(p) == (local / os.path.basename(p)).read_bytes()
     assert json.loads(fs.cat_file("prx/raw/_stage.json"))["status"] == "complete"
+
+
+def test_existing_cluster_by_address_and_gpu_resource(tmp_path, photo_folder):
+    """--scheduler uses a running cluster; model tasks ask for GPU only where workers advertise it."""
+    from distributed import LocalCluster
+
+    from pipeline.runner import DaskExecutor
+
+    loopback = {"n_workers": 1, "threads_per_worker": 1, "processes": False, "dashboard_address": None,
+                "host": "127.0.0.1", "protocol": "tcp"}
+    with LocalCluster(**loopback, resources={"GPU": 1}) as gpu_cluster:
+        ex = DaskExecutor(gpu_cluster.scheduler_address, None, uses_model=True)
+        assert ex.resources == {"GPU": 1}
+        ex.close()
+        ex = DaskExecutor(gpu_cluster.scheduler_address, None, uses_model=False)
+        assert ex.resources == {}
+        ex.close()
+    with LocalCluster(**loopback) as cpu_cluster:
+        ex = DaskExecutor(cpu_cluster.scheduler_address, None, uses_model=True)
+        assert ex.resources == {}, "asking for GPU on a cluster without it would hang forever"
+        ex.close()
+        out = tmp_path / "raw"
+        assert prx_data(["ingest", "--in", str(photo_folder), "--out", str(out), "--scheduler",
+                         cpu_cluster.scheduler_address, "--no-progress"]) == 0
+        assert json.loads((out / "_stage.json").read_text())["counts"]["kept"] == len(list(photo_folder.glob("*.jpg")))
