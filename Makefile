@@ -14,7 +14,6 @@ $(PY):
 
 # pip takes torch 2.14.1 / torchvision 0.29.1 from this machine's local disk (pinned in pyproject.toml).
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -1,0 +1,60 @@
+"""VLM captioners: backends behind one interface (`captioners.base.Backend`), prompts, sampling defaults and
+caption checks. Nothing here knows about shards or runners (see pipeline/stages/recaption.py).
+
+Backends by name: `transformers` (captioners.hf), `vllm` (captioners.vllm_backend; optional extra),
+`fake` (captioners.fake: deterministic captions for plumbing dry runs and tests), `auto` (vllm when it is
+importable and a GPU is present, else transformers), or `module:Class` for your own Backend subclass.
+Tests may also `register_backend(name, factory)` in-process.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+_FACTORIES: dict[str, Callable[..., Any]] = {}
+
+
+def register_backend(name: str, factory: Callable[..., Any]) -> None:
+    """factory(model=..., sampling=..., max_pixels=..., min_pixels=..., seed=..., **options) -> Backend."""
+    _FACTORIES[name] = factory
+
+
+def unregister_backend(name: str) -> None:
+    _FACTORIES.pop(name, None)
+
+
+def resolve_backend_name(name: str) -> str:
+    if name != "auto":
+        return name
+    from captioners.vllm_backend import vllm_available
+
+    return "vllm" if vllm_available()[0] else "transformers"
+
+
+def known_backend(name: str) -> bool:
+    return name in ("auto", "transformers", "vllm", "fake") or name in _FACTORIES or ":" in name
+
+
+def make_backend(name: str, model: str, **opts: Any):
+    """Build a backend by name. Options a backend does not take are dropped (documented per backend)."""
+    name = resolve_backend_name(name)
+    if name in _FACTORIES:
+        return _FACTORIES[name](model=model, **opts)
+    if name == "transformers":
+        from captioners.hf import TransformersBackend
+
+        keep = ("sampling", "max_pixels", "min_pixels", "device", "dtype", "batch_size")
+        return TransformersBackend(model, **{k: v for k, v in opts.items() if k in keep})
+    if name == "vllm":
+        from captioners.vllm_backend import VLLMBackend
+
+        keep = ("sampling", "max_pixels", "min_pixels", "max_model_len", "gpu_memory_utilization", "seed", "dtype")
+        return VLLMBackend(model, **{k: v for k, v in opts.items() if k in keep})
+    if name == "fake":
+        from captioners.fake import FakeBackend
+
+        return FakeBackend(model=model, **opts)
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        return getattr(importlib.import_module(module), attr)(model=model, **opts)
+    raise ValueError(f"unknown captioning backend {name!r}: use auto, transformers, vllm, fake or module:Class")

@@ -47,7 +47,7 @@ class CommonConfig:
     workers: int | None = option(None, runtime=True, help="Dask LocalCluster worker processes (default: cores, or GPUs)")
     overwrite: bool = option(False, runtime=True, help="replace an output folder written with a different config")
     config: str | None = option(None, runtime=True, help="YAML file with any of these options; flags win")
-    limit: int | None = option(None, help="process at most N input shards (ingest: N input samples)")
+    limit: int | None = option(None, help="process only the first N input samples (a dry run)")
     progress: bool = option(True, runtime=True, help="show a progress bar")
 
 

@@ -248,7 +248,7 @@ def installed(policy: NetPolicy):
 
 
 # ------------------------------------------------------------------------------ error string -> reason
-_MARKER = re.compile(r"\[prx:([a-z0-9_]+)\]")
+_MARKER = re.compile(r"\[prx:([a-z0-9_]+)(?::([0-9a-f]*))?\]")
 _HTTP = re.compile(r"HTTP Error (\d{3})")
 _RULES: list[tuple[str, re.Pattern]] = [
     ("opted_out", re.compile(r"disallowed by X-Robots-Tag", re.I)),
@@ -287,6 +287,12 @@ def reason_for(message: str | None) -> str:
         if pattern.search(text):
             return code
     return "download_error"
+
+
+def marker_key(message: str | None) -> str:
+    """The content key a `[prx:CODE:KEY]` marker carries (images rejected after download), else ''."""
+    m = _MARKER.search(message or "")
+    return (m.group(2) or "") if m else ""
 
 
 def clean_detail(message: str | None) -> str:
