@@ -23,6 +23,12 @@ def unregister_backend(name: str) -> None:
     _FACTORIES.pop(name, None)
 
 
+def factory_token(name: str) -> str:
+    """Identifies what `make_backend(name)` builds, for per-worker model caches (a re-registered name differs)."""
+    f = _FACTORIES.get(name)
+    return f"{name}@{id(f):x}" if f is not None else name
+
+
 def resolve_backend_name(name: str) -> str:
     if name != "auto":
         return name

@@ -15,6 +15,11 @@ import sys
 # add_commands(subparsers) for extra commands that belong with it (e.g. download-report).
 STAGE_MODULES = [
     "pipeline.stages.ingest",
+    "pipeline.stages.download",
+    "pipeline.stages.filter",
+    "pipeline.stages.recaption",
+    "pipeline.stages.encode",
+    "pipeline.stages.audit",  # no STAGE: a report, not shards; registers `audit` via add_commands
 ]
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which calls out
@@ -85,11 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in _load_stage_modules():
-        stage = module.STAGE
-        p = sub.add_parser(stage.name, help=stage.help, description=(stage.__doc__ or stage.help),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        add_arguments(p, stage.config_cls)
-        p.set_defaults(_func=_stage_command, _stage=stage)
+        stage = getattr(module, "STAGE", None)
+        if stage is not None:
+            p = sub.add_parser(stage.name, help=stage.help, description=(stage.__doc__ or stage.help),
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+            add_arguments(p, stage.config_cls)
+            p.set_defaults(_func=_stage_command, _stage=stage)
         if hasattr(module, "add_commands"):
             module.add_commands(sub)
 

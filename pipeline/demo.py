@@ -37,6 +37,24 @@ def write_photos(folder: str) -> str:
     return f"photos:  {folder}"
 
 
+def serve_photos(folder: str, url_list: str):
+    """Serve the photos from a loopback HTTP server and write their URL list (url, caption) as parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.download.serve import ImageServer
+
+    server = ImageServer().start()
+    urls = server.serve_folder(folder)
+    names = sorted(n for n in urls if n.endswith(".jpg"))
+    captions = []
+    for n in names:
+        with open(os.path.join(folder, n[:-4] + ".txt"), encoding="utf-8") as fh:
+            captions.append(fh.read())
+    pq.write_table(pa.table({"url": [urls[n] for n in names], "caption": captions}), url_list)
+    return server, f"URL list: {url_list} (served from {server.url('/')})"
+
+
 def run(argv: list[str]) -> int:
     from pipeline.cli import main as prx_data
 
@@ -45,16 +63,21 @@ def run(argv: list[str]) -> int:
     lines = [write_photos(os.path.join(base, "photos"))]
     common = ["--executor", "local", "--overwrite"]
     steps = [
-        ("ingest", ["ingest", "--in", os.path.join(base, "photos"), "--out", os.path.join(base, "raw"),
-                    "--source", "demo-photos", *common]),
+        ("download", ["download", "--urls", os.path.join(base, "urls.parquet"), "--out", os.path.join(base, "raw"),
+                      "--source", "demo-photos", "--allow-private-network", *common]),
         ("inspect", ["inspect", os.path.join(base, "raw"), "--html", os.path.join(base, "raw.html")]),
     ]
-    for name, args in steps:
-        print(f"\n$ prx-data {' '.join(args)}", flush=True)
-        rc = prx_data(args)
-        if rc != 0:
-            print(f"demo step {name} failed with exit code {rc}", file=sys.stderr)
-            return rc
+    server, listed = serve_photos(os.path.join(base, "photos"), os.path.join(base, "urls.parquet"))
+    lines.append(listed)
+    try:
+        for name, args in steps:
+            print(f"\n$ prx-data {' '.join(args)}", flush=True)
+            rc = prx_data(args)
+            if rc != 0:
+                print(f"demo step {name} failed with exit code {rc}", file=sys.stderr)
+                return rc
+    finally:
+        server.stop()
     lines += [f"raw shards: {os.path.join(base, 'raw')}", f"raw grid:   {os.path.join(base, 'raw.html')}"]
     print("\nDemo outputs:\n  " + "\n  ".join(lines))
     return 0

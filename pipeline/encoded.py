@@ -116,9 +116,6 @@ def _matches(asked: str, recorded: dict[str, Any]) -> bool:
         spec = resolve(asked)
     except (FileNotFoundError, ValueError):
         return False
-    if spec.is_local and str(recorded.get("revision", "")).startswith("local-"):
-        # the same folder content, wherever it lives now
-        return spec.revision == recorded.get("revision")
     if spec.id != recorded.get("id"):
         return False
     if (spec.subfolder or None) != (recorded.get("subfolder") or None):

@@ -70,10 +70,16 @@ def address_blocked(ip: str) -> str | None:
     return None
 
 
-def _check(host: str, ip: str) -> None:
-    why = address_blocked(ip)
+def peer_blocked(sockaddr: tuple) -> str | None:
+    """The guard's one decision, on a resolved (address, port, ...) socket address."""
+    return address_blocked(sockaddr[0])
+
+
+def _check(host: str, sockaddr: tuple) -> None:
+    why = peer_blocked(sockaddr)
     if why is not None:
-        raise DownloadRefused("private_address", f"{host} -> {ip} is {why} (use --allow-private-network to allow)")
+        raise DownloadRefused("private_address",
+                              f"{host} -> {sockaddr[0]} is {why} (use --allow-private-network to allow)")
 
 
 def guarded_create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None,
@@ -89,7 +95,7 @@ def guarded_create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, s
     error: OSError | None = None
     for family, type_, proto, _, sockaddr in infos:
         try:
-            _check(host, sockaddr[0])
+            _check(host, sockaddr)
         except DownloadRefused as exc:
             refused = refused or exc
             continue
@@ -100,7 +106,7 @@ def guarded_create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, s
             if source_address:
                 sock.bind(source_address)
             sock.connect(sockaddr)
-            _check(host, sock.getpeername()[0])
+            _check(host, sock.getpeername())
             return sock
         except OSError as exc:
             sock.close()
@@ -197,19 +203,19 @@ def _connection_factory(base: type, guarded: bool):
 class _HTTPHandler(urllib.request.HTTPHandler):
     def __init__(self, guarded: bool):
         super().__init__()
-        self._make = _connection_factory(http.client.HTTPConnection, guarded)
+        self._guarded = guarded
 
-    def http_open(self, req):
-        return self.do_open(self._make, req)
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_connection_factory(http_class, self._guarded), req, **kwargs)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
     def __init__(self, guarded: bool):
         super().__init__()
-        self._make = _connection_factory(http.client.HTTPSConnection, guarded)
+        self._guarded = guarded
 
-    def https_open(self, req):
-        return self.do_open(self._make, req, context=self._context)
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_connection_factory(http_class, self._guarded), req, **kwargs)
 
 
 @dataclass(frozen=True)

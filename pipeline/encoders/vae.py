@@ -82,7 +82,8 @@ def load_vae(name: str, device: str = "cpu", bf16: bool = False) -> VAE:
     cfg = load_config(spec)
     klass = import_class(DEFAULT_CLASS)
     try:
-        model = klass.from_pretrained(spec.id, **spec.load_kwargs(), torch_dtype=torch.float32)
+        model = klass.from_pretrained(spec.id, **spec.load_kwargs(), torch_dtype=torch.float32,
+                                      low_cpu_mem_usage=False)
     except OSError as exc:
         if spec.gated or "gated" in str(exc).lower() or "401" in str(exc):
             raise StageError(GATED_HELP.format(id=spec.id) + f" (original error: {exc})") from exc

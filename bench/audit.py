@@ -1,0 +1,125 @@
+"""Benchmark `prx-data audit`: captions/s and peak memory at 10^5 and 10^6 generated captions.
+
+    .venv/bin/python bench/audit.py [--sizes 100000,1000000] [--out bench-out/audit] [--workers 2]
+
+Each size is a folder of shards (1000 samples per shard, half the captions `txt` ~12 words, half
+`caption_long.txt` ~40 words, with 2% exact duplicates, 1% loops, 0.5% refusals, 1% empty, some French), audited
+in a fresh subprocess with the Dask executor (a LocalCluster of --workers processes). Reported: wall time,
+captions/s, the driver's peak RSS above its baseline after imports (the reduce's state: the O(n) figures), and
+the largest worker's peak RSS (one shard at a time: O(shard)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ADJ = "red blue green small large old young bright dark wooden metal quiet busy tall short soft round".split()
+NOUN = ("car dog cat house tree street woman man child table chair window mountain river boat bicycle "
+        "flower garden kitchen road bridge beach sky cloud building lamp book cup phone bird horse").split()
+VERB = "stands sits lies runs waits rests shines hangs leans walks".split()
+PREP = "on near beside under behind in front of next to across".split()
+FR = "Une petite maison blanche au bord de la mer avec un jardin plein de fleurs rouges et jaunes."
+
+
+def phrase(rng: random.Random) -> str:
+    return f"a {rng.choice(ADJ)} {rng.choice(NOUN)} {rng.choice(VERB)} {rng.choice(PREP)} the {rng.choice(ADJ)} {rng.choice(NOUN)}"
+
+
+def caption(rng: random.Random, sentences: int) -> str:
+    r = rng.random()
+    if r < 0.01:
+        return ""
+    if r < 0.02:
+        return "a cat " * 4 + "on a mat"
+    if r < 0.025:
+        return "I'm sorry, but I cannot describe this image."
+    if r < 0.03:
+        return FR
+    return ". ".join(phrase(rng) for _ in range(sentences)).capitalize() + "."
+
+
+def generate(folder: str, captions: int, seed: int = 0) -> None:
+    from pipeline import ledger
+    from pipeline.shards import ShardWriter
+
+    if os.path.exists(os.path.join(folder, "_done")):
+        return
+    rng = random.Random(seed)
+    samples = captions // 2
+    recent: list[tuple[str, str]] = []
+    for shard in range(0, samples, 1000):
+        w = ShardWriter(folder, shard // 1000, "ingest")
+        for i in range(shard, min(shard + 1000, samples)):
+            key = f"{i:032x}"
+            if recent and rng.random() < 0.02:
+                short, long = rng.choice(recent)
+            else:
+                short, long = caption(rng, 1), caption(rng, 4)
+                recent = (recent + [(short, long)])[-50:]
+            meta = {"key": key, "source": "gen-a" if i % 2 else "gen-b", "scores": {"clip:bench": rng.random() * 0.4}}
+            w.write(key, {"txt": short.encode(), "caption_long.txt": long.encode(),
+                          "json": json.dumps(meta).encode()})
+            w.add_row(ledger.row(key, key))
+        w.close()
+    open(os.path.join(folder, "_done"), "w").close()
+
+
+def child(folder: str, workers: int, extra: list[str]) -> None:
+    from pipeline.stages.audit import AuditConfig, run_audit
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cfg = AuditConfig(dirs=[folder], executor="dask", workers=workers, progress=False, **json.loads(extra[0] if extra else "{}"))
+    t0 = time.perf_counter()
+    report = run_audit(cfg)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"captions": report["captions"], "seconds": seconds,
+                      "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "driver_baseline_mib": base / 1024,
+                      "worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                      "near_dup_long": next(g["figures"]["near_dup"]["rate"] for g in report["groups"]
+                                            if g["variant"] == "long")}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--out", default="bench-out/audit")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--options", default="{}", help="AuditConfig options as JSON, e.g. '{\"language_sample\": 100}'")
+    ap.add_argument("--child", nargs=2, metavar=("FOLDER", "WORKERS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), [args.options])
+        return 0
+    rows = []
+    for n in [int(x) for x in args.sizes.split(",")]:
+        folder = os.path.join(args.out, f"captions-{n}")
+        t0 = time.perf_counter()
+        generate(folder, n)
+        gen_s = time.perf_counter() - t0
+        res = subprocess.run([sys.executable, __file__, "--child", folder, str(args.workers), "--options", args.options],
+                             check=True, capture_output=True, text=True)
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        r["generate_s"] = gen_s
+        rows.append(r)
+        print(f"{n:>9} captions: {r['seconds']:.1f}s, {r['captions'] / r['seconds']:,.0f} captions/s; driver peak "
+              f"{r['driver_peak_mib']:.0f} MiB (baseline {r['driver_baseline_mib']:.0f}, +"
+              f"{r['driver_peak_mib'] - r['driver_baseline_mib']:.0f}); largest worker {r['worker_peak_mib']:.0f} MiB "
+              f"(generation {gen_s:.0f}s)", flush=True)
+    if len(rows) == 2:
+        a, b = rows
+        ratio = (b["driver_peak_mib"] - b["driver_baseline_mib"]) / max(a["driver_peak_mib"] - a["driver_baseline_mib"], 1)
+        print(f"driver state growth x{ratio:.1f} for x{b['captions'] / a['captions']:.0f} captions")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

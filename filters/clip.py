@@ -1,0 +1,148 @@
+"""CLIP image-text score with open_clip.
+
+`--clip-model` takes:
+  - an open_clip name with a pretrained tag: `ViT-B-32:laion2b_s34b_b79k`
+  - an alias from manifests/models.yaml with `kind: open_clip` (`clip-vit-b-32`)
+  - `hf-hub:org/repo`, or a local folder (open_clip's `local-dir:` layout: `open_clip_config.json` + weights),
+    with or without the `local-dir:` prefix. The tiny test model is such a folder.
+
+The score is the cosine similarity of the L2-normalised image and text embeddings (in [-1, 1]; DataComp's
+"CLIP score" is this cosine, sometimes shown x100). Score names carry the model, so a score is reused only
+for the same model: `clip:ViT-B-32:laion2b_s34b_b79k`, `clip:hf-hub:org/repo`, `clip:local:NAME@HASH`
+(HASH covers the folder's config and weights).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+LOCAL_PREFIX, HUB_PREFIX = "local-dir:", "hf-hub:"
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    name: str                  # what the user wrote
+    model_name: str            # what open_clip's create_model_and_transforms gets
+    pretrained: str | None     # tag or file (only without a schema)
+    score_name: str            # `clip:...`, stable across aliases of the same weights
+    revision: str | None = None
+
+    def provenance(self) -> dict:
+        return {"name": self.name, "open_clip": self.model_name, "pretrained": self.pretrained,
+                "revision": self.revision, "score": self.score_name}
+
+
+def _weights_digest(folder: str) -> str:
+    """Content hash of a local open_clip folder: config + weights (large files: size + head + tail)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        h.update(p.name.encode())
+        size = p.stat().st_size
+        h.update(str(size).encode())
+        with open(p, "rb") as fh:
+            if size <= 64 << 20:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(8 << 20))
+                fh.seek(size - (8 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
+def resolve_clip(name: str) -> ClipSpec:
+    """User's --clip-model -> what to load and what to call its scores."""
+    if not name:
+        raise ValueError("empty --clip-model")
+    if name.startswith(LOCAL_PREFIX) or os.path.isdir(name):
+        folder = os.path.abspath(name[len(LOCAL_PREFIX):] if name.startswith(LOCAL_PREFIX) else name)
+        if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+            raise FileNotFoundError(f"{folder} is not an open_clip folder (no open_clip_config.json); "
+                                    "see filters/tiny.py for the layout")
+        digest = _weights_digest(folder)
+        return ClipSpec(name, LOCAL_PREFIX + folder, None, f"clip:local:{os.path.basename(folder)}@{digest}",
+                        "local-" + digest)
+    if name.startswith(HUB_PREFIX):
+        return ClipSpec(name, name, None, f"clip:{name}")
+    from pipeline.models import aliases
+
+    entry = aliases().get(name)
+    if entry is not None:
+        if entry.get("kind") != "open_clip":
+            raise ValueError(f"alias {name!r} in manifests/models.yaml is kind {entry.get('kind', 'hf')!r}, "
+                             "not open_clip")
+        arch, tag = entry["id"], entry.get("pretrained")
+        return ClipSpec(name, arch, tag, f"clip:{arch}:{tag}" if tag else f"clip:{arch}", entry.get("revision"))
+    if name.startswith((".", "/")):
+        raise FileNotFoundError(f"CLIP model folder {name} does not exist")
+    arch, _, tag = name.partition(":")
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {arch!r}: use NAME:PRETRAINED (e.g. ViT-B-32:laion2b_s34b_b79k), "
+                         "an alias from manifests/models.yaml, hf-hub:ORG/REPO or a local folder")
+    return ClipSpec(name, arch, tag or None, f"clip:{arch}:{tag}" if tag else f"clip:{arch}")
+
+
+class ClipModel:
+    """An open_clip model, its eval transform and tokenizer, on one device. Batched, no grad."""
+
+    def __init__(self, spec: ClipSpec, device: str = "cpu"):
+        import open_clip
+        import torch
+
+        self.spec, self.device = spec, device
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.model_name, pretrained=spec.pretrained,
+                                                                     device=device)
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(spec.model_name)
+        self.dim = int(self.model.text_projection.shape[1]) if getattr(self.model, "text_projection", None) \
+            is not None else None
+        self._torch = torch
+        self.autocast = device.startswith("cuda")
+
+    def image_tensor(self, image):
+        """PIL RGB -> preprocessed tensor (CPU; run in decode threads)."""
+        return self.preprocess(image)
+
+    def encode_images(self, tensors) -> np.ndarray:
+        torch = self._torch
+        batch = torch.stack(list(tensors)).to(self.device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast("cuda", enabled=self.autocast):
+            emb = self.model.encode_image(batch, normalize=True)
+        return emb.float().cpu().numpy()
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        tokens = self.tokenizer(texts).to(self.device)
+        with torch.inference_mode(), torch.autocast("cuda", enabled=self.autocast):
+            emb = self.model.encode_text(tokens, normalize=True)
+        return emb.float().cpu().numpy()
+
+
+def load_clip(spec: ClipSpec, device: str = "cpu") -> ClipModel:
+    return ClipModel(spec, device)
+
+
+def clip_scores(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of normalised embeddings (one score per pair, never a matrix)."""
+    return np.einsum("nd,nd->n", image_emb.astype(np.float32), text_emb.astype(np.float32))
+
+
+def keep_top_threshold(scores: np.ndarray, fraction: float) -> tuple[int, float | None]:
+    """(how many to keep, score of the last kept) for keeping the top `fraction`: ceil(fraction * n)."""
+    import math
+
+    n = len(scores)
+    if n == 0:
+        return 0, None
+    k = min(n, max(0, math.ceil(fraction * n - 1e-9)))
+    if k == 0:
+        return 0, None
+    return k, float(np.sort(scores)[::-1][k - 1])

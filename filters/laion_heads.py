@@ -1,0 +1,129 @@
+"""LAION aesthetic and NSFW heads: small MLPs on CLIP image embeddings.
+
+Weights by local path (`.safetensors`, or `.pth`/`.pt`/`.bin` loaded with `torch.load(weights_only=True)`)
+or by hub id `ORG/REPO/FILE` (downloaded with huggingface_hub; offline runs need it in the cache). There is
+no default and no silent skip: asking for an aesthetic or NSFW threshold without weights is an error.
+
+The architecture is read from the state dict: its Linear layers in order of their index
+(`layers.0.weight`, `layers.2.weight`, ... as in LAION's improved-aesthetic-predictor, or a single
+`weight`/`bias` as in the older linear `sa_0_4_vit_l_14_linear.pth`). LAION's aesthetic MLP has no
+activations between layers (dropout only), so the default is none; a safetensors file may say otherwise in
+its metadata: `{"activation": "relu", "output": "sigmoid"}` (NSFW heads ported from LAION's Keras detector
+use both). Inputs are L2-normalised CLIP image embeddings, as both predictors were trained on; the head's
+input width must match the CLIP model's embedding width (ViT-L/14: 768), else a clear error.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+REASONS = {
+    "aesthetic_below_threshold": "LAION aesthetic score below --min-aesthetic (head named in the score name)",
+    "nsfw_above_threshold": "LAION NSFW probability above --max-nsfw",
+}
+
+
+class HeadError(ValueError):
+    """Missing or unusable head weights; the message says what to pass."""
+
+
+def _load_state(path: str) -> tuple[dict, dict]:
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(path, framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+        return load_file(path), meta
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise HeadError(f"{path}: expected a state dict of tensors")
+    return state, {}
+
+
+def locate(weights: str) -> str:
+    """Local file, or ORG/REPO/FILE on the Hugging Face hub -> local file."""
+    if not weights:
+        raise HeadError("no weights given")
+    if os.path.isfile(weights):
+        return weights
+    parts = weights.split("/")
+    if weights.startswith((".", "/")) or len(parts) < 3:
+        raise HeadError(f"head weights {weights!r} not found: pass a local .safetensors/.pth file or a hub id "
+                        "ORG/REPO/FILE")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
+    except Exception as exc:  # noqa: BLE001 - offline, missing file, gated...
+        raise HeadError(f"could not get head weights {weights!r} from the hub: {type(exc).__name__}: {exc}") from exc
+
+
+class LinearHead:
+    """A stack of Linear layers (numpy float32 on CPU: these heads are tiny) applied to embeddings."""
+
+    def __init__(self, weights: str, kind: str):
+        self.kind, self.source = kind, weights
+        state, meta = _load_state(locate(weights))
+        layers: dict[str, dict[str, np.ndarray]] = {}
+        for name, tensor in state.items():
+            m = re.fullmatch(r"(?:(.*)\.)?(weight|bias)", name)
+            if not m:
+                continue
+            layers.setdefault(m.group(1) or "", {})[m.group(2)] = tensor.detach().float().cpu().numpy()
+
+        def order(prefix: str):
+            nums = [int(n) for n in re.findall(r"\d+", prefix)]
+            return (nums, prefix)
+
+        self.layers = []
+        for prefix in sorted(layers, key=order):
+            w = layers[prefix].get("weight")
+            if w is None or w.ndim != 2:
+                continue  # norms and such have 1-d weights: not part of these heads
+            b = layers[prefix].get("bias", np.zeros(w.shape[0], dtype=np.float32))
+            self.layers.append((w, b))
+        if not self.layers:
+            raise HeadError(f"{weights}: no Linear layers found in the state dict")
+        for (w1, _), (w2, _) in zip(self.layers, self.layers[1:]):
+            if w1.shape[0] != w2.shape[1]:
+                raise HeadError(f"{weights}: layer shapes do not chain ({w1.shape} then {w2.shape})")
+        if self.layers[-1][0].shape[0] != 1:
+            raise HeadError(f"{weights}: the last layer must output one value, not {self.layers[-1][0].shape[0]}")
+        self.activation = meta.get("activation", "none")
+        self.output = meta.get("output", "sigmoid" if kind == "nsfw" and meta.get("activation") else "identity")
+        self.in_dim = int(self.layers[0][0].shape[1])
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{os.path.basename(self.source)}"
+
+    def check_dim(self, dim: int | None) -> None:
+        if dim is not None and dim != self.in_dim:
+            raise HeadError(f"{self.kind} head {self.source} expects {self.in_dim}-d CLIP embeddings but the CLIP "
+                            f"model gives {dim}-d: use the CLIP model the head was trained on (LAION's: ViT-L/14)")
+
+    def __call__(self, emb: np.ndarray) -> np.ndarray:
+        x = emb.astype(np.float32)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        for i, (w, b) in enumerate(self.layers):
+            x = x @ w.T + b
+            if i < len(self.layers) - 1 and self.activation == "relu":
+                x = np.maximum(x, 0)
+        x = x[:, 0]
+        if self.output == "sigmoid":
+            x = 1.0 / (1.0 + np.exp(-x))
+        return x.astype(np.float64)
+
+
+def load_head(weights: str | None, kind: str, flag: str) -> LinearHead:
+    if not weights:
+        raise HeadError(f"--{'min-aesthetic' if kind == 'aesthetic' else 'max-nsfw'} needs {flag} "
+                        "(a local .safetensors/.pth file or a hub id ORG/REPO/FILE); prx ships no head weights")
+    return LinearHead(weights, kind)

@@ -1,0 +1,644 @@
+"""Per-group caption statistics as mergeable state: the audit's map (one shard) and reduce (all shards).
+
+`scan_group(texts, ...)` turns one shard's captions of one group into a `GroupState`; `GroupState.merge`
+adds another shard's; `GroupState.figures()` computes every figure. A state travels between processes as
+JSON plus numpy arrays in an `.npz` (`to_npz` / `from_npz`, `allow_pickle=False`): never pickle.
+
+Definitions (the README's audit section repeats them; tests check each on hand-computed caption sets):
+- words: `\\w+(?:['’-]\\w+)*` on the lower-cased caption ("state-of-the-art", "don't" are one word each).
+- empty: a caption with no word at all (missing text, blank, punctuation only). Length, vocabulary and rate
+  figures other than `empty` are over the non-empty captions.
+- quantiles: numpy's default (linear interpolation between order statistics), computed exactly from
+  integer-length histograms.
+- distinct-n: distinct word n-grams / all word n-grams of the group (n-grams never cross captions);
+  vocabulary = distinct 1-grams; ttr = mean over captions of (distinct words / words) in that caption.
+  Exact up to `distinct_cap` distinct n-grams (64-bit hashes), then a HyperLogLog estimate (p=14, ~0.8%).
+- exact duplicates: captions equal after stripping and collapsing whitespace; count = captions minus
+  distinct captions (the copies a dedup would drop).
+- near duplicates: MinHash (datasketch's legacy scheme and permutations) over word `shingle`-grams, LSH with
+  datasketch's optimal bands for `near_threshold`; captions sharing a bucket are linked, count = captions
+  minus connected clusters (exact duplicates included).
+- loops: a word n-gram (1 <= n <= loop_max_n) repeated `loop_repeats` times back to back.
+- refusals: REFUSAL_PATTERNS anywhere in the caption.
+- wrong language: filters.language.detect_language says a language other than `language` with confidence
+  >= language_min_confidence; lower confidence or no language is `undetermined`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Any, Iterable
+
+import numpy as np
+
+WORD_RE = re.compile(r"\w+(?:['’\-]\w+)*")
+SPACE_RE = re.compile(r"\s+")
+REFUSAL_PATTERNS = [
+    r"\bi'?m sorry\b",
+    r"\bi am sorry\b",
+    r"\bi apologi[sz]e\b",
+    r"\bi (?:can't|cannot|can not|am unable to|'m unable to|am not able to|'m not able to) "
+    r"(?:help|assist|provide|describe|identify|see|view|process|comply|fulfil|fulfill|determine|access|caption)",
+    r"\bas an ai\b",
+    r"\bas a language model\b",
+    r"\bi do(?:n't| not) (?:see|have) (?:an|any|the) image",
+    r"\bno image (?:was|is|has been) (?:provided|attached|uploaded|shared)",
+    r"\bunable to (?:view|see|process|describe|open) (?:the|this|an|any) image",
+]
+REFUSAL_RE = re.compile("|".join(f"(?:{p})" for p in REFUSAL_PATTERNS))
+CLIP_SCALE = 10_000          # CLIP scores are kept as integer counts at 1e-4 resolution
+HLL_P = 14                   # HyperLogLog precision: 2^14 registers, standard error 1.04/sqrt(2^14) = 0.81%
+MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MERSENNE = np.uint64((1 << 61) - 1)
+_MAX32 = np.uint64((1 << 32) - 1)
+
+
+@dataclass
+class AuditParams:
+    """Everything that decides the figures (hashed into the audit's config)."""
+
+    opening_words: int = 3
+    top_k: int = 10
+    openings_capacity: int = 10_000
+    near_threshold: float = 0.8
+    num_perm: int = 64
+    shingle: int = 3
+    loop_repeats: int = 3
+    loop_max_n: int = 8
+    distinct_cap: int = 1 << 20
+    language: str = "en"
+    language_min_confidence: float = 0.5
+    language_sample: int = 0          # 0: every caption; N: the first N non-empty captions per shard and group
+    token_limit: int | None = None
+
+    def bands(self) -> tuple[int, int]:
+        """(bands, rows) for the LSH, as datasketch's MinHashLSH chooses them."""
+        return lsh_bands(self.near_threshold, self.num_perm)
+
+
+@lru_cache(maxsize=None)
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    from datasketch.lsh import _optimal_param
+
+    return tuple(int(x) for x in _optimal_param(threshold, num_perm, 0.5, 0.5))
+
+
+# ----------------------------------------------------------------------------------------------- hashing
+def _splitmix(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.uint64, copy=True)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+_WORD_HASH: dict[str, int] = {}
+
+
+def word_hash(word: str) -> int:
+    """A stable 64-bit hash of a word (the same in every process; Python's hash() is salted)."""
+    h = _WORD_HASH.get(word)
+    if h is None:
+        if len(_WORD_HASH) > 2_000_000:
+            _WORD_HASH.clear()
+        h = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+        _WORD_HASH[word] = h
+    return h
+
+
+def text_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Order-dependent mix of two uint64 hash arrays (n-grams, LSH bands)."""
+    with np.errstate(over="ignore"):
+        return _splitmix(a * GOLDEN + b)
+
+
+# ----------------------------------------------------------------------------------------------- sketches
+def _clz64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64, copy=True)
+    n = np.zeros(x.shape, dtype=np.int64)
+    for shift in (32, 16, 8, 4, 2, 1):
+        small = x < (np.uint64(1) << np.uint64(64 - shift))
+        n += small * shift
+        x = np.where(small, x << np.uint64(shift), x)
+    return n + (x == 0)
+
+
+def hll_registers(hashes: np.ndarray, p: int = HLL_P) -> np.ndarray:
+    reg = np.zeros(1 << p, dtype=np.uint8)
+    if len(hashes):
+        h = _splitmix(hashes)  # re-mix: n-gram hashes are already mixed, but word hashes feed several orders
+        idx = (h >> np.uint64(64 - p)).astype(np.int64)
+        w = (h << np.uint64(p)) | (np.uint64(1) << np.uint64(p - 1))
+        rho = (_clz64(w) + 1).astype(np.uint8)
+        np.maximum.at(reg, idx, rho)
+    return reg
+
+
+def hll_estimate(reg: np.ndarray) -> float:
+    m = len(reg)
+    alpha = 0.7213 / (1 + 1.079 / m)
+    est = alpha * m * m / float(np.sum(np.ldexp(1.0, -reg.astype(np.int64))))
+    zeros = int(np.count_nonzero(reg == 0))
+    if est <= 2.5 * m and zeros:
+        est = m * math.log(m / zeros)
+    return est
+
+
+class Distinct:
+    """Distinct 64-bit hashes: exact (sorted unique array) up to `cap`, then a HyperLogLog estimate."""
+
+    def __init__(self, cap: int | None):
+        self.cap = cap
+        self.exact: np.ndarray | None = np.zeros(0, dtype=np.uint64)
+        self.pending: list[np.ndarray] = []
+        self.pending_n = 0
+        self.reg = np.zeros(1 << HLL_P, dtype=np.uint8) if cap is not None else None
+
+    def add(self, unique_hashes: np.ndarray) -> None:
+        if self.reg is not None:
+            np.maximum(self.reg, hll_registers(unique_hashes), out=self.reg)
+        if self.exact is None:
+            return
+        self.pending.append(unique_hashes)
+        self.pending_n += len(unique_hashes)
+        if self.pending_n > max(len(self.exact), 1 << 16):
+            self._consolidate()
+
+    def _consolidate(self) -> None:
+        if self.exact is None or not self.pending:
+            return
+        self.exact = np.unique(np.concatenate([self.exact, *self.pending]))
+        self.pending, self.pending_n = [], 0
+        if self.cap is not None and len(self.exact) > self.cap:
+            self.exact = None
+
+    def count(self) -> tuple[float, bool]:
+        """(distinct count, exact?)."""
+        self._consolidate()
+        if self.exact is not None:
+            return float(len(self.exact)), True
+        return hll_estimate(self.reg), False
+
+
+class TopCounts:
+    """Misra-Gries summary: exact while at most `capacity` distinct items, then counts are lower bounds
+    off by at most `error` (mergeable: Agarwal et al., 2012)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.counts: Counter = Counter()
+        self.error = 0
+
+    def update(self, counts: dict[str, int], error: int = 0) -> None:
+        self.counts.update(counts)
+        self.error += error
+        if len(self.counts) > self.capacity:
+            cut = sorted(self.counts.values(), reverse=True)[self.capacity]
+            self.counts = Counter({k: v - cut for k, v in self.counts.items() if v > cut})
+            self.error += cut
+
+    def top(self, k: int) -> list[tuple[str, int]]:
+        return sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
+# ----------------------------------------------------------------------------------------------- minhash
+_PERMS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's own (a, b) for its legacy scheme, so signatures equal datasketch.MinHash's."""
+    if (num_perm, seed) not in _PERMS:
+        from datasketch import MinHash
+
+        a, b = MinHash(num_perm=num_perm, seed=seed, scheme="legacy").permutations
+        _PERMS[(num_perm, seed)] = (np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
+    return _PERMS[(num_perm, seed)]
+
+
+def minhash_signatures(shingles: np.ndarray, owner: np.ndarray, n_owners: int, num_perm: int) -> np.ndarray:
+    """Signatures (n_owners x num_perm, uint64) of 32-bit shingle hashes grouped by `owner` (sorted, every
+    owner present), computed exactly as datasketch.MinHash(scheme="legacy").update_batch does."""
+    a, b = permutations(num_perm)
+    sig = np.full((n_owners, num_perm), _MAX32, dtype=np.uint64)
+    chunk = max(1, 4_000_000 // num_perm)
+    with np.errstate(over="ignore"):
+        for lo in range(0, len(shingles), chunk):
+            hv = shingles[lo:lo + chunk, None]
+            phv = ((hv * a + b) % _MERSENNE) & _MAX32
+            own = owner[lo:lo + chunk]
+            starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
+            mins = np.minimum.reduceat(phv, starts, axis=0)
+            np.minimum.at(sig, own[starts], mins)
+    return sig
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    out = np.zeros((len(sig), bands), dtype=np.uint64)
+    for j in range(bands):
+        h = np.full(len(sig), np.uint64(j + 1), dtype=np.uint64)
+        for r in range(rows):
+            h = combine(h, sig[:, j * rows + r])
+        out[:, j] = h
+    return out
+
+
+def near_duplicate_clusters(keys: np.ndarray) -> int:
+    """Connected clusters of captions linked by a shared LSH bucket in any band."""
+    n = len(keys)
+    if n == 0:
+        return 0
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    src, dst = [], []
+    for j in range(keys.shape[1]):
+        order = np.argsort(keys[:, j], kind="stable")
+        k = keys[order, j]
+        same = np.flatnonzero(k[1:] == k[:-1])
+        src.append(order[same])
+        dst.append(order[same + 1])
+    s, d = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(s), dtype=np.int8), (s, d)), shape=(n, n))
+    return int(connected_components(graph, directed=False)[0])
+
+
+# ----------------------------------------------------------------------------------------------- state
+def _counter_int(d: dict) -> Counter:
+    return Counter({int(k): int(v) for k, v in d.items()})
+
+
+@dataclass
+class GroupState:
+    """One group's mergeable state. Scalars and counters go to JSON, hash arrays to npz."""
+
+    n: int = 0
+    empty: int = 0
+    words: Counter = field(default_factory=Counter)           # word count -> captions
+    tokens: Counter | None = None                             # token count -> captions (None: no tokenizer)
+    over_limit: int = 0
+    ttr_sum: float = 0.0
+    ngrams: list = field(default_factory=lambda: [0, 0, 0])  # all 1/2/3-grams
+    openings: Counter = field(default_factory=Counter)
+    openings_error: int = 0
+    loops: int = 0
+    loop_examples: Counter = field(default_factory=Counter)
+    refusals: int = 0
+    refusal_examples: Counter = field(default_factory=Counter)
+    languages: Counter = field(default_factory=Counter)       # detected code ("" = undetermined) -> captions
+    language_checked: int = 0
+    wrong_language: int = 0
+    clip: dict = field(default_factory=dict)                  # score name -> Counter(round(score*1e4) -> n)
+    models: Counter = field(default_factory=Counter)
+    prompts: Counter = field(default_factory=Counter)
+    arrays: dict = field(default_factory=dict)                # uniq1/2/3, dups (unique uint64), bands (n x b)
+
+    # ---- serialisation (no pickle)
+    def meta(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "arrays"}
+        d = {k: (dict(v) if isinstance(v, Counter) else v) for k, v in d.items()}
+        d["clip"] = {name: dict(c) for name, c in self.clip.items()}
+        return json.loads(json.dumps(d))
+
+    @classmethod
+    def from_meta(cls, d: dict[str, Any], arrays: dict[str, np.ndarray]) -> "GroupState":
+        s = cls(**{k: v for k, v in d.items() if k not in ("words", "tokens", "openings", "loop_examples",
+                                                            "refusal_examples", "languages", "clip", "models",
+                                                            "prompts")})
+        s.words = _counter_int(d["words"])
+        s.tokens = None if d["tokens"] is None else _counter_int(d["tokens"])
+        for name in ("openings", "loop_examples", "refusal_examples", "languages", "models", "prompts"):
+            setattr(s, name, Counter(d[name]))
+        s.clip = {name: _counter_int(c) for name, c in d["clip"].items()}
+        s.arrays = arrays
+        return s
+
+
+def to_npz(groups: dict[str, GroupState], extra: dict[str, Any]) -> bytes:
+    """One shard's partial state: {group id: GroupState} plus JSON `extra`, as npz bytes."""
+    arrays: dict[str, np.ndarray] = {}
+    meta = {"groups": {}, "extra": extra}
+    for i, (gid, g) in enumerate(groups.items()):
+        meta["groups"][gid] = {"slot": i, "state": g.meta()}
+        for name, arr in g.arrays.items():
+            arrays[f"g{i}_{name}"] = arr
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def from_npz(data: bytes) -> tuple[dict[str, GroupState], dict[str, Any]]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        meta = json.loads(bytes(z["meta"]).decode("utf-8"))
+        out = {}
+        for gid, g in meta["groups"].items():
+            prefix = f"g{g['slot']}_"
+            arrays = {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
+            out[gid] = GroupState.from_meta(g["state"], arrays)
+    return out, meta["extra"]
+
+
+# ----------------------------------------------------------------------------------------------- map
+def words_of(text: str) -> list[str]:
+    return WORD_RE.findall(text.lower())
+
+
+def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | None = None,
+               clip: Iterable[dict[str, float]] = (), provenance: Iterable[dict] = (),
+               detect=None) -> GroupState:
+    """One shard's captions of one group -> GroupState. `token_counts` aligns with `texts` (None: no
+    tokenizer); `clip` and `provenance` are per-sample dicts; `detect` is detect_language or None."""
+    s = GroupState(n=len(texts), tokens=None if token_counts is None else Counter())
+    for scores in clip:
+        for name, value in scores.items():
+            s.clip.setdefault(name, Counter())[int(round(float(value) * CLIP_SCALE))] += 1
+    for prov in provenance:
+        model, prompt = _provenance_fields(prov)
+        s.models[model] += 1
+        s.prompts[prompt] += 1
+
+    word_lists, kept = [], []
+    for i, t in enumerate(texts):
+        ws = words_of(t)
+        if ws:
+            word_lists.append(ws)
+            kept.append(i)
+        else:
+            s.empty += 1
+    m = len(word_lists)
+    if not m:
+        s.arrays = _empty_arrays(params)
+        return s
+    lens = np.fromiter((len(w) for w in word_lists), dtype=np.int64, count=m)
+    s.words.update(lens.tolist())
+    if token_counts is not None:
+        tc = [token_counts[i] for i in kept]
+        s.tokens.update(tc)
+        if params.token_limit is not None:
+            s.over_limit = sum(1 for c in tc if c > params.token_limit)
+
+    # per caption: type-token ratio, opening phrase, exact-duplicate hash, refusal, language
+    dups = np.empty(m, dtype=np.uint64)
+    for j, (i, ws) in enumerate(zip(kept, word_lists)):
+        s.ttr_sum += len(set(ws)) / len(ws)
+        s.openings[" ".join(ws[:params.opening_words])] += 1
+        text = texts[i]
+        dups[j] = text_hash(SPACE_RE.sub(" ", text.strip()))
+        hit = REFUSAL_RE.search(text.lower().replace("’", "'"))
+        if hit:
+            s.refusals += 1
+            s.refusal_examples[hit.group(0)] += 1
+        if detect is not None and (not params.language_sample or s.language_checked < params.language_sample):
+            code, conf = detect(text.strip())
+            s.language_checked += 1
+            if code is None or conf < params.language_min_confidence:
+                s.languages[""] += 1
+            else:
+                s.languages[code] += 1
+                if code != params.language:
+                    s.wrong_language += 1
+    if len(s.openings) > params.openings_capacity:
+        top = TopCounts(params.openings_capacity)
+        top.update(s.openings)
+        s.openings, s.openings_error = top.counts, top.error
+
+    # word hashes, flat, with owner caption and position
+    flat = [w for ws in word_lists for w in ws]
+    ids = np.fromiter((word_hash(w) for w in flat), dtype=np.uint64, count=len(flat))
+    owner = np.repeat(np.arange(m), lens)
+    starts = np.r_[0, np.cumsum(lens)[:-1]]
+    pos = np.arange(len(ids)) - starts[owner]
+    grams = {1: ids}
+    valid = {1: np.ones(len(ids), dtype=bool)}
+    prev = ids
+    for n in range(2, max(3, params.shingle) + 1):
+        cur = np.zeros(len(ids), dtype=np.uint64)
+        if len(ids) >= n:
+            cur[:len(ids) - n + 1] = combine(prev[:len(ids) - n + 1], ids[n - 1:])
+        grams[n], prev = cur, cur
+        valid[n] = pos + n <= lens[owner]
+    arrays = {}
+    for n in (1, 2, 3):
+        g = grams[n][valid[n]]
+        s.ngrams[n - 1] = int(len(g))
+        arrays[f"uniq{n}"] = np.unique(g)
+    arrays["dups"] = np.unique(dups)
+
+    # MinHash shingles: word `shingle`-grams; a caption shorter than that is one shingle (all its words)
+    k = params.shingle
+    sh_mask = valid[k].copy()
+    short = lens < k
+    if short.any():
+        sh_first = np.zeros(len(ids), dtype=bool)
+        sh_first[starts[short]] = True
+        sh_mask |= sh_first
+    sh = np.where(valid[k], grams[k], 0)
+    if short.any():
+        for L in np.unique(lens[short]):
+            sel = starts[short & (lens == L)]
+            sh[sel] = grams[int(L)][sel]
+    shingles = sh[sh_mask] >> np.uint64(32)
+    sig = minhash_signatures(shingles, owner[sh_mask], m, params.num_perm)
+    b, r = params.bands()
+    arrays["bands"] = band_keys(sig, b, r)
+
+    # loops: an n-gram repeated loop_repeats times back to back <=> a run of (repeats-1)*n equal pairs
+    looped: dict[int, str] = {}
+    for n in range(1, params.loop_max_n + 1):
+        if len(ids) <= n:
+            break
+        eq = (ids[:-n] == ids[n:]) & (owner[:-n] == owner[n:])
+        d = np.diff(np.r_[0, eq.astype(np.int8), 0])
+        run_start, run_end = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+        for st in run_start[(run_end - run_start) >= (params.loop_repeats - 1) * n]:
+            c = int(owner[st])
+            if c not in looped:
+                looped[c] = " ".join(flat[st:st + n])
+    s.loops = len(looped)
+    s.loop_examples.update(looped.values())
+    s.arrays = arrays
+    return s
+
+
+def _empty_arrays(params: AuditParams) -> dict[str, np.ndarray]:
+    b, _ = params.bands()
+    z = np.zeros(0, dtype=np.uint64)
+    return {"uniq1": z, "uniq2": z, "uniq3": z, "dups": z, "bands": np.zeros((0, b), dtype=np.uint64)}
+
+
+def _provenance_fields(prov: dict | None) -> tuple[str, str]:
+    """(model, prompt) of a json.captions.<variant> entry as the recaption stage writes it:
+    {"model": {"name", "id", "revision"}, "prompt": {"file", "sha256"}, ...} (plain strings accepted too)."""
+    if not isinstance(prov, dict):
+        return "(none recorded)", "(none recorded)"
+    model = prov.get("model") or "(unknown)"
+    if isinstance(model, dict):
+        mid = model.get("id") or model.get("name") or "(unknown)"
+        model = f"{mid}@{model['revision']}" if model.get("revision") else str(mid)
+    prompt = prov.get("prompt") or prov.get("prompt_hash") or "(unknown)"
+    if isinstance(prompt, dict):
+        digest = str(prompt.get("sha256") or "")[:12]
+        prompt = " ".join(x for x in (prompt.get("file"), f"sha256:{digest}" if digest else "") if x) or "(unknown)"
+    return str(model), str(prompt)
+
+
+# ----------------------------------------------------------------------------------------------- reduce
+class GroupAcc:
+    """Merges GroupStates of one group across shards (the reduce); memory as the README states."""
+
+    def __init__(self, params: AuditParams):
+        self.params = params
+        self.s = GroupState()
+        self.first = True
+        self.distinct = [Distinct(params.distinct_cap) for _ in range(3)]
+        self.dups = Distinct(None)
+        self.bands: list[np.ndarray] = []
+        self.openings = TopCounts(params.openings_capacity)
+
+    def add(self, g: GroupState) -> None:
+        s = self.s
+        if self.first:
+            s.tokens = None if g.tokens is None else Counter()
+            self.first = False
+        if (s.tokens is None) != (g.tokens is None):
+            s.tokens = None
+        for name in ("n", "empty", "over_limit", "ttr_sum", "loops", "refusals", "language_checked",
+                     "wrong_language"):
+            setattr(s, name, getattr(s, name) + getattr(g, name))
+        s.ngrams = [a + b for a, b in zip(s.ngrams, g.ngrams)]
+        s.words.update(g.words)
+        if s.tokens is not None:
+            s.tokens.update(g.tokens)
+        for name in ("loop_examples", "refusal_examples", "languages", "models", "prompts"):
+            getattr(s, name).update(getattr(g, name))
+        for name, c in g.clip.items():
+            s.clip.setdefault(name, Counter()).update(c)
+        self.openings.update(g.openings, g.openings_error)
+        for n in range(3):
+            self.distinct[n].add(g.arrays[f"uniq{n + 1}"])
+        self.dups.add(g.arrays["dups"])
+        if len(g.arrays["bands"]):
+            self.bands.append(g.arrays["bands"])
+        for name in ("loop_examples", "refusal_examples"):
+            c = getattr(s, name)
+            if len(c) > 1000:
+                setattr(s, name, Counter(dict(c.most_common(100))))
+
+    def figures(self, word_edges: list[int], token_edges: list[int] | None, clip_edges: dict[str, list[float]],
+                token_note: str) -> dict[str, Any]:
+        s, p = self.s, self.params
+        nonempty = s.n - s.empty
+        f: dict[str, Any] = {"count": s.n, "nonempty": nonempty, "empty": _rate(s.empty, s.n)}
+        f["words"] = distribution(s.words, word_edges)
+        if s.tokens is None:
+            f["tokens"] = {"unavailable": token_note}
+            f["over_limit"] = {"unavailable": token_note}
+        else:
+            f["tokens"] = distribution(s.tokens, token_edges or [])
+            f["tokens"]["limit"] = p.token_limit
+            f["over_limit"] = (_rate(s.over_limit, nonempty) | {"limit": p.token_limit} if p.token_limit is not None
+                               else {"unavailable": "the text encoder has no known token limit: pass --token-limit"})
+        vocab = {}
+        for n in range(3):
+            value, exact = self.distinct[n].count()
+            vocab[f"distinct_{n + 1}"] = value / s.ngrams[n] if s.ngrams[n] else None
+            vocab[f"distinct_{n + 1}_exact"] = exact
+            if n == 0:
+                vocab["size"] = int(round(value))
+        vocab["ngrams"] = list(s.ngrams)
+        vocab["ttr"] = s.ttr_sum / nonempty if nonempty else None
+        f["vocabulary"] = vocab
+        f["openings"] = {"words": p.opening_words, "max_error": self.openings.error,
+                         "top": [{"phrase": k, "count": v, "share": v / nonempty if nonempty else 0.0}
+                                 for k, v in self.openings.top(p.top_k)]}
+        distinct_caps, _ = self.dups.count()
+        f["exact_dup"] = _rate(nonempty - int(distinct_caps), nonempty)
+        keys = np.concatenate(self.bands) if self.bands else np.zeros((0, 1), dtype=np.uint64)
+        clusters = near_duplicate_clusters(keys)
+        b, r = p.bands()
+        f["near_dup"] = _rate(nonempty - clusters, nonempty) | {"threshold": p.near_threshold, "num_perm": p.num_perm,
+                                                                "bands": b, "rows": r, "shingle": p.shingle}
+        f["loops"] = _rate(s.loops, nonempty) | {"repeats": p.loop_repeats, "max_n": p.loop_max_n,
+                                                 "examples": [k for k, _ in s.loop_examples.most_common(5)]}
+        f["refusals"] = _rate(s.refusals, nonempty) | {"examples": [k for k, _ in s.refusal_examples.most_common(5)]}
+        if s.language_checked:
+            f["wrong_language"] = _rate(s.wrong_language, s.language_checked) | {
+                "expected": p.language, "checked": s.language_checked,
+                "undetermined": s.languages.get("", 0),
+                "languages": dict(sorted(((k or "undetermined"), v) for k, v in s.languages.items()))}
+        elif nonempty:
+            f["wrong_language"] = {"unavailable": "no language detector (filters.language) could be loaded"}
+        else:
+            f["wrong_language"] = _rate(0, 0)
+        f["clip"] = {name: distribution(c, clip_edges.get(name, []), scale=CLIP_SCALE)
+                     for name, c in sorted(s.clip.items())}
+        f["provenance"] = {"models": dict(s.models.most_common()), "prompts": dict(s.prompts.most_common())}
+        return f
+
+
+def _rate(count: int, total: int) -> dict[str, Any]:
+    return {"count": int(count), "rate": (count / total) if total else 0.0}
+
+
+def hist_quantile(values: np.ndarray, counts: np.ndarray, q: float) -> float:
+    """np.percentile(expanded values, 100 q) (linear) computed from a sorted histogram."""
+    cum = np.cumsum(counts)
+    n = int(cum[-1])
+    h = (n - 1) * q
+    lo = int(math.floor(h))
+    frac = h - lo
+    x_lo = values[np.searchsorted(cum, lo, side="right")]
+    if frac == 0 or lo + 1 >= n:
+        return float(x_lo)
+    x_hi = values[np.searchsorted(cum, lo + 1, side="right")]
+    return float(x_lo + frac * (x_hi - x_lo))
+
+
+def distribution(hist: Counter, edges: list, scale: int = 1) -> dict[str, Any]:
+    """mean, median, p5, p95, min, max and a histogram over `edges` of an exact value histogram."""
+    if not hist or sum(hist.values()) == 0:
+        return {"n": 0, "mean": None, "median": None, "p5": None, "p95": None, "min": None, "max": None,
+                "histogram": {"edges": list(edges), "counts": [0] * max(len(edges) - 1, 0),
+                              "shares": [0.0] * max(len(edges) - 1, 0)}}
+    keys = sorted(hist)
+    values = np.asarray(keys, dtype=np.float64) / scale
+    counts = np.asarray([hist[k] for k in keys], dtype=np.int64)
+    n = int(counts.sum())
+    out = {"n": n, "mean": float((values * counts).sum() / n),
+           "median": hist_quantile(values, counts, 0.5), "p5": hist_quantile(values, counts, 0.05),
+           "p95": hist_quantile(values, counts, 0.95), "min": float(values[0]), "max": float(values[-1])}
+    if edges:
+        e = np.asarray(edges, dtype=np.float64)
+        idx = np.clip(np.searchsorted(e, values, side="right") - 1, 0, len(e) - 2)
+        binned = np.bincount(idx, weights=counts, minlength=len(e) - 1).astype(np.int64)
+        out["histogram"] = {"edges": list(edges), "counts": binned.tolist(), "shares": (binned / n).tolist()}
+    return out
+
+
+def int_edges(max_value: int, target_bins: int = 40) -> list[int]:
+    """Integer bin edges [0, w, 2w, ...] past max_value with a 1-2-5 width giving <= target_bins bins."""
+    width = 1
+    for w in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000):
+        width = w
+        if (max_value + 1) / w <= target_bins:
+            break
+    return list(range(0, max_value + width + 1, width))
+
+
+def float_edges(lo: float, hi: float, bins: int = 40) -> list[float]:
+    if hi <= lo:
+        hi = lo + 1.0 / CLIP_SCALE
+    return [round(lo + (hi - lo) * i / bins, 6) for i in range(bins)] + [hi]

@@ -1,0 +1,106 @@
+"""`prx-data download-report DIR`: failures by reason and by domain, and the failed URLs as a list to retry."""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline import fs, ledger
+from pipeline.stage import StageError, read_stage_json
+
+
+def _write_table(table: pa.Table, path: str) -> None:
+    buf = io.BytesIO()
+    if path.endswith(".csv"):
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, buf)
+    elif path.endswith((".jsonl", ".json")):
+        import json
+
+        for row in table.to_pylist():
+            buf.write((json.dumps(row, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, buf, compression="zstd")
+    fs.write_bytes_atomic(path, buf.getvalue())
+
+
+def failed_rows(folder: str, stage: dict[str, Any]) -> list[dict[str, Any]]:
+    """Failed URLs with their caption and extra columns (from the original list when it is still there)."""
+    from pipeline.config import build_config
+    from pipeline.stages.download import DownloadConfig, chunk_rows
+
+    cfg_values = {k: v for k, v in (stage.get("config") or {}).items() if k in DownloadConfig.__dataclass_fields__}
+    chunks = None
+    try:
+        cfg = build_config(DownloadConfig, cfg_values)
+        if cfg.urls and fs.exists(cfg.urls):
+            chunks = chunk_rows(cfg)
+    except Exception:  # noqa: BLE001 - the list moved or changed: fall back to the ledger's URLs
+        chunks = None
+    out = []
+    for path in fs.glob(fs.join(folder, "*.parquet")):
+        table = ledger.read(path)
+        cols = table.to_pydict()
+        for pos in range(table.num_rows):
+            if cols["outcome"][pos] != ledger.FAILED:
+                continue
+            shard = int(cols["shard"][pos])
+            row: dict[str, Any] = {"url": cols["input_id"][pos], "caption": None}
+            if chunks is not None and shard < len(chunks) and pos < len(chunks[shard]) \
+                    and chunks[shard][pos].url == row["url"]:
+                src = chunks[shard][pos]
+                row["caption"] = src.caption
+                row.update({k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v))
+                            for k, v in src.extra.items()})
+            row.update({"reason": cols["reason"][pos], "detail": cols["detail"][pos], "shard": shard})
+            out.append(row)
+    return out
+
+
+def report(folder: str, write: str | None = None, top: int = 20) -> dict[str, Any]:
+    from pipeline.stages.download import failure_counts
+
+    stage = read_stage_json(folder)
+    if stage is None or stage.get("stage") != "download":
+        raise StageError(f"{folder} is not a prx-data download folder (no _stage.json of stage download)")
+    table = ledger.read_folder(folder)
+    by_reason, by_domain = failure_counts(table)
+    outcomes = table.column("outcome").to_pylist()
+    failed = failed_rows(folder, stage)
+    path = write or fs.join(folder, "_report", "failed_urls.parquet")
+    if failed:
+        _write_table(pa.Table.from_pylist(failed), path)
+    domains = sorted(by_domain.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    return {
+        "folder": folder,
+        "urls": len(outcomes),
+        "kept": outcomes.count(ledger.KEPT),
+        "rejected": outcomes.count(ledger.REJECTED),
+        "failed": outcomes.count(ledger.FAILED),
+        "by_reason": dict(by_reason.most_common()),
+        "by_domain": {d: dict(c.most_common()) for d, c in domains[:top]},
+        "domains_with_failures": len(by_domain),
+        "failed_list": path if failed else None,
+        "retry": (f"rerun the same download command with --retry-failed, or: prx-data download --urls {path} "
+                  f"--out NEW_DIR") if failed else None,
+    }
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    lines = [f"{rep['folder']}: {rep['urls']} URLs, {rep['kept']} kept, {rep['rejected']} rejected, "
+             f"{rep['failed']} failed"]
+    if rep["by_reason"]:
+        lines.append("not kept, by reason:")
+        lines += [f"  {reason:<36} {n}" for reason, n in rep["by_reason"].items()]
+        lines.append(f"not kept, by domain (top {len(rep['by_domain'])} of {rep['domains_with_failures']}):")
+        for domain, reasons in rep["by_domain"].items():
+            total = sum(reasons.values())
+            lines.append(f"  {domain:<36} {total:>6}  " + ", ".join(f"{r} {n}" for r, n in reasons.items()))
+    if rep["failed_list"]:
+        lines.append(f"failed URLs (ready to retry): {rep['failed_list']}")
+        lines.append(f"  {rep['retry']}")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""The text encoder: T5Gemma-2B's encoder by default, or any Hugging Face encoder by alias or folder.
+
+Captions are cleaned with diffusers' PRX pipeline's own `TextPreprocessor` (imported, not copied):
+`prx` = `clean_text`, what `PRXPipeline` runs by default (`skip_text_cleaning=False`); `basic` =
+`basic_clean` (`skip_text_cleaning=True`); `none` = the caption as written. Then tokenized (at most
+`max_length` tokens, truncating) and encoded; the last hidden states of the real tokens only (no padding)
+are kept in BF16 with their token count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pipeline.models import GATED_HELP, ModelSpec, import_class, resolve
+from pipeline.stage import StageError
+
+CLEANING = {
+    "prx": "diffusers PRXPipeline TextPreprocessor.clean_text (the pipeline default, skip_text_cleaning=False)",
+    "basic": "diffusers PRXPipeline TextPreprocessor.basic_clean (skip_text_cleaning=True)",
+    "none": "none (caption as written)",
+}
+
+
+def cleaner(mode: str) -> Callable[[str], str]:
+    if mode == "none":
+        return lambda text: text
+    from diffusers.pipelines.prx.pipeline_prx import TextPreprocessor
+
+    pre = TextPreprocessor()
+    if mode == "prx":
+        return pre.clean_text
+    if mode == "basic":
+        return pre.basic_clean
+    raise ValueError(f"unknown cleaning mode {mode!r}; use {', '.join(CLEANING)}")
+
+
+def _gated(spec: ModelSpec, exc: Exception) -> StageError:
+    return StageError(GATED_HELP.format(id=spec.id) + f" (original error: {exc})")
+
+
+def load_config(spec: ModelSpec):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec.id, **spec.load_kwargs())
+    except OSError as exc:
+        if spec.gated or "gated" in str(exc).lower() or "401" in str(exc):
+            raise _gated(spec, exc) from exc
+        raise StageError(f"cannot read the text encoder config of {spec.name} ({spec.id}): {exc}") from exc
+
+
+def encoder_class(spec: ModelSpec, config) -> str:
+    """The class that loads the encoder part: the alias's, else chosen from the config's model type."""
+    if spec.cls:
+        return spec.cls
+    mt = getattr(config, "model_type", "")
+    if mt == "t5gemma":
+        return "transformers.T5GemmaEncoderModel"
+    if mt in ("t5", "mt5", "umt5"):
+        return f"transformers.{ {'t5': 'T5', 'mt5': 'MT5', 'umt5': 'UMT5'}[mt]}EncoderModel"
+    return "transformers.AutoModel"
+
+
+def hidden_size(config) -> int:
+    for c in (getattr(config, "encoder", None), getattr(config, "text_config", None), config):
+        if c is None:
+            continue
+        for attr in ("hidden_size", "d_model"):
+            v = getattr(c, attr, None)
+            if isinstance(v, int):
+                return v
+    raise StageError("cannot tell the text encoder's hidden size from its config")
+
+
+def text_info(spec: ModelSpec, max_length: int, cleaning: str, config=None) -> dict[str, Any]:
+    config = config if config is not None else load_config(spec)
+    return {**spec.provenance(), "class": encoder_class(spec, config), "max_length": int(max_length),
+            "hidden_size": hidden_size(config), "cleaning": cleaning, "cleaning_function": CLEANING[cleaning],
+            "dtype": "bfloat16", "padding": "none (real tokens only)"}
+
+
+@dataclass
+class TextEncoder:
+    model: Any
+    tokenizer: Any
+    spec: ModelSpec
+    info: dict[str, Any]
+    device: str
+    bf16: bool
+    clean: Callable[[str], str]
+
+    @property
+    def max_length(self) -> int:
+        return self.info["max_length"]
+
+    def tokenize(self, texts: list[str]):
+        return self.tokenizer(list(texts), padding="longest", max_length=self.max_length, truncation=True,
+                              return_attention_mask=True, return_tensors="pt")
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens before truncation (to tell whether a caption was cut at max_length)."""
+        return [len(ids) for ids in self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
+
+    def encode(self, texts: list[str]):
+        """Cleaned captions -> list of L_i x D bfloat16 CPU tensors (real tokens only)."""
+        import torch
+
+        if not texts:
+            return []
+        tok = self.tokenize(texts)
+        ids = tok["input_ids"].to(self.device, non_blocking=True)
+        mask = tok["attention_mask"].to(self.device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.bf16):
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = hidden.to(torch.bfloat16).cpu()
+        lengths = tok["attention_mask"].sum(dim=1).tolist()
+        if self.tokenizer.padding_side == "left":
+            return [hidden[i, hidden.shape[1] - n:].clone() for i, n in enumerate(lengths)]
+        return [hidden[i, :n].clone() for i, n in enumerate(lengths)]
+
+
+def load_text_encoder(name: str, max_length: int = 256, cleaning: str = "prx", device: str = "cpu",
+                      bf16: bool = False) -> TextEncoder:
+    import torch
+    from transformers import AutoTokenizer
+
+    spec = resolve(name)
+    config = load_config(spec)
+    info = text_info(spec, max_length, cleaning, config)
+    klass = import_class(info["class"])
+    kwargs: dict[str, Any] = {}
+    if getattr(config, "model_type", "") == "t5gemma" and getattr(config, "is_encoder_decoder", False):
+        kwargs["is_encoder_decoder"] = False  # load the encoder half of an encoder-decoder checkpoint
+    try:
+        model = klass.from_pretrained(spec.id, **spec.load_kwargs(), dtype=torch.float32, **kwargs)
+        tok_kwargs = {k: v for k, v in spec.load_kwargs().items() if k != "subfolder"}
+        if spec.extra.get("tokenizer_subfolder"):
+            tok_kwargs["subfolder"] = spec.extra["tokenizer_subfolder"]
+        elif spec.subfolder:
+            tok_kwargs["subfolder"] = spec.subfolder
+        tokenizer = AutoTokenizer.from_pretrained(spec.id, **tok_kwargs)
+    except OSError as exc:
+        if spec.gated or "gated" in str(exc).lower() or "401" in str(exc):
+            raise _gated(spec, exc) from exc
+        raise
+    if getattr(config, "is_encoder_decoder", False) and hasattr(model, "get_encoder") \
+            and "EncoderModel" not in type(model).__name__:
+        model = model.get_encoder()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False).eval().to(device)
+    return TextEncoder(model, tokenizer, spec, info, device, bf16, cleaner(cleaning))

@@ -1,0 +1,333 @@
+"""`prx-data encode`: VAE latents and text-encoder embeddings per caption variant, that know their encoders.
+
+The trainer must not pay for the VAE or the text encoder per step. Each kept sample gets
+`latent.safetensors` (`mean`, `logvar`, float32 C x h x w), one `emb_{variant}.safetensors` per caption
+variant (`hidden`, bfloat16 L x D, real tokens only), optionally `repa.safetensors` (`features`), and a
+`json.encoders` section naming every encoder; the folder gets `_empty_prompt.safetensors` once. Read it
+back with `pipeline.encoded`.
+
+Work per batch: decode, crop and clean captions in CPU threads (the next batch is prepared while the
+current one is encoded), then batched VAE / teacher forwards per bucket size and text-encoder forwards
+over captions sorted by length, in BF16 autocast on a GPU. Models load once per worker.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import fs, ledger
+from pipeline.config import CommonConfig, option
+from pipeline.encoded import (EMPTY_PROMPT_FILE, LATENT_MEMBER, ORIGINAL, REPA_MEMBER, caption_member,
+                              check_variant_name, embedding_member, variant_of_member)
+from pipeline.encoders import buckets as bk
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected
+from pipeline.runner import cached, worker_device
+from pipeline.shards import BadMember, Problem, Sample, ShardWriter, dumps_json
+from pipeline.stage import MapStage, Result, StageError, Task, keep, reject
+
+FORMAT_VERSION = 1
+
+ledger.register_reasons({
+    "no_caption_variant": (ledger.REJECTED, "encode: none of the requested caption variants is present and "
+                                            "non-empty after cleaning (missing ones are listed in detail)"),
+    "nonfinite_latent": (ledger.FAILED, "encode: the VAE returned NaN or infinite values for this image"),
+})
+
+
+@dataclass
+class EncodeConfig(CommonConfig):
+    vae: str = option("flux1", help="VAE: alias from manifests/models.yaml, hub id or folder "
+                                    "(a diffusers AutoencoderKL; FLUX.2's VAE is not supported yet)")
+    text_encoder: str = option("t5gemma-2b", help="text encoder: alias, hub id or folder (t5gemma-2b is gated: "
+                                                  "accept its licence on the hub and set HF_TOKEN)")
+    resolution: int = option(256, help="square side, or the diffusers PRX bin set with --buckets ar (256/512/1024)")
+    buckets: str = option("square", choices=["square", "ar"],
+                          help="square: centre square crop; ar: diffusers' PRX aspect-ratio bins")
+    variants: list[str] = option(default_factory=lambda: [ORIGINAL, "long", "short"],
+                                 help="caption variants to encode (original = the txt member, others = "
+                                      "caption_{variant}.txt); a sample keeps those it has")
+    max_length: int = option(256, help="maximum tokens per caption (longer ones are truncated)")
+    cleaning: str = option("prx", choices=["prx", "basic", "none"],
+                           help="caption cleaning: prx = diffusers PRXPipeline TextPreprocessor.clean_text "
+                                "(its default), basic = basic_clean, none")
+    repa: str | None = option(None, help="REPA teacher (e.g. dinov2): store its patch tokens at the denoiser grid")
+    repa_patch_size: int = option(2, help="the denoiser's patch size: REPA features at latent / patch size")
+    drop_images: bool = option(False, help="do not copy the image member (encoded shards only)")
+    precision: str = option("auto", choices=["auto", "float32", "bf16"],
+                            help="encoder compute: auto = BF16 autocast on a GPU, float32 on the CPU")
+    max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="reject images whose header declares more pixels")
+    batch_size: int = option(32, runtime=True, help="images (and captions) per encoder forward")
+    decode_threads: int = option(4, runtime=True, help="CPU threads that decode, crop and clean captions")
+
+
+@dataclass
+class Prepared:
+    """One sample after the CPU work: decoded crop, cleaned captions, or the Result that ends it."""
+
+    sample: Sample
+    meta: dict[str, Any] = field(default_factory=dict)
+    crop: bk.Crop | None = None
+    pixels: Any = None                     # uint8 H x W x 3
+    texts: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
+    done: Result | None = None
+
+
+class EncodeStage(MapStage):
+    """Encode images (VAE mean/logvar) and caption variants (text encoder hidden states) into shards."""
+
+    name = "encode"
+    help = "VAE latents + text embeddings per caption variant (+ optional REPA features) -> encoded shards"
+    config_cls = EncodeConfig
+    uses_model = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.batch_size = max(1, int(cfg.batch_size))
+        self._record: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ driver side
+    def validate(self) -> None:
+        cfg = self.cfg
+        if not cfg.input:
+            raise StageError("--in is required: a folder of shards (ingest, filter or recaption output)")
+        if not fs.exists(cfg.input):
+            raise StageError(f"input {cfg.input} does not exist")
+        if not cfg.variants:
+            raise StageError("--variants needs at least one caption variant (e.g. original,long,short)")
+        try:
+            for v in cfg.variants:
+                check_variant_name(v)
+            bk.check_resolution(cfg.resolution, cfg.buckets)
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
+        if len(set(cfg.variants)) != len(cfg.variants):
+            raise StageError(f"--variants lists a variant twice: {cfg.variants}")
+        if cfg.max_length < 1:
+            raise StageError("--max-length must be at least 1")
+        if cfg.repa_patch_size < 1:
+            raise StageError("--repa-patch-size must be at least 1")
+        self.record()
+
+    def record(self) -> dict[str, Any]:
+        """What `_stage.json` records about the encoders (read from configs; no weights loaded here)."""
+        if self._record is None:
+            from pipeline.encoders import repa as repa_mod
+            from pipeline.encoders import text as text_mod
+            from pipeline.encoders import vae as vae_mod
+
+            cfg = self.cfg
+            vinfo = vae_mod.vae_info(vae_mod.vae_spec(cfg.vae))
+            from pipeline.models import resolve
+
+            tinfo = text_mod.text_info(resolve(cfg.text_encoder), cfg.max_length, cfg.cleaning)
+            rinfo = None
+            if cfg.repa:
+                rinfo = repa_mod.repa_info(resolve(cfg.repa, repa_mod.DEFAULT_CLASS), cfg.repa_patch_size,
+                                           vinfo["downsample"])
+            self._record = {"format_version": FORMAT_VERSION, "vae": vinfo, "text_encoder": tinfo,
+                            "variants": list(cfg.variants), "resolution": cfg.resolution, "buckets": cfg.buckets,
+                            "repa": rinfo, "empty_prompt": EMPTY_PROMPT_FILE}
+        return self._record
+
+    def provenance(self) -> dict[str, Any]:
+        return {"encoded": self.record()}
+
+    # ------------------------------------------------------------------ worker side
+    def models(self):
+        """(vae, text encoder, teacher or None), loaded once per worker process."""
+        cfg = self.cfg
+        device = worker_device()
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.startswith("cuda"))
+
+        def load():
+            from pipeline.encoders.repa import load_teacher
+            from pipeline.encoders.text import load_text_encoder
+            from pipeline.encoders.vae import load_vae
+
+            vae = load_vae(cfg.vae, device, bf16)
+            text = load_text_encoder(cfg.text_encoder, cfg.max_length, cfg.cleaning, device, bf16)
+            teacher = (load_teacher(cfg.repa, cfg.repa_patch_size, vae.info["downsample"], device, bf16)
+                       if cfg.repa else None)
+            return vae, text, teacher
+
+        key = ("encode", cfg.vae, cfg.text_encoder, cfg.max_length, cfg.cleaning, cfg.repa, cfg.repa_patch_size,
+               device, bf16)
+        return cached(key, load)
+
+    def write_empty_prompt(self, text) -> None:
+        """`_empty_prompt.safetensors` once per folder: atomic, and idempotent (same model, same bytes)."""
+        from safetensors.torch import save
+
+        path = fs.join(self.cfg.out, EMPTY_PROMPT_FILE)
+        if fs.exists(path):
+            return
+        (hidden,) = text.encode([text.clean("")])
+        # no safetensors metadata: its key order is not stable, and _stage.json names the encoder
+        fs.write_bytes_atomic(path, save({"hidden": hidden.contiguous()}))
+
+    def process(self, task: Task, writer: ShardWriter) -> None:
+        vae, text, teacher = self.models()
+        self.write_empty_prompt(text)
+        threads = max(1, int(self.cfg.decode_threads))
+        pool = cached(("encode-threads", threads), lambda: ThreadPoolExecutor(threads, thread_name_prefix="decode"))
+        pending = None  # the batch being prepared in the threads while the previous one is encoded
+        batch: list[Sample] = []
+
+        def flush(p):
+            samples, futures, t0 = p
+            results = self.encode_batch([f.result() for f in futures], vae, text, teacher)
+            per = (time.perf_counter() - t0) / max(len(samples), 1)
+            for r in results:
+                r.row.seconds = per
+            self._write(results, writer)
+
+        for item in self.samples(task):
+            if isinstance(item, Problem):
+                writer.add_row(item.row())
+                continue
+            batch.append(item)
+            if len(batch) >= self.batch_size:
+                nxt = (batch, [pool.submit(self.prepare, s) for s in batch], time.perf_counter())
+                if pending is not None:
+                    flush(pending)
+                pending, batch = nxt, []
+        if batch:
+            nxt = (batch, [pool.submit(self.prepare, s) for s in batch], time.perf_counter())
+            if pending is not None:
+                flush(pending)
+            pending = nxt
+        if pending is not None:
+            flush(pending)
+
+    def process_batch(self, samples: list[Sample], task: Task) -> list[Result]:
+        vae, text, teacher = self.models()
+        return self.encode_batch([self.prepare(s) for s in samples], vae, text, teacher)
+
+    # ------------------------------------------------------------------ CPU part (threads)
+    def prepare(self, sample: Sample) -> Prepared:
+        from pipeline.encoders.text import cleaner
+
+        p = Prepared(sample)
+        try:
+            p.meta = sample.meta()
+        except BadMember as exc:
+            p.done = reject(sample, "bad_member", str(exc))
+            return p
+        try:
+            img, _info = sample.image(self.cfg.max_image_pixels)
+        except ImageRejected as exc:
+            p.done = reject(sample, exc.reason, exc.detail)
+            return p
+        p.crop = bk.plan_crop(img.width, img.height, self.cfg.resolution, self.cfg.buckets)
+        p.pixels = bk.crop_resize(img, p.crop)
+        clean = cached(("encode-cleaner", self.cfg.cleaning), lambda: cleaner(self.cfg.cleaning))
+        for v in self.cfg.variants:
+            raw = sample.text(caption_member(v))
+            if raw is None:
+                p.missing.append(v)
+                continue
+            cleaned = clean(raw)
+            if not cleaned.strip():
+                p.empty.append(v)
+                continue
+            p.texts[v] = cleaned
+        if not p.texts:
+            p.done = reject(sample, "no_caption_variant", self._missing_detail(p))
+        return p
+
+    @staticmethod
+    def _missing_detail(p: Prepared) -> str:
+        parts = []
+        if p.missing:
+            parts.append("missing caption variant(s): " + ", ".join(p.missing))
+        if p.empty:
+            parts.append("empty after cleaning: " + ", ".join(p.empty))
+        return "; ".join(parts)
+
+    # ------------------------------------------------------------------ model part
+    def encode_batch(self, prepared: list[Prepared], vae, text, teacher) -> list[Result]:
+        import torch
+        from safetensors.torch import save
+
+        todo = [i for i, p in enumerate(prepared) if p.done is None]
+        latents: dict[int, tuple[Any, Any]] = {}
+        feats: dict[int, Any] = {}
+        # images: one forward per bucket size, in chunks of batch_size
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i in todo:
+            by_size.setdefault(prepared[i].crop.size, []).append(i)
+        for size in sorted(by_size):
+            idx = by_size[size]
+            for s in range(0, len(idx), self.batch_size):
+                chunk = idx[s:s + self.batch_size]
+                pixels = bk.to_tensor([prepared[i].pixels for i in chunk])
+                mean, logvar = vae.encode(pixels)
+                for j, i in enumerate(chunk):
+                    latents[i] = (mean[j].contiguous(), logvar[j].contiguous())
+                if teacher is not None:
+                    f = teacher.features(pixels)
+                    for j, i in enumerate(chunk):
+                        feats[i] = f[j].contiguous()
+        # captions: sorted by length so a forward pads little
+        items = [(i, v, t) for i in todo for v, t in prepared[i].texts.items()]
+        items.sort(key=lambda x: (-len(x[2]), x[0], x[1]))
+        hidden: dict[tuple[int, str], Any] = {}
+        full_tokens: dict[tuple[int, str], int] = {}
+        for s in range(0, len(items), self.batch_size):
+            chunk = items[s:s + self.batch_size]
+            texts = [t for _, _, t in chunk]
+            for (i, v, _), h, n in zip(chunk, text.encode(texts), text.count_tokens(texts)):
+                hidden[(i, v)] = h
+                full_tokens[(i, v)] = n
+
+        results = []
+        vrec = {k: vae.info[k] for k in ("name", "id", "revision", "subfolder", "scaling_factor", "shift_factor",
+                                         "latent_channels") if k in vae.info}
+        trec = {k: text.info[k] for k in ("name", "id", "revision", "max_length", "cleaning") if k in text.info}
+        compute = "bfloat16-autocast" if vae.bf16 else "float32"
+        for i, p in enumerate(prepared):
+            if p.done is not None:
+                results.append(p.done)
+                continue
+            mean, logvar = latents[i]
+            if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
+                results.append(reject(p.sample, "nonfinite_latent", f"crop {p.crop.box} at {p.crop.size}"))
+                continue
+            members = {LATENT_MEMBER: save({"mean": mean, "logvar": logvar})}
+            enc: dict[str, Any] = {
+                "vae": {**vrec, "dtype": "float32", "compute": compute},
+                "latent": {**p.crop.meta(), "buckets": self.cfg.buckets, "shape": list(mean.shape)},
+                "text_encoder": {**trec, "compute": compute},
+                "captions": {},
+            }
+            for v in self.cfg.variants:
+                if v not in p.texts:
+                    continue
+                h = hidden[(i, v)]
+                members[embedding_member(v)] = save({"hidden": h})
+                enc["captions"][v] = {"member": embedding_member(v), "source": caption_member(v),
+                                      "tokens": int(h.shape[0]),
+                                      "truncated": full_tokens[(i, v)] > self.cfg.max_length}
+            if p.missing or p.empty:
+                enc["missing_variants"] = sorted(p.missing + p.empty)
+            if teacher is not None:
+                members[REPA_MEMBER] = save({"features": feats[i]})
+                gh, gw = teacher.grid(*p.crop.size)
+                enc["repa"] = {k: teacher.info[k] for k in ("name", "id", "revision") if k in teacher.info}
+                enc["repa"].update({"grid": [gh, gw], "shape": list(feats[i].shape), "compute": compute})
+            meta = dict(p.meta)
+            meta["encoders"] = enc
+            drop = tuple(m for m in p.sample.members
+                         if m in (LATENT_MEMBER, REPA_MEMBER) or variant_of_member(m) is not None)
+            if self.cfg.drop_images and p.sample.image_member:
+                drop += (p.sample.image_member,)
+            members["json"] = dumps_json(meta)
+            results.append(keep(p.sample, members=members, detail=self._missing_detail(p), drop=drop))
+        return results
+
+
+STAGE = EncodeStage

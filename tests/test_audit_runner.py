@@ -1,0 +1,92 @@
+"""The audit's map -> reduce: sketches, partial states (npz, no pickle), Dask executor, resume."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from pipeline.audit import stats
+from pipeline.stages.audit import main as audit
+from test_audit import WEB, write_folder
+
+
+def test_minhash_equals_datasketch():
+    from datasketch import MinHash
+
+    rng = np.random.default_rng(0)
+    sh = rng.integers(0, 2**32, size=50, dtype=np.uint64)
+    owner = np.repeat(np.arange(3), [10, 25, 15])
+    sig = stats.minhash_signatures(sh, owner, 3, 64)
+    for c in range(3):
+        m = MinHash(num_perm=64, scheme="legacy", hashfunc=lambda x: int(x))
+        m.update_batch(sh[owner == c].tolist())
+        assert np.array_equal(sig[c], m.hashvalues)
+
+
+def test_hist_quantile_is_numpy_percentile():
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, 50, size=999)
+    c = Counter(values.tolist())
+    keys = np.array(sorted(c), dtype=float)
+    counts = np.array([c[k] for k in sorted(c)])
+    for q in (0.05, 0.5, 0.95, 0.0, 1.0):
+        assert stats.hist_quantile(keys, counts, q) == pytest.approx(np.percentile(values, 100 * q))
+
+
+def test_distinct_switches_to_hll_beyond_cap():
+    d = stats.Distinct(cap=1000)
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        d.add(np.unique(rng.integers(0, 2**63, size=5000, dtype=np.uint64)))
+    value, exact = d.count()
+    assert not exact and value == pytest.approx(100_000, rel=0.03)
+    small = stats.Distinct(cap=1000)
+    small.add(np.array([1, 2, 3], dtype=np.uint64))
+    small.add(np.array([3, 4], dtype=np.uint64))
+    assert small.count() == (4.0, True)
+
+
+def test_misra_gries_keeps_heavy_items():
+    top = stats.TopCounts(capacity=3)
+    top.update({"a": 10, "b": 5, "c": 1, "d": 1, "e": 1})
+    top.update({"a": 5, "f": 2})
+    assert top.top(1)[0][0] == "a" and top.error > 0
+    assert 15 - top.error <= top.counts["a"] <= 15
+
+
+def test_partial_state_roundtrip_without_pickle():
+    g = stats.scan_group(["a red car", "", "very very very good"], stats.AuditParams(), clip=[{"clip:x": 0.3}] * 3)
+    data = stats.to_npz({'["*", "s", "v"]': g}, {"dataset": "d"})
+    with np.load(__import__("io").BytesIO(data), allow_pickle=False) as z:
+        assert all(z[k].dtype != object for k in z.files)
+    back, extra = stats.from_npz(data)
+    h = back['["*", "s", "v"]']
+    assert extra == {"dataset": "d"} and h.words == Counter({3: 1, 4: 1}) and h.loops == 1
+    assert h.clip == {"clip:x": Counter({3000: 3})}
+    assert np.array_equal(h.arrays["bands"], g.arrays["bands"])
+
+
+def _figures(path):
+    r = json.loads(path.read_text())
+    return {g["name"]: g["figures"] for g in r["groups"]}, r
+
+
+def test_dask_equals_local_and_resume(tmp_path, capsys):
+    write_folder(tmp_path / "web", WEB, "web")
+    common = [str(tmp_path / "web"), "--no-progress", "--language-sample", "2"]
+    assert audit(common + ["--executor", "local", "--json", str(tmp_path / "local.json")]) == 0
+    assert audit(common + ["--executor", "dask", "--workers", "2", "--json", str(tmp_path / "dask.json")]) == 0
+    local, _ = _figures(tmp_path / "local.json")
+    dask, _ = _figures(tmp_path / "dask.json")
+    assert local == dask
+    out = tmp_path / "out"
+    assert audit(common + ["--executor", "local", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "_map").iterdir()) == ["000000.npz", "000001.npz"]
+    (out / "_map" / "000001.npz").unlink()
+    assert audit(common + ["--executor", "local", "--out", str(out)]) == 0
+    again, r = _figures(out / "audit.json")
+    assert r["shards_resumed"] == 1 and again == local and (out / "audit.html").exists()
+    assert audit(common + ["--executor", "local", "--out", str(out), "--near-threshold", "0.5"]) == 2
+    assert "config hash" in capsys.readouterr().err

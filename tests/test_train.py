@@ -1,0 +1,267 @@
+"""prx-train on CPU with tiny models, on real photos ingested, recaptioned (fake backend) and encoded by the
+tiny VAE and tiny T5Gemma through the real stages."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from pipeline.cli import main as prx_data
+from trainer.config import Mixture, Source, TrainConfig, load_config
+from trainer.data import DataError, MixtureLoader, open_sources
+
+
+@pytest.fixture(scope="session")
+def encoded(tmp_path_factory, tiny_model):
+    """Two encoded sources from the bundled photos:
+    a: 128 px square crops, shards of 2 samples, variants original/long/short (fake recaptions);
+    b: 256 px aspect-ratio buckets (several latent shapes), one shard, variant original only."""
+    from PIL import Image
+
+    from conftest import photo_arrays
+
+    root = tmp_path_factory.mktemp("train-data")
+    photos = root / "photos"
+    photos.mkdir()
+    for name, arr in photo_arrays().items():
+        Image.fromarray(arr).save(photos / f"{name}.jpg", quality=90)
+        (photos / f"{name}.txt").write_text(f"a photo of {name.replace('_', ' ')}")
+    vae, te = tiny_model("tiny-flux-vae"), tiny_model("tiny-t5gemma")
+    common = ["--executor", "local", "--no-progress"]
+    enc = ["--vae", vae, "--text-encoder", te]
+    assert prx_data(["ingest", "--in", str(photos), "--out", str(root / "raw-a"), "--shard-size", "2",
+                     "--source", "a", *common]) == 0
+    assert prx_data(["recaption", "--in", str(root / "raw-a"), "--out", str(root / "cap-a"), "--backend", "fake",
+                     *common]) == 0
+    assert prx_data(["encode", "--in", str(root / "cap-a"), "--out", str(root / "a"), "--resolution", "128",
+                     *enc, *common]) == 0
+    assert prx_data(["ingest", "--in", str(photos), "--out", str(root / "raw-b"), "--source", "b", *common]) == 0
+    assert prx_data(["encode", "--in", str(root / "raw-b"), "--out", str(root / "b"), "--resolution", "256",
+                     "--buckets", "ar", *enc, *common]) == 0
+    return {"root": root, "a": str(root / "a"), "b": str(root / "b"), "raw": str(root / "raw-a"), "vae": vae,
+            "te": te}
+
+
+def cfg_for(encoded, tmp_path, **kw) -> TrainConfig:
+    base = dict(shards=[encoded["a"]], model="tiny", steps=4, batch_size=4, lr=1e-3, warmup_steps=0,
+                out=str(tmp_path / "run"), log_every=1, checkpoint_every=1000, tensorboard=False, device="cpu",
+                vae=encoded["vae"], text_encoder=encoded["te"])
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def loader_for(encoded, sources, captions=None, batch_size=4, seed=0, rank=0, world=1):
+    mix = Mixture([Source(n, encoded[n], w) for n, w in sources], captions or {})
+    return MixtureLoader(open_sources(mix, rank=rank, world=world), batch_size, seed=seed, rank=rank)
+
+
+# ------------------------------------------------------------------------------------------- training
+def test_loss_on_fixed_eval_batch_drops(encoded, tmp_path):
+    """Fixed x0, noise and t: after 40 steps (lr 1e-3, no warmup) the loss is below 0.8 x step 0's."""
+    from trainer.train import run
+
+    out = run(cfg_for(encoded, tmp_path, steps=40, eval_every=40, eval_batch_size=8, caption=dict(long=1.0)))
+    (s0, l0), (s1, l1) = out["eval"]
+    assert (s0, s1) == (0, 40)
+    assert l1 < 0.8 * l0, (l0, l1)
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(encoded, tmp_path):
+    """Two sources (one with aspect-ratio buckets, so samples wait in buckets across the checkpoint),
+    grad accumulation 2: a run killed after step 3 and resumed gives the same losses and weights."""
+    from trainer.train import run
+
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"sources:\n  a: {{shards: {encoded['a']}, weight: 0.6}}\n"
+                   f"  b: {{shards: {encoded['b']}, weight: 0.4}}\n")
+    kw = dict(shards=[], mix=str(mix), steps=6, batch_size=3, grad_accum=2)
+    full = run(cfg_for(encoded, tmp_path, out=str(tmp_path / "full"), **kw))
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, _):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg_for(encoded, tmp_path, out=str(tmp_path / "part"), checkpoint_every=3, **kw), on_step=kill)
+    resumed = run(cfg_for(encoded, tmp_path, out=None, resume=str(tmp_path / "part"), **kw))
+    assert resumed["start_step"] == 3
+    assert resumed["losses"] == full["losses"][3:]
+    for (n, a), (_, b) in zip(full["model"].state_dict().items(), resumed["model"].state_dict().items()):
+        assert torch.equal(a, b), n
+    assert resumed["counts"] == full["counts"]
+
+
+def test_fp32_guard_trips_in_the_trainer(encoded, tmp_path, monkeypatch):
+    from trainer import train
+    from trainer.model import PrecisionError, build_model
+
+    def bf16_model(*a, **k):
+        return build_model(*a, **k).to(torch.bfloat16)
+
+    monkeypatch.setattr(train, "build_model", bf16_model)
+    with pytest.raises(PrecisionError, match="--weights-dtype bf16"):
+        train.run(cfg_for(encoded, tmp_path, steps=1))
+    # asking for the ablation runs it
+    out = train.run(cfg_for(encoded, tmp_path, steps=2, weights_dtype="bf16", out=str(tmp_path / "bf16")))
+    assert next(out["model"].parameters()).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------- data
+def test_source_mixture_realised_counts(encoded):
+    """0.8 / 0.2 over 1,200 samples: realised fractions within 0.03 (binomial sd 0.012)."""
+    loader = loader_for(encoded, [("a", 0.8), ("b", 0.2)], batch_size=8)
+    while loader.counts["samples"] < 1200:
+        loader.next_batch()
+    n = loader.counts["samples"]
+    frac = loader.counts["source"]["a"] / n
+    assert abs(frac - 0.8) < 0.03, loader.counts
+
+
+def test_caption_weights_select_variants(encoded):
+    loader = loader_for(encoded, [("a", 1.0)], captions={"long": 0.75, "short": 0.25}, batch_size=8)
+    batches = [loader.next_batch() for _ in range(100)]
+    c = loader.counts["variant"]
+    assert c.get("original", 0) == 0 and abs(c["long"] / 800 - 0.75) < 0.04, c
+    assert {v for b in batches for v in b.variants} == {"long", "short"}
+    # a variant no sample has: its weight goes to the rest (renormalised)
+    loader = loader_for(encoded, [("a", 1.0)], captions={"short": 1.0, "medium": 3.0})
+    loader.next_batch()
+    assert set(loader.counts["variant"]) <= {"short", "medium"} and loader.counts["variant"]["short"] == 4
+    # samples with none of the asked variants are skipped and counted
+    loader = loader_for(encoded, [("a", 0.5), ("b", 0.5)], captions={"long": 1.0})
+    for _ in range(5):
+        b = loader.next_batch()
+        assert set(b.sources) == {"a"}
+    assert loader.counts["skipped_no_variant"] > 0
+    # every variant of the sample, equally, when no weights are given
+    loader = loader_for(encoded, [("a", 1.0)], batch_size=8)
+    for _ in range(60):
+        loader.next_batch()
+    assert all(abs(n / 480 - 1 / 3) < 0.06 for n in loader.counts["variant"].values()), loader.counts
+
+
+def test_batches_are_bucketed_padded_and_masked(encoded):
+    loader = loader_for(encoded, [("b", 1.0)], batch_size=2)
+    shapes = set()
+    for _ in range(20):
+        b = loader.next_batch()
+        shapes.add(tuple(b.x0.shape[1:]))
+        assert b.emb.shape[1] == 256 and b.emb.dtype == torch.bfloat16 and b.mask.shape == (len(b), 256)
+        assert not b.emb[~b.mask].any()  # padding is zero and masked out
+    assert len(shapes) > 1  # several aspect-ratio buckets, each batch one shape
+
+
+def test_loader_resumes_at_exact_next_batch(encoded):
+    loader = loader_for(encoded, [("a", 0.5), ("b", 0.5)], batch_size=3, seed=5)
+    for _ in range(7):
+        loader.next_batch()
+    state = json.loads(json.dumps(loader.state()))
+    assert state["replay_from"] < state["next_draw"]  # samples are waiting in buckets
+    expect = [loader.next_batch() for _ in range(6)]
+    again = loader_for(encoded, [("a", 0.5), ("b", 0.5)], batch_size=3, seed=5)
+    again.load_state(state)
+    got = [again.next_batch() for _ in range(6)]
+    for e, g in zip(expect, got):
+        assert e.keys == g.keys and e.variants == g.variants and torch.equal(e.x0, g.x0)
+    assert again.counts == loader.counts
+
+
+def test_ranks_read_distinct_shards(encoded):
+    mix = Mixture([Source("a", encoded["a"], 1.0)], {})
+    r0 = open_sources(mix, rank=0, world=2).sources[0].shards
+    r1 = open_sources(mix, rank=1, world=2).sources[0].shards
+    assert r0 and r1 and not set(r0) & set(r1)
+    assert sorted(r0 + r1) == sorted(open_sources(mix).sources[0].shards)
+    with pytest.raises(Exception, match="fewer than the 2 processes"):
+        open_sources(Mixture([Source("b", encoded["b"], 1.0)], {}), rank=0, world=2)
+    keys0 = {k for _ in range(3) for k in loader_for(encoded, [("a", 1)], rank=0, world=2).next_batch().keys}
+    keys1 = {k for _ in range(3) for k in loader_for(encoded, [("a", 1)], rank=1, world=2).next_batch().keys}
+    assert not keys0 & keys1
+
+
+# ------------------------------------------------------------------------------------------- refusals
+def test_bad_shard_stops_with_its_name(encoded, tmp_path):
+    from trainer.train import run
+
+    bad = tmp_path / "bad"
+    shutil.copytree(encoded["a"], bad)
+    victim = bad / "000001.tar"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="000001.tar"):
+        run(cfg_for(encoded, tmp_path, shards=[str(bad)], steps=20, batch_size=4))
+
+
+def test_corrupt_member_stops_with_shard_name(encoded, tmp_path):
+    import tarfile
+
+    bad = tmp_path / "bad"
+    shutil.copytree(encoded["a"], bad)
+    src = bad / "000000.tar"
+    with tarfile.open(src) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(src, "w", format=tarfile.USTAR_FORMAT) as tar:
+        import io
+
+        for m, payload in members:
+            if m.name.endswith("latent.safetensors"):
+                payload = b"not a safetensors file"
+                m.size = len(payload)
+            tar.addfile(m, io.BytesIO(payload))
+    loader = MixtureLoader(open_sources(Mixture([Source("bad", str(bad), 1.0)], {})), 2)
+    with pytest.raises(DataError, match=r"000000\.tar.*latent\.safetensors"):
+        for _ in range(10):
+            loader.next_batch()
+
+
+def test_not_encoded_and_wrong_encoder_are_refused(encoded, tmp_path):
+    from trainer.cli import main
+
+    out = str(tmp_path / "r")
+    base = ["--model", "tiny", "--steps", "1", "--out", out, "--no-tensorboard", "--device", "cpu"]
+    assert main(["--shards", encoded["raw"], *base]) == 2
+    assert main(["--shards", encoded["a"], "--vae", encoded["te"], *base]) == 2
+
+
+def test_refusal_messages(encoded, capsys):
+    from trainer.cli import main
+
+    main(["--shards", encoded["raw"], "--model", "tiny", "--steps", "1", "--out", "unused", "--device", "cpu"])
+    assert "prx-data encode" in capsys.readouterr().err
+    main(["--shards", encoded["a"], "--vae", encoded["te"], "--model", "tiny", "--out", "unused"])
+    err = capsys.readouterr().err
+    assert "encoded with other models" in err and "tiny-t5gemma" in err
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_cli_overlay_config_tiny_prx_folder_and_outputs(encoded, tmp_path, tiny_model):
+    from trainer.cli import main
+
+    overlay = tmp_path / "short.yaml"
+    overlay.write_text(f"base: {os.path.abspath('manifests/train/base.yaml')}\ncaption: {{short: 1.0}}\n")
+    run_dir = tmp_path / "run"
+    rc = main(["--config", str(overlay), "--shards", encoded["a"], "--model", tiny_model("tiny-prx"),
+               "--vae", encoded["vae"], "--text-encoder", encoded["te"], "--steps", "3", "--batch-size", "2",
+               "--out", str(run_dir), "--log-every", "1", "--device", "cpu"])
+    assert rc == 0
+    saved = load_config({"config": str(run_dir / "config.yaml")})
+    assert saved.caption == {"short": 1.0} and saved.steps == 3 and saved.lr == 1e-4 and saved.warmup_steps == 1000
+    counts = json.loads((run_dir / "counts-rank0.json").read_text())
+    assert counts["variant"] == {"short": 6}
+    log = (run_dir / "train.log").read_text()
+    assert "t0.0-0.3=" in log and "samples/s=" in log and "MFU=n/a" in log and "grad_norm=" in log
+    assert any(f.startswith("events") for f in os.listdir(run_dir / "tb"))
+    ckpt = run_dir / "checkpoints" / "step-00000003"
+    assert (ckpt / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    assert not list(ckpt.rglob("*.pt")) and not list(ckpt.rglob("*.bin")) and not list(ckpt.rglob("*.pkl"))
+    from diffusers import PRXTransformer2DModel
+
+    PRXTransformer2DModel.from_pretrained(ckpt / "transformer")  # loads where diffusers' PRXPipeline would
+    # the finished run refuses a fresh start into the same folder
+    assert main(["--shards", encoded["a"], "--model", "tiny", "--out", str(run_dir), "--steps", "1"]) == 2

@@ -1,0 +1,52 @@
+"""`prx-train`: train the PRX denoiser on encoded shards.
+
+    prx-train --shards enc/ --out runs/a [--config manifests/train/base.yaml] [--mix MIX.yaml]
+              [--caption long=0.5,short=0.5] [--model prx-small|tiny] [--steps N] [--batch-size B]
+              [--grad-accum K] [--resume RUN_DIR]
+    torchrun --nproc-per-node 8 -m trainer.cli --mix manifests/mixtures/example.yaml --out runs/b
+
+Every option can be set in the YAML file given to --config (same names); the command line wins. The
+effective config is saved as RUN_DIR/config.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, add_arguments
+from trainer.config import TrainConfig, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prx-train", description=__doc__.split("\n\n")[0],
+        epilog="Objective, numerics and data options default to PRX's baseline recipe (manifests/train/base.yaml).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser, TrainConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.encoded import EncoderMismatch
+    from pipeline.stage import StageError
+    from trainer.data import DataError
+    from trainer.model import PrecisionError
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(vars(args))
+        from trainer.train import run
+
+        run(cfg)
+    except (ConfigError, StageError, EncoderMismatch, DataError, PrecisionError, FileNotFoundError,
+            FileExistsError, ValueError) as exc:
+        print(f"prx-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; `prx-train --resume RUN_DIR` continues from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""`prx-train` options: one dataclass, read through the project's one config loader (pipeline.config).
+
+Defaults are PRX's baseline recipe; `manifests/train/base.yaml` spells them out. A YAML file may name a
+`base:` file it overlays (path relative to itself), so an ablation overlay is a few lines that change one
+thing (`manifests/ablations/*.yaml`). Order: defaults < base file(s) < `--config` file < command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import ConfigError, build_config, option, read_yaml
+
+MODELS = ("prx-small", "tiny")
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    shards: list[str] = option(default_factory=list, help="encoded shard folder(s) (comma-separated): one source each, "
+                                                          "equal weights; or use --mix")
+    mix: str | None = option(None, help="mixture YAML: sources (shard folders + weights), captions, resolution")
+    caption: dict[str, float] = option(default_factory=dict,
+                                       help="caption-variant weights, e.g. long=0.5,short=0.5 (default: the mixture's, "
+                                            "else every variant a sample has, equally)")
+    vae: str | None = option(None, help="VAE the shards must have been encoded with (alias, hub id or folder); "
+                                        "default: whatever the first source used, all sources must agree")
+    text_encoder: str | None = option(None, help="text encoder the shards must have been encoded with")
+    text_max_length: int = option(256, help="text embeddings are padded (with a mask) to this many tokens")
+    shuffle_window: int = option(64, help="samples shuffled together inside a shard (deterministic from the seed)")
+    # --- model
+    model: str = option("prx-small", help="prx-small (1.17B: hidden 1792, depth 16, 28 heads, mlp 3.5, patch 2), "
+                                          "tiny, or a folder holding a PRXTransformer2DModel")
+    weights_dtype: str = option("fp32", choices=["fp32", "bf16"],
+                                help="dtype of the trainable weights; bf16 is the BF16-storage ablation")
+    autocast: str = option("auto", choices=["auto", "bf16", "none"],
+                           help="compute dtype: auto = BF16 autocast on CUDA, none on CPU")
+    compile: bool = option(False, runtime=True, help="torch.compile the denoiser")
+    gradient_checkpointing: bool = option(False, runtime=True, help="recompute block activations in backward")
+    # --- objective
+    prediction: str = option("v", choices=["v", "x"],
+                             help="v: the model predicts eps - x0; x: it predicts x0, loss in v-space via (x_t - x)/max(t, t_min)")
+    x_pred_t_min: float = option(0.05, help="clamp of t in the x-prediction velocity (x_t - x)/max(t, t_min)")
+    logit_mean: float = option(0.0, help="timestep sampling: t = sigmoid(N(logit_mean, logit_std))")
+    logit_std: float = option(1.0, help="timestep sampling: std of the logit-normal")
+    uniform_fraction: float = option(0.1, help="fraction of timesteps drawn uniformly on [0, 1] instead")
+    shift: float = option(1.0, help="timestep shift s: t' = s t / (1 + (s - 1) t); 1 = none")
+    caption_dropout: float = option(0.1, help="probability of training on the empty prompt (its embedding and mask)")
+    # --- optimisation
+    steps: int = option(1000, help="optimizer steps")
+    batch_size: int = option(32, help="samples per micro-batch per process")
+    grad_accum: int = option(1, help="micro-batches per optimizer step")
+    lr: float = option(1e-4, help="AdamW learning rate (after warmup)")
+    beta1: float = option(0.9, help="AdamW beta1")
+    beta2: float = option(0.95, help="AdamW beta2")
+    adam_eps: float = option(1e-15, help="AdamW epsilon")
+    weight_decay: float = option(0.0, help="AdamW weight decay")
+    warmup_steps: int = option(1000, help="linear warmup steps, then constant")
+    grad_clip: float = option(0.2, help="clip the global gradient norm to this (0 = off)")
+    seed: int = option(0, help="seed of the model init, data order, mixture draws, noise and timesteps")
+    # --- run folder, logging, checkpoints
+    out: str | None = option(None, runtime=True, help="run folder (config, logs, TensorBoard, checkpoints)")
+    resume: str | None = option(None, runtime=True, help="run folder to resume from its latest checkpoint")
+    config: str | None = option(None, runtime=True, help="YAML file with any of these options; flags win")
+    base: str | None = option(None, runtime=True, help="(in YAML) a config file this one overlays, relative to it")
+    log_every: int = option(10, runtime=True, help="log to stdout/TensorBoard every N steps")
+    rate_window: int = option(20, runtime=True, help="steps in the rolling window of batches/s, samples/s and MFU")
+    checkpoint_every: int = option(1000, runtime=True, help="save a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = option(2, runtime=True, help="checkpoints kept (oldest deleted); 0 = all")
+    eval_every: int = option(0, runtime=True, help="loss on a fixed evaluation batch (fixed x0, noise, t) every "
+                                                   "N steps; 0 = off")
+    eval_batch_size: int = option(8, runtime=True, help="size of the fixed evaluation batch")
+    tensorboard: bool = option(True, runtime=True, help="write TensorBoard events to OUT/tb")
+    peak_tflops: float | None = option(None, runtime=True, help="device peak (dense BF16 TFLOP/s) for MFU when "
+                                                                "the GPU is not in the built-in table")
+    device: str = option("auto", runtime=True, help="auto (cuda if available), cpu, cuda")
+
+    def __post_init__(self):
+        if self.model not in MODELS and not os.path.isdir(self.model):
+            raise ConfigError(f"--model {self.model!r}: use {' or '.join(MODELS)} or a folder holding a "
+                              "PRXTransformer2DModel")
+        for name in ("steps", "batch_size", "grad_accum", "text_max_length", "shuffle_window", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0.0 <= self.caption_dropout <= 1.0 or not 0.0 <= self.uniform_fraction <= 1.0:
+            raise ConfigError("--caption-dropout and --uniform-fraction are probabilities in [0, 1]")
+        if self.shift <= 0:
+            raise ConfigError("--shift must be positive")
+        if any(w < 0 for w in self.caption.values()) or (self.caption and sum(self.caption.values()) <= 0):
+            raise ConfigError(f"--caption weights must be >= 0 with a positive sum, got {self.caption}")
+
+
+def _file_values(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The values a YAML file sets (following `base:` links; paths in files resolved against the file)."""
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: `base:` links loop ({' -> '.join(seen + (path,))})")
+    raw = read_yaml(path)
+    cfg = build_config(TrainConfig, {}, path)  # validates names and types the one way the project does
+    here = os.path.dirname(path)
+    values: dict[str, Any] = {}
+    if cfg.base:
+        values.update(_file_values(os.path.join(here, cfg.base), seen + (path,)))
+    for f in dataclasses.fields(TrainConfig):
+        key_set = f.name in raw or f.name.replace("_", "-") in raw
+        if f.name in ("config", "base") or not key_set:
+            continue
+        value = getattr(cfg, f.name)
+        if f.name == "mix" and value and not os.path.isabs(value) and "://" not in value:
+            value = _relative(value, here)
+        if f.name == "shards" and value:
+            value = [_relative(v, here) if not os.path.isabs(v) and "://" not in v else v for v in value]
+        values[f.name] = value
+    return values
+
+
+def _relative(path: str, here: str) -> str:
+    """A path in a YAML file: as written if it exists from the working folder, else relative to the file."""
+    return path if os.path.exists(path) else os.path.normpath(os.path.join(here, path))
+
+
+def load_config(cli: dict[str, Any] | None = None) -> TrainConfig:
+    """Effective config: defaults < base file chain < --config file < command-line values."""
+    cli = dict(cli or {})
+    values: dict[str, Any] = {}
+    if cli.get("config"):
+        values.update(_file_values(cli["config"]))
+        values["config"] = cli["config"]
+    values.update(cli)
+    return build_config(TrainConfig, values)
+
+
+@dataclass
+class Source:
+    name: str
+    folder: str
+    weight: float
+
+
+@dataclass
+class Mixture:
+    sources: list[Source]
+    captions: dict[str, float]
+    resolution: int | None = None
+
+
+def load_mixture(cfg: TrainConfig) -> Mixture:
+    """Sources and caption weights from --mix and/or --shards; --caption wins over the mixture's captions."""
+    sources: list[Source] = []
+    captions: dict[str, float] = {}
+    resolution = None
+    if cfg.mix:
+        data = read_yaml(cfg.mix)
+        unknown = set(data) - {"sources", "captions", "resolution", "description"}
+        if unknown:
+            raise ConfigError(f"{cfg.mix}: unknown key(s) {sorted(unknown)}; known: sources, captions, resolution, "
+                              "description")
+        here = os.path.dirname(os.path.abspath(cfg.mix))
+        raw = data.get("sources") or {}
+        if not isinstance(raw, dict) or not raw:
+            raise ConfigError(f"{cfg.mix}: `sources` must map a source name to {{shards: DIR, weight: W}}")
+        for name, spec in raw.items():
+            if isinstance(spec, str):
+                spec = {"shards": spec}
+            if not isinstance(spec, dict) or "shards" not in spec:
+                raise ConfigError(f"{cfg.mix}: source {name!r} needs `shards: DIR`")
+            folder = str(spec["shards"])
+            if "://" not in folder and not os.path.isabs(folder):
+                folder = _relative(folder, here)
+            weight = float(spec.get("weight", 1.0))
+            sources.append(Source(str(name), folder, weight))
+        captions = {str(k): float(v) for k, v in (data.get("captions") or {}).items()}
+        resolution = data.get("resolution")
+    if cfg.shards:
+        if sources:
+            raise ConfigError("give either --shards or --mix (whose sources list the shard folders), not both")
+        names: dict[str, int] = {}
+        for folder in cfg.shards:
+            base = os.path.basename(folder.rstrip("/")) or folder
+            names[base] = names.get(base, 0) + 1
+            name = base if names[base] == 1 else f"{base}-{names[base]}"
+            sources.append(Source(name, folder, 1.0))
+    if not sources:
+        raise ConfigError("no data: pass --shards ENCODED_DIR or --mix MIXTURE.yaml")
+    if any(s.weight < 0 for s in sources) or sum(s.weight for s in sources) <= 0:
+        raise ConfigError(f"source weights must be >= 0 with a positive sum: {[(s.name, s.weight) for s in sources]}")
+    if cfg.caption:
+        captions = dict(cfg.caption)
+    if any(w < 0 for w in captions.values()):
+        raise ConfigError(f"caption weights must be >= 0: {captions}")
+    return Mixture(sources, captions, resolution)

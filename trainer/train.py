@@ -1,0 +1,298 @@
+"""The training loop: one process or `torchrun` DDP; stdout + TensorBoard logging; exact resume.
+
+`run(cfg)` returns a summary with the loss of every step (tests compare runs step for step).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+
+from pipeline.config import config_hash, content_fields, save_yaml
+from trainer import checkpoint, metrics
+from trainer.config import TrainConfig, load_mixture
+from trainer.data import DataSpec, MixtureLoader, Prefetcher, open_sources
+from trainer.model import build_model, check_weights_dtype, count_parameters, train_flops_per_sample
+from trainer.objective import ObjectiveConfig, caption_dropout, draw_noise, per_sample_loss
+from trainer.optim import build_optimizer, clip_grad, lr_at, set_lr
+
+log = logging.getLogger("prx.train")
+
+
+# ------------------------------------------------------------------------------------------- setup
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but no CUDA device is visible")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _barrier(world: int):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _resolve_run_dir(cfg: TrainConfig) -> str:
+    if cfg.resume:
+        if not os.path.isdir(cfg.resume):
+            raise FileNotFoundError(f"--resume {cfg.resume}: no such run folder")
+        return cfg.out or cfg.resume
+    if not cfg.out:
+        raise ValueError("--out RUN_DIR is required (or --resume RUN_DIR)")
+    if checkpoint.list_checkpoints(cfg.out):
+        raise FileExistsError(f"{cfg.out} already holds checkpoints: pass --resume {cfg.out} to continue it, "
+                              "or choose another --out")
+    return cfg.out
+
+
+def make_eval_batch(spec: DataSpec, cfg: TrainConfig, oc: ObjectiveConfig):
+    """A fixed evaluation batch: its own loader seed, fixed noise and timesteps, no caption dropout."""
+    loader = MixtureLoader(spec, cfg.eval_batch_size, seed=cfg.seed + 1_000_003, rank=0,
+                           text_max_length=cfg.text_max_length, shuffle_window=cfg.shuffle_window)
+    batch = loader.next_batch()
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    eps, t = draw_noise(batch.x0.shape, oc, g)
+    return batch, eps, t
+
+
+@torch.no_grad()
+def eval_loss(model, batch, eps, t, oc: ObjectiveConfig, device, amp) -> float:
+    was = model.training
+    model.eval()
+    loss = per_sample_loss(model, batch.x0.to(device), eps.to(device), t.to(device), batch.emb.to(device),
+                           batch.mask.to(device), oc, amp).mean()
+    model.train(was)
+    return float(loss)
+
+
+# ------------------------------------------------------------------------------------------- run
+def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train; returns {"losses": [...], "eval": [(step, loss)], "counts": {...}, "run_dir": ...}."""
+    rank, world, local_rank = dist_env()
+    device = pick_device(cfg, local_rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    run_dir = _resolve_run_dir(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    _setup_logging(run_dir, rank)
+
+    mixture = load_mixture(cfg)
+    spec = open_sources(mixture, cfg.vae, cfg.text_encoder, rank, world)
+    oc = ObjectiveConfig.from_train_config(cfg)
+    amp = autocast_dtype(cfg, device)
+
+    model = build_model(cfg.model, spec.latent_channels, spec.text_dim, seed=cfg.seed)
+    if cfg.weights_dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    check_weights_dtype(model, cfg.weights_dtype)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    loader = MixtureLoader(spec, cfg.batch_size, seed=cfg.seed, rank=rank, text_max_length=cfg.text_max_length,
+                           shuffle_window=cfg.shuffle_window)
+
+    chash = config_hash(cfg, {"sources": [(s.name, s.folder, s.weight) for s in spec.sources],
+                              "world_size": world})
+    start = 0
+    if cfg.resume:
+        path = checkpoint.latest(cfg.resume)
+        if path is None:
+            raise FileNotFoundError(f"--resume {cfg.resume}: no complete checkpoint in {cfg.resume}/checkpoints")
+        state, loader_state = checkpoint.load(path, rank, model, optimizer, generator)
+        if state.get("world_size", 1) != world:
+            raise ValueError(f"{path} was written by {state.get('world_size')} processes; resume with as many")
+        loader.load_state(loader_state)
+        start = int(state["step"])
+        if rank == 0:
+            log.info("resumed from %s at step %d", path, start)
+    if rank == 0:
+        save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+        with open(os.path.join(run_dir, "data.json"), "w") as fh:
+            json.dump({"sources": [{"name": s.name, "folder": s.folder, "weight": s.weight,
+                                    "shards_rank0": len(s.shards)} for s in spec.sources],
+                       "captions": spec.captions, "vae": spec.vae, "text_encoder": spec.text_encoder,
+                       "config_hash": chash}, fh, indent=2, default=str)
+
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    empty_emb, empty_mask, _ = _pad(spec.empty_prompt, cfg.text_max_length)
+    peak = metrics.device_peak_flops(device, cfg.peak_tflops)
+    meter = metrics.Meter(cfg.rate_window, peak)
+    mcfg = dict(model.config)
+    tb = _tensorboard(run_dir) if (cfg.tensorboard and rank == 0) else None
+    eval_set = make_eval_batch(spec, cfg, oc) if cfg.eval_every > 0 else None
+    if rank == 0:
+        log.info("model %s: %.1fM parameters, device %s, autocast %s, peak %s, world %d, batch %d x accum %d",
+                 cfg.model, count_parameters(model) / 1e6, device, amp, "n/a" if peak is None else
+                 f"{peak / 1e12:.0f} TFLOP/s", world, cfg.batch_size, cfg.grad_accum)
+
+    prefetch = Prefetcher(loader, depth=2)
+    losses: list[float] = []
+    evals: list[tuple[int, float]] = []
+    if eval_set is not None and start == 0:
+        evals.append((0, eval_loss(model, *eval_set, oc, device, amp)))
+    step = start
+    meter.restart_clock()
+    try:
+        for step in range(start, cfg.steps):
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps)
+            set_lr(optimizer, lr)
+            step_loss, n_samples, flops = 0.0, 0, 0.0
+            bins: dict[str, list] = {}
+            for micro in range(cfg.grad_accum):
+                batch = prefetch.next()
+                eps, t = draw_noise(batch.x0.shape, oc, generator)
+                emb, mask, _ = caption_dropout(batch.emb, batch.mask, empty_emb, empty_mask, oc.caption_dropout,
+                                               generator)
+                sync = world == 1 or micro == cfg.grad_accum - 1
+                ctx = nullcontext() if sync else train_model.no_sync()
+                with ctx:
+                    per = per_sample_loss(train_model, batch.x0.to(device, non_blocking=True),
+                                          eps.to(device, non_blocking=True), t.to(device),
+                                          emb.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+                                          oc, amp)
+                    loss = per.mean()
+                    (loss / cfg.grad_accum).backward()
+                step_loss += float(loss.detach()) / cfg.grad_accum
+                for name, (s, n) in metrics.bin_losses(per, t).items():
+                    acc = bins.setdefault(name, [0.0, 0])
+                    acc[0] += s
+                    acc[1] += n
+                n_samples += len(batch)
+                h, w = batch.x0.shape[-2:]
+                flops += len(batch) * train_flops_per_sample(mcfg, h, w, cfg.text_max_length)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"step {step + 1}: loss is {step_loss}; stopping (last checkpoint kept)")
+            grad_norm = clip_grad(model, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            done = step + 1
+            meter.step(step_loss, {k: tuple(v) for k, v in bins.items()}, grad_norm, cfg.grad_accum,
+                       n_samples * world, flops * world)
+            if eval_set is not None and done % cfg.eval_every == 0:
+                evals.append((done, eval_loss(model, *eval_set, oc, device, amp)))
+            if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+                values = meter.summary(lr)
+                counts = prefetch.state()["counts"]
+                log.info(metrics.format_line(done, cfg.steps, values, _count_summary(counts)))
+                if evals and evals[-1][0] == done:
+                    log.info("step %d eval/loss=%.4f (fixed batch)", done, evals[-1][1])
+                if tb is not None:
+                    _tb_write(tb, done, values, counts, evals)
+                meter.reset()
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                _save(run_dir, done, rank, world, model, optimizer, generator, prefetch, cfg, chash, world)
+            if on_step is not None:
+                on_step(done, {"loss": step_loss, "grad_norm": grad_norm, "lr": lr})
+    finally:
+        prefetch.close()
+        if tb is not None:
+            tb.close()
+    counts = prefetch.state()["counts"]
+    if rank == 0:
+        with open(os.path.join(run_dir, f"counts-rank{rank}.json"), "w") as fh:
+            json.dump(counts, fh, indent=2)
+        log.info("done: %d steps; realised counts %s", cfg.steps, json.dumps(counts))
+    return {"losses": losses, "eval": evals, "counts": counts, "run_dir": run_dir, "start_step": start,
+            "model": model}
+
+
+def _pad(emb, length):
+    from trainer.data import pad_embedding
+
+    return pad_embedding(emb, length)
+
+
+def _count_summary(counts: dict) -> dict[str, str]:
+    out = {}
+    for kind in ("source", "variant"):
+        total = sum(counts[kind].values()) or 1
+        out[kind] = ",".join(f"{k}:{v / total:.2f}" for k, v in counts[kind].items())
+    return out
+
+
+def _save(run_dir, step, rank, world, model, optimizer, generator, prefetch, cfg, chash, world_size):
+    tmp = checkpoint.tmp_dir(run_dir, step)
+    if rank == 0:
+        os.makedirs(tmp, exist_ok=True)
+    _barrier(world)
+    checkpoint.write_rank_files(tmp, rank, generator, prefetch.state())
+    _barrier(world)
+    if rank == 0:
+        checkpoint.write_main(tmp, model, optimizer, {"step": step, "world_size": world_size, "config_hash": chash,
+                                                      "config": content_fields(cfg), "time": time.time()})
+        path = checkpoint.publish(run_dir, step, cfg.keep_checkpoints)
+        log.info("saved %s", path)
+    _barrier(world)
+
+
+def _tensorboard(run_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboard is a dependency
+        log.warning("tensorboard is not installed: logging to stdout only")
+        return None
+    return SummaryWriter(os.path.join(run_dir, "tb"))
+
+
+def _tb_write(tb, step: int, values: dict, counts: dict, evals: list):
+    for k, v in values.items():
+        if v is not None:
+            tb.add_scalar(f"train/{k}", v, step)
+    for kind in ("source", "variant"):
+        total = sum(counts[kind].values()) or 1
+        for name, n in counts[kind].items():
+            tb.add_scalar(f"data/{kind}/{name}", n / total, step)
+    if evals and evals[-1][0] == step:
+        tb.add_scalar("eval/loss", evals[-1][1], step)
+
+
+def _setup_logging(run_dir: str, rank: int):
+    if rank != 0:
+        log.setLevel(logging.WARNING)
+        return
+    log.setLevel(logging.INFO)
+    if not any(getattr(h, "_prx", False) for h in log.handlers):
+        fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        out = logging.StreamHandler(sys.stdout)
+        out.setFormatter(fmt)
+        out._prx = True  # type: ignore[attr-defined]
+        log.addHandler(out)
+    for h in list(log.handlers):
+        if getattr(h, "_prx_file", False):
+            log.removeHandler(h)
+            h.close()
+    fh = logging.FileHandler(os.path.join(run_dir, "train.log"))
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    fh._prx_file = True  # type: ignore[attr-defined]
+    log.addHandler(fh)
+    log.propagate = False
