@@ -55,6 +55,16 @@ def serve_photos(folder: str, url_list: str):
     return server, f"URL list: {url_list} (served from {server.url('/')})"
 
 
+def write_recaption_demo_config(base: str) -> str:
+    """Relaxed checks and short budgets for the tiny random Qwen2-VL (the real defaults are in the README)."""
+    path = os.path.join(base, "recaption-tiny.yaml")
+    with open(path, "w") as fh:
+        fh.write("relax_checks: [truncation, template, refusal, repetition, length, language]\n"
+                 "max_new_tokens: [long=24, short=8]\n"
+                 "vlm_max_pixels: 50176  # 64 vision tokens\n")
+    return path
+
+
 def run(argv: list[str]) -> int:
     from pipeline.cli import main as prx_data
 
@@ -66,6 +76,23 @@ def run(argv: list[str]) -> int:
         ("download", ["download", "--urls", os.path.join(base, "urls.parquet"), "--out", os.path.join(base, "raw"),
                       "--source", "demo-photos", "--allow-private-network", *common]),
         ("inspect", ["inspect", os.path.join(base, "raw"), "--html", os.path.join(base, "raw.html")]),
+        # recaption: the tiny random Qwen2-VL through the real transformers path (captions are gibberish,
+        # so content checks are relaxed in the demo's config; a real run uses --model qwen2-vl and all checks)
+        ("tiny-models", ["dev", "tiny-models", os.path.join(base, "tiny-models"), "--only", "tiny-qwen2-vl"]),
+        ("recaption", ["recaption", "--in", os.path.join(base, "raw"), "--out", os.path.join(base, "captioned"),
+                       "--backend", "transformers", "--model", os.path.join(base, "tiny-models", "tiny-qwen2-vl"),
+                       "--config", write_recaption_demo_config(base), *common]),
+        ("inspect", ["inspect", os.path.join(base, "captioned"), "--html", os.path.join(base, "captioned.html")]),
+        # encode: tiny random FLUX.1-like VAE, T5Gemma encoder and DINOv2 (real classes, random weights);
+        # a real run uses the defaults --vae flux1 --text-encoder t5gemma-2b (gated) and --repa dinov2
+        ("tiny-models", ["dev", "tiny-models", os.path.join(base, "tiny-models"),
+                         "--only", "tiny-flux-vae,tiny-t5gemma,tiny-dinov2"]),
+        ("encode", ["encode", "--in", os.path.join(base, "captioned"), "--out", os.path.join(base, "encoded"),
+                    "--vae", os.path.join(base, "tiny-models", "tiny-flux-vae"),
+                    "--text-encoder", os.path.join(base, "tiny-models", "tiny-t5gemma"),
+                    "--repa", os.path.join(base, "tiny-models", "tiny-dinov2"),
+                    "--variants", "original,long,short", *common]),
+        ("inspect", ["inspect", os.path.join(base, "encoded")]),
     ]
     server, listed = serve_photos(os.path.join(base, "photos"), os.path.join(base, "urls.parquet"))
     lines.append(listed)
@@ -79,6 +106,9 @@ def run(argv: list[str]) -> int:
     finally:
         server.stop()
     lines += [f"raw shards: {os.path.join(base, 'raw')}", f"raw grid:   {os.path.join(base, 'raw.html')}"]
+    lines += [f"captioned:  {os.path.join(base, 'captioned')} (tiny random VLM: gibberish captions, real provenance)",
+              f"captioned grid: {os.path.join(base, 'captioned.html')}"]
+    lines += [f"encoded:    {os.path.join(base, 'encoded')} (latents, caption embeddings, REPA features; tiny models)"]
     print("\nDemo outputs:\n  " + "\n  ".join(lines))
     return 0
 

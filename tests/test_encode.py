@@ -353,3 +353,12 @@ def test_bad_options_refused(captioned, models, tmp_path, capsys):
     assert "PRX bins" in capsys.readouterr().err
     assert _run(*base, "--out", str(tmp_path / "b"), "--resolution", "250") == 2
     assert _run(*base, "--out", str(tmp_path / "c"), "--variants", "../etc") == 2
+
+
+def test_dask_executor_matches_local(enc, captioned, models, tmp_path):
+    """The default executor (a Dask LocalCluster, models loaded once per worker) writes the same bytes."""
+    out = str(tmp_path / "dask")
+    assert main(["encode", "--in", captioned["captioned"], "--out", out, "--vae", models["vae"], "--text-encoder",
+                 models["text"], "--repa", models["dino"], "--variants", "original,long,short", "--batch-size", "64",
+                 "--executor", "dask", "--workers", "1", "--no-progress"]) == 0
+    assert open(os.path.join(out, "000000.tar"), "rb").read() == open(os.path.join(enc, "000000.tar"), "rb").read()

@@ -265,3 +265,17 @@ def test_cli_overlay_config_tiny_prx_folder_and_outputs(encoded, tmp_path, tiny_
     PRXTransformer2DModel.from_pretrained(ckpt / "transformer")  # loads where diffusers' PRXPipeline would
     # the finished run refuses a fresh start into the same folder
     assert main(["--shards", encoded["a"], "--model", "tiny", "--out", str(run_dir), "--steps", "1"]) == 2
+
+
+def test_ablation_overlays_change_one_thing():
+    base = load_config({"config": "manifests/train/base.yaml"})
+    for name, field, value in [("caption-short", "caption", {"short": 1.0}), ("weights-bf16", "weights_dtype", "bf16"),
+                               ("shift-3", "shift", 3.0), ("x-prediction", "prediction", "x")]:
+        over = load_config({"config": f"manifests/ablations/{name}.yaml"})
+        assert getattr(over, field) == value
+        diff = {f for f in TrainConfig.__dataclass_fields__ if getattr(over, f) != getattr(base, f)}
+        assert diff == {field, "config", "base"}, (name, diff)
+    # the command line wins over the files
+    assert load_config({"config": "manifests/ablations/shift-3.yaml", "shift": 2.0}).shift == 2.0
+    assert (base.lr, base.beta1, base.beta2, base.adam_eps, base.weight_decay, base.warmup_steps, base.grad_clip,
+            base.caption_dropout, base.uniform_fraction) == (1e-4, 0.9, 0.95, 1e-15, 0.0, 1000, 0.2, 0.1, 0.1)

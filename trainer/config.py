@@ -78,7 +78,9 @@ class TrainConfig:
     device: str = option("auto", runtime=True, help="auto (cuda if available), cpu, cuda")
 
     def __post_init__(self):
-        if self.model not in MODELS and not os.path.isdir(self.model):
+        from trainer.model import PRESETS
+
+        if self.model not in PRESETS and not os.path.isdir(self.model):
             raise ConfigError(f"--model {self.model!r}: use {' or '.join(MODELS)} or a folder holding a "
                               "PRXTransformer2DModel")
         for name in ("steps", "batch_size", "grad_accum", "text_max_length", "shuffle_window", "eval_batch_size"):

@@ -225,9 +225,7 @@ class Item:
     key: str
     mean: torch.Tensor      # C x h x w float32: the VAE posterior's moments (sampled when the batch is made)
     logvar: torch.Tensor
-    emb: torch.Tensor       # L x D bfloat16, padded
-    mask: torch.Tensor      # L bool
-    truncated: bool = False
+    emb: torch.Tensor       # L x D bfloat16, unpadded (padded when the batch is made)
     snapshot: list = field(default_factory=list)  # stream positions before this draw
 
 
@@ -308,8 +306,7 @@ class MixtureLoader:
         if emb.shape[1] != self.spec.text_dim:
             raise DataError(f"bad shard {sample.shard}: sample {sample.key} has {emb.shape[1]}-wide embeddings, "
                             f"the folder's text encoder is {self.spec.text_dim} wide")
-        padded, mask, truncated = pad_embedding(emb, self.text_max_length)
-        return Item(d, stream.src.name, variant, sample.key, mean, logvar, padded, mask, truncated, snapshot)
+        return Item(d, stream.src.name, variant, sample.key, mean, logvar, emb, snapshot)
 
     # ---- batching
     def _emit(self, shape: tuple, n: int | None = None) -> Batch:
@@ -317,10 +314,14 @@ class MixtureLoader:
         self.buckets[shape] = self.buckets[shape][len(items):]
         if not self.buckets[shape]:
             del self.buckets[shape]
+        embs, masks = [], []
         for it in items:
             self.counts["source"][it.source] = self.counts["source"].get(it.source, 0) + 1
             self.counts["variant"][it.variant] = self.counts["variant"].get(it.variant, 0) + 1
-            self.counts["truncated_text"] += int(it.truncated)
+            emb, mask, truncated = pad_embedding(it.emb, self.text_max_length)
+            embs.append(emb)
+            masks.append(mask)
+            self.counts["truncated_text"] += int(truncated)
         self.counts["samples"] += len(items)
         self.counts["batches"] += 1
         # latents drawn from the stored moments, one call per batch, seeded by the batch's first draw
@@ -328,8 +329,7 @@ class MixtureLoader:
         x0 = encoded.sample_posterior(torch.stack([it.mean for it in items]), torch.stack([it.logvar for it in items]),
                                       generator=g)
         x0 = encoded.scale_latent(x0, self.spec.vae).float()
-        return Batch(x0, torch.stack([it.emb for it in items]),
-                     torch.stack([it.mask for it in items]), [it.source for it in items],
+        return Batch(x0, torch.stack(embs), torch.stack(masks), [it.source for it in items],
                      [it.variant for it in items], [it.key for it in items], [it.draw for it in items])
 
     def _pending(self) -> list[Item]:

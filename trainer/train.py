@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -127,8 +128,14 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         start = int(state["step"])
         if rank == 0:
             log.info("resumed from %s at step %d", path, start)
+            now = json.loads(json.dumps(content_fields(cfg), default=str))
+            changed = sorted(k for k in now if k in state.get("config", {}) and state["config"][k] != now[k])
+            if changed:
+                log.warning("resuming with changed options: %s", ", ".join(
+                    f"{k}: {state['config'][k]!r} -> {now[k]!r}" for k in changed))
     if rank == 0:
-        save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+        # fully resolved: usable as --config again (no base chain, no resume)
+        save_yaml(dataclasses.replace(cfg, config=None, base=None, resume=None), os.path.join(run_dir, "config.yaml"))
         with open(os.path.join(run_dir, "data.json"), "w") as fh:
             json.dump({"sources": [{"name": s.name, "folder": s.folder, "weight": s.weight,
                                     "shards_rank0": len(s.shards)} for s in spec.sources],
@@ -249,7 +256,8 @@ def _save(run_dir, step, rank, world, model, optimizer, generator, prefetch, cfg
     _barrier(world)
     if rank == 0:
         checkpoint.write_main(tmp, model, optimizer, {"step": step, "world_size": world_size, "config_hash": chash,
-                                                      "config": content_fields(cfg), "time": time.time()})
+                                                      "config": json.loads(json.dumps(content_fields(cfg), default=str)),
+                                                      "time": time.time()})
         path = checkpoint.publish(run_dir, step, cfg.keep_checkpoints)
         log.info("saved %s", path)
     _barrier(world)

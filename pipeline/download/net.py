@@ -18,7 +18,6 @@ Our own failures are raised with a `[prx:CODE]` marker, which survives img2datas
 """
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import re
 import socket
