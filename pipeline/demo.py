@@ -76,10 +76,19 @@ def run(argv: list[str]) -> int:
         ("download", ["download", "--urls", os.path.join(base, "urls.parquet"), "--out", os.path.join(base, "raw"),
                       "--source", "demo-photos", "--allow-private-network", *common]),
         ("inspect", ["inspect", os.path.join(base, "raw"), "--html", os.path.join(base, "raw.html")]),
+        # filter: tiny random open_clip model (scores are meaningless but real: named, stored, in the ledger);
+        # image and caption checks and exact + perceptual dedup across shards; rejected samples kept aside.
+        # A real run: --clip-model ViT-B-32:laion2b_s34b_b79k --keep-top 0.3 --dedup exact,perceptual,semantic
+        ("tiny-models", ["dev", "tiny-models", os.path.join(base, "tiny-models"), "--only", "tiny-clip"]),
+        ("filter", ["filter", "--in", os.path.join(base, "raw"), "--out", os.path.join(base, "filtered"),
+                    "--clip-model", os.path.join(base, "tiny-models", "tiny-clip"), "--min-side", "64",
+                    "--max-aspect-ratio", "4", "--min-pixel-std", "2", "--reject-empty-caption",
+                    "--dedup", "exact,perceptual", "--write-rejected", os.path.join(base, "filter-rejected"),
+                    *common]),
         # recaption: the tiny random Qwen2-VL through the real transformers path (captions are gibberish,
         # so content checks are relaxed in the demo's config; a real run uses --model qwen2-vl and all checks)
         ("tiny-models", ["dev", "tiny-models", os.path.join(base, "tiny-models"), "--only", "tiny-qwen2-vl"]),
-        ("recaption", ["recaption", "--in", os.path.join(base, "raw"), "--out", os.path.join(base, "captioned"),
+        ("recaption", ["recaption", "--in", os.path.join(base, "filtered"), "--out", os.path.join(base, "captioned"),
                        "--backend", "transformers", "--model", os.path.join(base, "tiny-models", "tiny-qwen2-vl"),
                        "--config", write_recaption_demo_config(base), *common]),
         ("inspect", ["inspect", os.path.join(base, "captioned"), "--html", os.path.join(base, "captioned.html")]),
@@ -93,6 +102,12 @@ def run(argv: list[str]) -> int:
                     "--repa", os.path.join(base, "tiny-models", "tiny-dinov2"),
                     "--variants", "original,long,short", *common]),
         ("inspect", ["inspect", os.path.join(base, "encoded")]),
+        # audit: caption statistics of the alt-texts (raw) and the captioned folder side by side, tokens in the
+        # encoder's tokenizer, one HTML report + JSON; --fail-on shows a gate (a real one: "long.words.median < 100")
+        ("audit", ["audit", os.path.join(base, "raw"), os.path.join(base, "captioned"),
+                   "--text-encoder", os.path.join(base, "tiny-models", "tiny-t5gemma"),
+                   "--html", os.path.join(base, "audit.html"), "--json", os.path.join(base, "audit.json"),
+                   "--fail-on", "empty.rate > 0.5", "--executor", "local"]),
     ]
     server, listed = serve_photos(os.path.join(base, "photos"), os.path.join(base, "urls.parquet"))
     lines.append(listed)
@@ -106,9 +121,11 @@ def run(argv: list[str]) -> int:
     finally:
         server.stop()
     lines += [f"raw shards: {os.path.join(base, 'raw')}", f"raw grid:   {os.path.join(base, 'raw.html')}"]
+    lines += [f"filtered:   {os.path.join(base, 'filtered')} (rejected ones in {os.path.join(base, 'filter-rejected')})"]
     lines += [f"captioned:  {os.path.join(base, 'captioned')} (tiny random VLM: gibberish captions, real provenance)",
               f"captioned grid: {os.path.join(base, 'captioned.html')}"]
     lines += [f"encoded:    {os.path.join(base, 'encoded')} (latents, caption embeddings, REPA features; tiny models)"]
+    lines += [f"audit:      {os.path.join(base, 'audit.html')} (+ audit.json): caption statistics, raw vs captioned"]
     print("\nDemo outputs:\n  " + "\n  ".join(lines))
     return 0
 

@@ -75,7 +75,7 @@ class AuditParams:
     distinct_cap: int = 1 << 20
     language: str = "en"
     language_min_confidence: float = 0.5
-    language_sample: int = 0          # 0: every caption; N: the first N non-empty captions per shard and group
+    language_sample: int = 200        # 0: every caption; N: the first N non-empty captions per shard and group
     token_limit: int | None = None
 
     def bands(self) -> tuple[int, int]:

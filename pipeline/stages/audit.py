@@ -48,7 +48,8 @@ class AuditConfig(CommonConfig):
                                       "exit 1 listing failing rules and groups")
     language: str = option("en", help="expected caption language (ISO 639-1) for the wrong-language rate")
     language_min_confidence: float = option(0.5, help="detections below this confidence count as undetermined")
-    language_sample: int = option(0, help="detect the language of at most N captions per shard and group (0: all)")
+    language_sample: int = option(200, help="detect the language of the first N non-empty captions per shard and "
+                                               "group (0: all); the JSON says how many were checked")
     near_threshold: float = option(0.8, help="MinHash LSH Jaccard threshold for near-duplicate captions")
     num_perm: int = option(64, help="MinHash permutations")
     shingle: int = option(3, help="word n-gram size of the MinHash shingles")
