@@ -8,7 +8,6 @@ import os
 import shutil
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 

@@ -279,3 +279,17 @@ def test_ablation_overlays_change_one_thing():
     assert load_config({"config": "manifests/ablations/shift-3.yaml", "shift": 2.0}).shift == 2.0
     assert (base.lr, base.beta1, base.beta2, base.adam_eps, base.weight_decay, base.warmup_steps, base.grad_clip,
             base.caption_dropout, base.uniform_fraction) == (1e-4, 0.9, 0.95, 1e-15, 0.0, 1000, 0.2, 0.1, 0.1)
+
+
+def test_mixture_resolution_must_match_the_encoding(encoded):
+    from pipeline.stage import StageError
+
+    with pytest.raises(StageError, match="resolution 128.*--resolution 256"):
+        open_sources(Mixture([Source("a", encoded["a"], 1.0)], {}, resolution=256))
+
+
+def test_x_prediction_and_shift_train(encoded, tmp_path):
+    from trainer.train import run
+
+    out = run(cfg_for(encoded, tmp_path, steps=3, prediction="x", shift=3.0, caption_dropout=1.0))
+    assert len(out["losses"]) == 3 and all(l == l and l < 1e4 for l in out["losses"])

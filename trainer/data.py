@@ -82,6 +82,11 @@ def open_sources(mixture, vae: str | None = None, text_encoder: str | None = Non
         if info.get("status") not in (None, "complete"):
             raise StageError(f"{src.folder}: its encode run is {info.get('status')!r}, not complete: rerun the same "
                              "`prx-data encode` command to finish it")
+        res = getattr(mixture, "resolution", None)
+        if res and info.get("resolution") and int(info["resolution"]) != int(res):
+            raise StageError(f"source {src.name!r} ({src.folder}) was encoded at resolution {info['resolution']}, "
+                             f"the mixture asks for {res}: re-encode it with `prx-data encode --resolution {res}` "
+                             "or change the mixture")
         if first is None:
             first = info
         else:

@@ -37,7 +37,6 @@ from pipeline.runner import cached, worker_device
 from pipeline.shards import BadMember, Problem, Sample, ShardWriter, dumps_json, shard_name
 from pipeline.stage import GlobalStage, Result, StageError, Task, keep, reject
 
-REASON_ORDER = ["clip_below_threshold", "aesthetic_below_threshold", "nsfw_above_threshold"]
 ledger.register_reasons({code: (ledger.REJECTED, text) for code, text in {
     **ic.REASONS, **tc.REASONS, **lh.REASONS, **dd.REASONS,
     "clip_below_threshold": "CLIP image-text cosine below --min-clip-score, or outside the --keep-top fraction "
