@@ -88,16 +88,53 @@ def child(folder: str, workers: int, extra: list[str]) -> None:
                                             if g["variant"] == "long")}))
 
 
+def reduce_memory(captions: int, shard: int = 1000) -> dict:
+    """Peak traced memory of the reduce alone (GroupAcc.add over synthetic per-shard partial states shaped like
+    real ones: 1000 captions, ~25 words each, 5 LSH bands), then figures(): the driver's O(n) state."""
+    import tracemalloc
+
+    import numpy as np
+
+    from pipeline.audit.stats import AuditParams, GroupAcc, GroupState
+
+    params = AuditParams()
+    rng = np.random.default_rng(0)
+    acc = GroupAcc(params)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    for _ in range(captions // shard):
+        g = GroupState(n=shard)
+        g.words.update({25: shard})
+        g.ngrams = [25 * shard, 24 * shard, 23 * shard]
+        g.arrays = {"uniq1": np.unique(rng.integers(0, 5000, 800).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)),
+                    "uniq2": np.unique(rng.integers(0, 2**63, 10_000, dtype=np.uint64)),
+                    "uniq3": np.unique(rng.integers(0, 2**63, 20_000, dtype=np.uint64)),
+                    "dups": np.unique(rng.integers(0, 2**63, shard, dtype=np.uint64)),
+                    "bands": rng.integers(0, 2**63, (shard, 5), dtype=np.uint64)}
+        acc.add(g)
+    acc.figures([0, 50], None, {}, "")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"captions": captions, "reduce_peak_mib": peak / 2**20, "reduce_s": time.perf_counter() - t0}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--out", default="bench-out/audit")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--options", default="{}", help="AuditConfig options as JSON, e.g. '{\"language_sample\": 100}'")
+    ap.add_argument("--reduce-only", action="store_true", help="only the reduce's memory on synthetic partials")
     ap.add_argument("--child", nargs=2, metavar=("FOLDER", "WORKERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), [args.options])
+        return 0
+    if args.reduce_only:
+        for n in [int(x) for x in args.sizes.split(",")]:
+            r = reduce_memory(n)
+            print(f"{n:>9} captions: reduce peak {r['reduce_peak_mib']:.1f} MiB "
+                  f"({r['reduce_peak_mib'] * 2**20 / n:.0f} bytes/caption), {r['reduce_s']:.1f}s", flush=True)
         return 0
     rows = []
     for n in [int(x) for x in args.sizes.split(",")]:
