@@ -13,9 +13,6 @@ from typing import Any
 
 from pipeline.config import ConfigError, build_config, option, read_yaml
 
-MODELS = ("prx-small", "tiny")
-
-
 @dataclass
 class TrainConfig:
     # --- data
@@ -81,7 +78,7 @@ class TrainConfig:
         from trainer.model import PRESETS
 
         if self.model not in PRESETS and not os.path.isdir(self.model):
-            raise ConfigError(f"--model {self.model!r}: use {' or '.join(MODELS)} or a folder holding a "
+            raise ConfigError(f"--model {self.model!r}: use {' or '.join(PRESETS)} or a folder holding a "
                               "PRXTransformer2DModel")
         for name in ("steps", "batch_size", "grad_accum", "text_max_length", "shuffle_window", "eval_batch_size"):
             if getattr(self, name) < 1:

@@ -14,6 +14,7 @@ is the same on any device.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +86,7 @@ def per_sample_loss(model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
                     mask: torch.Tensor, oc: ObjectiveConfig, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """MSE in v-space per sample (mean over C, H, W), in float32."""
     x_t, v = interpolate(x0, eps, t)
-    ctx = torch.autocast(x0.device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+    ctx = torch.autocast(x0.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     wdtype = next(model.parameters()).dtype  # inputs in the weights' dtype (BF16 embeddings, FP32 latents)
     with ctx:
         out = model(hidden_states=x_t.to(wdtype), timestep=t.to(x0.device), encoder_hidden_states=emb.to(wdtype),
@@ -93,14 +94,6 @@ def per_sample_loss(model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
     out = out.float()
     pred = velocity_from_x(x_t, out, t.to(x0.device), oc.x_pred_t_min) if oc.prediction == "x" else out
     return ((pred - v.float()) ** 2).flatten(1).mean(1)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def draw_noise(x0_shape: torch.Size, oc: ObjectiveConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
