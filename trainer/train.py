@@ -94,11 +94,10 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     run_dir = _resolve_run_dir(cfg)
+    mixture = load_mixture(cfg)
+    spec = open_sources(mixture, cfg.vae, cfg.text_encoder, rank, world)  # refuse bad data before writing anything
     os.makedirs(run_dir, exist_ok=True)
     _setup_logging(run_dir, rank)
-
-    mixture = load_mixture(cfg)
-    spec = open_sources(mixture, cfg.vae, cfg.text_encoder, rank, world)
     oc = ObjectiveConfig.from_train_config(cfg)
     amp = autocast_dtype(cfg, device)
 
