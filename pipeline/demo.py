@@ -109,6 +109,11 @@ def run(argv: list[str]) -> int:
                    "--html", os.path.join(base, "audit.html"), "--json", os.path.join(base, "audit.json"),
                    "--fail-on", "empty.rate > 0.5", "--executor", "local"]),
     ]
+    # train: a few steps of the tiny PRX denoiser on the encoded shards, long and short captions mixed
+    # (a real run: prx-train --shards encoded/ --model prx-small, on a GPU, with torchrun for several)
+    train = ["--shards", os.path.join(base, "encoded"), "--model", "tiny", "--steps", "4", "--batch-size", "2",
+             "--caption", "long=0.5,short=0.5", "--warmup-steps", "2", "--log-every", "1", "--checkpoint-every", "4",
+             "--out", os.path.join(base, "train-run")]
     server, listed = serve_photos(os.path.join(base, "photos"), os.path.join(base, "urls.parquet"))
     lines.append(listed)
     try:
@@ -120,12 +125,20 @@ def run(argv: list[str]) -> int:
                 return rc
     finally:
         server.stop()
+    from trainer.cli import main as prx_train
+
+    print(f"\n$ prx-train {' '.join(train)}", flush=True)
+    rc = prx_train(train)
+    if rc:
+        print(f"demo step train failed with exit code {rc}", file=sys.stderr)
+        return rc
     lines += [f"raw shards: {os.path.join(base, 'raw')}", f"raw grid:   {os.path.join(base, 'raw.html')}"]
     lines += [f"filtered:   {os.path.join(base, 'filtered')} (rejected ones in {os.path.join(base, 'filter-rejected')})"]
     lines += [f"captioned:  {os.path.join(base, 'captioned')} (tiny random VLM: gibberish captions, real provenance)",
               f"captioned grid: {os.path.join(base, 'captioned.html')}"]
     lines += [f"encoded:    {os.path.join(base, 'encoded')} (latents, caption embeddings, REPA features; tiny models)"]
     lines += [f"audit:      {os.path.join(base, 'audit.html')} (+ audit.json): caption statistics, raw vs captioned"]
+    lines += [f"train run:  {os.path.join(base, 'train-run')} (tiny PRX denoiser, 4 steps: checkpoints, logs)"]
     print("\nDemo outputs:\n  " + "\n  ".join(lines))
     return 0
 
