@@ -1,8 +1,9 @@
 """What a stage is: a config dataclass plus a pure function over one shard.
 
 `Stage`     plans tasks (one per output shard) and processes one task into a ShardWriter.
-`MapStage`  the usual case, input shard N -> output shard N: read samples, handle a batch, write
-            kept samples (members the stage does not own copied byte for byte) and one ledger row each.
+`MapStage`  the usual case, input shard N -> output shard N: read samples, prepare each (CPU work, in threads
+            one batch ahead when `prefetch_threads`), handle a batch, write kept samples (members the stage
+            does not own copied byte for byte) and one ledger row each.
 `GlobalStage` a MapStage that first needs a view of every shard: scan (per shard, a parquet of partial
             results) -> reduce (one plan, hashed into `_stage.json`) -> apply (per shard).
 The runner (`pipeline.runner`) decides where and when tasks run; stages never see executors.
@@ -10,6 +11,7 @@ The runner (`pipeline.runner`) decides where and when tasks run; stages never se
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
@@ -108,6 +110,7 @@ class MapStage(Stage):
     """Input shard N -> output shard N."""
 
     batch_size: int = 64
+    prefetch_threads: int = 0  # > 0: prepare() runs in this many threads one batch ahead, so the model never waits
 
     def plan(self) -> list[Task]:
         if not self.cfg.input:
@@ -138,23 +141,70 @@ class MapStage(Stage):
             yield item
 
     def process(self, task: Task, writer: ShardWriter) -> None:
-        batch: list[Sample] = []
-        for item in self.samples(task):
-            if isinstance(item, Problem):
-                writer.add_row(item.row())
-                continue
-            batch.append(item)
-            if len(batch) >= self.batch_size:
-                self._write(self._timed(batch, task), writer)
-                batch = []
-        if batch:
-            self._write(self._timed(batch, task), writer)
+        for problems, results in self.batches(task):
+            for p in problems:
+                writer.add_row(p.row())
+            self._write(results, writer)
 
-    def _timed(self, batch: list[Sample], task: Task) -> list[Result]:
+    # --- per batch: prepare each sample (CPU work; in threads one batch ahead), then process the batch
+    def prepare(self, sample: Sample) -> Any:
+        """Per-sample CPU work (decode, crop) that can run in a thread while the previous batch runs."""
+        return None
+
+    def process_prepared(self, samples: list[Sample], task: Task, prepared: list[Any]) -> list[Result]:
+        """One Result per sample, in order; prepared[i] = prepare(samples[i])."""
+        return self.process_batch(samples, task)
+
+    def process_batch(self, samples: list[Sample], task: Task) -> list[Result]:
+        """One Result per sample, in order (for stages that do not prepare)."""
+        raise NotImplementedError
+
+    def batches(self, task: Task) -> Iterator[tuple[list[Problem], list[Result]]]:
+        """(Problems read, Results) per batch of `batch_size` samples. With prefetch_threads, batch N+1's
+        prepare() calls are submitted before batch N is processed; the pool lives as long as the shard."""
+        pool = (ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix=f"{self.name}-prepare")
+                if self.prefetch_threads > 0 else None)
+        try:
+            pending = None
+            for problems, samples in self._read_batches(task):
+                if pool is None:
+                    yield self._finish(problems, samples, None, task)
+                    continue
+                ahead = [pool.submit(self.prepare, s) for s in samples]
+                if pending is not None:
+                    yield self._finish(*pending, task)
+                pending = (problems, samples, ahead)
+            if pending is not None:
+                yield self._finish(*pending, task)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+    def _read_batches(self, task: Task) -> Iterator[tuple[list[Problem], list[Sample]]]:
+        problems: list[Problem] = []
+        samples: list[Sample] = []
+        for item in self.samples(task):
+            (problems if isinstance(item, Problem) else samples).append(item)
+            if len(samples) >= self.batch_size:
+                yield problems, samples
+                problems, samples = [], []
+        if problems or samples:
+            yield problems, samples
+
+    def _finish(self, problems: list[Problem], samples: list[Sample], ahead: list[Future] | None,
+                task: Task) -> tuple[list[Problem], list[Result]]:
+        if not samples:
+            return problems, []
+        # FilterStage overrides _timed(batch, task) and never prefetches
+        return problems, self._timed(samples, task) if ahead is None else self._timed(samples, task, ahead)
+
+    def _timed(self, batch: list[Sample], task: Task, ahead: list[Future] | None = None) -> list[Result]:
+        """Seconds per row include waiting on this batch's prepare threads."""
         start = time.perf_counter()
-        results = self.process_batch(batch, task)
+        prepared = [f.result() for f in ahead] if ahead is not None else [self.prepare(s) for s in batch]
+        results = self.process_prepared(batch, task, prepared)
         if len(results) != len(batch):
-            raise RuntimeError(f"{self.name}: process_batch returned {len(results)} results for {len(batch)} samples")
+            raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} samples")
         per = (time.perf_counter() - start) / max(len(batch), 1)
         for r in results:
             r.row.seconds = per
@@ -168,10 +218,6 @@ class MapStage(Stage):
                 members.update(r.members)
                 writer.write(r.sample.key, members)
             writer.add_row(r.row)
-
-    def process_batch(self, samples: list[Sample], task: Task) -> list[Result]:
-        """One Result per sample, in order."""
-        raise NotImplementedError
 
 
 class GlobalStage(MapStage):

@@ -12,8 +12,6 @@ over captions sorted by length, in BF16 autocast on a GPU. Models load once per 
 """
 from __future__ import annotations
 
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +22,7 @@ from pipeline.encoded import (EMPTY_PROMPT_FILE, LATENT_MEMBER, ORIGINAL, REPA_M
 from pipeline.encoders import buckets as bk
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected
 from pipeline.runner import cached, worker_device
-from pipeline.shards import BadMember, Problem, Sample, ShardWriter, dumps_json
+from pipeline.shards import BadMember, Sample, ShardWriter, dumps_json
 from pipeline.stage import MapStage, Result, StageError, Task, keep, reject
 
 FORMAT_VERSION = 1
@@ -87,6 +85,7 @@ class EncodeStage(MapStage):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.batch_size = max(1, int(cfg.batch_size))
+        self.prefetch_threads = max(1, int(cfg.decode_threads))
         self._record: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ driver side
@@ -170,42 +169,12 @@ class EncodeStage(MapStage):
         fs.write_bytes_atomic(path, save({"hidden": hidden.contiguous()}))
 
     def process(self, task: Task, writer: ShardWriter) -> None:
-        vae, text, teacher = self.models()
+        _vae, text, _teacher = self.models()
         self.write_empty_prompt(text)
-        threads = max(1, int(self.cfg.decode_threads))
-        pool = cached(("encode-threads", threads), lambda: ThreadPoolExecutor(threads, thread_name_prefix="decode"))
-        pending = None  # the batch being prepared in the threads while the previous one is encoded
-        batch: list[Sample] = []
+        super().process(task, writer)
 
-        def flush(p):
-            samples, futures, t0 = p
-            results = self.encode_batch([f.result() for f in futures], vae, text, teacher)
-            per = (time.perf_counter() - t0) / max(len(samples), 1)
-            for r in results:
-                r.row.seconds = per
-            self._write(results, writer)
-
-        for item in self.samples(task):
-            if isinstance(item, Problem):
-                writer.add_row(item.row())
-                continue
-            batch.append(item)
-            if len(batch) >= self.batch_size:
-                nxt = (batch, [pool.submit(self.prepare, s) for s in batch], time.perf_counter())
-                if pending is not None:
-                    flush(pending)
-                pending, batch = nxt, []
-        if batch:
-            nxt = (batch, [pool.submit(self.prepare, s) for s in batch], time.perf_counter())
-            if pending is not None:
-                flush(pending)
-            pending = nxt
-        if pending is not None:
-            flush(pending)
-
-    def process_batch(self, samples: list[Sample], task: Task) -> list[Result]:
-        vae, text, teacher = self.models()
-        return self.encode_batch([self.prepare(s) for s in samples], vae, text, teacher)
+    def process_prepared(self, samples: list[Sample], task: Task, prepared: list[Prepared]) -> list[Result]:
+        return self.encode_batch(prepared, *self.models())
 
     # ------------------------------------------------------------------ CPU part (threads)
     def prepare(self, sample: Sample) -> Prepared:

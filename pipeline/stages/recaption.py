@@ -18,11 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, NamedTuple
 
 from captioners import checks as checks_mod
 from captioners import factory_token, known_backend, make_backend, resolve_backend_name
@@ -118,6 +116,17 @@ class VariantPlan:
     checks: checks_mod.CheckConfig
 
 
+class _Shard(NamedTuple):
+    """What every batch of one shard needs: set by `process`, read by `process_prepared`."""
+
+    backend: Any
+    plans: dict[str, VariantPlan]
+    ckeys: dict[str, str]                     # variant -> resume cache key
+    cache: CaptionCache
+    done: dict[tuple[str, str, str], dict]   # the resume cache's records
+    tokenizer: Any
+
+
 @dataclass
 class Job:
     index: int            # position in the batch
@@ -136,6 +145,7 @@ class RecaptionStage(MapStage):
     def __init__(self, cfg: RecaptionConfig, backend=None):
         super().__init__(cfg)
         self.batch_size = max(1, int(cfg.batch_size))
+        self.prefetch_threads = max(1, int(cfg.decode_threads))
         self._backend = backend
         self._plans: dict[str, VariantPlan] | None = None
 
@@ -251,50 +261,28 @@ class RecaptionStage(MapStage):
 
     # ------------------------------------------------------------------ the shard
     def process(self, task: Task, writer: ShardWriter) -> None:
+        """MapStage's batches, each written by a writer thread while the next one is captioned."""
         backend = self.backend()
         plans = self.variant_plans()
-        tokenizer = self.text_tokenizer()
-        ckeys = {v: self.cache_key(backend, v, p) for v, p in plans.items()}
         cache = CaptionCache(self.cfg.out, task.index)
-        done = cache.load()
-        write_lock = threading.Lock()
-        with ThreadPoolExecutor(max(1, self.cfg.decode_threads), thread_name_prefix="decode") as pool, \
-                ThreadPoolExecutor(1, thread_name_prefix="write") as wpool:
-            batches = self._batches(task, pool)
+        self._shard = _Shard(backend, plans, {v: self.cache_key(backend, v, p) for v, p in plans.items()},
+                             cache, cache.load(), self.text_tokenizer())
+        with ThreadPoolExecutor(1, thread_name_prefix="write") as wpool:
             pending: Future | None = None
-            nxt = next(batches, None)
-            while nxt is not None:
-                items = nxt
-                nxt = next(batches, None)  # submits the next batch's decodes before this batch hits the model
-                start = time.perf_counter()
-                results = self._caption_batch(items, backend, plans, ckeys, done, cache, tokenizer)
-                per = (time.perf_counter() - start) / max(1, sum(not isinstance(r, Problem) for r in results))
-                for r in results:
-                    if not isinstance(r, Problem):
-                        r.row.seconds = per
+            for problems, results in self.batches(task):
                 if pending is not None:
                     pending.result()
-                pending = wpool.submit(self._write_items, results, writer, write_lock)
+                pending = wpool.submit(self._write_batch, problems, results, writer)
             if pending is not None:
                 pending.result()
 
-    def _batches(self, task: Task, pool: ThreadPoolExecutor) -> Iterator[list[tuple[Any, Future | None]]]:
-        batch: list[tuple[Any, Future | None]] = []
-        n_samples = 0
-        for item in self.samples(task):
-            if isinstance(item, Problem):
-                batch.append((item, None))
-                continue
-            batch.append((item, pool.submit(self._decode, item)))
-            n_samples += 1
-            if n_samples >= self.batch_size:
-                yield batch
-                batch, n_samples = [], 0
-        if batch:
-            yield batch
+    def _write_batch(self, problems: list[Problem], results: list[Result], writer: ShardWriter) -> None:
+        for p in problems:
+            writer.add_row(p.row())
+        self._write(results, writer)
 
-    def _decode(self, sample: Sample):
-        """RGB image within the VLM pixel budget, or an ImageRejected; runs in a decode thread."""
+    def prepare(self, sample: Sample):
+        """RGB image within the VLM pixel budget, or an ImageRejected; runs in a prefetch thread."""
         from PIL import Image
 
         try:
@@ -316,16 +304,11 @@ class RecaptionStage(MapStage):
                    "seed": self.cfg.seed}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
-    def _caption_batch(self, items, backend, plans, ckeys, done, cache, tokenizer) -> list[Any]:
-        """-> list of Problem | Result, in input order."""
-        decoded: dict[int, Any] = {}
+    def process_prepared(self, samples: list[Sample], task: Task, images: list[Any]) -> list[Result]:
+        backend, plans, ckeys, cache, done, tokenizer = self._shard
         outcome: dict[tuple[int, str], dict] = {}
         jobs: list[Job] = []
-        for i, (item, fut) in enumerate(items):
-            if isinstance(item, Problem):
-                continue
-            img = fut.result()
-            decoded[i] = img
+        for i, (item, img) in enumerate(zip(samples, images)):
             if isinstance(img, ImageRejected):
                 continue
             for v in plans:
@@ -369,11 +352,7 @@ class RecaptionStage(MapStage):
             for rec in new_records:
                 done[(rec["key"], rec["variant"], rec["ckey"])] = rec
         results = []
-        for i, (item, _fut) in enumerate(items):
-            if isinstance(item, Problem):
-                results.append(item)
-                continue
-            img = decoded[i]
+        for i, (item, img) in enumerate(zip(samples, images)):
             if isinstance(img, ImageRejected):
                 results.append(reject(item, img.reason, img.detail))
                 continue
@@ -434,19 +413,6 @@ class RecaptionStage(MapStage):
         drop = tuple(f"caption_{v}.txt" for v in failed)
         detail = f"failed variants: {detail_failed}" if failed else ""
         return keep(sample, meta, members, scores=scores, detail=detail, drop=drop)
-
-    @staticmethod
-    def _write_items(results: list[Any], writer: ShardWriter, lock: threading.Lock) -> None:
-        with lock:
-            for r in results:
-                if isinstance(r, Problem):
-                    writer.add_row(r.row())
-                    continue
-                if r.kept:
-                    members = {k: v for k, v in r.sample.members.items() if k not in r.drop_members}
-                    members.update(r.members)
-                    writer.write(r.sample.key, members)
-                writer.add_row(r.row)
 
 
 class CaptionCache:
