@@ -90,3 +90,33 @@ def test_dask_equals_local_and_resume(tmp_path, capsys):
     assert r["shards_resumed"] == 1 and again == local and (out / "audit.html").exists()
     assert audit(common + ["--executor", "local", "--out", str(out), "--near-threshold", "0.5"]) == 2
     assert "config hash" in capsys.readouterr().err
+
+
+def test_lazy_hll_equals_hll_of_everything_added():
+    """The registers built at the switch from the exact set equal feeding every batch to the HLL as it came."""
+    rng = np.random.default_rng(5)
+    batches = [np.unique(rng.integers(0, 2**63, size=3000, dtype=np.uint64)) for _ in range(10)]
+    d = stats.Distinct(cap=5000)
+    for b in batches:
+        d.add(b)
+    eager = np.zeros(1 << stats.HLL_P, dtype=np.uint8)
+    for b in batches:
+        np.maximum(eager, stats.hll_registers(b), out=eager)
+    value, exact = d.count()
+    assert not exact and np.array_equal(d.reg, eager) and value == stats.hll_estimate(eager)
+
+
+def test_language_memo_keeps_counts():
+    """Repeated captions are detected once, but every sampled caption is still counted."""
+    calls = []
+
+    def detect(text):
+        calls.append(text)
+        return ("fr", 0.9) if "maison" in text else ("en", 0.9)
+
+    texts = ["a cat on a mat", " a cat on a mat ", "une maison", "a dog", "une maison"]
+    s = stats.scan_group(texts, stats.AuditParams(language_sample=0), detect=detect)
+    assert s.language_checked == 5 and s.wrong_language == 2 and s.languages == {"en": 3, "fr": 2}
+    assert sorted(calls) == ["a cat on a mat", "a dog", "une maison"]
+    s = stats.scan_group(texts, stats.AuditParams(language_sample=2), detect=detect)
+    assert s.language_checked == 2 and s.languages == {"en": 2}

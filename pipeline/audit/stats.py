@@ -104,6 +104,18 @@ def _splitmix(z: np.ndarray) -> np.ndarray:
 _WORD_HASH: dict[str, int] = {}
 
 
+_LANGUAGE_CACHE: dict[Any, dict[str, tuple]] = {}
+_LANGUAGE_CACHE_SIZE = 100_000
+
+
+def _language_cache(detect) -> dict[str, tuple]:
+    """Per-process memo of `detect` by stripped caption (the detector is a pure function of the text, so a
+    repeated caption - duplicates, stock refusals - costs one detection; the figures are unchanged)."""
+    if detect not in _LANGUAGE_CACHE and len(_LANGUAGE_CACHE) >= 4:
+        _LANGUAGE_CACHE.clear()
+    return _LANGUAGE_CACHE.setdefault(detect, {})
+
+
 def word_hash(word: str) -> int:
     """A stable 64-bit hash of a word (the same in every process; Python's hash() is salted)."""
     h = _WORD_HASH.get(word)
@@ -158,19 +170,21 @@ def hll_estimate(reg: np.ndarray) -> float:
 
 
 class Distinct:
-    """Distinct 64-bit hashes: exact (sorted unique array) up to `cap`, then a HyperLogLog estimate."""
+    """Distinct 64-bit hashes: exact (sorted unique array) up to `cap`, then a HyperLogLog estimate.
+
+    The HLL registers are built only when the exact set outgrows `cap`, from that set (registers are a max
+    over distinct hashes, so this equals feeding every batch as it came), then updated batch by batch."""
 
     def __init__(self, cap: int | None):
         self.cap = cap
         self.exact: np.ndarray | None = np.zeros(0, dtype=np.uint64)
         self.pending: list[np.ndarray] = []
         self.pending_n = 0
-        self.reg = np.zeros(1 << HLL_P, dtype=np.uint8) if cap is not None else None
+        self.reg: np.ndarray | None = None
 
     def add(self, unique_hashes: np.ndarray) -> None:
-        if self.reg is not None:
-            np.maximum(self.reg, hll_registers(unique_hashes), out=self.reg)
         if self.exact is None:
+            np.maximum(self.reg, hll_registers(unique_hashes), out=self.reg)
             return
         self.pending.append(unique_hashes)
         self.pending_n += len(unique_hashes)
@@ -183,6 +197,7 @@ class Distinct:
         self.exact = np.unique(np.concatenate([self.exact, *self.pending]))
         self.pending, self.pending_n = [], 0
         if self.cap is not None and len(self.exact) > self.cap:
+            self.reg = hll_registers(self.exact)
             self.exact = None
 
     def count(self) -> tuple[float, bool]:
@@ -392,17 +407,28 @@ def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | 
 
     # per caption: type-token ratio, opening phrase, exact-duplicate hash, refusal, language
     dups = np.empty(m, dtype=np.uint64)
+    ow = params.opening_words
+    openings = s.openings
+    ttr_sum = 0.0
+    sample = params.language_sample
+    lang_cache = _language_cache(detect) if detect is not None else None
     for j, (i, ws) in enumerate(zip(kept, word_lists)):
-        s.ttr_sum += len(set(ws)) / len(ws)
-        s.openings[" ".join(ws[:params.opening_words])] += 1
+        ttr_sum += len(set(ws)) / len(ws)
+        openings[" ".join(ws[:ow])] += 1
         text = texts[i]
-        dups[j] = text_hash(SPACE_RE.sub(" ", text.strip()))
+        stripped = text.strip()
+        dups[j] = text_hash(SPACE_RE.sub(" ", stripped))
         hit = REFUSAL_RE.search(text.lower().replace("’", "'"))
         if hit:
             s.refusals += 1
             s.refusal_examples[hit.group(0)] += 1
-        if detect is not None and (not params.language_sample or s.language_checked < params.language_sample):
-            code, conf = detect(text.strip())
+        if detect is not None and (not sample or s.language_checked < sample):
+            found = lang_cache.get(stripped)
+            if found is None:
+                if len(lang_cache) >= _LANGUAGE_CACHE_SIZE:
+                    lang_cache.clear()
+                found = lang_cache[stripped] = detect(stripped)
+            code, conf = found
             s.language_checked += 1
             if code is None or conf < params.language_min_confidence:
                 s.languages[""] += 1
@@ -410,6 +436,7 @@ def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | 
                 s.languages[code] += 1
                 if code != params.language:
                     s.wrong_language += 1
+    s.ttr_sum += ttr_sum
     if len(s.openings) > params.openings_capacity:
         top = TopCounts(params.openings_capacity)
         top.update(s.openings)
@@ -417,7 +444,7 @@ def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | 
 
     # word hashes, flat, with owner caption and position
     flat = [w for ws in word_lists for w in ws]
-    ids = np.fromiter((word_hash(w) for w in flat), dtype=np.uint64, count=len(flat))
+    ids = np.fromiter(map(word_hash, flat), dtype=np.uint64, count=len(flat))
     owner = np.repeat(np.arange(m), lens)
     starts = np.r_[0, np.cumsum(lens)[:-1]]
     pos = np.arange(len(ids)) - starts[owner]

@@ -183,6 +183,7 @@ class AuditStage(Stage):
         dataset = task.extra["dataset"]
         params = params_of(cfg, task.extra.get("token_limit"))
         texts: dict[str, list] = {}
+        entries: dict[tuple[str, str], tuple] = {}   # (source, variant) -> its group's lists
         samples: Counter = Counter()   # source -> samples
         problems: Counter = Counter()
         n = 0
@@ -212,7 +213,10 @@ class AuditStage(Stage):
                     prov = captions.get(variant)
                 else:
                     continue
-                entry = texts.setdefault(group_id(by, dataset, source, variant), ([], [], []))
+                entry = entries.get((source, variant))
+                if entry is None:
+                    entry = entries[(source, variant)] = texts.setdefault(group_id(by, dataset, source, variant),
+                                                                          ([], [], []))
                 entry[0].append(item.text(member) or "")
                 entry[1].append(clip)
                 entry[2].append(prov)
