@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                 from pipeline.stages.recaption import RecaptionConfig, RecaptionStage
 
                 st = RecaptionStage(RecaptionConfig(vlm_max_pixels=pixels))
-                images.append(st._decode(s))
+                images.append(st.prepare(s))
             bare_loop(backend, images[:bs], bs, 2, prompt)  # warm-up, untimed
             stage_best, bare_best = None, None
             for r in range(args.repeats):
