@@ -9,24 +9,29 @@ Tests may also `register_backend(name, factory)` in-process.
 from __future__ import annotations
 
 import importlib
+import itertools
 from typing import Any, Callable
 
 _FACTORIES: dict[str, Callable[..., Any]] = {}
+_REGISTRATIONS: dict[str, int] = {}  # name -> registration number, part of per-worker cache keys
+_REGISTRATION_COUNTER = itertools.count()
 
 
 def register_backend(name: str, factory: Callable[..., Any]) -> None:
     """factory(model=..., sampling=..., max_pixels=..., min_pixels=..., seed=..., **options) -> Backend."""
     _FACTORIES[name] = factory
+    _REGISTRATIONS[name] = next(_REGISTRATION_COUNTER)
 
 
 def unregister_backend(name: str) -> None:
     _FACTORIES.pop(name, None)
+    _REGISTRATIONS.pop(name, None)
 
 
 def factory_token(name: str) -> str:
     """Identifies what `make_backend(name)` builds, for per-worker model caches (a re-registered name differs)."""
-    f = _FACTORIES.get(name)
-    return f"{name}@{id(f):x}" if f is not None else name
+    # A counter, not id(factory): a garbage-collected factory's id can be reused by the next one.
+    return f"{name}@{_REGISTRATIONS[name]}" if name in _REGISTRATIONS else name
 
 
 def resolve_backend_name(name: str) -> str:
