@@ -195,11 +195,11 @@ class MapStage(Stage):
                 task: Task) -> tuple[list[Problem], list[Result]]:
         if not samples:
             return problems, []
-        # FilterStage overrides _timed(batch, task) and never prefetches
-        return problems, self._timed(samples, task) if ahead is None else self._timed(samples, task, ahead)
+        return problems, self._timed(samples, task, ahead)
 
     def _timed(self, batch: list[Sample], task: Task, ahead: list[Future] | None = None) -> list[Result]:
-        """Seconds per row include waiting on this batch's prepare threads."""
+        """Adds this batch's seconds per sample (waiting on its prepare threads included) to each row, on top
+        of any time a stage already put there (the filter's scan)."""
         start = time.perf_counter()
         prepared = [f.result() for f in ahead] if ahead is not None else [self.prepare(s) for s in batch]
         results = self.process_prepared(batch, task, prepared)
@@ -207,7 +207,7 @@ class MapStage(Stage):
             raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} samples")
         per = (time.perf_counter() - start) / max(len(batch), 1)
         for r in results:
-            r.row.seconds = per
+            r.row.seconds += per
         return results
 
     @staticmethod

@@ -517,18 +517,22 @@ class FilterStage(GlobalStage):
                 meta = s.meta()
                 meta["scores"] = {**(meta.get("scores") if isinstance(meta.get("scores"), dict) else {}), **scores}
                 meta["filter"] = self._filter_section("kept", [], rec, checks)
-                results.append(keep(s, meta, scores=scores))
-                continue
-            code, detail, all_reasons = decision
-            results.append(reject(s, code, detail, scores=scores))
-            if self._rejected_writer is not None:
-                try:
-                    meta = s.meta()
-                except BadMember:
-                    meta = {}
-                meta["scores"] = {**(meta.get("scores") if isinstance(meta.get("scores"), dict) else {}), **scores}
-                meta["filter"] = self._filter_section("rejected", all_reasons, rec, checks)
-                self._rejected_json[s.key] = dumps_json(meta)
+                result = keep(s, meta, scores=scores)
+            else:
+                code, detail, all_reasons = decision
+                result = reject(s, code, detail, scores=scores)
+                if self._rejected_writer is not None:
+                    try:
+                        meta = s.meta()
+                    except BadMember:
+                        meta = {}
+                    meta["scores"] = {**(meta.get("scores") if isinstance(meta.get("scores"), dict) else {}),
+                                      **scores}
+                    meta["filter"] = self._filter_section("rejected", all_reasons, rec, checks)
+                    self._rejected_json[s.key] = dumps_json(meta)
+            # the scan did the work: its time per sample goes into the ledger (apply's time is added on top)
+            result.row.seconds = float(rec["seconds"] or 0.0)
+            results.append(result)
         return results
 
     @staticmethod
@@ -540,14 +544,6 @@ class FilterStage(GlobalStage):
         if rec.get("language"):
             out["language"] = rec["language"]
         return out
-
-    def _timed(self, batch: list[Sample], task: Task) -> list[Result]:
-        results = super()._timed(batch, task)
-        for r in results:  # the scan did the work: its time per sample goes into the ledger
-            rec = self._partial.get(r.sample.key)
-            if rec is not None:
-                r.row.seconds += float(rec["seconds"] or 0.0)
-        return results
 
     def _write(self, results: list[Result], writer: ShardWriter) -> None:
         GlobalStage._write(results, writer)
