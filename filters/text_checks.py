@@ -70,7 +70,7 @@ class TextChecks:
         out: list[Judgement] = []
         if self.reject_empty or self.min_words or self.min_chars:
             j = empty(text)
-            if not j.passed and (self.reject_empty or self.min_words or self.min_chars):
+            if not j.passed:
                 return [j], None
             out.append(j)
         if self.min_words or self.min_chars:

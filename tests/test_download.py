@@ -173,7 +173,7 @@ def test_allow_private_network_lets_loopback_through(tmp_path):
 @pytest.mark.parametrize("ip,blocked", [
     ("127.0.0.1", True), ("127.255.0.9", True), ("10.1.2.3", True), ("172.16.0.1", True), ("192.168.1.1", True),
     ("169.254.169.254", True), ("100.64.0.1", True), ("0.0.0.0", True), ("224.0.0.1", True), ("::1", True),
-    ("fe80::1%eth0", True), ("fd00::1", True), ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.1", True),
+    ("fe80::1%eth0", True), ("fd00::1", True), ("fec0::1", True), ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.1", True),
     ("93.184.216.34", False), ("8.8.8.8", False), ("2606:4700:4700::1111", False),
 ])
 def test_address_policy(ip, blocked):
@@ -338,3 +338,66 @@ def test_dask_executor_distributes_shards(tmp_path):
     assert sorted(p.name for p in (tmp_path / "raw").glob("*.tar")) == ["000000.tar", "000001.tar", "000002.tar"]
     with tarfile.open(tmp_path / "raw" / "000000.tar") as tar:
         assert all(m.mtime == 0 for m in tar.getmembers())
+
+
+# ------------------------------------------------------------------------------ review fixes
+class _FakeResponse:
+    def __init__(self, body: bytes, length: int | None = None):
+        self._body, self.headers, self.closed = body, {}, False
+        if length is not None:
+            self.headers["Content-Length"] = str(length)
+
+    def read(self, amt=None):
+        amt = len(self._body) if amt is None else amt
+        out, self._body = self._body[:amt], self._body[amt:]
+        return out
+
+    def close(self):
+        self.closed = True
+
+
+def test_byte_cap_counts_partial_reads_too():
+    r = net.CappedResponse(_FakeResponse(b"x" * 100), max_bytes=50)
+    assert r.read(40) == b"x" * 40
+    with pytest.raises(net.DownloadRefused, match="while streaming"):
+        r.read(40)
+    r = net.CappedResponse(_FakeResponse(b"x" * 30, length=60), max_bytes=None)
+    assert r.read(10) == b"x" * 10
+    with pytest.raises(net.DownloadRefused, match="after 30 of 60 bytes"):
+        r.read()
+
+
+def test_user_agent_token_from_any_user_agent(tmp_path):
+    from pipeline.config import build_config
+    from pipeline.stages.download import DownloadConfig, DownloadStage
+
+    for agent, token in (("/odd", None), ("  ", None), ("MyBot/2.0 (+https://x.org)", "mybot")):
+        cfg = build_config(DownloadConfig, {"urls": "u.txt", "out": str(tmp_path), "user_agent": agent})
+        assert DownloadStage(cfg).settings().user_agent_token == token
+
+
+def test_unreadable_url_list_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "urls.parquet"
+    bad.write_bytes(b"this is not parquet at all")
+    assert prx_data(["download", "--urls", str(bad), "--out", str(tmp_path / "raw"), *BASE]) == 2
+    assert "cannot be read as parquet" in capsys.readouterr().err
+    jsonl = tmp_path / "urls.jsonl"
+    jsonl.write_text('{"url": "http://a/1.jpg"}\n{"url": \n')
+    assert prx_data(["download", "--urls", str(jsonl), "--out", str(tmp_path / "raw2"), *BASE]) == 2
+    assert "cannot be read as jsonl" in capsys.readouterr().err
+
+
+def test_compressed_list_suffix_is_case_insensitive(tmp_path):
+    import gzip
+
+    from pipeline.download.urllist import read_rows
+
+    path = tmp_path / "LIST.TXT.GZ"
+    path.write_bytes(gzip.compress(b"http://a.example/1.jpg\nhttp://a.example/2.jpg\n"))
+    assert [r.url for r in read_rows(str(path))] == ["http://a.example/1.jpg", "http://a.example/2.jpg"]
+
+
+def test_image_server_stops_without_starting():
+    from pipeline.download.serve import ImageServer
+
+    ImageServer().stop()  # used to wait forever in shutdown()

@@ -215,8 +215,10 @@ def test_rerun_reuses_stored_scores(raw, tmp_path, tiny_model):
     assert main(["filter", "--in", str(first), "--out", str(third), "--clip-model", model, "--rescore", *COMMON]) == 0
     assert json.loads((third / "_plan.json").read_text())["scores_computed"] == 11
     # same folder, same config: a resume does nothing new
+    written = {p.name: p.stat().st_mtime_ns for p in second.glob("*.*") if p.suffix in (".tar", ".parquet")}
     assert main(["filter", "--in", str(first), "--out", str(second), "--clip-model", model,
                  "--keep-top", "0.5", *COMMON]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in second.glob("*.*") if p.suffix in (".tar", ".parquet")} == written
 
 
 def test_image_and_caption_checks_with_rejected_shards(tmp_path, photos):
@@ -283,3 +285,14 @@ def test_laion_heads(raw, tmp_path, tiny_model, capsys):
     assert len(values) == 11
     for r, v in zip(table, values):
         assert (r["reason"] == "aesthetic_below_threshold") == (v < 0), r
+
+
+def test_bad_settings_are_clear_errors(raw, tmp_path, tiny_model, capsys):
+    out = tmp_path / "f"
+    # 0 probes would compare nothing: semantic dedup silently off
+    assert main(["filter", "--in", str(raw), "--out", str(out), "--clip-model", tiny_model("tiny-clip"),
+                 "--dedup", "semantic", "--semantic-probes", "0", *COMMON]) == 2
+    assert "--semantic-probes" in capsys.readouterr().err
+    # a language name instead of a code would reject every caption
+    assert main(["filter", "--in", str(raw), "--out", str(out), "--languages", "english", *COMMON]) == 2
+    assert "english" in capsys.readouterr().err

@@ -10,8 +10,8 @@ into a temporary folder. Two hooks, both public parameters of img2dataset's clas
   error with a `[prx:CODE:KEY]` marker;
 - urllib's opener (`pipeline.download.net.installed`) adds the user agent, byte cap and address guard.
 
-With `resize_mode="no"` img2dataset runs with `disable_all_reencoding=True`: the bytes it hands back are the
-bytes the server sent.
+With `resize_mode="no"` img2dataset's own Resizer is not used at all (the validating hook returns the
+downloaded bytes untouched): the bytes it hands back are the bytes the server sent.
 """
 from __future__ import annotations
 

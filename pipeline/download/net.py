@@ -9,8 +9,8 @@ error strings). The opener adds:
 - a byte cap enforced while streaming (Content-Length checked first, then the body counted as it arrives);
 - a truncated-body check (the connection closed before the announced Content-Length arrived);
 - the private-address guard: every connection, the first and every redirect hop, resolves the host itself,
-  refuses private, loopback, link-local, shared (CGNAT), multicast and reserved addresses before connecting,
-  and checks the connected socket's peer address again, unless private networks are allowed;
+  refuses private, loopback, link-local, site-local, shared (CGNAT), multicast and reserved addresses before
+  connecting, and checks the connected socket's peer address again, unless private networks are allowed;
 - only http and https (no file:, ftp: or data: handlers, so a URL list cannot read local files).
 
 Our own failures are raised with a `[prx:CODE]` marker, which survives img2dataset's `str(err)`, so
@@ -59,8 +59,8 @@ def address_blocked(ip: str) -> str | None:
         mapped = addr.ipv4_mapped or addr.sixtofour
         if mapped is not None:
             addr = mapped
-    for name in ("loopback", "link_local", "private", "multicast", "unspecified", "reserved"):
-        if getattr(addr, f"is_{name}"):
+    for name in ("loopback", "link_local", "site_local", "private", "multicast", "unspecified", "reserved"):
+        if getattr(addr, f"is_{name}", False):  # site_local: IPv6 fec0::/10 only
             return name.replace("_", "-")
     if isinstance(addr, ipaddress.IPv4Address) and addr in _SHARED:
         return "shared (CGNAT)"
@@ -126,6 +126,7 @@ class CappedResponse:
     def __init__(self, response, max_bytes: int | None):
         self._r = response
         self._max = max_bytes
+        self._total = 0  # body bytes read so far, all reads together
         self.headers = response.headers
 
     def __getattr__(self, name):
@@ -138,26 +139,32 @@ class CappedResponse:
         self._r.close()
         return False
 
+    def _count(self, n: int) -> None:
+        self._total += n
+        if self._max and self._total > self._max:
+            self._r.close()
+            raise DownloadRefused("too_large", f"body passed {self._max} bytes while streaming")
+
     def read(self, amt: int | None = None) -> bytes:
-        if amt is not None:
-            return self._r.read(amt)
+        if amt is not None:  # partial reads count towards the cap too
+            chunk = self._r.read(amt)
+            self._count(len(chunk))
+            return chunk
         announced = self._r.headers.get("Content-Length")
         try:
             expected = int(announced) if announced is not None else None
         except ValueError:
             expected = None
-        parts, total = [], 0
+        parts = []
         while True:
             chunk = self._r.read(CHUNK)
             if not chunk:
                 break
-            total += len(chunk)
-            if self._max and total > self._max:
-                self._r.close()
-                raise DownloadRefused("too_large", f"body passed {self._max} bytes while streaming")
+            self._count(len(chunk))
             parts.append(chunk)
-        if expected is not None and total < expected:
-            raise DownloadRefused("incomplete_body", f"connection closed after {total} of {expected} bytes")
+        if expected is not None and self._total < expected:
+            raise DownloadRefused("incomplete_body",
+                                  f"connection closed after {self._total} of {expected} bytes")
         return b"".join(parts)
 
 

@@ -135,7 +135,9 @@ class ImageServer:
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        if self._thread is not None:  # shutdown() waits forever on a server that never served
+            self.httpd.shutdown()
+            self._thread = None
         self.httpd.server_close()
 
     def __enter__(self) -> "ImageServer":

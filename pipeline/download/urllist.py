@@ -39,11 +39,16 @@ def read_table(path: str, fmt: str = "auto") -> pa.Table:
         raise UrlListError(f"unknown URL list format {fmt!r}; use one of {', '.join(FORMATS[1:])}")
     with fs.open_file(path, "rb") as fh:
         data = fh.read()
-    if path.endswith((".gz", ".zst", ".bz2")) and fmt != "parquet":
-        import pyarrow as _pa
+    try:
+        return _parse(data, fmt, posixpath.basename(str(path)).lower().rsplit(".", 1)[-1])
+    except pa.ArrowException as exc:  # malformed list, wrong format, bad compression: a clear error
+        raise UrlListError(f"{path}: cannot be read as {fmt}: {exc}") from exc
 
-        codec = {"gz": "gzip", "zst": "zstd", "bz2": "bz2"}[path.rsplit(".", 1)[-1]]
-        data = _pa.CompressedInputStream(_pa.BufferReader(data), codec).read()
+
+def _parse(data: bytes, fmt: str, suffix: str) -> pa.Table:
+    codec = {"gz": "gzip", "zst": "zstd", "bz2": "bz2"}.get(suffix)
+    if codec and fmt != "parquet":
+        data = pa.CompressedInputStream(pa.BufferReader(data), codec).read()
     if fmt == "parquet":
         import pyarrow.parquet as pq
 

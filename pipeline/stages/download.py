@@ -152,7 +152,8 @@ class DownloadStage(Stage):
 
     def settings(self) -> engine.EngineSettings:
         cfg = self.cfg
-        token = cfg.user_agent.split("/", 1)[0].split()[0].lower() if cfg.user_agent.strip() else None
+        product = cfg.user_agent.split("/", 1)[0].split()  # "name/1.0 (...)" -> X-Robots-Tag token "name"
+        token = product[0].lower() if product else None
         return engine.EngineSettings(
             threads=cfg.threads, timeout=cfg.timeout, retries=cfg.retries, shard_size=cfg.shard_size,
             resize_mode=cfg.resize_mode, image_size=cfg.image_size, encode_format=cfg.encode_format,

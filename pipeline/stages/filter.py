@@ -166,6 +166,8 @@ class FilterStage(GlobalStage):
             raise StageError("--phash-distance must be in 0..32 bits")
         if c.batch_size < 1 or c.decode_threads < 1:
             raise StageError("--batch-size and --decode-threads must be at least 1")
+        if c.semantic_probes < 1:  # 0 probes would compare nothing: semantic dedup silently off
+            raise StageError("--semantic-probes must be at least 1")
         try:
             if c.min_aesthetic is not None:
                 lh.load_head(c.aesthetic_weights, "aesthetic", "--aesthetic-weights")
@@ -179,6 +181,16 @@ class FilterStage(GlobalStage):
 
             if not language_available():
                 raise StageError("--languages needs lingua-language-detector (a dependency: reinstall prx)")
+            from lingua import IsoCode639_1
+
+            unknown = []
+            for code in c.languages:
+                try:
+                    IsoCode639_1.from_str(code.lower())
+                except ValueError:
+                    unknown.append(code)
+            if unknown:  # else every caption would be rejected as caption_language
+                raise StageError(f"--languages: unknown ISO 639-1 code(s) {unknown}; use two-letter codes like en,de")
         if spec is not None and (self.head("aesthetic") or self.head("nsfw")):
             import open_clip
 
