@@ -208,3 +208,13 @@ def test_side_by_side_and_by(crafted):
     r = json.loads(out.read_text())
     f = group(r, "original")
     assert f["count"] == 8 and f["exact_dup"]["count"] == 3   # "a red car" x4: 3 copies
+
+
+def test_non_finite_clip_scores_are_not_scores(tmp_path):
+    folder = tmp_path / "nan"
+    write_folder(folder, [[("a red car", None, "car", float("nan")), ("a blue car", None, "car", 0.5),
+                           ("a green car", None, "car", True)]], "s")
+    out = tmp_path / "nan.json"
+    assert audit([str(folder), "--executor", "local", "--no-progress", "--json", str(out)]) == 0
+    c = group(json.loads(out.read_text()), "s/original")["clip"][CLIP]
+    assert c["n"] == 1 and c["mean"] == pytest.approx(0.5)

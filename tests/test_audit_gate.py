@@ -78,3 +78,11 @@ def test_exit_codes(tmp_path, capsys):
     assert audit(base + ["--fail-on", "nosuch.words.mean > 1"]) == 1
     assert "no group matches 'nosuch'" in capsys.readouterr().err
     assert audit(base + ["--fail-on", "words.mean >> 1"]) == 2
+
+
+def test_empty_names_are_refused_and_spaces_stripped():
+    for bad in (".words.mean < 3", "long..words.mean < 3", "long.words. < 3"):
+        with pytest.raises(GateError):
+            parse_rules(bad)
+    assert parse_rules("long . words.mean<100")[0].qualifier == "long"
+    assert failing("long . words.mean<100") == {"long . words.mean<100": ["coco/long"]}

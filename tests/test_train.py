@@ -293,3 +293,17 @@ def test_x_prediction_and_shift_train(encoded, tmp_path):
 
     out = run(cfg_for(encoded, tmp_path, steps=3, prediction="x", shift=3.0, caption_dropout=1.0))
     assert len(out["losses"]) == 3 and all(l == l and l < 1e4 for l in out["losses"])
+
+
+def test_no_usable_caption_variant_stops_instead_of_spinning(encoded, tmp_path):
+    from pipeline.config import ConfigError
+    from trainer.config import load_mixture
+
+    loader = loader_for(encoded, [("a", 1.0)], captions={"medium": 1.0})   # no sample has it
+    loader.MAX_SKIPPED = 50
+    with pytest.raises(DataError, match="medium"):
+        loader.next_batch()
+    mix = tmp_path / "zero.yaml"
+    mix.write_text(f"sources:\n  a: {{shards: {encoded['a']}}}\ncaptions: {{long: 0}}\n")
+    with pytest.raises(ConfigError, match="positive sum"):
+        load_mixture(TrainConfig(model="tiny", mix=str(mix)))

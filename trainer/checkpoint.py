@@ -87,7 +87,7 @@ def rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
 def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
     generator.set_state(tensors["objective"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 

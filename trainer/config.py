@@ -187,6 +187,6 @@ def load_mixture(cfg: TrainConfig) -> Mixture:
         raise ConfigError(f"source weights must be >= 0 with a positive sum: {[(s.name, s.weight) for s in sources]}")
     if cfg.caption:
         captions = dict(cfg.caption)
-    if any(w < 0 for w in captions.values()):
-        raise ConfigError(f"caption weights must be >= 0: {captions}")
+    if any(w < 0 for w in captions.values()) or (captions and sum(captions.values()) <= 0):
+        raise ConfigError(f"caption weights must be >= 0 with a positive sum: {captions}")
     return Mixture(sources, captions, resolution)

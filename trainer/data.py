@@ -263,6 +263,8 @@ def pad_embedding(emb: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.T
 class MixtureLoader:
     """Batches of (x0, padded embedding, mask) from weighted sources; iterate it, save `state()`."""
 
+    MAX_SKIPPED = 10_000  # consecutive draws with none of the asked caption variants: stop instead of spinning
+
     def __init__(self, spec: DataSpec, batch_size: int, seed: int = 0, rank: int = 0, text_max_length: int = 256,
                  shuffle_window: int = 64, max_wait_batches: int = 64):
         self.spec, self.batch_size, self.seed, self.rank = spec, batch_size, seed, rank
@@ -341,6 +343,7 @@ class MixtureLoader:
         return [it for items in self.buckets.values() for it in items]
 
     def next_batch(self) -> Batch:
+        skipped = 0  # consecutive draws without a usable caption variant
         while True:
             pending = self._pending()
             if pending and self.n - min(it.draw for it in pending) > self.max_wait:
@@ -351,7 +354,13 @@ class MixtureLoader:
             item = self._draw(d)
             self.n += 1
             if item is None:
+                skipped += 1
+                if skipped >= self.MAX_SKIPPED:
+                    raise DataError(f"none of the last {skipped} samples drawn has an embedding for the caption "
+                                    f"variants asked for ({self.spec.captions}): check --caption / the mixture's "
+                                    "`captions` against the variants `prx-data encode` wrote")
                 continue
+            skipped = 0
             shape = tuple(item.mean.shape)
             self.buckets.setdefault(shape, []).append(item)
             if len(self.buckets[shape]) >= self.batch_size:

@@ -151,7 +151,8 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
 
     empty_emb, empty_mask, _ = _pad(spec.empty_prompt, cfg.text_max_length)
     peak = metrics.device_peak_flops(device, cfg.peak_tflops)
-    meter = metrics.Meter(cfg.rate_window, peak)
+    # the meter sees every rank's FLOPs (flops * world below), so MFU divides by every rank's peak
+    meter = metrics.Meter(cfg.rate_window, peak * world if peak else None)
     mcfg = dict(model.config)
     tb = _tensorboard(run_dir) if (cfg.tensorboard and rank == 0) else None
     eval_set = make_eval_batch(spec, cfg, oc) if cfg.eval_every > 0 else None
@@ -216,7 +217,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
                     _tb_write(tb, done, values, counts, evals)
                 meter.reset()
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                _save(run_dir, done, rank, world, model, optimizer, generator, prefetch, cfg, chash, world)
+                _save(run_dir, done, rank, world, model, optimizer, generator, prefetch, cfg, chash)
             if on_step is not None:
                 on_step(done, {"loss": step_loss, "grad_norm": grad_norm, "lr": lr})
     finally:
@@ -246,7 +247,7 @@ def _count_summary(counts: dict) -> dict[str, str]:
     return out
 
 
-def _save(run_dir, step, rank, world, model, optimizer, generator, prefetch, cfg, chash, world_size):
+def _save(run_dir, step, rank, world, model, optimizer, generator, prefetch, cfg, chash):
     tmp = checkpoint.tmp_dir(run_dir, step)
     if rank == 0:
         os.makedirs(tmp, exist_ok=True)
@@ -254,7 +255,7 @@ def _save(run_dir, step, rank, world, model, optimizer, generator, prefetch, cfg
     checkpoint.write_rank_files(tmp, rank, generator, prefetch.state())
     _barrier(world)
     if rank == 0:
-        checkpoint.write_main(tmp, model, optimizer, {"step": step, "world_size": world_size, "config_hash": chash,
+        checkpoint.write_main(tmp, model, optimizer, {"step": step, "world_size": world, "config_hash": chash,
                                                       "config": json.loads(json.dumps(content_fields(cfg), default=str)),
                                                       "time": time.time()})
         path = checkpoint.publish(run_dir, step, cfg.keep_checkpoints)

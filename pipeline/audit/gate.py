@@ -66,7 +66,10 @@ def parse_rules(text: str | None) -> list[Rule]:
         m = RULE_RE.match(part)
         if not m:
             raise GateError(f"cannot parse rule {part.strip()!r}: expected [source.][variant.]metric[.stat] OP number")
-        parts = m.group("lhs").strip().split(".")
+        parts = [x.strip() for x in m.group("lhs").split(".")]
+        if not all(parts):
+            raise GateError(f"rule {part.strip()!r}: empty name between dots; expected "
+                            "[source.][variant.]metric[.stat] OP number")
         metric = stat = None
         if len(parts) >= 2 and parts[-2] in METRICS and parts[-1] in METRICS[parts[-2]][1]:
             metric, stat, qual = parts[-2], parts[-1], parts[:-2]
@@ -79,7 +82,7 @@ def parse_rules(text: str | None) -> list[Rule]:
     return rules
 
 
-def _matches(qualifier: str, source: str, variant: str, sources: set[str], variants: set[str]) -> bool:
+def _matches(qualifier: str, source: str, variant: str) -> bool:
     if not qualifier:
         return True
     if qualifier == source or qualifier == variant:
@@ -115,7 +118,7 @@ def evaluate(rules: list[Rule], groups: list[dict[str, Any]]) -> list[dict[str, 
     variants = {g["variant"] for g in groups}
     results = []
     for rule in rules:
-        matched = [g for g in groups if _matches(rule.qualifier, g["source"], g["variant"], sources, variants)]
+        matched = [g for g in groups if _matches(rule.qualifier, g["source"], g["variant"])]
         failures = []
         if not matched:
             failures.append({"group": rule.qualifier or "*", "value": None,

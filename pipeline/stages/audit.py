@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import posixpath
 import shutil
@@ -202,7 +203,8 @@ class AuditStage(Stage):
             source = str(meta.get("source") or "(none)")
             samples[source] += 1
             scores = meta.get("scores") if isinstance(meta.get("scores"), dict) else {}
-            clip = {k: v for k, v in scores.items() if k.startswith("clip:") and isinstance(v, (int, float))}
+            clip = {k: v for k, v in scores.items() if k.startswith("clip:") and isinstance(v, (int, float))
+                    and not isinstance(v, bool) and math.isfinite(v)}  # json allows NaN/Infinity: not a score
             captions = meta.get("captions") if isinstance(meta.get("captions"), dict) else {}
             for member in sorted(item.members):
                 if member == "txt":
