@@ -14,6 +14,9 @@ from typing import Any
 PIXELS_PER_VISION_TOKEN = 28 * 28
 DEFAULT_MAX_PIXELS = 1024 * PIXELS_PER_VISION_TOKEN   # 802,816 pixels ~ 1024 vision tokens
 DEFAULT_MIN_PIXELS = 4 * PIXELS_PER_VISION_TOKEN      # the processor's own floor (56x56)
+# The Qwen-VL image processors (transformers' smart_resize, which vLLM also runs) raise on a longer/shorter side
+# ratio above 200, failing the whole request list: such images must be refused before they reach a backend.
+MAX_ASPECT_RATIO = 200
 
 
 @dataclass
@@ -24,7 +27,6 @@ class Request:
     seed: int
     variant: str = ""          # caption variant name (long, short, ...), informational
     key: str = ""              # sample key, informational (logging, fakes)
-    tag: Any = None            # opaque to the backend (the stage's job handle)
 
 
 @dataclass

@@ -135,10 +135,11 @@ def _chosen_logprobs(logits: tuple, tokens):
     """Raw-model log-probabilities (before sampling processors) of the tokens generated, batch x steps."""
     import torch
 
-    stacked = torch.stack([lg.float() for lg in logits], dim=1)  # batch x steps x vocab
-    lp = torch.log_softmax(stacked, dim=-1)
-    steps = min(lp.shape[1], tokens.shape[1])
-    return lp[:, :steps].gather(-1, tokens[:, :steps].unsqueeze(-1)).squeeze(-1).cpu()
+    # step by step: stacking batch x steps x vocab in float32 would cost GBs at Qwen's 152k vocabulary
+    steps = min(len(logits), tokens.shape[1])
+    cols = [torch.log_softmax(logits[t].float(), dim=-1).gather(-1, tokens[:, t:t + 1].to(logits[t].device))
+            for t in range(steps)]
+    return torch.cat(cols, dim=1).cpu()
 
 
 def _as_list(x) -> list[int]:

@@ -223,3 +223,17 @@ def test_transformers_backend_generates_with_our_sampling(hf_backend, photos):
         assert g.mean_logprob is not None and g.mean_logprob < 0
     again = b.generate(reqs)
     assert [g.text for g in again] == [g.text for g in gens]  # same seeds, same captions
+
+
+def test_chosen_logprobs_match_a_full_log_softmax():
+    import torch
+
+    from captioners.hf import _chosen_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    logits = tuple(torch.randn(3, 11, generator=g) for _ in range(5))
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    full = torch.log_softmax(torch.stack(logits, dim=1), dim=-1)
+    want = full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(_chosen_logprobs(logits, tokens), want)
+    assert _chosen_logprobs(logits, tokens[:, :3]).shape == (3, 3)

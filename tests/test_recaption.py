@@ -166,6 +166,36 @@ def test_all_variants_fail_is_rejected(raw, tmp_path, inject):
     assert all("long: caption_refusal" in r["detail"] and "short: caption_refusal" in r["detail"] for r in rs)
 
 
+def test_extreme_aspect_ratio_is_a_ledger_row_not_a_crash(tmp_path, photo_folder, inject):
+    """Qwen-VL processors raise on a side ratio above 200, failing the whole request list: the stage refuses
+    such an image itself, with a ledger row, and captions the rest."""
+    from PIL import Image
+
+    from captioners.base import MAX_ASPECT_RATIO
+
+    Image.new("RGB", (2400, 8), (200, 30, 30)).save(photo_folder / "banner.png")
+    raw = tmp_path / "raw"
+    assert prx_data(["ingest", "--in", str(photo_folder), "--out", str(raw), "--executor", "local",
+                     "--no-progress"]) == 0
+
+    class ProcessorLike(ScriptedBackend):
+        def generate(self, requests):
+            for r in requests:
+                w, h = r.image.size
+                if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+                    raise ValueError("absolute aspect ratio must be smaller than 200")
+            return super().generate(requests)
+
+    out = tmp_path / "cap"
+    assert run_recaption(raw, out, "--backend", inject(ProcessorLike()), "--relax-checks", "language") == 0
+    rs = rows(out)
+    assert len(rs) == len(samples(raw))
+    bad = [r for r in rs if r["outcome"] != "kept"]
+    assert [(r["reason"], r["outcome"]) for r in bad] == [("vlm_aspect_ratio", "rejected")]
+    assert "2400x8" in bad[0]["detail"]
+    assert len(samples(out)) == len(rs) - 1
+
+
 def test_language_check_that_cannot_run_stops_the_stage(raw, tmp_path, inject, monkeypatch):
     import filters.language
 
@@ -184,6 +214,8 @@ def test_bad_options_are_refused(raw, tmp_path, capsys):
     assert "not one of" in capsys.readouterr().err
     assert run_recaption(raw, tmp_path / "c", "--backend", "fake", "--variants", "haiku") == 2
     assert "no prompt" in capsys.readouterr().err
+    assert run_recaption(raw, tmp_path / "d", "--backend", "fake", "--max-new-tokens", "short=0") == 2
+    assert "at least 1" in capsys.readouterr().err
 
 
 def _cli(args, env_extra, **kw):

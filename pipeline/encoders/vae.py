@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.models import GATED_HELP, ModelSpec, import_class, resolve
+from pipeline.models import GATED_HELP, ModelSpec, resolve
 from pipeline.stage import StageError
 
 DEFAULT_CLASS = "diffusers.AutoencoderKL"
@@ -78,15 +78,10 @@ class VAE:
 def load_vae(name: str, device: str = "cpu", bf16: bool = False) -> VAE:
     import torch
 
+    from pipeline.models import from_pretrained
+
     spec = vae_spec(name)
-    cfg = load_config(spec)
-    klass = import_class(DEFAULT_CLASS)
-    try:
-        model = klass.from_pretrained(spec.id, **spec.load_kwargs(), torch_dtype=torch.float32,
-                                      low_cpu_mem_usage=False)
-    except OSError as exc:
-        if spec.gated or "gated" in str(exc).lower() or "401" in str(exc):
-            raise StageError(GATED_HELP.format(id=spec.id) + f" (original error: {exc})") from exc
-        raise
+    cfg = load_config(spec)  # refuses other classes, and says how to get access to a gated repo
+    model = from_pretrained(spec, DEFAULT_CLASS, torch_dtype=torch.float32, low_cpu_mem_usage=False)
     model.requires_grad_(False).eval().to(device)
     return VAE(model, spec, vae_info(spec, cfg), device, bf16)

@@ -27,7 +27,7 @@ from captioners import factory_token, known_backend, make_backend, resolve_backe
 from captioners import prompts as prompts_mod
 from captioners import sampling as sampling_mod
 from captioners import variants as variants_mod
-from captioners.base import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Request
+from captioners.base import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, MAX_ASPECT_RATIO, Request
 from pipeline import fs, ledger
 from pipeline.config import CommonConfig, option
 from pipeline.images import DEFAULT_MAX_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
@@ -37,6 +37,9 @@ from pipeline.shards import BadMember, Problem, Sample, ShardWriter
 from pipeline.stage import MapStage, Result, StageError, Task, keep, reject
 
 ledger.register_reasons(checks_mod.REASONS)
+VLM_ASPECT_RATIO = "vlm_aspect_ratio"
+ledger.register_reasons({VLM_ASPECT_RATIO: (ledger.REJECTED, f"long/short side ratio above {MAX_ASPECT_RATIO}, "
+                                                             "which the Qwen-VL image processors refuse")})
 
 CACHE_DIR = ".cache/recaption"
 
@@ -163,6 +166,9 @@ class RecaptionStage(MapStage):
         for name in list(bands) + list(budgets):
             if name not in cfg.variants:
                 raise StageError(f"{name!r} is not one of --variants {cfg.variants}")
+        for name, n in budgets.items():
+            if n < 1:
+                raise StageError(f"--max-new-tokens {name}={n}: must be at least 1")
         try:
             skip = frozenset(cfg.relax_checks)
             plans = {}
@@ -292,6 +298,9 @@ class RecaptionStage(MapStage):
             if w * h > budget:
                 scale = math.sqrt(budget / (w * h))
                 img = img.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.BICUBIC)
+            w, h = img.size  # judged on what the backend gets: rounding can push a ratio past the limit
+            if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+                raise ImageRejected(VLM_ASPECT_RATIO, f"{w}x{h} after the pixel budget")
             img.load()
             return img
         except ImageRejected as exc:
@@ -322,8 +331,8 @@ class RecaptionStage(MapStage):
         while jobs:
             reqs = [Request(image=j.image, prompt=plans[j.variant].prompt.text,
                             max_new_tokens=plans[j.variant].max_new_tokens,
-                            seed=derive_seed(self.cfg.seed, j.key, j.variant, attempt), variant=j.variant, key=j.key,
-                            tag=j) for j in jobs]
+                            seed=derive_seed(self.cfg.seed, j.key, j.variant, attempt), variant=j.variant, key=j.key)
+                for j in jobs]
             gens = backend.generate(reqs)
             if len(gens) != len(reqs):
                 raise RuntimeError(f"backend {backend.name} returned {len(gens)} generations for {len(reqs)} requests")
@@ -389,7 +398,7 @@ class RecaptionStage(MapStage):
         try:
             meta = sample.meta()
         except BadMember as exc:
-            return Result(sample, ledger.row(sample.key, sample.input_id, "bad_member", str(exc)))
+            return reject(sample, "bad_member", str(exc))
         ok = {v: r for v, r in recs.items() if r.get("ok")}
         failed = {v: r for v, r in recs.items() if not r.get("ok")}
         detail_failed = "; ".join(f"{v}: {r['reason']} after {r['tries']} tries ({r['detail']})"
