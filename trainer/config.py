@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ConfigError, build_config, option, read_yaml
+from trainer.objective import ObjectiveConfig as _OBJ  # the objective's defaults live once, there
 
 @dataclass
 class TrainConfig:
@@ -37,14 +38,14 @@ class TrainConfig:
     compile: bool = option(False, runtime=True, help="torch.compile the denoiser")
     gradient_checkpointing: bool = option(False, runtime=True, help="recompute block activations in backward")
     # --- objective
-    prediction: str = option("v", choices=["v", "x"],
+    prediction: str = option(_OBJ.prediction, choices=["v", "x"],
                              help="v: the model predicts eps - x0; x: it predicts x0, loss in v-space via (x_t - x)/max(t, t_min)")
-    x_pred_t_min: float = option(0.05, help="clamp of t in the x-prediction velocity (x_t - x)/max(t, t_min)")
-    logit_mean: float = option(0.0, help="timestep sampling: t = sigmoid(N(logit_mean, logit_std))")
-    logit_std: float = option(1.0, help="timestep sampling: std of the logit-normal")
-    uniform_fraction: float = option(0.1, help="fraction of timesteps drawn uniformly on [0, 1] instead")
-    shift: float = option(1.0, help="timestep shift s: t' = s t / (1 + (s - 1) t); 1 = none")
-    caption_dropout: float = option(0.1, help="probability of training on the empty prompt (its embedding and mask)")
+    x_pred_t_min: float = option(_OBJ.x_pred_t_min, help="clamp of t in the x-prediction velocity (x_t - x)/max(t, t_min)")
+    logit_mean: float = option(_OBJ.logit_mean, help="timestep sampling: t = sigmoid(N(logit_mean, logit_std))")
+    logit_std: float = option(_OBJ.logit_std, help="timestep sampling: std of the logit-normal")
+    uniform_fraction: float = option(_OBJ.uniform_fraction, help="fraction of timesteps drawn uniformly on [0, 1] instead")
+    shift: float = option(_OBJ.shift, help="timestep shift s: t' = s t / (1 + (s - 1) t); 1 = none")
+    caption_dropout: float = option(_OBJ.caption_dropout, help="probability of training on the empty prompt (its embedding and mask)")
     # --- optimisation
     steps: int = option(1000, help="optimizer steps")
     batch_size: int = option(32, help="samples per micro-batch per process")

@@ -34,6 +34,9 @@ DIMENSIONS = ("dataset", "source", "variant")
 ALL = "*"
 
 
+_P = AuditParams  # the figures' parameters and their defaults live once, in pipeline/audit/stats.py
+
+
 @dataclass
 class AuditConfig(CommonConfig):
     dirs: list[str] = option(default_factory=list, help="shard folders to audit (also positional DIR ...; --in adds one)")
@@ -47,19 +50,21 @@ class AuditConfig(CommonConfig):
     fail_on: str | None = option(None, runtime=True,
                                  help="comma-separated rules '[source.][variant.]metric[.stat] OP number'; "
                                       "exit 1 listing failing rules and groups")
-    language: str = option("en", help="expected caption language (ISO 639-1) for the wrong-language rate")
-    language_min_confidence: float = option(0.5, help="detections below this confidence count as undetermined")
-    language_sample: int = option(200, help="detect the language of the first N non-empty captions per shard and "
+    language: str = option(_P.language, help="expected caption language (ISO 639-1) for the wrong-language rate")
+    language_min_confidence: float = option(_P.language_min_confidence,
+                                            help="detections below this confidence count as undetermined")
+    language_sample: int = option(_P.language_sample, help="detect the language of the first N non-empty captions per shard and "
                                                "group (0: all); the JSON says how many were checked")
-    near_threshold: float = option(0.8, help="MinHash LSH Jaccard threshold for near-duplicate captions")
-    num_perm: int = option(64, help="MinHash permutations")
-    shingle: int = option(3, help="word n-gram size of the MinHash shingles")
-    loop_repeats: int = option(3, help="a word n-gram repeated this many times back to back is a loop")
-    loop_max_n: int = option(8, help="longest n-gram checked for loops")
-    opening_words: int = option(3, help="words in an opening phrase")
-    top_k: int = option(10, help="opening phrases listed per group")
-    distinct_cap: int = option(1 << 20, help="distinct n-grams counted exactly per group and n; beyond, HyperLogLog")
-    openings_capacity: int = option(10_000, help="opening phrases tracked per group (Misra-Gries beyond)")
+    near_threshold: float = option(_P.near_threshold, help="MinHash LSH Jaccard threshold for near-duplicate captions")
+    num_perm: int = option(_P.num_perm, help="MinHash permutations")
+    shingle: int = option(_P.shingle, help="word n-gram size of the MinHash shingles")
+    loop_repeats: int = option(_P.loop_repeats, help="a word n-gram repeated this many times back to back is a loop")
+    loop_max_n: int = option(_P.loop_max_n, help="longest n-gram checked for loops")
+    opening_words: int = option(_P.opening_words, help="words in an opening phrase")
+    top_k: int = option(_P.top_k, help="opening phrases listed per group")
+    distinct_cap: int = option(_P.distinct_cap,
+                               help="distinct n-grams counted exactly per group and n; beyond, HyperLogLog")
+    openings_capacity: int = option(_P.openings_capacity, help="opening phrases tracked per group (Misra-Gries beyond)")
 
 
 def params_of(cfg: AuditConfig, token_limit: int | None = None) -> AuditParams:
