@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
-    from pipeline.stage import StageError
+    from pipeline.errors import StageError
 
     parser = build_parser()
     args = parser.parse_args(argv)

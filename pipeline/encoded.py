@@ -21,7 +21,8 @@ from typing import Any
 
 from pipeline import fs
 from pipeline.shards import BadMember, Sample
-from pipeline.stage import StageError, read_stage_json
+from pipeline.errors import StageError
+from pipeline.ledger import read_stage_json
 
 LATENT_MEMBER = "latent.safetensors"
 REPA_MEMBER = "repa.safetensors"

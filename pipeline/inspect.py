@@ -14,7 +14,7 @@ from pipeline import fs, ledger
 from pipeline.images import ImageRejected
 from pipeline.runner import tar_member_bytes
 from pipeline.shards import Sample, list_shards, read_shard
-from pipeline.stage import read_stage_json
+from pipeline.ledger import read_stage_json
 
 
 def folder_report(folder: str) -> dict[str, Any]:

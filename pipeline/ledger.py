@@ -143,3 +143,13 @@ def reason_table_markdown() -> str:
         if code:
             lines.append(f"| `{code}` | {outcome} | {meaning} |")
     return "\n".join(lines)
+
+
+def read_stage_json(folder: str) -> dict | None:
+    """A stage folder's `_stage.json` (None when there is none)."""
+    import json
+
+    path = fs.join(folder, "_stage.json")
+    if not fs.exists(path):
+        return None
+    return json.loads(fs.read_bytes(path).decode("utf-8"))

@@ -126,6 +126,44 @@ class BadMember(Exception):
     reason = "bad_member"
 
 
+# JSON members and sidecars: parsed only within these caps (env PRX_JSON_MAX_BYTES / PRX_JSON_MAX_DEPTH).
+JSON_MAX_BYTES = int(os.environ.get("PRX_JSON_MAX_BYTES", 1 << 20))
+JSON_MAX_DEPTH = int(os.environ.get("PRX_JSON_MAX_DEPTH", 64))
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest nesting of [ and { outside strings (without parsing, so a 100,000-deep file costs O(n))."""
+    import numpy as np
+
+    body = np.frombuffer(_JSON_STRING.sub(b'""', bytes(data)), dtype=np.uint8)
+    step = (np.isin(body, (ord("["), ord("{"))).astype(np.int32) - np.isin(body, (ord("]"), ord("}"))))
+    return int(np.cumsum(step).max()) if step.size else 0
+
+
+def parse_json(data: bytes, what: str = "json", max_bytes: int | None = None, max_depth: int | None = None) -> dict:
+    """A JSON object from bytes, or BadMember: over `max_bytes`, nested deeper than `max_depth`, not UTF-8,
+    not JSON, NaN/Infinity (which no JSON writer here may emit again), or not an object."""
+    max_bytes = JSON_MAX_BYTES if max_bytes is None else max_bytes
+    max_depth = JSON_MAX_DEPTH if max_depth is None else max_depth
+    if len(data) > max_bytes:
+        raise BadMember(f"{what}: {len(data):,} bytes, over the {max_bytes:,}-byte JSON cap (PRX_JSON_MAX_BYTES)")
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise BadMember(f"{what}: nested {depth} deep, over the JSON depth cap {max_depth} (PRX_JSON_MAX_DEPTH)")
+    try:
+        value = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BadMember(f"{what}: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadMember(f"{what}: expected an object, got {type(value).__name__}")
+    return value
+
+
 @dataclass
 class Sample:
     """A sample's raw member bytes. Decoding happens only through the methods below."""
@@ -148,13 +186,7 @@ class Sample:
     def meta(self) -> dict[str, Any]:
         if "json" not in self.members:
             return {}
-        try:
-            value = json.loads(self.members["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadMember(f"json: {exc}") from None
-        if not isinstance(value, dict):
-            raise BadMember(f"json: expected an object, got {type(value).__name__}")
-        return value
+        return parse_json(self.members["json"], "json")
 
     def text(self, name: str = "txt") -> str | None:
         data = self.members.get(name)

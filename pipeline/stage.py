@@ -17,13 +17,11 @@ from typing import Any, ClassVar, Iterator
 
 import pyarrow as pa
 
-from pipeline import fs, ledger
+from pipeline import ledger
 from pipeline.config import CommonConfig
+from pipeline.errors import StageError
+from pipeline.ledger import read_stage_json
 from pipeline.shards import Problem, Sample, ShardWriter, dumps_json, list_shards, read_shard, shard_index
-
-
-class StageError(RuntimeError):
-    """A stage cannot run as configured; the message names the fix."""
 
 
 @dataclass
@@ -232,11 +230,3 @@ class GlobalStage(MapStage):
     def set_plan(self, plan: dict[str, Any]) -> None:
         self.plan_data = plan
 
-
-def read_stage_json(folder: str) -> dict[str, Any] | None:
-    import json
-
-    path = fs.join(folder, "_stage.json")
-    if not fs.exists(path):
-        return None
-    return json.loads(fs.read_bytes(path).decode("utf-8"))

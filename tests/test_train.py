@@ -282,7 +282,7 @@ def test_ablation_overlays_change_one_thing():
 
 
 def test_mixture_resolution_must_match_the_encoding(encoded):
-    from pipeline.stage import StageError
+    from pipeline.errors import StageError
 
     with pytest.raises(StageError, match="resolution 128.*--resolution 256"):
         open_sources(Mixture([Source("a", encoded["a"], 1.0)], {}, resolution=256))

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.encoded import EncoderMismatch
-    from pipeline.stage import StageError
+    from pipeline.errors import StageError
     from trainer.data import DataError
     from trainer.model import PrecisionError
 

@@ -34,7 +34,7 @@ import torch
 
 from pipeline import encoded
 from pipeline.shards import BadMember, Problem, list_shards, read_shard
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 
 class DataError(RuntimeError):

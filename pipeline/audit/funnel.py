@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline import fs, ledger
-from pipeline.stage import read_stage_json
+from pipeline.ledger import read_stage_json
 
 
 def _folder_counts(folder: str) -> dict[str, Any]:

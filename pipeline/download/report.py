@@ -7,7 +7,8 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import fs, ledger
-from pipeline.stage import StageError, read_stage_json
+from pipeline.errors import StageError
+from pipeline.ledger import read_stage_json
 
 
 def _write_table(table: pa.Table, path: str) -> None:

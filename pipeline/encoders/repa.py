@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.models import ModelSpec, resolve
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 DEFAULT_CLASS = "transformers.Dinov2WithRegistersModel"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pipeline.models import GATED_HELP, ModelSpec, import_class, resolve
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 CLEANING = {
     "prx": "diffusers PRXPipeline TextPreprocessor.clean_text (the pipeline default, skip_text_cleaning=False)",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.models import GATED_HELP, ModelSpec, resolve
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 DEFAULT_CLASS = "diffusers.AutoencoderKL"
 UNSUPPORTED = {
