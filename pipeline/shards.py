@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import posixpath
 import re
@@ -353,19 +354,16 @@ def load_safetensors(buf: bytearray, what: str = "safetensors") -> dict:
         raise BadMember(f"{what}: __metadata__ is not a mapping of strings")
     entries = sorted(((name, *_tensor_entry(name, info, what)) for name, info in header.items()),
                      key=lambda e: (e[3], e[4]))
-    tensors, done, base = {}, 0, 8 + n
+    done, base = 0, 8 + n
     for name, dtype, shape, begin, end in entries:
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if begin != done or end - begin != numel * dtype.itemsize:
+        if begin != done or end - begin != math.prod(shape) * dtype.itemsize:
             raise BadMember(f"{what}: tensor {name!r}: data offsets [{begin}, {end}] do not fit its dtype and "
                             f"shape {shape}, or leave a gap or overlap")
         done = end
-        tensors[name] = _view(buf, base + begin, numel, dtype, shape)
     if base + done != len(buf):
-        raise BadMember(f"{what}: {len(buf) - base - done} bytes of data not covered by the header")
-    return tensors
+        raise BadMember(f"{what}: the header covers {done:,} bytes of data, the member has {len(buf) - base:,}")
+    return {name: _view(buf, base + begin, math.prod(shape), dtype, shape)
+            for name, dtype, shape, begin, end in entries}
 
 
 def _view(buf: bytearray, offset: int, numel: int, dtype, shape: list[int]):
