@@ -159,7 +159,8 @@ def parse_json(data: bytes, what: str = "json", max_bytes: int | None = None, ma
     max_depth = JSON_MAX_DEPTH if max_depth is None else max_depth
     if len(data) > max_bytes:
         raise BadMember(f"{what}: {len(data):,} bytes, over the {max_bytes:,}-byte JSON cap (PRX_JSON_MAX_BYTES)")
-    depth = json_depth(data)
+    bound = data.count(b"[") + data.count(b"{")  # depth can be no more than this: the exact count only if needed
+    depth = json_depth(data) if bound > max_depth else 0
     if depth > max_depth:
         raise BadMember(f"{what}: nested {depth} deep, over the JSON depth cap {max_depth} (PRX_JSON_MAX_DEPTH)")
     try:
@@ -348,7 +349,12 @@ def load_safetensors(buf: bytearray, what: str = "safetensors") -> dict:
     n = int.from_bytes(buf[:8], "little") if len(buf) >= 8 else -1
     if n < 0 or n > SAFETENSORS_MAX_HEADER or 8 + n > len(buf) or buf[8:9] != b"{":
         raise BadMember(f"{what}: not a safetensors blob (header length {n}, {len(buf)} bytes)")
-    header = parse_json(bytes(buf[8:8 + n]), what, max_bytes=SAFETENSORS_MAX_HEADER)
+    try:
+        header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BadMember(f"{what}: header: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadMember(f"{what}: header is not a JSON object")
     meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise BadMember(f"{what}: __metadata__ is not a mapping of strings")

@@ -514,3 +514,13 @@ def test_members_never_touched_are_never_read(tmp_path):
     assert read < wanted + 64 * 1024, f"read {read:,} bytes of a {size:,}-byte shard; needed {wanted:,}"
     assert read < size / 10
     assert [t[0, 0, 0].item() for t in latents] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_json_depth_cap_still_holds_with_the_quick_bound():
+    from pipeline.shards import JSON_MAX_DEPTH, parse_json
+
+    assert parse_json(b'{"a": "' + b"[" * 500 + b'"}') == {"a": "[" * 500}  # brackets in strings: not depth
+    deep = b'{"a": ' + b"[" * (JSON_MAX_DEPTH + 1) + b"]" * (JSON_MAX_DEPTH + 1) + b"}"
+    with pytest.raises(BadMember, match="depth cap"):
+        parse_json(deep)
+    assert parse_json(b'{"a": ' + b"[" * 10 + b"]" * 10 + b"}") == {"a": [[[[[[[[[[]]]]]]]]]]}
