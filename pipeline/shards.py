@@ -486,9 +486,13 @@ def read_shard(path: str, caps: MemberCaps | None = None) -> Iterator[Sample | P
     base = posixpath.basename(str(path))
     try:
         file = _indexable(path)
-        fh = _HeaderReader(file) if file is not None else fs.open_file(path, "rb")
+        plain = _plain_headers(file) if file is not None else None
+        fh = None if plain is not None else _HeaderReader(file) if file is not None else fs.open_file(path, "rb")
     except Exception as exc:  # noqa: BLE001
         yield Problem("", base, "read_error", f"{type(exc).__name__}: {exc}")
+        return
+    if plain is not None:
+        yield from _walk(plain, str(path), base, caps, file, None)
         return
     try:
         try:
@@ -496,10 +500,60 @@ def read_shard(path: str, caps: MemberCaps | None = None) -> Iterator[Sample | P
         except (tarfile.TarError, EOFError, OSError) as exc:
             yield Problem("", base, "truncated_tar", f"cannot open tar: {exc}")
             return
-        yield from _walk(tar, str(path), base, caps, file)
+        yield from _walk(tar, str(path), base, caps, file, tar)
     finally:
         if file is None:
             fh.close()
+
+
+@dataclass
+class _Plain:
+    """A plain regular-file header (what `_plain_headers` accepts), with the TarInfo methods `_walk` uses."""
+
+    name: str
+    size: int
+    offset_data: int
+    type = tarfile.REGTYPE
+
+    def isdir(self) -> bool:
+        return False
+
+    def isfile(self) -> bool:
+        return True
+
+    def issparse(self) -> bool:
+        return False
+
+
+_OCTAL = re.compile(rb" *[0-7]* *(?:\0|$)")  # a numeric header field tarfile reads as plain octal
+_NUMERIC_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337), (337, 345))
+
+
+def _plain_headers(file: _ShardFile) -> list[_Plain] | None:
+    """The headers of a shard made only of plain regular files (what ShardWriter and most webdataset
+    writers produce), parsed quickly; None as soon as anything else shows up (pax or GNU headers, links,
+    folders, prefixes, base-256 numbers, a bad checksum, truncation, trailing garbage), and then `tarfile`
+    walks the shard instead. What this accepts, tarfile reads the same (tests/test_reader.py)."""
+    out, offset, size = [], 0, file.size
+    while True:
+        if offset and size - offset < 512:  # tarfile ends quietly on a missing or short header (not at 0)
+            return out
+        block = os.pread(file.fd, 512, offset)
+        if len(block) < 512 or block[156:157] not in (b"0", b"\0") or block[345] or not block[0]:
+            return out if offset and block == bytes(512) else None  # a zero block ends the archive
+        values = []
+        for start, end in _NUMERIC_FIELDS:
+            if not _OCTAL.match(block, start, end):  # base-256, signs, garbage: tarfile decides
+                return None
+            values.append(int(block[start:end].split(b"\0", 1)[0].strip() or b"0", 8))
+        if values[5] != sum(block) - sum(block[148:156]) + 256:
+            return None
+        name = block[:100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+        member_size, data = values[3], offset + 512
+        offset = data + -(-member_size // 512) * 512
+        if name.endswith("/") or (member_size and size < offset):
+            return None
+        out.append(_Plain(name, member_size, data))
 
 
 def _refusal(info: tarfile.TarInfo, member: str, caps: MemberCaps) -> tuple[str, str] | None:
@@ -510,10 +564,11 @@ def _refusal(info: tarfile.TarInfo, member: str, caps: MemberCaps) -> tuple[str,
     return ("member_too_large", detail) if detail else None
 
 
-def _walk(tar: tarfile.TarFile, path: str, base: str, caps: MemberCaps,
-          file: _ShardFile | None) -> Iterator[Sample | Problem]:
-    """The samples of an opened tar: members in file order, grouped by key. With `file` (a local shard)
-    members are indexed (offset, size) and read later through `Members`; without, read now."""
+def _walk(headers, path: str, base: str, caps: MemberCaps, file: _ShardFile | None,
+          tar: tarfile.TarFile | None) -> Iterator[Sample | Problem]:
+    """The samples of a tar's headers (a TarFile, or `_plain_headers`): members in file order, grouped by
+    key. With `file` (a local shard) members are indexed (offset, size) and read later through `Members`;
+    without, they are read now from the streaming `tar`."""
     seen_keys: set[str] = set()
     key: str | None = None
     entries: dict[str, Any] = {}
@@ -531,7 +586,7 @@ def _walk(tar: tarfile.TarFile, path: str, base: str, caps: MemberCaps,
         return Sample(key, entries if file is None else Members(file, entries), path)
 
     try:
-        for info in tar:
+        for info in headers:
             split = _split_name(info.name)
             if split is None:
                 yield Problem("", f"{base}:{info.name}", "unsafe_member_name", info.name)

@@ -21,8 +21,8 @@ from safetensors.torch import save as st_save
 from pipeline import ledger
 from pipeline.cli import main as prx_data
 from pipeline.config import CommonConfig, ConfigError, build_config
-from pipeline.shards import (BadMember, MemberCaps, Members, Problem, Sample, ShardWriter, load_safetensors,
-                             read_shard)
+from pipeline.shards import (BadMember, MemberCaps, Members, Problem, Sample, ShardWriter, _plain_headers,
+                             _ShardFile, load_safetensors, read_shard)
 from pipeline.stage import MapStage, Task
 
 HUGE = 1 << 62
@@ -267,7 +267,7 @@ def test_same_as_old_reader_on_random_corruptions(tmp_path):
     """A few hundred seeds: identical samples (bytes) and Problems from the old reader, the indexed path
     and the streaming path; no exception escapes any of them."""
     bases = list(BASES.values()) + [HOSTILE["duplicates"], HOSTILE["links_devices"]]
-    kinds = set()
+    kinds, quick = set(), 0
     for seed in range(400):
         rng = np.random.default_rng(seed)
         data = corrupt(bases[seed % len(bases)], rng)
@@ -276,8 +276,24 @@ def test_same_as_old_reader_on_random_corruptions(tmp_path):
         assert indexed == old, f"seed {seed}"
         assert streamed == old, f"seed {seed}"
         kinds.update(t[3] if t[0] == "P" else "sample" for t in old)
+        quick += _plain_headers(_ShardFile(local)) is not None
         fsspec.filesystem("memory").rm(f"/reader-test/{seed}", recursive=True)
     assert {"sample", "truncated_tar", "duplicate_member", "unsafe_member_name", "not_a_regular_file"} <= kinds
+    assert 60 <= quick <= 340, quick  # both header passes (quick plain one, tarfile) were exercised
+
+
+def test_quick_header_pass_takes_plain_shards_only(tmp_path):
+    def quick(data):
+        return _plain_headers(_ShardFile(_write(tmp_path, "000000.tar", data)))
+
+    assert [h.name for h in quick(BASES["plain"])] == ["a.jpg", "a.txt", "a.json", "b.jpg", "b.txt",
+                                                      "c.latent.safetensors", "c.txt"]
+    assert quick(BASES["ustar"]) is not None
+    assert [h.name for h in quick(BASES["plain"][:2560])] == ["a.jpg", "a.txt"]  # cut at a header: as tarfile
+    for case in ("pax", "gnu_long"):
+        assert quick(BASES[case]) is None, case
+    for case in ("links_devices", "empty", "not_a_tar", "zeros", "truncated_at_boundary", "truncated_in_data"):
+        assert quick(HOSTILE[case]) is None, case
 
 
 def test_safetensors_parse_matches_the_library(tmp_path):
