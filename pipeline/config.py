@@ -54,7 +54,7 @@ class CommonConfig:
     max_member_bytes_image: int = option(64 << 20, help="largest image member read from a shard, in bytes")
     max_member_bytes_json: int = option(1 << 20, help="largest json member read from a shard, in bytes")
     max_member_bytes_text: int = option(1 << 20, help="largest text member (txt, caption_*.txt) read, in bytes")
-    max_member_bytes_tensors: int = option(1 << 30, help="largest safetensors member read from a shard, in bytes")
+    max_member_bytes_tensors: int = option(1 << 30, help="largest safetensors member read, in bytes")
     max_member_bytes_other: int = option(64 << 20, help="largest member of any other kind read, in bytes")
 
     def __post_init__(self):

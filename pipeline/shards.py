@@ -230,6 +230,8 @@ class _ShardFile:
         self.size = os.fstat(self.fd).st_size
 
     def read(self, offset: int, size: int, name: str = "") -> bytes:
+        if size >= 1 << 30:  # one pread returns at most ~2 GiB on Linux: fill a buffer in steps
+            return bytes(self.read_into(bytearray(size), offset, name))
         data = os.pread(self.fd, size, offset)
         if len(data) != size:
             raise OSError(f"{self.path}: member {name} short read ({len(data)} of {size} bytes): "
@@ -237,10 +239,13 @@ class _ShardFile:
         return data
 
     def read_into(self, buf: bytearray, offset: int, name: str = "") -> bytearray:
-        got = os.preadv(self.fd, [buf], offset)
-        if got != len(buf):
-            raise OSError(f"{self.path}: member {name} short read ({got} of {len(buf)} bytes): "
-                          "the shard changed while it was being read")
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{self.path}: member {name} short read ({done} of {len(buf)} bytes): "
+                              "the shard changed while it was being read")
+            done += got
         return buf
 
     def __del__(self):
