@@ -49,6 +49,19 @@ class CommonConfig:
     config: str | None = option(None, runtime=True, help="YAML file with any of these options; flags win")
     limit: int | None = option(None, help="process only the first N input samples (a dry run)")
     progress: bool = option(True, runtime=True, help="show a progress bar")
+    # per-member size caps of the shard reader (pipeline.shards.MemberCaps; docs/reader.md): a sample with a
+    # bigger member is one `member_too_large` ledger row and the member is never read
+    max_member_bytes_image: int = option(64 << 20, help="largest image member read from a shard, in bytes")
+    max_member_bytes_json: int = option(1 << 20, help="largest json member read from a shard, in bytes")
+    max_member_bytes_text: int = option(1 << 20, help="largest text member (txt, caption_*.txt) read, in bytes")
+    max_member_bytes_tensors: int = option(1 << 30, help="largest safetensors member read, in bytes")
+    max_member_bytes_other: int = option(64 << 20, help="largest member of any other kind read, in bytes")
+
+    def __post_init__(self):
+        for name in ("image", "json", "text", "tensors", "other"):
+            value = getattr(self, f"max_member_bytes_{name}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"--max-member-bytes-{name} must be a positive number of bytes, got {value!r}")
 
 
 def _flag_name(f: dataclasses.Field) -> str:

@@ -35,6 +35,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "truncated_tar": (FAILED, "tar ends in the middle of a member; later samples of that shard are lost"),
     "bad_member": (FAILED, "a known member (json, safetensors, ...) that does not parse or has wrong dtype/shape"),
     "not_a_regular_file": (FAILED, "tar member that is a link, device or folder"),
+    "member_too_large": (REJECTED, "tar member larger than its kind's cap (--max-member-bytes-KIND): never read"),
+    "sparse_member": (FAILED, "GNU/pax sparse tar member: refused, never expanded"),
     # download (img2dataset)
     "http_error": (FAILED, "HTTP error status other than those below"),
     "http_403": (FAILED, "HTTP 403 Forbidden"),

@@ -5,22 +5,29 @@ uid and gid 0, so a rerun over the same input is byte-identical; written under a
 renamed when complete; the shard's ledger parquet is renamed into place *before* the tar, so a tar
 that exists always has its ledger.
 
-Reader: reads raw bytes with `tarfile` in streaming mode and never decodes anything by itself.
-webdataset's automatic decoders are deliberately not used: they unpickle `.pyd`/`.pickle` members and
-`torch.load` `.pth` ones. Hostile structure (path-like names, duplicates, links, truncation) becomes a
-`Problem` with a ledger reason; reading goes on where it can.
+Reader: never decodes anything by itself. webdataset's automatic decoders are deliberately not used:
+they unpickle `.pyd`/`.pickle` members and `torch.load` `.pth` ones. `tarfile` walks the headers (every
+check it makes: checksums, pax and GNU long names, truncation); a plain local shard is walked in one
+pass over its 512-byte headers, seeking over the data, and a sample's members are read from the file
+only when asked (`Members`); other shards (s3://..., compressed) stream through `tarfile`. Every member
+is size-checked against its kind's cap (`MemberCaps`) before it is read, sparse members are refused,
+and hostile structure (path-like names, duplicates, links, truncation) becomes a `Problem` with a
+ledger reason; reading goes on where it can. docs/reader.md has the checks, caps and reason codes.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import posixpath
 import re
+import stat
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from pipeline import fs, ledger
 from pipeline.images import IMAGE_EXTS, ImageRejected, decode_image
@@ -152,7 +159,8 @@ def parse_json(data: bytes, what: str = "json", max_bytes: int | None = None, ma
     max_depth = JSON_MAX_DEPTH if max_depth is None else max_depth
     if len(data) > max_bytes:
         raise BadMember(f"{what}: {len(data):,} bytes, over the {max_bytes:,}-byte JSON cap (PRX_JSON_MAX_BYTES)")
-    depth = json_depth(data)
+    bound = data.count(b"[") + data.count(b"{")  # depth can be no more than this: the exact count only if needed
+    depth = json_depth(data) if bound > max_depth else 0
     if depth > max_depth:
         raise BadMember(f"{what}: nested {depth} deep, over the JSON depth cap {max_depth} (PRX_JSON_MAX_DEPTH)")
     try:
@@ -164,12 +172,228 @@ def parse_json(data: bytes, what: str = "json", max_bytes: int | None = None, ma
     return value
 
 
+# Per-member size caps (bytes, as declared in the member's tar header), checked before a member is read.
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class MemberCaps:
+    """The largest member of each kind the reader accepts; a sample with a bigger one becomes one
+    `member_too_large` Problem and that member is never read. Kinds go by the member's last extension:
+    image (`jpg`, `png`, ... IMAGE_EXTS), json, text (`txt`, `caption_long.txt`), tensors (`safetensors`),
+    other (anything else: copied byte for byte by the stages)."""
+
+    image: int = 64 * MIB
+    json: int = JSON_MAX_BYTES
+    text: int = 1 * MIB
+    tensors: int = 1024 * MIB
+    other: int = 64 * MIB
+
+    def __post_init__(self):
+        for kind in ("image", "json", "text", "tensors", "other"):
+            value = getattr(self, kind)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"member cap {kind} must be a positive number of bytes, got {value!r}")
+
+    @staticmethod
+    def kind(member: str) -> str:
+        ext = member.rsplit(".", 1)[-1].lower()
+        if ext in IMAGE_EXTS:
+            return "image"
+        return {"json": "json", "txt": "text", "safetensors": "tensors"}.get(ext, "other")
+
+    def refusal(self, member: str, size: int) -> str | None:
+        """Why a member of `size` bytes is refused (the ledger detail), or None if it is within its cap."""
+        kind = self.kind(member)
+        cap = getattr(self, kind)
+        if size > cap:
+            return (f"member {member}: {size:,} bytes, over the {cap:,}-byte {kind} cap "
+                    f"(--max-member-bytes-{kind})")
+        return None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "MemberCaps":
+        """The caps a stage config asks for (its `max_member_bytes_*` options; defaults where it has none)."""
+        default = cls()
+        return cls(**{k: getattr(cfg, f"max_member_bytes_{k}", None) or getattr(default, k)
+                      for k in ("image", "json", "text", "tensors", "other")})
+
+
+class _ShardFile:
+    """A local shard opened once and shared by every sample read from it: members are read with
+    `os.pread`, and the descriptor closes when the last sample (and the reader) let go of it, so samples
+    kept in a shuffle buffer after the reader moved on still read correctly."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.size = os.fstat(self.fd).st_size
+
+    def read(self, offset: int, size: int, name: str = "") -> bytes:
+        if size >= 1 << 30:  # one pread returns at most ~2 GiB on Linux: fill a buffer in steps
+            return bytes(self.read_into(bytearray(size), offset, name))
+        data = os.pread(self.fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"{self.path}: member {name} short read ({len(data)} of {size} bytes): "
+                          "the shard changed while it was being read")
+        return data
+
+    def read_into(self, buf: bytearray, offset: int, name: str = "") -> bytearray:
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{self.path}: member {name} short read ({done} of {len(buf)} bytes): "
+                              "the shard changed while it was being read")
+            done += got
+        return buf
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _HeaderReader:
+    """The file object `tarfile` walks a local shard's headers through (mode `r:`): reads never ask for
+    more than the file holds (Python would allocate a pax header's declared 8 GiB up front) and, as in
+    streaming mode, never go backwards (a negative size would otherwise loop over the same header)."""
+
+    def __init__(self, file: _ShardFile):
+        self._file, self._pos = file, 0
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self._file.size - self._pos)
+        data = os.pread(self._file.fd, left if n is None or n < 0 else min(n, left), self._pos)
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise tarfile.StreamError("only absolute seeks are used")
+        if pos < self._pos:
+            raise tarfile.StreamError("seeking backwards is not allowed")
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class Members(Mapping):
+    """A sample's members, name -> bytes, read from the shard when asked (each access reads again; nothing
+    is cached, so members a consumer never touches are never read). Pickles as a plain dict."""
+
+    __slots__ = ("_file", "_index")
+
+    def __init__(self, file: _ShardFile, index: dict[str, tuple[int, int]]):
+        self._file, self._index = file, index  # name -> (offset of the data in the shard, size)
+
+    def __getitem__(self, name: str) -> bytes:
+        offset, size = self._index[name]
+        return self._file.read(offset, size, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def size(self, name: str) -> int:
+        return self._index[name][1]
+
+    def buffer(self, name: str) -> bytearray:
+        """The member's bytes in a new writable buffer (one copy from the file: tensors can view it)."""
+        offset, size = self._index[name]
+        return self._file.read_into(bytearray(size), offset, name)
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+    def __repr__(self) -> str:
+        return f"Members({self._file.path!r}, {sorted(self._index)})"
+
+
+# safetensors: the format's dtype names; a member is parsed in place (tensors view one buffer).
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
+              "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+              "C64": "complex64"}
+
+
+def _tensor_entry(name: str, info: Any, what: str) -> tuple[Any, list[int], int, int]:
+    """(torch dtype, shape, begin, end) of one header entry, or BadMember."""
+    import torch
+
+    ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+          and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+          and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                  for x in info["shape"] + info["data_offsets"]))
+    if not ok:
+        raise BadMember(f"{what}: tensor {name!r}: header entry is not {{dtype, shape, data_offsets}}")
+    dtype = getattr(torch, _ST_DTYPES.get(info["dtype"], ""), None)
+    if dtype is None:
+        raise BadMember(f"{what}: tensor {name!r}: unsupported dtype {info['dtype']!r}")
+    begin, end = info["data_offsets"]
+    return dtype, info["shape"], begin, end
+
+
+def load_safetensors(buf: bytearray, what: str = "safetensors") -> dict:
+    """name -> tensor of a safetensors blob, checked as the safetensors library checks it (header length,
+    JSON object, dtypes, contiguous offsets that cover the data exactly), or BadMember. The tensors are
+    views of `buf` (no copy) unless a tensor's data is misaligned for its dtype."""
+    import torch
+
+    if sys.byteorder != "little":  # the views below assume the format's byte order
+        from safetensors.torch import load
+        return load(bytes(buf))
+    n = int.from_bytes(buf[:8], "little") if len(buf) >= 8 else -1
+    if n < 0 or n > SAFETENSORS_MAX_HEADER or 8 + n > len(buf) or buf[8:9] != b"{":
+        raise BadMember(f"{what}: not a safetensors blob (header length {n}, {len(buf)} bytes)")
+    try:
+        header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BadMember(f"{what}: header: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadMember(f"{what}: header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise BadMember(f"{what}: __metadata__ is not a mapping of strings")
+    entries = sorted(((name, *_tensor_entry(name, info, what)) for name, info in header.items()),
+                     key=lambda e: (e[3], e[4]))
+    done, base = 0, 8 + n
+    for name, dtype, shape, begin, end in entries:
+        if begin != done or end - begin != math.prod(shape) * dtype.itemsize:
+            raise BadMember(f"{what}: tensor {name!r}: data offsets [{begin}, {end}] do not fit its dtype and "
+                            f"shape {shape}, or leave a gap or overlap")
+        done = end
+    if base + done != len(buf):
+        raise BadMember(f"{what}: the header covers {done:,} bytes of data, the member has {len(buf) - base:,}")
+    return {name: _view(buf, base + begin, math.prod(shape), dtype, shape)
+            for name, dtype, shape, begin, end in entries}
+
+
+def _view(buf: bytearray, offset: int, numel: int, dtype, shape: list[int]):
+    import torch
+
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    if offset % dtype.itemsize:  # misaligned for its dtype: copy rather than view
+        return torch.frombuffer(bytearray(buf[offset:offset + numel * dtype.itemsize]), dtype=dtype).reshape(shape)
+    return torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset).reshape(shape)
+
+
 @dataclass
 class Sample:
-    """A sample's raw member bytes. Decoding happens only through the methods below."""
+    """A sample's raw member bytes (a mapping name -> bytes; lazy `Members` when read from a local
+    shard). Decoding happens only through the methods below."""
 
     key: str
-    members: dict[str, bytes]
+    members: Mapping[str, bytes]
     shard: str = ""
 
     @property
@@ -201,15 +425,13 @@ class Sample:
         return decode_image(self.members[name], **kwargs)
 
     def tensors(self, name: str, expect: dict[str, tuple[Any, int]] | None = None) -> dict:
-        """Load a safetensors member; `expect` maps tensor name -> (torch dtype, ndim) to validate."""
-        from safetensors.torch import load
-
+        """Load a safetensors member (tensors view one buffer read straight from the shard); `expect` maps
+        tensor name -> (torch dtype, ndim) to validate."""
         if name not in self.members:
             raise BadMember(f"{name}: missing")
-        try:
-            tensors = load(self.members[name])
-        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad member
-            raise BadMember(f"{name}: {type(exc).__name__}: {exc}") from None
+        members = self.members
+        buf = members.buffer(name) if isinstance(members, Members) else bytearray(members[name])
+        tensors = load_safetensors(buf, name)
         for tname, (dtype, ndim) in (expect or {}).items():
             t = tensors.get(tname)
             if t is None:
@@ -243,61 +465,174 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return key, member
 
 
-def read_shard(path: str) -> Iterator[Sample | Problem]:
-    """Yield the samples of one tar shard, and a Problem for everything that is not a clean sample."""
+# tarfile's own test for a compressed stream (mode r|* decompresses these; they have no member offsets)
+def _compressed(head: bytes) -> bool:
+    return (head.startswith((b"\x1f\x8b\x08", b"\x5d\x00\x00\x80", b"\xfd7zXZ"))
+            or (head[0:3] == b"BZh" and head[4:10] == b"1AY&SY"))
+
+
+def _indexable(path: str) -> _ShardFile | None:
+    """The opened shard when it is a plain local uncompressed file (read by offsets), else None (stream)."""
+    if not fs.is_local(path):
+        return None
+    local = fs.get_fs(path)[1]
+    if not os.path.isfile(local):
+        return None
+    file = _ShardFile(local)
+    if not stat.S_ISREG(os.fstat(file.fd).st_mode) or _compressed(os.pread(file.fd, 10, 0)):
+        return None
+    return file
+
+
+def read_shard(path: str, caps: MemberCaps | None = None) -> Iterator[Sample | Problem]:
+    """Yield the samples of one tar shard, and a Problem for everything that is not a clean sample.
+    Each member is checked against `caps` (default `MemberCaps()`) before it is read."""
+    caps = caps or MemberCaps()
     base = posixpath.basename(str(path))
-    seen_keys: set[str] = set()
-    current: Sample | None = None
-    current_problem: str | None = None
-
-    def finish(sample: Sample, problem: str | None):
-        if sample.key in seen_keys:
-            return Problem(sample.key, sample.input_id, "duplicate_member",
-                           "key repeated non-consecutively in the shard; first occurrence kept")
-        seen_keys.add(sample.key)
-        if problem:
-            return Problem(sample.key, sample.input_id, "duplicate_member", problem)
-        return sample
-
     try:
-        fh = fs.open_file(path, "rb")
+        file = _indexable(path)
+        plain = _plain_headers(file) if file is not None else None
+        fh = None if plain is not None else _HeaderReader(file) if file is not None else fs.open_file(path, "rb")
     except Exception as exc:  # noqa: BLE001
         yield Problem("", base, "read_error", f"{type(exc).__name__}: {exc}")
         return
-    with fh:
+    if plain is not None:
+        yield from _walk(plain, str(path), base, caps, file, None)
+        return
+    try:
         try:
-            tar = tarfile.open(fileobj=fh, mode="r|*")
+            tar = tarfile.open(fileobj=fh, mode="r|*" if file is None else "r:")
         except (tarfile.TarError, EOFError, OSError) as exc:
             yield Problem("", base, "truncated_tar", f"cannot open tar: {exc}")
             return
-        try:
-            for info in tar:
-                split = _split_name(info.name)
-                if split is None:
-                    yield Problem("", f"{base}:{info.name}", "unsafe_member_name", info.name)
-                    continue
-                if info.isdir():
-                    continue
-                key, member = split
-                if not info.isfile():
-                    yield Problem(key, f"{base}:{info.name}", "not_a_regular_file", f"tar type {info.type!r}")
-                    continue
-                if current is None or current.key != key:
-                    if current is not None:
-                        yield finish(current, current_problem)
-                    current, current_problem = Sample(key, {}, str(path)), None
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise EOFError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
-                if member in current.members:
-                    current_problem = f"member {info.name} appears twice"
-                    continue
-                current.members[member] = data
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            if current is not None:
-                yield Problem(current.key, current.input_id, "truncated_tar", f"{exc}")
-            else:
-                yield Problem("", base, "truncated_tar", f"{exc}")
-            return
-        if current is not None:
-            yield finish(current, current_problem)
+        yield from _walk(tar, str(path), base, caps, file, tar)
+    finally:
+        if file is None:
+            fh.close()
+
+
+@dataclass
+class _Plain:
+    """A plain regular-file header (what `_plain_headers` accepts), with the TarInfo methods `_walk` uses."""
+
+    name: str
+    size: int
+    offset_data: int
+    type = tarfile.REGTYPE
+
+    def isdir(self) -> bool:
+        return False
+
+    def isfile(self) -> bool:
+        return True
+
+    def issparse(self) -> bool:
+        return False
+
+
+_OCTAL = re.compile(rb" *[0-7]* *(?:\0|$)")  # a numeric header field tarfile reads as plain octal
+_NUMERIC_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337), (337, 345))
+
+
+def _plain_headers(file: _ShardFile) -> list[_Plain] | None:
+    """The headers of a shard made only of plain regular files (what ShardWriter and most webdataset
+    writers produce), parsed quickly; None as soon as anything else shows up (pax or GNU headers, links,
+    folders, prefixes, base-256 numbers, a bad checksum, truncation, trailing garbage), and then `tarfile`
+    walks the shard instead. What this accepts, tarfile reads the same (tests/test_reader.py)."""
+    out, offset, size = [], 0, file.size
+    while True:
+        if offset and size - offset < 512:  # tarfile ends quietly on a missing or short header (not at 0)
+            return out
+        block = os.pread(file.fd, 512, offset)
+        if len(block) < 512 or block[156:157] not in (b"0", b"\0") or block[345] or not block[0]:
+            return out if offset and block == bytes(512) else None  # a zero block ends the archive
+        values = []
+        for start, end in _NUMERIC_FIELDS:
+            if not _OCTAL.match(block, start, end):  # base-256, signs, garbage: tarfile decides
+                return None
+            values.append(int(block[start:end].split(b"\0", 1)[0].strip() or b"0", 8))
+        if values[5] != sum(block) - sum(block[148:156]) + 256:
+            return None
+        name = block[:100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+        member_size, data = values[3], offset + 512
+        offset = data + -(-member_size // 512) * 512
+        if name.endswith("/") or (member_size and size < offset):
+            return None
+        out.append(_Plain(name, member_size, data))
+
+
+def _refusal(info: tarfile.TarInfo, member: str, caps: MemberCaps) -> tuple[str, str] | None:
+    """(reason, detail) for a member refused before reading: sparse (never expanded) or over its cap."""
+    if info.issparse():
+        return "sparse_member", f"member {info.name}: sparse tar member declaring {info.size:,} bytes (not expanded)"
+    detail = caps.refusal(member, info.size)
+    return ("member_too_large", detail) if detail else None
+
+
+def _walk(headers, path: str, base: str, caps: MemberCaps, file: _ShardFile | None,
+          tar: tarfile.TarFile | None) -> Iterator[Sample | Problem]:
+    """The samples of a tar's headers (a TarFile, or `_plain_headers`): members in file order, grouped by
+    key. With `file` (a local shard) members are indexed (offset, size) and read later through `Members`;
+    without, they are read now from the streaming `tar`."""
+    seen_keys: set[str] = set()
+    key: str | None = None
+    entries: dict[str, Any] = {}
+    refused: tuple[str, str] | None = None   # first member refused before reading
+    duplicate: str | None = None             # last member name repeated within the sample
+
+    def finish() -> Sample | Problem:
+        input_id = f"{base}:{key}"
+        if key in seen_keys:
+            return Problem(key, input_id, "duplicate_member",
+                           "key repeated non-consecutively in the shard; first occurrence kept")
+        seen_keys.add(key)
+        if refused or duplicate:
+            return Problem(key, input_id, *(refused or ("duplicate_member", duplicate)))
+        return Sample(key, entries if file is None else Members(file, entries), path)
+
+    try:
+        for info in headers:
+            split = _split_name(info.name)
+            if split is None:
+                yield Problem("", f"{base}:{info.name}", "unsafe_member_name", info.name)
+                continue
+            if info.isdir():
+                continue
+            k, member = split
+            if not info.isfile():
+                yield Problem(k, f"{base}:{info.name}", "not_a_regular_file", f"tar type {info.type!r}")
+                continue
+            if k != key:
+                if key is not None:
+                    yield finish()
+                key, entries, refused, duplicate = k, {}, None, None
+            why = _refusal(info, member, caps)
+            if why:
+                refused = refused or why
+                continue
+            value = _member(tar, info) if file is None else _located(info)
+            if member in entries:
+                duplicate = f"member {info.name} appears twice"
+                continue
+            entries[member] = value
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        yield Problem(key or "", f"{base}:{key}" if key is not None else base, "truncated_tar", f"{exc}")
+        return
+    if key is not None:
+        yield finish()
+
+
+def _member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    """A member's bytes, read now (streaming)."""
+    data = tar.extractfile(info).read()
+    if len(data) != info.size:
+        raise EOFError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
+    return data
+
+
+def _located(info: tarfile.TarInfo) -> tuple[int, int]:
+    """Where a member's bytes are (read later). tarfile checks that they are all in the file when it moves
+    on to the next header, before the sample is yielded."""
+    if info.size < 0:  # what reading it in streaming mode reports
+        raise EOFError(f"member {info.name} truncated (0 of {info.size} bytes)")
+    return info.offset_data, info.size

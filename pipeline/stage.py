@@ -21,7 +21,8 @@ from pipeline import ledger
 from pipeline.config import CommonConfig
 from pipeline.errors import StageError
 from pipeline.ledger import read_stage_json
-from pipeline.shards import Problem, Sample, ShardWriter, dumps_json, list_shards, read_shard, shard_index
+from pipeline.shards import (MemberCaps, Problem, Sample, ShardWriter, dumps_json, list_shards, read_shard,
+                             shard_index)
 
 
 @dataclass
@@ -132,7 +133,7 @@ class MapStage(Stage):
 
     def samples(self, task: Task) -> Iterator[Sample | Problem]:
         n = 0
-        for item in read_shard(task.inputs[0]):
+        for item in read_shard(task.inputs[0], MemberCaps.from_config(self.cfg)):
             if task.max_samples is not None and n >= task.max_samples:
                 return
             n += 1

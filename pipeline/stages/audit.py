@@ -27,7 +27,7 @@ from pipeline.audit import gate as gate_mod
 from pipeline.audit.funnel import funnel
 from pipeline.audit.stats import (AuditParams, GroupAcc, from_npz, float_edges, int_edges, scan_group, to_npz)
 from pipeline.config import CommonConfig, add_arguments, build_config, config_hash, option
-from pipeline.shards import BadMember, Problem, list_shards, read_shard, shard_index
+from pipeline.shards import BadMember, MemberCaps, Problem, list_shards, read_shard, shard_index
 from pipeline.stage import Stage, StageError, Task, kept_counts
 
 DIMENSIONS = ("dataset", "source", "variant")
@@ -193,7 +193,7 @@ class AuditStage(Stage):
         samples: Counter = Counter()   # source -> samples
         problems: Counter = Counter()
         n = 0
-        for item in read_shard(task.inputs[0]):
+        for item in read_shard(task.inputs[0], MemberCaps.from_config(cfg)):
             if isinstance(item, Problem):
                 problems[item.reason] += 1
                 continue

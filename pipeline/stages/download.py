@@ -26,7 +26,7 @@ from pipeline.config import CommonConfig, option
 from pipeline.download import engine, net
 from pipeline.download.urllist import FORMATS, UrlListError, UrlRow, read_rows
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, probe_image
-from pipeline.shards import Problem, ShardWriter, dumps_json, read_shard, shard_done, shard_name
+from pipeline.shards import MemberCaps, Problem, ShardWriter, dumps_json, read_shard, shard_done, shard_name
 from pipeline.stage import Stage, StageError, Task
 from pipeline.stages.ingest import content_key, decode_caption
 
@@ -195,7 +195,7 @@ class DownloadStage(Stage):
         samples: dict[str, dict[str, bytes]] = {}
         tar = fs.join(self.cfg.out, shard_name(index))
         if fs.exists(tar):
-            for item in read_shard(tar):
+            for item in read_shard(tar, MemberCaps.from_config(self.cfg)):
                 if not isinstance(item, Problem):
                     samples[item.key] = item.members
         return old, samples

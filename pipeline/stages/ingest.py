@@ -20,7 +20,7 @@ from pipeline import fs, ledger
 from pipeline.config import CommonConfig, option
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from pipeline.runner import cached
-from pipeline.shards import Problem, ShardWriter, dumps_json, read_shard
+from pipeline.shards import MemberCaps, Problem, ShardWriter, dumps_json, read_shard
 from pipeline.stage import Stage, StageError, Task
 
 SIDECARS = (".txt", ".json")
@@ -134,9 +134,9 @@ def folder_items(root: str, paths: list[str]) -> Iterator[Item]:
         yield Item(rel, data, caption, extra=extra, url=extra.get("url"))
 
 
-def tar_items(path: str) -> Iterator[Item]:
+def tar_items(path: str, caps: MemberCaps | None = None) -> Iterator[Item]:
     """Samples of an existing webdataset/img2dataset shard; its own keys are kept as orig_key."""
-    for s in read_shard(path):
+    for s in read_shard(path, caps):
         if isinstance(s, Problem):
             yield Item(s.input_id, None, problem=s)
             continue
@@ -245,7 +245,7 @@ class IngestStage(Stage):
         if kind == "hf":
             return hf_items(self.cfg, task.extra["start"], task.extra["stop"])
         if kind == "webdataset":
-            items = tar_items(task.inputs[0])
+            items = tar_items(task.inputs[0], MemberCaps.from_config(self.cfg))
             if task.max_samples is not None:
                 import itertools
 
