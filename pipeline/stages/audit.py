@@ -127,6 +127,7 @@ class AuditStage(Stage):
     name = "audit"
     help = "caption statistics per dataset, source and variant: terminal table, --json, --html, --fail-on"
     config_cls = AuditConfig
+    owned = ("audit.json", "audit.html")
 
     def input_folders(self) -> list[str]:
         return list(self.cfg.dirs)

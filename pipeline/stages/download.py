@@ -122,9 +122,13 @@ class DownloadStage(Stage):
     name = "download"
     help = "URL lists -> raw shards + ledger, through img2dataset (one ledger row per URL)"
     config_cls = DownloadConfig
+    owned = (RETRY_DIR,)
 
     def input_folders(self) -> list[str]:
         return []  # the input is a URL list, recorded in the config (`urls`), not a shard folder
+
+    def read_paths(self) -> list[str]:
+        return [self.cfg.urls] if self.cfg.urls else []
 
     def validate(self) -> None:
         cfg = self.cfg

@@ -80,6 +80,7 @@ class EncodeStage(MapStage):
     name = "encode"
     help = "VAE latents + text embeddings per caption variant (+ optional REPA features) -> encoded shards"
     config_cls = EncodeConfig
+    owned = (EMPTY_PROMPT_FILE,)
     uses_model = True
 
     def __init__(self, cfg):

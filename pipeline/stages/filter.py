@@ -99,6 +99,7 @@ class FilterStage(GlobalStage):
     help = "CLIP score, image/caption checks, aesthetic/NSFW heads, exact/perceptual/semantic dedup"
     config_cls = FilterConfig
     uses_model = True
+    owned = ("_decisions",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -147,6 +148,9 @@ class FilterStage(GlobalStage):
             if h is not None:
                 out[kind] = h.name
         return out
+
+    def output_folders(self) -> list[str]:
+        return super().output_folders() + ([self.cfg.write_rejected] if self.cfg.write_rejected else [])
 
     def validate(self) -> None:
         c = self.cfg

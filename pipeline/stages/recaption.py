@@ -143,6 +143,7 @@ class RecaptionStage(MapStage):
     name = "recaption"
     help = "long and short VLM captions (caption_{variant}.txt + json.captions provenance)"
     config_cls = RecaptionConfig
+    owned = (".cache",)
     uses_model = True
 
     def __init__(self, cfg: RecaptionConfig, backend=None):
