@@ -182,3 +182,80 @@ def test_damage_after_the_checks_is_named_not_a_traceback(raw):
     (raw / "000000.tar").write_bytes(b"not a tar at all" * 10)
     with pytest.raises(StageError, match="000000.tar is damaged.*rerun the same command"):
         summarize(str(raw), [0, 1, 2])
+
+
+# ------------------------------------------------------------------------------------- bad members
+DEEP = b"[" * 100_000 + b"]" * 100_000
+HOSTILE_JSON = {
+    "deep": b'{"a":' + DEEP + b"}",                                    # RecursionError in json.loads
+    "nan": b'{"url": "http://x/a.jpg", "score": NaN, "w": Infinity}',  # no JSON writer may emit it again
+    "huge": b'{"blob": "' + b"x" * (50 << 20) + b'"}',                 # 50 MB: over the 1 MiB cap
+}
+
+
+def test_hostile_json_sidecars_are_rows_and_neighbours_are_kept(tmp_path):
+    src = _images(tmp_path / "src", 6)
+    for i, (name, data) in enumerate(HOSTILE_JSON.items()):
+        (src / f"{i:03d}.json").write_bytes(data)
+    (src / "003.json").write_text(json.dumps({"url": "http://example.com/3.jpg"}))
+    assert _ingest(src, tmp_path / "raw") == 0
+    rows = _rows(tmp_path / "raw")
+    assert len(rows) == 6
+    for i, name in enumerate(HOSTILE_JSON):
+        r = rows[f"{i:03d}.png"]
+        assert (r["outcome"], r["reason"]) == ("failed", "bad_member"), (name, r)
+    assert "nested" in rows["000.png"]["detail"] and "NaN" in rows["001.png"]["detail"]
+    assert "cap" in rows["002.png"]["detail"]
+    assert [rows[f"{i:03d}.png"]["outcome"] for i in range(3, 6)] == ["kept"] * 3
+    metas = {s.key: s.meta() for p in list_shards(str(tmp_path / "raw")) for s in read_shard(p)}
+    assert sorted(m.get("url") or "" for m in metas.values()) == ["", "", "http://example.com/3.jpg"]
+
+
+def _crafted_shard(raw, folder, members_by_index: dict[int, bytes]):
+    """raw's samples in one shard, json member i replaced by members_by_index[i]."""
+    from pipeline.shards import ShardWriter
+
+    samples = [s for p in list_shards(str(raw)) for s in read_shard(p)]
+    w = ShardWriter(str(folder), 0, "ingest")
+    for i, s in enumerate(samples):
+        members = dict(s.members)
+        if i in members_by_index:
+            members["json"] = members_by_index[i]
+        w.write(s.key, members)
+        w.add_row(ledger.row(s.key, s.input_id))
+    w.close()
+    return [s.key for s in samples]
+
+
+def test_hostile_json_members_are_rows_in_ingest_filter_recaption_encode(raw, tmp_path, tiny_model):
+    crafted = tmp_path / "crafted"
+    keys = _crafted_shard(raw, crafted, dict(enumerate(HOSTILE_JSON.values())))
+    hostile = set(keys[:3])
+
+    def check(out):
+        table = ledger.read_folder(str(out)).to_pylist()
+        by_key = {r["key"]: r for r in table}
+        bad = [r for r in table if r["reason"] == "bad_member"]
+        assert len(bad) == 3, table
+        assert all(r["outcome"] == "failed" for r in bad)
+        kept = {s.key for p in list_shards(str(out)) for s in read_shard(p)}
+        assert len(kept) == 7 and not kept & hostile
+        for p in list_shards(str(out)):
+            for s in read_shard(p):
+                s.meta()  # every json written is valid, capped JSON
+        return by_key
+
+    # ingest of a webdataset shard
+    assert prx_data(["ingest", "--in", str(crafted), "--out", str(tmp_path / "i"), *LOCAL]) == 0
+    check(tmp_path / "i")
+    # filter (scan and apply), recaption, encode
+    assert prx_data(["filter", "--in", str(crafted), "--out", str(tmp_path / "f"), *LOCAL,
+                     "--dedup", "exact", "--write-rejected", str(tmp_path / "rej")]) == 0
+    check(tmp_path / "f")
+    assert prx_data(["recaption", "--in", str(crafted), "--out", str(tmp_path / "r"), *LOCAL,
+                     "--backend", "fake", "--relax-checks", "language"]) == 0
+    check(tmp_path / "r")
+    assert prx_data(["encode", "--in", str(crafted), "--out", str(tmp_path / "e"), *LOCAL,
+                     "--vae", tiny_model("tiny-flux-vae"), "--text-encoder", tiny_model("tiny-t5gemma"),
+                     "--variants", "original"]) == 0
+    check(tmp_path / "e")
