@@ -259,3 +259,70 @@ def test_hostile_json_members_are_rows_in_ingest_filter_recaption_encode(raw, tm
                      "--vae", tiny_model("tiny-flux-vae"), "--text-encoder", tiny_model("tiny-t5gemma"),
                      "--variants", "original"]) == 0
     check(tmp_path / "e")
+
+
+# ------------------------------------------------------------------------------------- url deadline
+def test_one_byte_per_second_server_is_cut_at_the_url_deadline(tmp_path, photos):
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from http_server import Route, encode, loopback_server
+
+    jpeg = encode(np.ascontiguousarray(photos["astronaut"][::8, ::8]), "JPEG", quality=80)
+    other = encode(np.ascontiguousarray(photos["coffee"][::8, ::8]), "JPEG", quality=80)
+    with loopback_server() as srv:
+        # a byte every 0.4 s never trips the 1 s socket timeout; the 2 s URL deadline cuts it
+        drip = srv.add("/drip.jpg", Route(body=jpeg, headers={"Content-Type": "image/jpeg"}, drip=0.4))
+        good = srv.add("/good.jpg", Route(body=other, headers={"Content-Type": "image/jpeg"}))
+        pq.write_table(pa.table({"url": [drip, good], "caption": ["slow", "fine"]}), tmp_path / "urls.parquet")
+        pq.write_table(pa.table({"url": [good], "caption": ["fine"]}), tmp_path / "warm.parquet")
+        flags = [*LOCAL, "--timeout", "1", "--url-deadline", "2", "--threads", "2", "--allow-private-network"]
+        assert prx_data(["download", "--urls", str(tmp_path / "warm.parquet"), "--out", str(tmp_path / "w"),
+                         *flags]) == 0  # img2dataset's first import takes seconds on a loaded machine
+        start = time.monotonic()
+        assert prx_data(["download", "--urls", str(tmp_path / "urls.parquet"), "--out", str(tmp_path / "raw"),
+                         *flags]) == 0
+        took = time.monotonic() - start
+    rows = _rows(tmp_path / "raw")
+    assert rows[drip]["reason"] == "timeout" and "--url-deadline 2" in rows[drip]["detail"], rows[drip]
+    assert rows[good]["outcome"] == "kept"
+    assert took < 12, f"the shard waited {took:.0f} s for a {len(jpeg) * 0.4:.0f} s drip"
+
+
+def test_url_deadline_cuts_a_header_drip_too():
+    """A server that drips its status line and headers: the watchdog shuts the socket down mid-headers."""
+    import socket
+    import threading
+    import time
+
+    from pipeline.download import net
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def serve():
+        conn, _ = listener.accept()
+        try:
+            for b in b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\nX-Pad: " + b"a" * 1000:
+                if stop.is_set():
+                    break
+                conn.send(bytes([b]))
+                time.sleep(0.1)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    opener = net.build_opener(net.NetPolicy(allow_private_network=True, url_deadline=1.0))
+    start = time.monotonic()
+    with pytest.raises(net.DownloadRefused) as info:
+        opener.open(f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg", timeout=5).read()
+    stop.set()
+    listener.close()
+    assert info.value.code == "timeout" and net.reason_for(str(info.value)) == "timeout"
+    assert time.monotonic() - start < 3
