@@ -326,3 +326,38 @@ def test_url_deadline_cuts_a_header_drip_too():
     listener.close()
     assert info.value.code == "timeout" and net.reason_for(str(info.value)) == "timeout"
     assert time.monotonic() - start < 3
+
+
+# ------------------------------------------------------------------------------------- config errors
+CONFIG_ERRORS = [
+    ("python tag", "min_side: !!python/object/apply:os.system ['echo hacked']\n", "min_side",
+     "no python tags"),
+    ("wrong type", 'min_side: "abc"\n', "min_side", "must be an integer"),
+    ("wrong list type", "dedup: 3\n", "dedup", "must be a list of strings"),
+    ("key twice", "min_side: 8\nreject_empty_caption: true\nmin_side: 64\n", "min_side", "given twice (lines 1 and 3)"),
+]
+
+
+@pytest.mark.parametrize("name,text,key,expected", CONFIG_ERRORS, ids=[c[0] for c in CONFIG_ERRORS])
+def test_config_errors_name_file_and_key(raw, tmp_path, capsys, name, text, key, expected):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    assert prx_data(["filter", "--in", str(raw), "--out", str(tmp_path / "f"), *LOCAL, "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("prx-data filter: error: "), err
+    assert str(cfg) in err and repr(key) in err and expected in err, err
+    assert not (tmp_path / "f").exists()
+
+
+def test_trainer_config_errors_name_file_and_key(tmp_path, capsys):
+    from trainer.cli import main as prx_train
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("steps: 10\nlr: fast\nsteps: 20\n")
+    assert prx_train(["--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prx-train: error: ") and str(cfg) in err and "'steps' is given twice" in err, err
+    cfg.write_text("steps: 10\nlr: fast\n")
+    assert prx_train(["--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "option 'lr' must be a number, got 'fast'" in err, err
