@@ -47,7 +47,7 @@ def _load_state(path: str) -> tuple[dict, dict]:
     return state, {}
 
 
-def locate(weights: str) -> str:
+def locate(weights: str, flag: str = "the weights flag") -> str:
     """Local file, or ORG/REPO/FILE on the Hugging Face hub -> local file."""
     if not weights:
         raise HeadError("no weights given")
@@ -59,10 +59,13 @@ def locate(weights: str) -> str:
                         "ORG/REPO/FILE")
     from huggingface_hub import hf_hub_download
 
+    from pipeline.models import ModelSpec, loading
+
     try:
-        return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
-    except Exception as exc:  # noqa: BLE001 - offline, missing file, gated...
-        raise HeadError(f"could not get head weights {weights!r} from the hub: {type(exc).__name__}: {exc}") from exc
+        with loading(ModelSpec(weights, "/".join(parts[:2]), "main"), flag):
+            return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
+    except Exception as exc:  # noqa: BLE001 - offline, missing file, gated...: the message says which
+        raise HeadError(str(exc)) from exc
 
 
 class LinearHead:

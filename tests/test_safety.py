@@ -361,3 +361,44 @@ def test_trainer_config_errors_name_file_and_key(tmp_path, capsys):
     assert prx_train(["--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert str(cfg) in err and "option 'lr' must be a number, got 'fast'" in err, err
+
+
+# ------------------------------------------------------------------------------------- 0-token prompt
+def _no_special_tokens(folder, out):
+    """A copy of a text encoder whose tokenizer adds no special tokens ("" becomes 0 tokens) and drops zero-width
+    spaces in its normaliser (as many tokenizers drop characters), so a caption of them is 0 tokens too."""
+    import shutil
+
+    shutil.copytree(folder, out)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    tok["post_processor"] = None
+    tok["normalizer"] = {"type": "Replace", "pattern": {"String": "\u200b"}, "content": ""}
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    return out
+
+
+def test_text_encoder_without_special_tokens(raw, tmp_path, tiny_model):
+    from safetensors.torch import load_file
+
+    from pipeline.encoders.text import load_text_encoder
+    from pipeline.shards import ShardWriter
+
+    enc = _no_special_tokens(tiny_model("tiny-t5gemma"), tmp_path / "t5-plain")
+    assert load_text_encoder(str(enc)).count_tokens(["", "\u200b\u200b", "a photo"])[:2] == [0, 0]
+    # one sample whose only caption is a zero-width space: not blank to str.strip(), 0 tokens to the tokenizer
+    samples = [s for p in list_shards(str(raw)) for s in read_shard(p)]
+    w = ShardWriter(str(tmp_path / "in"), 0, "ingest")
+    for i, s in enumerate(samples[:4]):
+        w.write(s.key, {**s.members, "txt": "\u200b".encode() if i == 0 else s.members["txt"]})
+        w.add_row(ledger.row(s.key, s.input_id))
+    w.close()
+    assert prx_data(["encode", "--in", str(tmp_path / "in"), "--out", str(tmp_path / "e"), *LOCAL,
+                     "--vae", tiny_model("tiny-flux-vae"), "--text-encoder", str(enc), "--variants", "original",
+                     "--cleaning", "none"]) == 0
+    rows = {r["key"]: r for r in ledger.read_folder(str(tmp_path / "e")).to_pylist()}
+    first = rows[samples[0].key]
+    assert (first["outcome"], first["reason"]) == ("rejected", "no_caption_variant")
+    assert "0 tokens for the text encoder: original" in first["detail"]
+    assert [rows[s.key]["outcome"] for s in samples[1:4]] == ["kept"] * 3
+    empty = load_file(str(tmp_path / "e" / "_empty_prompt.safetensors"))["hidden"]
+    assert empty.shape[0] == 1 and empty.shape[1] > 0  # one eos token stands for the empty prompt

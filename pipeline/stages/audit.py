@@ -91,8 +91,11 @@ def load_tokenizer(name: str):
     def factory():
         from transformers import AutoTokenizer
 
+        from pipeline.models import loading
+
         spec = resolve(name)
-        return AutoTokenizer.from_pretrained(spec.id, **spec.load_kwargs())
+        with loading(spec, "--text-encoder"):
+            return AutoTokenizer.from_pretrained(spec.id, **spec.load_kwargs())
 
     return cached(("audit-tokenizer", name), factory)
 

@@ -262,7 +262,8 @@ class RecaptionStage(MapStage):
             from pipeline.models import from_pretrained, resolve
 
             spec = resolve(self.cfg.text_encoder)
-            return from_pretrained(spec, spec.extra.get("tokenizer", "transformers.AutoTokenizer"))
+            return from_pretrained(spec, spec.extra.get("tokenizer", "transformers.AutoTokenizer"),
+                                   flag="--text-encoder")
 
         return cached(("recaption-text-tokenizer", self.cfg.text_encoder), load)
 
