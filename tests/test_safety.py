@@ -402,3 +402,63 @@ def test_text_encoder_without_special_tokens(raw, tmp_path, tiny_model):
     assert [rows[s.key]["outcome"] for s in samples[1:4]] == ["kept"] * 3
     empty = load_file(str(tmp_path / "e" / "_empty_prompt.safetensors"))["hidden"]
     assert empty.shape[0] == 1 and empty.shape[1] > 0  # one eos token stands for the empty prompt
+
+
+# ------------------------------------------------------------------------------------- model loading errors
+MISSING = "prx-tests/not-in-any-cache"  # a hub id that no cache holds; the hub is offline in tests
+
+
+def _model_error(capsys, prog: str, flag: str, model_id: str):
+    err = capsys.readouterr().err.splitlines()[-1]  # (tiny models built on first use print progress first)
+    assert err.startswith(f"{prog}: error: {flag} "), err
+    assert model_id in err and "revision" in err and f"hf download {model_id} --revision" in err, err
+    assert "HF_TOKEN" in err and f"point {flag} at a local folder" in err and "HF_HUB_OFFLINE=1" in err, err
+    assert "Traceback" not in err
+
+
+def test_recaption_model_missing_offline_says_what_to_do(raw, tmp_path, capsys):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert prx_data(["recaption", "--in", str(raw), "--out", str(tmp_path / "r"), *LOCAL, "--backend",
+                     "transformers", "--model", "qwen2-vl"]) == 2
+    from pipeline.models import resolve
+
+    _model_error(capsys, "prx-data recaption", "--model", resolve("qwen2-vl").id)
+
+
+@pytest.mark.parametrize("flag", ["--vae", "--text-encoder", "--repa"])
+def test_encode_model_flags_missing_offline_say_what_to_do(raw, tmp_path, capsys, tiny_model, flag):
+    models = {"--vae": tiny_model("tiny-flux-vae"), "--text-encoder": tiny_model("tiny-t5gemma"),
+              "--repa": tiny_model("tiny-dinov2"), flag: MISSING}
+    argv = ["encode", "--in", str(raw), "--out", str(tmp_path / "e"), *LOCAL, "--variants", "original"]
+    assert prx_data(argv + [x for kv in models.items() for x in kv]) == 2
+    _model_error(capsys, "prx-data encode", flag, MISSING)
+
+
+def test_filter_and_audit_model_flags_missing_offline(raw, tmp_path, capsys):
+    assert prx_data(["filter", "--in", str(raw), "--out", str(tmp_path / "f"), *LOCAL,
+                     "--clip-model", "hf-hub:" + MISSING]) == 2
+    _model_error(capsys, "prx-data filter", "--clip-model", MISSING)
+    assert prx_data(["audit", str(raw), "--text-encoder", MISSING, *LOCAL]) == 2
+    _model_error(capsys, "prx-data audit", "--text-encoder", MISSING)
+
+
+def test_gated_and_local_folder_messages():
+    from pipeline.models import ModelSpec, model_error
+
+    gated = model_error(ModelSpec("flux1", "black-forest-labs/FLUX.1-dev", "abc123"), "--vae",
+                        OSError("401 Client Error"))
+    assert "is gated" in str(gated) and "HF_TOKEN" in str(gated)
+    assert "hf download black-forest-labs/FLUX.1-dev --revision abc123" in str(gated)
+    local = model_error(ModelSpec("./m", "/nonexistent/m", kind="local"), "--model", OSError("no config.json"))
+    assert "cannot load the model folder /nonexistent/m" in str(local) and "hf download" not in str(local)
+
+
+def test_trainer_model_folder_error_is_a_message(tmp_path):
+    from pipeline.errors import StageError
+    from trainer.model import build_model
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"_class_name": "PRXTransformer2DModel"}')
+    with pytest.raises(StageError, match="--model .*broken-model.*cannot load the model folder"):
+        build_model(str(broken), 16, 32)
