@@ -462,3 +462,111 @@ def test_trainer_model_folder_error_is_a_message(tmp_path):
     (broken / "config.json").write_text('{"_class_name": "PRXTransformer2DModel"}')
     with pytest.raises(StageError, match="--model .*broken-model.*cannot load the model folder"):
         build_model(str(broken), 16, 32)
+
+
+# ------------------------------------------------------------------------------------- corruption property
+@pytest.fixture(scope="module")
+def encoded_shard(tmp_path_factory, tiny_model):
+    """One valid shard holding every member kind (image, txt, json, captions, latent, embeddings)."""
+    base = tmp_path_factory.mktemp("corrupt")
+    src = _images(base / "src", 3)
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(
+            src / f"{i:03d}.png")
+    assert _ingest(src, base / "raw") == 0
+    assert prx_data(["recaption", "--in", str(base / "raw"), "--out", str(base / "cap"), *LOCAL,
+                     "--backend", "fake", "--relax-checks", "language", "--variants", "short"]) == 0
+    assert prx_data(["encode", "--in", str(base / "cap"), "--out", str(base / "enc"), *LOCAL,
+                     "--vae", tiny_model("tiny-flux-vae"), "--text-encoder", tiny_model("tiny-t5gemma"),
+                     "--variants", "original,short", "--resolution", "64"]) == 0
+    return (base / "enc" / "000000.tar").read_bytes(), tiny_model
+
+
+def corrupt(data: bytes, seed: int) -> bytes:
+    """A flip, truncation or splice of `data`, chosen by seed."""
+    rng = np.random.default_rng(seed)
+    kind = seed % 3
+    buf = bytearray(data)
+    if kind == 0:                                         # flip 1-16 bytes
+        for pos in rng.integers(0, len(buf), int(rng.integers(1, 17))):
+            buf[pos] ^= int(rng.integers(1, 256))
+        return bytes(buf)
+    if kind == 1:                                         # truncate
+        return bytes(buf[: int(rng.integers(0, len(buf)))])
+    a, b = sorted(int(x) for x in rng.integers(0, len(buf), 2))  # splice a chunk of the shard elsewhere
+    at = int(rng.integers(0, len(buf)))
+    return bytes(buf[:at] + buf[a:b] + buf[at + int(rng.integers(0, 2048)):])
+
+
+def _every_reader(path: str, out: str, tiny_model, encode_models: bool) -> list[str]:
+    """Read one shard through every stage's reader; return the reasons of the rows produced. Encode runs its
+    reader and CPU part (`prepare`) always, its models only when `encode_models` (they take most of the time)."""
+    from pipeline import encoded
+    from pipeline.config import build_config
+    from pipeline.shards import BadMember, Problem, Sample, ShardWriter
+    from pipeline.stage import Task
+    from pipeline.stages import audit, encode, filter as filt, ingest, recaption
+
+    reasons = []
+    task = Task(0, [path])
+
+    def run(stage, name):
+        w = ShardWriter(os.path.join(out, name), 0, name)
+        stage.process(task, w)
+        reasons.extend(r.reason for r in w.close().rows)
+
+    run(ingest.IngestStage(build_config(ingest.IngestConfig, {"input": os.path.dirname(path)})), "ingest")
+    fcfg = build_config(filt.FilterConfig, {"input": path, "min_side": 8, "reject_empty_caption": True,
+                                            "dedup": ["exact", "perceptual"]})
+    scanned = filt.FilterStage(fcfg).scan(task)
+    reasons.extend(r[0] for rs in scanned.column("reasons").to_pylist() for r in json.loads(rs))
+    run(recaption.RecaptionStage(build_config(recaption.RecaptionConfig, {
+        "input": path, "out": os.path.join(out, "cap"), "backend": "fake", "relax_checks": ["language"],
+        "variants": ["short"]})), "cap")
+    encoder = encode.EncodeStage(build_config(encode.EncodeConfig, {
+        "input": path, "out": os.path.join(out, "enc"), "vae": tiny_model("tiny-flux-vae"),
+        "text_encoder": tiny_model("tiny-t5gemma"), "variants": ["original", "short"], "resolution": 64}))
+    if encode_models:
+        run(encoder, "enc")
+    else:
+        for item in encoder.samples(task):
+            done = item if isinstance(item, Problem) else encoder.prepare(item).done
+            reasons.append(done.reason if isinstance(done, Problem) else done.row.reason if done else "")
+    auditor = audit.AuditStage(build_config(audit.AuditConfig, {"dirs": [os.path.dirname(path)]}))
+    auditor.scan(auditor.plan()[0])
+    for item in read_shard(path):  # the trainer's readers: a bad member is BadMember (the trainer names it)
+        if isinstance(item, Problem):
+            reasons.append(item.reason)
+            continue
+        assert isinstance(item, Sample)
+        try:
+            encoded.encoder_meta(item)
+            for v in encoded.available_variants(item):
+                encoded.read_embedding(item, v)
+            encoded.read_latent(item)
+        except BadMember as exc:
+            reasons.append(exc.reason)
+    return reasons
+
+
+def test_random_corruption_never_escapes_any_stage_reader(encoded_shard, tmp_path):
+    """Flip, truncate, splice: a few hundred seeds through every stage's reader give rows with known reasons."""
+    import shutil
+
+    valid, tiny_model = encoded_shard
+    seen: dict[str, int] = {}
+    for seed in range(int(os.environ.get("PRX_CORRUPTION_SEEDS", 200))):
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        (folder / "000000.tar").write_bytes(corrupt(valid, seed))
+        try:
+            reasons = _every_reader(str(folder / "000000.tar"), str(tmp_path / f"o{seed}"), tiny_model,
+                                    encode_models=seed % 25 == 0)
+        except Exception as exc:  # noqa: BLE001 - the property: nothing escapes
+            raise AssertionError(f"seed {seed}: {type(exc).__name__}: {exc}") from exc
+        for r in reasons:
+            assert r in ledger.REASONS, (seed, r)
+            seen[r] = seen.get(r, 0) + 1
+        shutil.rmtree(folder)
+        shutil.rmtree(tmp_path / f"o{seed}", ignore_errors=True)
+    assert {"truncated_tar", "bad_member"} <= set(seen), seen  # the corruption reached both kinds of problem
