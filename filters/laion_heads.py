@@ -71,9 +71,9 @@ def locate(weights: str, flag: str = "the weights flag") -> str:
 class LinearHead:
     """A stack of Linear layers (numpy float32 on CPU: these heads are tiny) applied to embeddings."""
 
-    def __init__(self, weights: str, kind: str):
+    def __init__(self, weights: str, kind: str, flag: str = "the weights flag"):
         self.kind, self.source = kind, weights
-        state, meta = _load_state(locate(weights))
+        state, meta = _load_state(locate(weights, flag))
         layers: dict[str, dict[str, np.ndarray]] = {}
         for name, tensor in state.items():
             m = re.fullmatch(r"(?:(.*)\.)?(weight|bias)", name)
@@ -129,4 +129,4 @@ def load_head(weights: str | None, kind: str, flag: str) -> LinearHead:
     if not weights:
         raise HeadError(f"--{'min-aesthetic' if kind == 'aesthetic' else 'max-nsfw'} needs {flag} "
                         "(a local .safetensors/.pth file or a hub id ORG/REPO/FILE); prx ships no head weights")
-    return LinearHead(weights, kind)
+    return LinearHead(weights, kind, flag)

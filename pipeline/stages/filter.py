@@ -134,7 +134,8 @@ class FilterStage(GlobalStage):
         if not weights:
             return None
         if kind not in self._heads:
-            self._heads[kind] = cached(("laion-head", kind, weights), lambda: lh.LinearHead(weights, kind))
+            flag = f"--{kind}-weights"
+            self._heads[kind] = cached(("laion-head", kind, weights), lambda: lh.LinearHead(weights, kind, flag))
         return self._heads[kind]
 
     @property
