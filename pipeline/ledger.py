@@ -150,9 +150,12 @@ class StageJsonError(StageError):
     """A `_stage.json` that cannot be parsed; `path` and `problem` let a caller name its own fix."""
 
     def __init__(self, path: str, folder: str, problem: str):
-        self.path, self.problem = path, problem
+        self.path, self.folder, self.problem = path, folder, problem
         super().__init__(f"{path} {problem}; rerun the stage that wrote {folder} (with --overwrite) "
                          "or move the file away")
+
+    def __reduce__(self):  # picklable across Dask workers
+        return type(self), (self.path, self.folder, self.problem)
 
 
 def read_stage_json(folder: str) -> dict | None:

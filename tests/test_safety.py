@@ -7,7 +7,6 @@ redone or named, a slow server cut at the deadline, config and model errors as o
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
