@@ -51,9 +51,10 @@ class TransformersBackend(Backend):
         kw: dict[str, Any] = {"dtype": getattr(torch, dtype)}
         if attn_implementation:
             kw["attn_implementation"] = attn_implementation
-        self.model = from_pretrained(self.spec, self.spec.cls or DEFAULT_CLASS, **kw).to(self.device).eval()
+        self.model = from_pretrained(self.spec, self.spec.cls or DEFAULT_CLASS, flag="--model",
+                                     **kw).to(self.device).eval()
         proc_cls = self.spec.extra.get("processor", "transformers.AutoProcessor")
-        self.processor = from_pretrained(self.spec, import_class(proc_cls))
+        self.processor = from_pretrained(self.spec, import_class(proc_cls), flag="--model")
         self.processor.tokenizer.padding_side = "left"
         gen = self.model.generation_config
         self.eos_ids = _as_list(gen.eos_token_id) or _as_list(self.processor.tokenizer.eos_token_id)

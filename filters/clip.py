@@ -35,6 +35,19 @@ class ClipSpec:
         return {"name": self.name, "open_clip": self.model_name, "pretrained": self.pretrained,
                 "revision": self.revision, "score": self.score_name}
 
+    def model_spec(self):
+        """The hub repo (or folder) open_clip loads, as a pipeline.models.ModelSpec for error messages."""
+        import open_clip
+
+        from pipeline.models import ModelSpec
+
+        if self.model_name.startswith(LOCAL_PREFIX):
+            return ModelSpec(self.name, self.model_name[len(LOCAL_PREFIX):], kind="local")
+        if self.model_name.startswith(HUB_PREFIX):
+            return ModelSpec(self.name, self.model_name[len(HUB_PREFIX):], self.revision)
+        repo = (open_clip.get_pretrained_cfg(self.model_name, self.pretrained or "") or {}).get("hf_hub", "")
+        return ModelSpec(self.name, repo.strip("/") or f"{self.model_name}:{self.pretrained}", self.revision)
+
 
 def _weights_digest(folder: str) -> str:
     """Content hash of a local open_clip folder: config + weights (large files: size + head + tail)."""
@@ -96,9 +109,17 @@ class ClipModel:
         import open_clip
         import torch
 
+        from pipeline.models import loading, model_error
+
         self.spec, self.device = spec, device
-        model, _, preprocess = open_clip.create_model_and_transforms(spec.model_name, pretrained=spec.pretrained,
-                                                                     device=device)
+        try:
+            with loading(spec.model_spec(), "--clip-model"):
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.model_name, pretrained=spec.pretrained, device=device)
+        except RuntimeError as exc:  # open_clip's own "Failed to download weights ..."
+            if "download" not in str(exc).lower():
+                raise
+            raise model_error(spec.model_spec(), "--clip-model", exc) from exc
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(spec.model_name)

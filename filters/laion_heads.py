@@ -47,7 +47,7 @@ def _load_state(path: str) -> tuple[dict, dict]:
     return state, {}
 
 
-def locate(weights: str) -> str:
+def locate(weights: str, flag: str = "the weights flag") -> str:
     """Local file, or ORG/REPO/FILE on the Hugging Face hub -> local file."""
     if not weights:
         raise HeadError("no weights given")
@@ -59,18 +59,21 @@ def locate(weights: str) -> str:
                         "ORG/REPO/FILE")
     from huggingface_hub import hf_hub_download
 
+    from pipeline.models import ModelSpec, loading
+
     try:
-        return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
-    except Exception as exc:  # noqa: BLE001 - offline, missing file, gated...
-        raise HeadError(f"could not get head weights {weights!r} from the hub: {type(exc).__name__}: {exc}") from exc
+        with loading(ModelSpec(weights, "/".join(parts[:2]), "main"), flag):
+            return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
+    except Exception as exc:  # noqa: BLE001 - offline, missing file, gated...: the message says which
+        raise HeadError(str(exc)) from exc
 
 
 class LinearHead:
     """A stack of Linear layers (numpy float32 on CPU: these heads are tiny) applied to embeddings."""
 
-    def __init__(self, weights: str, kind: str):
+    def __init__(self, weights: str, kind: str, flag: str = "the weights flag"):
         self.kind, self.source = kind, weights
-        state, meta = _load_state(locate(weights))
+        state, meta = _load_state(locate(weights, flag))
         layers: dict[str, dict[str, np.ndarray]] = {}
         for name, tensor in state.items():
             m = re.fullmatch(r"(?:(.*)\.)?(weight|bias)", name)
@@ -126,4 +129,4 @@ def load_head(weights: str | None, kind: str, flag: str) -> LinearHead:
     if not weights:
         raise HeadError(f"--{'min-aesthetic' if kind == 'aesthetic' else 'max-nsfw'} needs {flag} "
                         "(a local .safetensors/.pth file or a hub id ORG/REPO/FILE); prx ships no head weights")
-    return LinearHead(weights, kind)
+    return LinearHead(weights, kind, flag)

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -127,40 +128,110 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(_flag_name(f), **{k: v for k, v in kwargs.items() if v is not None})
 
 
+_EXPECTED = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _expected(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        inner = (typing.get_args(tp) or (str,))[0]
+        return f"a list of {_EXPECTED.get(_base_type(inner), 'values').split(' ', 1)[1]}s" \
+            if _base_type(inner) in (int, float, str) else "a list"
+    if origin is dict:
+        return "a mapping of name: number (or NAME=W,NAME=W)"
+    return _EXPECTED.get(tp, "a value")
+
+
+def _scalar(tp: Any, value: Any) -> Any:
+    """One value of type int, float or str; strings are parsed as on the CLI. ValueError when it cannot be."""
+    if tp in (int, float):
+        if isinstance(value, str):
+            value = float(value.strip()) if tp is float else int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is float and
+                                                                               not math.isfinite(value)):
+            raise ValueError
+        if tp is int and float(value) != int(value):
+            raise ValueError
+        return tp(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError
+        return str(value)  # `source: 2024` means the text 2024
+    return value
+
+
 def _coerce(cls: type, name: str, value: Any) -> Any:
     """Check one YAML value against the field's type; strings are parsed as on the CLI."""
     tp = _base_type(typing.get_type_hints(cls)[name])
     if value is None:
         return None
     origin = typing.get_origin(tp)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"option {name!r} must be true or false, got {value!r}")
-        return value
-    if isinstance(value, str) and tp is not str:
-        return _converter(tp)(value)
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ConfigError(f"option {name!r} must be a list, got {value!r}")
-        return list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"option {name!r} must be a mapping, got {value!r}")
-        return dict(value)
-    if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"option {name!r} must be a number, got {value!r}")
-        if tp is int and float(value) != int(value):
-            raise ConfigError(f"option {name!r} must be an integer, got {value!r}")
-        return tp(value)
+    try:
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if origin in (list, tuple):
+            inner = _base_type((typing.get_args(tp) or (str,))[0])
+            items = _parse_list(value) if isinstance(value, str) else value
+            if not isinstance(items, list):
+                raise ValueError
+            return [_scalar(inner, v) for v in items] if inner in (int, float, str) else list(items)
+        if origin is dict:
+            mapping = _parse_weights(value) if isinstance(value, str) else value
+            if not isinstance(mapping, dict):
+                raise ValueError
+            return {str(k): _scalar(float, v) for k, v in mapping.items()}
+        if tp in (int, float, str):
+            return _scalar(tp, value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise ConfigError(f"option {name!r} must be {_expected(tp)}, got {value!r}") from None
     return value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader (no python tags), refusing a key given twice in one mapping; errors name the key."""
+
+    def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)  # `<<:` merge keys, as the safe loader does
+        mapping: dict[Any, Any] = {}
+        lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool)):
+                raise ConfigError(f"line {line}: a key must be a plain name, got {key!r}")
+            if key in lines:
+                raise ConfigError(f"key {key!r} is given twice (lines {lines[key]} and {line}); keep one")
+            try:
+                mapping[key] = self.construct_object(value_node, deep=deep)
+            except yaml.constructor.ConstructorError as exc:
+                raise ConfigError(f"option {key!r} (line {line}): {exc.problem}; config files hold plain values "
+                                  "only (strings, numbers, lists, mappings), no python tags") from None
+            lines[key] = line
+        return mapping
+
+
 def read_yaml(path: str) -> dict:
+    """A YAML mapping; plain values only (python tags refused), each key once. ConfigError names the file."""
     from pipeline import fs
 
-    with fs.open_file(path, "rb") as fh:
-        data = yaml.safe_load(fh.read().decode("utf-8")) or {}
+    try:
+        with fs.open_file(path, "rb") as fh:
+            text = fh.read().decode("utf-8")
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
+    except yaml.constructor.ConstructorError as exc:
+        where = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
+        raise ConfigError(f"{path}{where}: {exc.problem}; config files hold plain values only (strings, "
+                          "numbers, lists, mappings), no python tags") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
     return data
@@ -180,7 +251,10 @@ def build_config(cls: type, cli: dict[str, Any] | None = None, file: str | None 
                 name = "input"
             if name not in names:
                 raise ConfigError(f"{file}: unknown option {key!r}; known: {', '.join(sorted(names))}")
-            values[name] = _coerce(cls, name, value)
+            try:
+                values[name] = _coerce(cls, name, value)
+            except ConfigError as exc:
+                raise ConfigError(f"{file}: {exc}") from None
         values["config"] = file
     unknown = set(cli) - names
     if unknown:

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import fs
+from pipeline.errors import StageError
 
 KEPT, REJECTED, FAILED = "kept", "rejected", "failed"
 OUTCOMES = (KEPT, REJECTED, FAILED)
@@ -147,11 +148,29 @@ def reason_table_markdown() -> str:
     return "\n".join(lines)
 
 
+class StageJsonError(StageError):
+    """A `_stage.json` that cannot be parsed; `path` and `problem` let a caller name its own fix."""
+
+    def __init__(self, path: str, folder: str, problem: str):
+        self.path, self.folder, self.problem = path, folder, problem
+        super().__init__(f"{path} {problem}; rerun the stage that wrote {folder} (with --overwrite) "
+                         "or move the file away")
+
+    def __reduce__(self):  # picklable across Dask workers
+        return type(self), (self.path, self.folder, self.problem)
+
+
 def read_stage_json(folder: str) -> dict | None:
-    """A stage folder's `_stage.json` (None when there is none)."""
+    """A stage folder's `_stage.json` (None when there is none; StageJsonError when it does not parse)."""
     import json
 
     path = fs.join(folder, "_stage.json")
     if not fs.exists(path):
         return None
-    return json.loads(fs.read_bytes(path).decode("utf-8"))
+    try:
+        doc = json.loads(fs.read_bytes(path).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise StageJsonError(path, folder, f"cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(doc, dict):
+        raise StageJsonError(path, folder, "is not a JSON object")
+    return doc

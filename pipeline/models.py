@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -16,9 +17,9 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import StageError
+
 MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "models.yaml"
-GATED_HELP = ("{id} is gated on the Hugging Face hub: accept its licence on the model page, then "
-              "`export HF_TOKEN=...` (or `hf auth login`) before running; or pass a local folder.")
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,61 @@ def import_class(path: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def from_pretrained(spec: ModelSpec, cls: str | type | None = None, **kwargs) -> Any:
-    """Load through the class's own from_pretrained; gated repos fail with a message that says what to do."""
-    klass = import_class(cls) if isinstance(cls, str) else cls or import_class(spec.cls or "")
+def _chain(exc: BaseException):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def model_error(spec: ModelSpec, flag: str, exc: BaseException) -> StageError:
+    """A hub or file error while loading `spec` -> one message: which model and revision, why, and what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hub
+
+    what = f"{flag} {spec.name}"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    if spec.is_local:
+        return StageError(f"{what}: cannot load the model folder {spec.id} ({type(exc).__name__}: {first}); "
+                          "check that it holds the model's config and weights (save_pretrained's layout)")
+    rev = spec.revision or "main"
+    fetch = f"hf download {spec.id} --revision {rev}"
+    folder = f"or point {flag} at a local folder holding the model"
+    chain = list(_chain(exc))
+    text = " ".join(str(e) for e in chain).lower()
+    if spec.gated or any(isinstance(e, hub.GatedRepoError) for e in chain) or "gated" in text or "401" in text:
+        return StageError(f"{what}: {spec.id} (revision {rev}) is gated on the Hugging Face hub: accept its licence "
+                          f"on https://huggingface.co/{spec.id}, `export HF_TOKEN=...` (or `hf auth login`), then "
+                          f"`{fetch}`; {folder}. ({first})")
+    if any(isinstance(e, hub.RevisionNotFoundError) for e in chain):
+        return StageError(f"{what}: revision {rev} of {spec.id} does not exist on the hub; fix the revision in "
+                          f"manifests/models.yaml, {folder}. ({first})")
+    if any(isinstance(e, hub.RepositoryNotFoundError) for e in chain):
+        return StageError(f"{what}: {spec.id} was not found on the Hugging Face hub (a typo, or a private repo: "
+                          f"`export HF_TOKEN=...`), {folder}. ({first})")
+    hub_state = ("the hub is switched off here (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
+                 else "the hub could not be reached")
+    return StageError(f"{what}: {spec.id} (revision {rev}) is not in the local Hugging Face cache "
+                      f"({constants.HF_HUB_CACHE}) and {hub_state}. Fetch it where the hub is reachable: `{fetch}` "
+                      f"(a gated model also needs its licence accepted and `export HF_TOKEN=...`), {folder}. "
+                      f"({first})")
+
+
+@contextmanager
+def loading(spec: ModelSpec, flag: str = "the model flag"):
+    """Every model load of every stage and the trainer runs inside this: hub and file errors (offline, not
+    cached, gated, missing repo or revision) become one StageError naming the model and the fix."""
+    from huggingface_hub.errors import EntryNotFoundError
+
     try:
-        return klass.from_pretrained(spec.id, **spec.load_kwargs(), **kwargs)
-    except OSError as exc:
-        if spec.gated or "gated" in str(exc).lower() or "401" in str(exc):
-            raise OSError(GATED_HELP.format(id=spec.id) + f"\n(original error: {exc})") from exc
+        yield
+    except StageError:
         raise
+    except (OSError, EntryNotFoundError) as exc:
+        raise model_error(spec, flag, exc) from exc
+
+
+def from_pretrained(spec: ModelSpec, cls: str | type | None = None, *, flag: str = "the model flag", **kwargs) -> Any:
+    """Load through the class's own from_pretrained; failures say which model is missing and how to get it."""
+    klass = import_class(cls) if isinstance(cls, str) else cls or import_class(spec.cls or "")
+    with loading(spec, flag):
+        return klass.from_pretrained(spec.id, **spec.load_kwargs(), **kwargs)

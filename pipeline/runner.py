@@ -6,9 +6,11 @@ One output folder holds one run of one stage. Rerunning into it with the same co
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import hashlib
 import json
 import os
+import posixpath
 import sys
 import tarfile
 import time
@@ -188,23 +190,182 @@ def _hash_file_bytes(data: bytes) -> str:
 
 
 def prepare_output(stage: Stage, chash: str) -> None:
-    """Apply the one-folder-one-run rule: resume on the same hash, refuse or wipe on another."""
+    """Apply the one-folder-one-run rule: resume on the same hash (redoing damaged shards), refuse on another
+    unless --overwrite, which removes only what the stage itself wrote. Nothing is touched before the checks:
+    an output that is, holds or sits inside an input is refused."""
+    check_paths(stage)
     out = stage.cfg.out
-    previous = read_stage_json(out)
+    previous = _own_stage_json(stage)
     if previous is None:
-        if fs.exists(out) and fs.glob(fs.join(out, "*.tar")):
+        if fs.exists(out) and (fs.glob(fs.join(out, "*.tar")) or fs.exists(fs.join(out, "_stage.json"))):
             if not stage.cfg.overwrite:
-                raise StageError(f"{out} holds shards but no _stage.json; use another --out or --overwrite")
-            fs.remove(out)
+                raise StageError(f"{out} holds shards but no readable _stage.json; use another --out or --overwrite")
+            remove_own_outputs(stage)
         return
     same = previous.get("stage") == stage.name and previous.get("config_hash") == chash
     if same:
+        redo_damaged(stage)
         return
     if not stage.cfg.overwrite:
         raise StageError(
             f"{out} holds a run of stage {previous.get('stage')!r} with config hash {previous.get('config_hash')}; "
             f"this run's hash is {chash}. Use another --out, or --overwrite to replace it.")
-    fs.remove(out)
+    remove_own_outputs(stage)
+
+
+def _own_stage_json(stage: Stage) -> dict | None:
+    """The output's _stage.json; an unparsable one is an error unless --overwrite replaces it."""
+    try:
+        doc = read_stage_json(stage.cfg.out)
+    except ledger.StageJsonError as exc:
+        if stage.cfg.overwrite:
+            return None
+        raise StageError(f"{exc.path} {exc.problem}. It records which run wrote {stage.cfg.out}: use another "
+                         "--out, or --overwrite to replace that folder's outputs") from None
+    return doc
+
+
+# ------------------------------------------------------------------------------------ output safety
+def canonical(path: str) -> tuple[str, str]:
+    """(protocol, absolute normalised path): links and `..` resolved for local paths, `..` for URLs."""
+    path = str(path)
+    if "://" not in path or fs.is_local(path):
+        local = fs.get_fs(path)[1] if "://" in path else path
+        return "file", os.path.realpath(os.path.expanduser(local))
+    fsys, inner = fs.get_fs(path)
+    proto = fsys.protocol[0] if isinstance(fsys.protocol, (tuple, list)) else fsys.protocol
+    return str(proto), posixpath.normpath("/" + inner.strip("/"))
+
+
+def _relation(a: tuple[str, str], b: tuple[str, str]) -> str | None:
+    """How path a stands to path b: 'the same folder as', 'inside', 'around', or None."""
+    if a[0] != b[0]:
+        return None
+    if a[1] == b[1]:
+        return "the same as"
+    sep = "/" if a[0] != "file" else os.sep
+    if a[1].startswith(b[1].rstrip(sep) + sep):
+        return "inside"
+    if b[1].startswith(a[1].rstrip(sep) + sep):
+        return "a folder holding"
+    return None
+
+
+def check_paths(stage: Stage) -> None:
+    """Refuse, before touching anything, an output that is, holds or sits inside an input or another output."""
+    reads = [p for p in stage.read_paths() if p and not str(p).startswith("hf:")]
+    writes = [p for p in stage.output_folders() if p]
+    for i, w in enumerate(writes):
+        cw = canonical(w)
+        for other, role in [(r, "input") for r in reads] + [(o, "output") for o in writes[i + 1:]]:
+            rel = _relation(cw, canonical(other))
+            if rel is not None:
+                raise StageError(f"output {w} is {rel} {role} {other}; a run never writes where it reads (and "
+                                 "--overwrite would delete it): choose an --out outside every input. "
+                                 "Nothing was changed")
+
+
+RUNNER_OWNED = ("[0-9]*.tar", "[0-9]*.parquet", "_stage.json", "_plan.json", "_map", ".*.tmp*")
+
+
+def own_outputs(stage: Stage) -> tuple[list[str], list[str]]:
+    """(entries the stage wrote, entries it did not) among the top-level entries of --out."""
+    out = stage.cfg.out
+    fsys, root = fs.get_fs(out)
+    if not fsys.exists(root):
+        return [], []
+    patterns = RUNNER_OWNED + tuple(stage.owned)
+    mine, unknown = [], []
+    for entry in sorted(fsys.ls(root, detail=False)):
+        name = posixpath.basename(str(entry).rstrip("/"))
+        if name in (".", ".."):
+            continue
+        ok = any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        (mine if ok else unknown).append(fs.join(out, name))
+    return mine, unknown
+
+
+def remove_own_outputs(stage: Stage) -> None:
+    """--overwrite: remove what the stage wrote; refuse a folder that also holds files it did not write."""
+    mine, unknown = own_outputs(stage)
+    if unknown:
+        shown = ", ".join(posixpath.basename(u) for u in unknown[:20])
+        more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        raise StageError(f"--overwrite refused: {stage.cfg.out} holds {len(unknown)} file(s) the {stage.name} stage "
+                         f"did not write ({shown}{more}); move them away or use another --out. Nothing was changed")
+    for path in mine:
+        fs.remove(path)
+
+
+def tar_problem(path: str) -> str | None:
+    """Why a published tar is damaged (None when whole): headers walked (data skipped by seeking), then the
+    two zero blocks of the end-of-archive marker must follow the last member."""
+    try:
+        total = fs.size(path)
+        with fs.open_file(path, "rb") as fh:
+            end = 0
+            try:
+                with tarfile.open(fileobj=fh, mode="r:") as tar:
+                    for _ in tar:
+                        pass
+                    end = tar.offset
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                return f"tar unreadable ({exc})"
+            if total < end + 1024:
+                return f"tar truncated ({total:,} bytes; its members need {end + 1024:,})"
+            fh.seek(end)
+            if fh.read(1024) != bytes(1024):
+                return f"tar has no end-of-archive marker at byte {end:,}"
+    except (OSError, ValueError) as exc:
+        return f"tar unreadable ({exc})"
+    return None
+
+
+def ledger_problem(path: str) -> str | None:
+    try:
+        ledger.read(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable ledger is redone
+        return f"ledger unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def redo_damaged(stage: Stage) -> list[str]:
+    """On resume, check every finished shard (tar + ledger) and scan partial; remove the damaged ones so this
+    run redoes them, saying which on stderr. Returns the removed paths."""
+    out = stage.cfg.out
+    removed = []
+    for tar_path in fs.glob(fs.join(out, "*.tar")):
+        name = posixpath.basename(tar_path)
+        if not name[:-4].isdigit():
+            continue
+        ledger_path = tar_path[:-4] + ".parquet"
+        if not fs.exists(ledger_path):
+            continue  # not finished: the runner redoes it anyway
+        why = ledger_problem(ledger_path) or tar_problem(tar_path)
+        if why:
+            print(f"{stage.name}: {name} is damaged: {why}; redoing shard {name[:-4]}", file=sys.stderr)
+            fs.remove(tar_path)   # the tar first: a tar that exists always has its ledger
+            fs.remove(ledger_path)
+            removed.append(tar_path)
+    for part in fs.glob(fs.join(out, "_map", "*.parquet")):
+        why = ledger_problem(part)
+        if why:
+            print(f"{stage.name}: scan partial {posixpath.basename(part)} is damaged: {why}; redoing it",
+                  file=sys.stderr)
+            fs.remove(part)
+            removed.append(part)
+            plan = fs.join(out, "_plan.json")
+            if fs.exists(plan):
+                fs.remove(plan)  # the plan is recomputed from the partials
+    plan = fs.join(out, "_plan.json")
+    if fs.exists(plan):
+        try:
+            json.loads(fs.read_bytes(plan))
+        except ValueError:
+            print(f"{stage.name}: _plan.json is damaged; recomputing it from the scan partials", file=sys.stderr)
+            fs.remove(plan)
+            removed.append(plan)
+    return removed
 
 
 def remove_stale_temporaries(out: str) -> None:
@@ -318,19 +479,28 @@ def tar_member_bytes(path: str) -> tuple[int, dict[str, int]]:
     return len(samples), dict(by_member)
 
 
+def _summary_read(read: Callable[[str], Any], path: str) -> Any:
+    """A shard file read for the summary; damage that appeared after the run's checks is named, with the fix."""
+    try:
+        return read(path)
+    except Exception as exc:  # noqa: BLE001 - any damage gets the same clear message
+        raise StageError(f"{path} is damaged ({type(exc).__name__}: {exc}); rerun the same command to redo "
+                         "that shard") from None
+
+
 def summarize(out: str, indices: list[int]) -> dict[str, Any]:
     """Counts by outcome and reason (from the ledgers) and bytes per sample by member (from the tars)."""
     outcomes: Counter = Counter()
     reasons: Counter = Counter()
     for i in indices:
-        table = ledger.read(fs.join(out, shard_name(i, "parquet")))
+        table = _summary_read(ledger.read, fs.join(out, shard_name(i, "parquet")))
         for outcome, reason in zip(table.column("outcome").to_pylist(), table.column("reason").to_pylist()):
             outcomes[outcome] += 1
             if reason:
                 reasons[f"{outcome}:{reason}"] += 1
     samples, member_bytes = 0, Counter()
     for i in indices:
-        n, by = tar_member_bytes(fs.join(out, shard_name(i)))
+        n, by = _summary_read(tar_member_bytes, fs.join(out, shard_name(i)))
         samples += n
         member_bytes.update(by)
     return {

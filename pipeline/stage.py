@@ -72,6 +72,9 @@ class Stage:
     help: ClassVar[str] = ""
     config_cls: ClassVar[type] = CommonConfig
     uses_model: ClassVar[bool] = False  # model tasks ask for the GPU resource where workers have one
+    # names (fnmatch patterns) of the top-level entries of --out this stage writes beyond the runner's own
+    # (NNNNNN.tar/.parquet, _stage.json, _map/, _plan.json): --overwrite removes these and nothing else
+    owned: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -79,6 +82,14 @@ class Stage:
     # --- what _stage.json records beyond the config
     def input_folders(self) -> list[str]:
         return [self.cfg.input] if self.cfg.input else []
+
+    def read_paths(self) -> list[str]:
+        """Every folder or file this run reads: no output may be one of them, inside one, or around one."""
+        return self.input_folders()
+
+    def output_folders(self) -> list[str]:
+        """Every folder this run writes into."""
+        return [self.cfg.out] if self.cfg.out else []
 
     def provenance(self) -> dict[str, Any]:
         """Model ids and revisions, prompt hashes...: hashed with the config."""

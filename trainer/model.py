@@ -38,7 +38,8 @@ def build_model(name: str, in_channels: int, context_in_dim: int, seed: int = 0)
             raise FileNotFoundError(f"model {name!r}: not a preset ({', '.join(PRESETS)}) nor a folder")
         from pipeline.models import from_pretrained, resolve
 
-        model = from_pretrained(resolve(name, "diffusers.PRXTransformer2DModel"), PRXTransformer2DModel)
+        model = from_pretrained(resolve(name, "diffusers.PRXTransformer2DModel"), PRXTransformer2DModel,
+                                flag="--model")
         model = model.float()
         got = (model.config.in_channels, model.config.context_in_dim)
         if got != (in_channels, context_in_dim):

@@ -11,18 +11,25 @@ error strings). The opener adds:
 - the private-address guard: every connection, the first and every redirect hop, resolves the host itself,
   refuses private, loopback, link-local, site-local, shared (CGNAT), multicast and reserved addresses before
   connecting, and checks the connected socket's peer address again, unless private networks are allowed;
-- only http and https (no file:, ftp: or data: handlers, so a URL list cannot read local files).
+- only http and https (no file:, ftp: or data: handlers, so a URL list cannot read local files);
+- a total deadline per URL (`--url-deadline`): `--timeout` bounds each socket operation, so a server that
+  sends one byte a second would hold a thread for hours; at the deadline a watchdog thread shuts the URL's
+  socket down, whatever phase it is in (headers or body), and the URL's row is `timeout`.
 
 Our own failures are raised with a `[prx:CODE]` marker, which survives img2dataset's `str(err)`, so
 `reason_for` maps every error string img2dataset records back to one ledger reason code.
 """
 from __future__ import annotations
 
+import heapq
+import http.client
 import ipaddress
 import re
 import socket
 import threading
+import time
 import urllib.request
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -123,10 +130,11 @@ def guarded_create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, s
 class CappedResponse:
     """Wraps urllib's response: `read()` streams in chunks, stops past the byte cap, detects truncation."""
 
-    def __init__(self, response, max_bytes: int | None):
+    def __init__(self, response, max_bytes: int | None, deadline: "Deadline | None" = None):
         self._r = response
         self._max = max_bytes
         self._total = 0  # body bytes read so far, all reads together
+        self._deadline = deadline
         self.headers = response.headers
 
     def __getattr__(self, name):
@@ -146,6 +154,17 @@ class CappedResponse:
             raise DownloadRefused("too_large", f"body passed {self._max} bytes while streaming")
 
     def read(self, amt: int | None = None) -> bytes:
+        try:
+            data = self._read(amt)
+        except (OSError, http.client.HTTPException) as exc:
+            if self._deadline is not None and self._deadline.passed():  # the watchdog cut it
+                raise self._deadline.error() from exc
+            raise
+        if self._deadline is not None and self._deadline.passed():
+            raise self._deadline.error()  # the watchdog cut the body short
+        return data
+
+    def _read(self, amt: int | None) -> bytes:
         if amt is not None:  # partial reads count towards the cap too
             chunk = self._r.read(amt)
             self._count(len(chunk))
@@ -191,17 +210,37 @@ class _Processor(urllib.request.BaseHandler):
         if self.max_bytes and length is not None and length.isdigit() and int(length) > self.max_bytes:
             response.close()
             raise DownloadRefused("too_large", f"Content-Length {length} > {self.max_bytes} bytes")
-        return CappedResponse(response, self.max_bytes)
+        return CappedResponse(response, self.max_bytes, getattr(_this_url, "deadline", None))
 
     https_response = http_response
 
 
-def _connection_factory(base: type, guarded: bool):
-    def make(host, **kwargs):
-        conn = base(host, **kwargs)
+class _Connection:
+    """http.client's connection with the address guard and the URL's deadline watched once connected."""
+
+    def __init__(self, *args, guarded: bool, deadline: "Deadline | None", **kwargs):
+        super().__init__(*args, **kwargs)
         if guarded:
-            conn._create_connection = guarded_create_connection
-        return conn
+            self._create_connection = guarded_create_connection  # http.client's own hook for the socket
+        self._deadline = deadline
+
+    def connect(self):
+        super().connect()
+        if self._deadline is not None:
+            WATCHDOG.watch(self.sock, self._deadline.at)  # the TLS socket too, once wrapped
+
+
+class _HTTPConnection(_Connection, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Connection, http.client.HTTPSConnection):
+    pass
+
+
+def _connection(cls: type, guarded: bool):
+    def make(host, **kwargs):
+        return cls(host, guarded=guarded, deadline=getattr(_this_url, "deadline", None), **kwargs)
 
     return make
 
@@ -212,7 +251,7 @@ class _HTTPHandler(urllib.request.HTTPHandler):
         self._guarded = guarded
 
     def do_open(self, http_class, req, **kwargs):
-        return super().do_open(_connection_factory(http_class, self._guarded), req, **kwargs)
+        return super().do_open(_connection(_HTTPConnection, self._guarded), req, **kwargs)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
@@ -221,7 +260,76 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         self._guarded = guarded
 
     def do_open(self, http_class, req, **kwargs):
-        return super().do_open(_connection_factory(http_class, self._guarded), req, **kwargs)
+        return super().do_open(_connection(_HTTPSConnection, self._guarded), req, **kwargs)
+
+
+# ------------------------------------------------------------------------------ the per-URL deadline
+_this_url = threading.local()  # .deadline: the Deadline of the URL this thread is fetching
+
+
+@dataclass(frozen=True)
+class Deadline:
+    at: float        # time.monotonic() when the URL's time is up
+    seconds: float
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def error(self) -> "DownloadRefused":
+        return DownloadRefused("timeout", f"no complete answer within --url-deadline {self.seconds:g} s")
+
+
+class Watchdog:
+    """One daemon thread that shuts sockets down at their deadline (a blocked read then returns at once)."""
+
+    def __init__(self):
+        self._heap: list[tuple[float, int, weakref.ref]] = []
+        self._cv = threading.Condition()
+        self._count = 0
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock, at: float) -> None:
+        with self._cv:
+            heapq.heappush(self._heap, (at, self._count, weakref.ref(sock)))
+            self._count += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="prx-url-deadline", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        with self._cv:
+            while True:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    sock = heapq.heappop(self._heap)[2]()
+                    if sock is not None and sock.fileno() != -1:  # closed sockets are long done
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                self._cv.wait(self._heap[0][0] - now if self._heap else None)
+
+
+WATCHDOG = Watchdog()
+
+
+class _Opener(urllib.request.OpenerDirector):
+    """Starts each URL's deadline (redirects and the body read included); a failure past it is `timeout`."""
+
+    def __init__(self, url_deadline: float | None):
+        super().__init__()
+        self.url_deadline = url_deadline
+
+    def open(self, fullurl, data=None, timeout=socket._GLOBAL_DEFAULT_TIMEOUT):
+        deadline = Deadline(time.monotonic() + self.url_deadline, self.url_deadline) if self.url_deadline else None
+        _this_url.deadline = deadline
+        try:
+            return super().open(fullurl, data, timeout)
+        except (OSError, http.client.HTTPException) as exc:
+            if deadline is not None and deadline.passed() and not isinstance(exc, DownloadRefused):
+                raise deadline.error() from exc
+            raise
 
 
 @dataclass(frozen=True)
@@ -229,11 +337,12 @@ class NetPolicy:
     user_agent: str = DEFAULT_USER_AGENT
     max_bytes: int | None = None
     allow_private_network: bool = False
+    url_deadline: float | None = None  # seconds for one URL, all phases together (None: no deadline)
 
 
 def build_opener(policy: NetPolicy) -> urllib.request.OpenerDirector:
     """http/https only; no proxy handler (the guard checks the real peer, not a proxy)."""
-    opener = urllib.request.OpenerDirector()
+    opener = _Opener(policy.url_deadline)
     guarded = not policy.allow_private_network
     for handler in (urllib.request.UnknownHandler(), _HTTPHandler(guarded), _HTTPSHandler(guarded),
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPRedirectHandler(),

@@ -6,7 +6,7 @@
         url = srv.url("/a.jpg")
 
 Routes can answer with any status, extra headers, a delay before answering, a redirect, a body cut short
-of its announced Content-Length, or no Content-Length at all. `pattern` routes serve many URLs from a
+of its announced Content-Length, no Content-Length at all, or a body dripped one byte at a time. `pattern` routes serve many URLs from a
 few bodies (`/img/{n}.jpg` for the benchmark). `hits` counts requests per path, `user_agents` per
 User-Agent.
 
@@ -34,6 +34,7 @@ class Route:
     location: str | None = None     # redirect target (status defaults to 302)
     truncate_to: int | None = None  # send only this many body bytes, then close (Content-Length stays full)
     send_length: bool = True        # False: no Content-Length, the body ends when the connection closes
+    drip: float = 0.0               # > 0: send the body one byte at a time, this many seconds apart
 
     def __post_init__(self):
         if self.location is not None and self.status == 200:
@@ -84,7 +85,13 @@ class ImageServer:
                         self.send_header("Content-Length", str(len(route.body)))
                     self.end_headers()
                     body = route.body if route.truncate_to is None else route.body[:route.truncate_to]
-                    self.wfile.write(body)
+                    if route.drip:
+                        for i in range(len(body)):
+                            self.wfile.write(body[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(route.drip)
+                    else:
+                        self.wfile.write(body)
                     self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
                     pass

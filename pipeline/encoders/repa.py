@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.models import ModelSpec, resolve
-from pipeline.errors import StageError
+from pipeline.models import ModelSpec, loading, resolve
 
 DEFAULT_CLASS = "transformers.Dinov2WithRegistersModel"
 
@@ -19,10 +18,8 @@ DEFAULT_CLASS = "transformers.Dinov2WithRegistersModel"
 def load_config(spec: ModelSpec):
     from transformers import AutoConfig
 
-    try:
+    with loading(spec, "--repa"):
         return AutoConfig.from_pretrained(spec.id, **spec.load_kwargs())
-    except OSError as exc:
-        raise StageError(f"cannot read the REPA teacher config of {spec.name} ({spec.id}): {exc}") from exc
 
 
 def repa_info(spec: ModelSpec, token_patch: int, downsample: int, config=None) -> dict[str, Any]:
@@ -77,7 +74,7 @@ def load_teacher(name: str, token_patch: int, downsample: int, device: str = "cp
     spec = resolve(name, DEFAULT_CLASS)
     config = load_config(spec)
     info = repa_info(spec, token_patch, downsample, config)
-    model = from_pretrained(spec, spec.cls or DEFAULT_CLASS, dtype=torch.float32)
+    model = from_pretrained(spec, spec.cls or DEFAULT_CLASS, flag="--repa", dtype=torch.float32)
     try:
         proc = AutoImageProcessor.from_pretrained(spec.id, **spec.load_kwargs())
         mean, std = proc.image_mean, proc.image_std

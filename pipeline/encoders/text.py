@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pipeline.models import GATED_HELP, ModelSpec, import_class, resolve
+from pipeline.models import ModelSpec, import_class, loading, resolve
 from pipeline.errors import StageError
 
 CLEANING = {
@@ -34,19 +34,14 @@ def cleaner(mode: str) -> Callable[[str], str]:
     raise ValueError(f"unknown cleaning mode {mode!r}; use {', '.join(CLEANING)}")
 
 
-def _gated(spec: ModelSpec, exc: Exception) -> StageError:
-    return StageError(GATED_HELP.format(id=spec.id) + f" (original error: {exc})")
+FLAG = "--text-encoder"
 
 
 def load_config(spec: ModelSpec):
     from transformers import AutoConfig
 
-    try:
+    with loading(spec, FLAG):
         return AutoConfig.from_pretrained(spec.id, **spec.load_kwargs())
-    except OSError as exc:
-        if spec.gated or "gated" in str(exc).lower() or "401" in str(exc):
-            raise _gated(spec, exc) from exc
-        raise StageError(f"cannot read the text encoder config of {spec.name} ({spec.id}): {exc}") from exc
 
 
 def encoder_class(spec: ModelSpec, config) -> str:
@@ -101,6 +96,26 @@ class TextEncoder:
         """Tokens before truncation (to tell whether a caption was cut at max_length)."""
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
 
+    def encode_empty_prompt(self):
+        """The empty prompt's hidden states (L x D bfloat16), for classifier-free guidance. A tokenizer that adds
+        no special tokens makes 0 tokens of it, which no attention can use: it is then one end-of-sequence token
+        (else pad, else bos), as T5's tokenizer encodes it."""
+        import torch
+
+        if self.count_tokens([self.clean("")])[0] > 0:
+            return self.encode([self.clean("")])[0]
+        tok = self.tokenizer
+        ids = [i for i in (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) if i is not None]
+        if not ids:
+            raise StageError(f"--text-encoder {self.spec.name}: its tokenizer makes 0 tokens of the empty prompt "
+                             "and has no eos, pad or bos token to stand for it; use a tokenizer that adds special "
+                             "tokens")
+        one = torch.tensor([[ids[0]]], device=self.device)
+        with torch.inference_mode(), torch.autocast(device_type=one.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.bf16):
+            hidden = self.model(input_ids=one, attention_mask=torch.ones_like(one)).last_hidden_state
+        return hidden[0].to(torch.bfloat16).cpu().clone()
+
     def encode(self, texts: list[str]):
         """Cleaned captions -> list of L_i x D bfloat16 CPU tensors (real tokens only)."""
         import torch
@@ -108,6 +123,8 @@ class TextEncoder:
         if not texts:
             return []
         tok = self.tokenize(texts)
+        if int(tok["attention_mask"].sum(dim=1).min()) == 0:
+            raise StageError("a caption with 0 tokens reached the text encoder; drop it first (count_tokens)")
         ids = tok["input_ids"].to(self.device, non_blocking=True)
         mask = tok["attention_mask"].to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16,
@@ -132,7 +149,7 @@ def load_text_encoder(name: str, max_length: int = 256, cleaning: str = "prx", d
     kwargs: dict[str, Any] = {}
     if getattr(config, "model_type", "") == "t5gemma" and getattr(config, "is_encoder_decoder", False):
         kwargs["is_encoder_decoder"] = False  # load the encoder half of an encoder-decoder checkpoint
-    try:
+    with loading(spec, FLAG):
         model = klass.from_pretrained(spec.id, **spec.load_kwargs(), dtype=torch.float32, **kwargs)
         tok_kwargs = {k: v for k, v in spec.load_kwargs().items() if k != "subfolder"}
         if spec.extra.get("tokenizer_subfolder"):
@@ -140,10 +157,6 @@ def load_text_encoder(name: str, max_length: int = 256, cleaning: str = "prx", d
         elif spec.subfolder:
             tok_kwargs["subfolder"] = spec.subfolder
         tokenizer = AutoTokenizer.from_pretrained(spec.id, **tok_kwargs)
-    except OSError as exc:
-        if spec.gated or "gated" in str(exc).lower() or "401" in str(exc):
-            raise _gated(spec, exc) from exc
-        raise
     if getattr(config, "is_encoder_decoder", False) and hasattr(model, "get_encoder") \
             and "EncoderModel" not in type(model).__name__:
         model = model.get_encoder()

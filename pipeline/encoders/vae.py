@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.models import GATED_HELP, ModelSpec, resolve
+from pipeline.models import ModelSpec, loading, resolve
 from pipeline.errors import StageError
 
 DEFAULT_CLASS = "diffusers.AutoencoderKL"
@@ -31,12 +31,8 @@ def vae_spec(name: str) -> ModelSpec:
 def load_config(spec: ModelSpec) -> dict[str, Any]:
     from diffusers import AutoencoderKL
 
-    try:
+    with loading(spec, "--vae"):
         cfg = AutoencoderKL.load_config(spec.id, **spec.load_kwargs())
-    except OSError as exc:
-        if spec.gated or "gated" in str(exc).lower() or "401" in str(exc):
-            raise StageError(GATED_HELP.format(id=spec.id) + f" (original error: {exc})") from exc
-        raise StageError(f"cannot read the VAE config of {spec.name} ({spec.id}): {exc}") from exc
     cls = cfg.get("_class_name", "AutoencoderKL")
     if cls in UNSUPPORTED:
         raise StageError(f"--vae {spec.name}: {UNSUPPORTED[cls]}")
@@ -82,6 +78,6 @@ def load_vae(name: str, device: str = "cpu", bf16: bool = False) -> VAE:
 
     spec = vae_spec(name)
     cfg = load_config(spec)  # refuses other classes, and says how to get access to a gated repo
-    model = from_pretrained(spec, DEFAULT_CLASS, torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    model = from_pretrained(spec, DEFAULT_CLASS, flag="--vae", torch_dtype=torch.float32, low_cpu_mem_usage=False)
     model.requires_grad_(False).eval().to(device)
     return VAE(model, spec, vae_info(spec, cfg), device, bf16)

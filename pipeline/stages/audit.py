@@ -91,8 +91,11 @@ def load_tokenizer(name: str):
     def factory():
         from transformers import AutoTokenizer
 
+        from pipeline.models import loading
+
         spec = resolve(name)
-        return AutoTokenizer.from_pretrained(spec.id, **spec.load_kwargs())
+        with loading(spec, "--text-encoder"):
+            return AutoTokenizer.from_pretrained(spec.id, **spec.load_kwargs())
 
     return cached(("audit-tokenizer", name), factory)
 
@@ -127,6 +130,7 @@ class AuditStage(Stage):
     name = "audit"
     help = "caption statistics per dataset, source and variant: terminal table, --json, --html, --fail-on"
     config_cls = AuditConfig
+    owned = ("audit.json", "audit.html")
 
     def input_folders(self) -> list[str]:
         return list(self.cfg.dirs)

@@ -67,6 +67,8 @@ class DownloadConfig(CommonConfig):
     threads: int = option(64, runtime=True, help="download threads per process (img2dataset thread_count)")
     retries: int = option(0, runtime=True, help="extra attempts per URL inside img2dataset")
     timeout: float = option(10.0, runtime=True, help="socket timeout in seconds (connect and each read)")
+    url_deadline: float = option(60.0, runtime=True, help="total seconds for one URL (connect, redirects, headers "
+                                                          "and body together); past it the URL is `timeout` (0: none)")
     retry_failed: bool = option(False, runtime=True, help="rerun only URLs whose outcome is failed, into the "
                                                           "same --out, replacing their rows")
 
@@ -122,9 +124,13 @@ class DownloadStage(Stage):
     name = "download"
     help = "URL lists -> raw shards + ledger, through img2dataset (one ledger row per URL)"
     config_cls = DownloadConfig
+    owned = (RETRY_DIR,)
 
     def input_folders(self) -> list[str]:
         return []  # the input is a URL list, recorded in the config (`urls`), not a shard folder
+
+    def read_paths(self) -> list[str]:
+        return [self.cfg.urls] if self.cfg.urls else []
 
     def validate(self) -> None:
         cfg = self.cfg
@@ -138,6 +144,8 @@ class DownloadStage(Stage):
             raise StageError("--shard-size must be at least 1")
         if cfg.threads < 1:
             raise StageError("--threads must be at least 1")
+        if cfg.url_deadline < 0:
+            raise StageError("--url-deadline must be 0 (none) or a number of seconds")
         if cfg.processes and not cfg.workers:
             cfg.workers = cfg.processes
         cfg.disallowed_header_directives = [d.strip().lower() for d in cfg.disallowed_header_directives
@@ -160,7 +168,8 @@ class DownloadStage(Stage):
             encode_quality=cfg.encode_quality, min_image_size=cfg.min_image_size,
             max_image_pixels=cfg.max_image_pixels or None, user_agent_token=token,
             disallowed_header_directives=list(cfg.disallowed_header_directives),
-            net=net.NetPolicy(cfg.user_agent, cfg.max_image_bytes or None, cfg.allow_private_network))
+            net=net.NetPolicy(cfg.user_agent, cfg.max_image_bytes or None, cfg.allow_private_network,
+                              cfg.url_deadline or None))
 
     # ------------------------------------------------------------------ planning and retry bookkeeping
     def plan(self) -> list[Task]:

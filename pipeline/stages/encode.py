@@ -28,8 +28,8 @@ from pipeline.stage import MapStage, Result, StageError, Task, keep, reject
 FORMAT_VERSION = 1
 
 ledger.register_reasons({
-    "no_caption_variant": (ledger.REJECTED, "encode: none of the requested caption variants is present and "
-                                            "non-empty after cleaning (missing ones are listed in detail)"),
+    "no_caption_variant": (ledger.REJECTED, "encode: none of the requested caption variants is present, "
+                                            "non-empty after cleaning and at least one token (detail lists them)"),
     "nonfinite_latent": (ledger.FAILED, "encode: the VAE returned NaN or infinite values for this image"),
 })
 
@@ -71,6 +71,7 @@ class Prepared:
     texts: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)
+    no_tokens: list[str] = field(default_factory=list)  # variants the text encoder's tokenizer makes 0 tokens of
     done: Result | None = None
 
 
@@ -80,6 +81,7 @@ class EncodeStage(MapStage):
     name = "encode"
     help = "VAE latents + text embeddings per caption variant (+ optional REPA features) -> encoded shards"
     config_cls = EncodeConfig
+    owned = (EMPTY_PROMPT_FILE,)
     uses_model = True
 
     def __init__(self, cfg):
@@ -164,7 +166,7 @@ class EncodeStage(MapStage):
         path = fs.join(self.cfg.out, EMPTY_PROMPT_FILE)
         if fs.exists(path):
             return
-        (hidden,) = text.encode([text.clean("")])
+        hidden = text.encode_empty_prompt()
         # no safetensors metadata: its key order is not stable, and _stage.json names the encoder
         fs.write_bytes_atomic(path, save({"hidden": hidden.contiguous()}))
 
@@ -215,13 +217,33 @@ class EncodeStage(MapStage):
             parts.append("missing caption variant(s): " + ", ".join(p.missing))
         if p.empty:
             parts.append("empty after cleaning: " + ", ".join(p.empty))
+        if p.no_tokens:
+            parts.append("0 tokens for the text encoder: " + ", ".join(p.no_tokens))
         return "; ".join(parts)
 
     # ------------------------------------------------------------------ model part
+    def _drop_zero_token_captions(self, prepared: list[Prepared], text) -> dict[tuple[int, str], int]:
+        """Token counts (before truncation) of every caption to encode; a caption the tokenizer makes 0 tokens
+        of (one that adds no special tokens) has nothing to encode: the variant is dropped, and a sample left
+        with none gets its `no_caption_variant` row."""
+        items = [(i, v, t) for i, p in enumerate(prepared) if p.done is None for v, t in p.texts.items()]
+        counts = text.count_tokens([t for _, _, t in items]) if items else []
+        full_tokens = {}
+        for (i, v, _), n in zip(items, counts):
+            full_tokens[(i, v)] = n
+            if n == 0:
+                p = prepared[i]
+                del p.texts[v]
+                p.no_tokens.append(v)
+                if not p.texts:
+                    p.done = reject(p.sample, "no_caption_variant", self._missing_detail(p))
+        return full_tokens
+
     def encode_batch(self, prepared: list[Prepared], vae, text, teacher) -> list[Result]:
         import torch
         from safetensors.torch import save
 
+        full_tokens = self._drop_zero_token_captions(prepared, text)
         todo = [i for i, p in enumerate(prepared) if p.done is None]
         latents: dict[int, tuple[Any, Any]] = {}
         feats: dict[int, Any] = {}
@@ -245,13 +267,10 @@ class EncodeStage(MapStage):
         items = [(i, v, t) for i in todo for v, t in prepared[i].texts.items()]
         items.sort(key=lambda x: (-len(x[2]), x[0], x[1]))
         hidden: dict[tuple[int, str], Any] = {}
-        full_tokens: dict[tuple[int, str], int] = {}
         for s in range(0, len(items), self.batch_size):
             chunk = items[s:s + self.batch_size]
-            texts = [t for _, _, t in chunk]
-            for (i, v, _), h, n in zip(chunk, text.encode(texts), text.count_tokens(texts)):
+            for (i, v, _), h in zip(chunk, text.encode([t for _, _, t in chunk])):
                 hidden[(i, v)] = h
-                full_tokens[(i, v)] = n
 
         results = []
         vrec = {k: vae.info[k] for k in ("name", "id", "revision", "subfolder", "scaling_factor", "shift_factor",
@@ -281,8 +300,8 @@ class EncodeStage(MapStage):
                 enc["captions"][v] = {"member": embedding_member(v), "source": caption_member(v),
                                       "tokens": int(h.shape[0]),
                                       "truncated": full_tokens[(i, v)] > self.cfg.max_length}
-            if p.missing or p.empty:
-                enc["missing_variants"] = sorted(p.missing + p.empty)
+            if p.missing or p.empty or p.no_tokens:
+                enc["missing_variants"] = sorted(p.missing + p.empty + p.no_tokens)
             if teacher is not None:
                 members[REPA_MEMBER] = save({"features": feats[i]})
                 gh, gw = teacher.grid(*p.crop.size)

@@ -99,6 +99,7 @@ class FilterStage(GlobalStage):
     help = "CLIP score, image/caption checks, aesthetic/NSFW heads, exact/perceptual/semantic dedup"
     config_cls = FilterConfig
     uses_model = True
+    owned = ("_decisions",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -133,7 +134,8 @@ class FilterStage(GlobalStage):
         if not weights:
             return None
         if kind not in self._heads:
-            self._heads[kind] = cached(("laion-head", kind, weights), lambda: lh.LinearHead(weights, kind))
+            flag = f"--{kind}-weights"
+            self._heads[kind] = cached(("laion-head", kind, weights), lambda: lh.LinearHead(weights, kind, flag))
         return self._heads[kind]
 
     @property
@@ -147,6 +149,9 @@ class FilterStage(GlobalStage):
             if h is not None:
                 out[kind] = h.name
         return out
+
+    def output_folders(self) -> list[str]:
+        return super().output_folders() + ([self.cfg.write_rejected] if self.cfg.write_rejected else [])
 
     def validate(self) -> None:
         c = self.cfg

@@ -10,20 +10,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from pipeline import fs, ledger
+from pipeline import fs, ledger, shards
 from pipeline.config import CommonConfig, option
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from pipeline.runner import cached
-from pipeline.shards import MemberCaps, Problem, ShardWriter, dumps_json, read_shard
+from pipeline.shards import BadMember, MemberCaps, Problem, ShardWriter, dumps_json, parse_json, read_shard
 from pipeline.stage import Stage, StageError, Task
 
 SIDECARS = (".txt", ".json")
+SOURCE_META_ROOM = 4096  # bytes of the output json left for prx's own fields
 
 
 @dataclass
@@ -126,12 +128,23 @@ def folder_items(root: str, paths: list[str]) -> Iterator[Item]:
         extra: dict[str, Any] = {}
         if extra_raw is not None:
             try:
-                extra = json.loads(extra_raw.decode("utf-8"))
-                if not isinstance(extra, dict):
-                    extra = {"value": extra}
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                extra = {"sidecar_error": f"{type(exc).__name__}: {exc}"}
-        yield Item(rel, data, caption, extra=extra, url=extra.get("url"))
+                extra = parse_source_meta(extra_raw, os.path.basename(stem) + ".json")
+            except BadMember as exc:
+                yield Item(rel, None, problem=Problem(content_key(data)[0], rel, exc.reason, str(exc)))
+                continue
+        yield Item(rel, data, caption, extra=extra, url=_url(extra))
+
+
+def parse_source_meta(data: bytes, what: str) -> dict[str, Any]:
+    """A json sidecar or member, within the JSON caps less the room prx's own fields take around it (it is
+    stored one level down, as `source_meta`), so the output json passes the same caps downstream."""
+    return parse_json(data, what, max_bytes=shards.JSON_MAX_BYTES - SOURCE_META_ROOM,
+                      max_depth=shards.JSON_MAX_DEPTH - 1)
+
+
+def _url(meta: dict[str, Any]) -> str | None:
+    url = meta.get("url")
+    return url if isinstance(url, str) else None
 
 
 def tar_items(path: str, caps: MemberCaps | None = None) -> Iterator[Item]:
@@ -142,15 +155,17 @@ def tar_items(path: str, caps: MemberCaps | None = None) -> Iterator[Item]:
             continue
         image = s.image_member
         try:
-            meta = s.meta()
-        except Exception as exc:  # noqa: BLE001 - bad json member: keep the image, note it
-            meta = {"sidecar_error": str(exc)}
+            meta = parse_source_meta(s.members["json"], "json") if "json" in s.members else {}
+        except BadMember as exc:
+            key = content_key(s.members[image])[0] if image else ""
+            yield Item(s.input_id, None, problem=Problem(key, s.input_id, exc.reason, str(exc)))
+            continue
         if image is None:
             yield Item(s.input_id, None, problem=Problem("", s.input_id, "missing_image",
                                                          f"members: {', '.join(sorted(s.members))}"))
             continue
         caption = s.members.get("txt")
-        yield Item(s.input_id, s.members[image], caption, extra=meta, orig_key=s.key, url=meta.get("url"))
+        yield Item(s.input_id, s.members[image], caption, extra=meta, orig_key=s.key, url=_url(meta))
 
 
 def _load_hf(cfg: IngestConfig):
@@ -188,7 +203,8 @@ def hf_items(cfg: IngestConfig, start: int, stop: int) -> Iterator[Item]:
             continue
         caption = row.get(cfg.text_column) if cfg.text_column else None
         extra = {k: v for k, v in row.items() if k not in (cfg.image_column, cfg.text_column)
-                 and isinstance(v, (str, int, float, bool, type(None)))}
+                 and isinstance(v, (str, int, float, bool, type(None)))
+                 and not (isinstance(v, float) and not math.isfinite(v))}  # JSON has no NaN/Infinity
         yield Item(input_id, data, caption if isinstance(caption, (str, bytes)) else None, extra=extra,
                    orig_key=str(i), url=extra.get("url"))
 

@@ -143,6 +143,7 @@ class RecaptionStage(MapStage):
     name = "recaption"
     help = "long and short VLM captions (caption_{variant}.txt + json.captions provenance)"
     config_cls = RecaptionConfig
+    owned = (".cache",)
     uses_model = True
 
     def __init__(self, cfg: RecaptionConfig, backend=None):
@@ -261,7 +262,8 @@ class RecaptionStage(MapStage):
             from pipeline.models import from_pretrained, resolve
 
             spec = resolve(self.cfg.text_encoder)
-            return from_pretrained(spec, spec.extra.get("tokenizer", "transformers.AutoTokenizer"))
+            return from_pretrained(spec, spec.extra.get("tokenizer", "transformers.AutoTokenizer"),
+                                   flag="--text-encoder")
 
         return cached(("recaption-text-tokenizer", self.cfg.text_encoder), load)
 
