@@ -137,6 +137,20 @@ def get_detector(name: str = DEFAULT_DETECTOR) -> Detect:
     return _DETECT[check_detector(name)]
 
 
+def load_detector(name: str = DEFAULT_DETECTOR) -> float:
+    """Build detector `name` in this process now (it is otherwise built on its first caption); returns the
+    seconds that took (0.0 when it was already built)."""
+    import time
+
+    if name in _MODELS:
+        return 0.0
+    t0 = time.perf_counter()
+    _built(check_detector(name), _build_fasttext if name == "fasttext" else _build_lingua)
+    if name == "lingua":  # lingua loads its n-gram models lazily, on the first text
+        detect_lingua("warm up")
+    return time.perf_counter() - t0
+
+
 def detect_language(text: str, detector: str = DEFAULT_DETECTOR) -> tuple[str | None, float]:
     """Most likely language of `text` (lowercase code, e.g. "en") and the detector's confidence in 0..1;
     (None, 0.0) when the text has no detectable language."""

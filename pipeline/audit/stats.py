@@ -20,8 +20,9 @@ Definitions (the README's audit section repeats them; tests check each on hand-c
   minus connected clusters (exact duplicates included).
 - loops: a word n-gram (1 <= n <= loop_max_n) repeated `loop_repeats` times back to back.
 - refusals: REFUSAL_PATTERNS anywhere in the caption.
-- wrong language: filters.language.detect_language says a language other than `language` with confidence
-  >= language_min_confidence; lower confidence or no language is `undetermined`.
+- wrong language: the `language_detector` of filters.language (fastText lid.176 by default, or lingua) says a
+  language other than `language` with confidence >= language_min_confidence; lower confidence or no language
+  is `undetermined`. Every non-empty caption is checked unless `language_sample` > 0.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import io
 import json
 import math
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
@@ -76,7 +78,8 @@ class AuditParams:
     distinct_cap: int = 1 << 20
     language: str = "en"
     language_min_confidence: float = 0.5
-    language_sample: int = 200        # 0: every caption; N: the first N non-empty captions per shard and group
+    language_detector: str = "fasttext"  # filters.language.DETECTORS
+    language_sample: int = 0          # 0: every caption; N: the first N non-empty captions per shard and group
     token_limit: int | None = None
 
     def bands(self) -> tuple[int, int]:
@@ -424,9 +427,10 @@ def words_of(text: str) -> list[str]:
 
 def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | None = None,
                clip: Iterable[dict[str, float]] = (), provenance: Iterable[dict] = (),
-               detect=None) -> GroupState:
+               detect=None, timing: dict[str, float] | None = None) -> GroupState:
     """One shard's captions of one group -> GroupState. `token_counts` aligns with `texts` (None: no
-    tokenizer); `clip` and `provenance` are per-sample dicts; `detect` is a filters.language detector or None.
+    tokenizer); `clip` and `provenance` are per-sample dicts; `detect` is a filters.language detector or None;
+    `timing`, when given, accumulates the seconds spent in `detect` under "language".
 
     Python touches each caption a few times (lower-case, word regex, whitespace collapse, hash, refusal
     regex, language); everything per word (hashes, n-grams, type-token ratios, MinHash, loops) is numpy over
@@ -452,7 +456,10 @@ def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | 
             s.over_limit = sum(1 for c in tc if c > params.token_limit)
     _caption_figures(s, texts, lowered, word_lists, params)
     if detect is not None:
+        t0 = time.perf_counter()
         _languages(s, texts if not params.language_sample else texts[:params.language_sample], detect, params)
+        if timing is not None:
+            timing["language"] = timing.get("language", 0.0) + time.perf_counter() - t0
     flat = list(chain.from_iterable(word_lists))
     s.arrays = {"dups": np.unique(text_hashes([" ".join(t.split()) for t in texts]))}
     _word_figures(s, flat, lens, params)
