@@ -173,8 +173,8 @@ def language_available(detector: str = DEFAULT_DETECTOR) -> bool:
 
 @lru_cache(maxsize=None)
 def supported_languages(detector: str = DEFAULT_DETECTOR) -> frozenset[str]:
-    """Every code the detector can return (fastText: lid.176's 176 labels, read from the model file; lingua: the ISO 639-1
-    codes of its 75 languages)."""
+    """Every code the detector can return (fastText: lid.176's 176 labels, read from the model file; lingua:
+    the ISO 639-1 codes of its 75 languages)."""
     if check_detector(detector) == "fasttext":  # the labels in the model file's dictionary, NUL-terminated
         with open(fasttext_model_path(), "rb") as fh:
             return frozenset(m.decode() for m in re.findall(rb"__label__([A-Za-z_-]+)\x00", fh.read()))
