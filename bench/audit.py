@@ -87,11 +87,17 @@ def child(folder: str, workers: int, extra: list[str]) -> None:
     print(json.dumps({"captions": report["captions"], "seconds": seconds, "timing": report["timing"],
                       "detector": report["language_detector"],
                       "checked": sum(g["figures"]["wrong_language"].get("checked", 0) for g in report["groups"]),
+                      "driver_cpu_s": _cpu(resource.RUSAGE_SELF), "workers_cpu_s": _cpu(resource.RUSAGE_CHILDREN),
                       "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "driver_baseline_mib": base / 1024,
                       "worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                       "near_dup_long": next(g["figures"]["near_dup"]["rate"] for g in report["groups"]
                                             if g["variant"] == "long")}))
+
+
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
 
 
 def reduce_memory(captions: int, shard: int = 1000) -> dict:
@@ -125,19 +131,23 @@ def reduce_memory(captions: int, shard: int = 1000) -> dict:
 
 
 def summary(n: int, r: dict, workers: int) -> str:
-    t = r["timing"]
+    """One line: wall (cluster start and detector load apart), CPU seconds (robust on a shared machine), the
+    scan's phases (CPU, summed over shards) and memory."""
+    t, c = r["timing"], r["captions"]
     start, load = t.get("executor_start", 0.0), t.get("detector_load", 0.0)
     steady = r["seconds"] - start - load / workers
     phases = {k: t.get(k, 0.0) for k in ("read", "language", "figures")}
-    own = phases["language"] + phases["figures"]
-    return (f"{n:>9} captions ({r['checked']:,} language-checked, {r['detector']['name']}): wall {r['seconds']:.1f}s = "
-            f"cluster start {start:.1f}s + detector load {load:.1f}s over {workers} workers + {steady:.1f}s -> "
-            f"{r['captions'] / steady / workers:,.0f} captions/s per core end to end; per scan-second: "
-            f"{r['captions'] / sum(phases.values()):,.0f} (read {phases['read']:.1f}s, language "
-            f"{phases['language']:.1f}s, other figures {phases['figures']:.1f}s; without reading "
-            f"{r['captions'] / own:,.0f}); driver peak {r['driver_peak_mib']:.0f} MiB (baseline "
-            f"{r['driver_baseline_mib']:.0f}, +{r['driver_peak_mib'] - r['driver_baseline_mib']:.0f}); largest worker "
-            f"{r['worker_peak_mib']:.0f} MiB (generation {r['generate_s']:.0f}s)")
+    cpu = r["driver_cpu_s"] + r["workers_cpu_s"]
+    return (f"{n:>9} captions ({r['checked']:,} language-checked, {r['detector']['name']}): wall {r['seconds']:.1f}s "
+            f"= cluster start {start:.1f}s + detector load {load:.2f} CPU-s over {workers} workers + {steady:.1f}s "
+            f"-> {c / steady / workers:,.0f} captions/s per core (wall); CPU: driver {r['driver_cpu_s']:.1f}s + "
+            f"workers {r['workers_cpu_s']:.1f}s -> {c / cpu:,.0f} captions per CPU-second end to end (start-up "
+            f"included); scan phases (CPU): read {phases['read']:.1f}s, language {phases['language']:.1f}s "
+            f"({c / max(phases['language'], 1e-9):,.0f}/s), other figures {phases['figures']:.1f}s -> "
+            f"{c / sum(phases.values()):,.0f}/s with reading, {c / (phases['language'] + phases['figures']):,.0f}/s "
+            f"without; driver peak {r['driver_peak_mib']:.0f} MiB (baseline {r['driver_baseline_mib']:.0f}, +"
+            f"{r['driver_peak_mib'] - r['driver_baseline_mib']:.0f}); largest worker {r['worker_peak_mib']:.0f} MiB "
+            f"(generation {r['generate_s']:.0f}s)")
 
 
 def main() -> int:

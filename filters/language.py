@@ -138,17 +138,15 @@ def get_detector(name: str = DEFAULT_DETECTOR) -> Detect:
 
 
 def load_detector(name: str = DEFAULT_DETECTOR) -> float:
-    """Build detector `name` in this process now (it is otherwise built on its first caption); returns the
-    seconds that took (0.0 when it was already built)."""
+    """Build detector `name` in this process now (it is otherwise built on its first caption); returns the CPU
+    seconds of this thread that took (0.0 when it was already built)."""
     import time
 
     if name in _MODELS:
         return 0.0
-    t0 = time.perf_counter()
-    _built(check_detector(name), _build_fasttext if name == "fasttext" else _build_lingua)
-    if name == "lingua":  # lingua loads its n-gram models lazily, on the first text
-        detect_lingua("warm up")
-    return time.perf_counter() - t0
+    t0 = time.thread_time()
+    get_detector(name)("warm up")   # both load their model files lazily, on the first text
+    return time.thread_time() - t0
 
 
 def detect_language(text: str, detector: str = DEFAULT_DETECTOR) -> tuple[str | None, float]:

@@ -430,7 +430,7 @@ def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | 
                detect=None, timing: dict[str, float] | None = None) -> GroupState:
     """One shard's captions of one group -> GroupState. `token_counts` aligns with `texts` (None: no
     tokenizer); `clip` and `provenance` are per-sample dicts; `detect` is a filters.language detector or None;
-    `timing`, when given, accumulates the seconds spent in `detect` under "language".
+    `timing`, when given, accumulates the CPU seconds (this thread's) spent in `detect` under "language".
 
     Python touches each caption a few times (lower-case, word regex, whitespace collapse, hash, refusal
     regex, language); everything per word (hashes, n-grams, type-token ratios, MinHash, loops) is numpy over
@@ -456,10 +456,10 @@ def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | 
             s.over_limit = sum(1 for c in tc if c > params.token_limit)
     _caption_figures(s, texts, lowered, word_lists, params)
     if detect is not None:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         _languages(s, texts if not params.language_sample else texts[:params.language_sample], detect, params)
         if timing is not None:
-            timing["language"] = timing.get("language", 0.0) + time.perf_counter() - t0
+            timing["language"] = timing.get("language", 0.0) + time.thread_time() - t0
     flat = list(chain.from_iterable(word_lists))
     s.arrays = {"dups": np.unique(text_hashes([" ".join(t.split()) for t in texts]))}
     _word_figures(s, flat, lens, params)
