@@ -206,8 +206,8 @@ class AuditStage(Stage):
         entries: dict[tuple[str, str], tuple] = {}   # (source, variant) -> its group's lists
         samples: Counter = Counter()   # source -> samples
         problems: Counter = Counter()
-        n = 0
         timing = {"read": -time.thread_time()}   # CPU seconds of this thread: unaffected by a loaded machine
+        n = 0
         for item in read_shard(task.inputs[0]):
             if isinstance(item, Problem):
                 problems[item.reason] += 1
