@@ -88,7 +88,7 @@ def test_lingua_agrees_with_fasttext_on_the_labelled_set():
 
 
 @pytest.mark.parametrize("detector", ["fasttext", "lingua"])
-def test_audit_filter_and_recaption_agree(detector, tmp_path):
+def test_audit_filter_and_recaption_agree(detector, tmp_path, capsys):
     """The same text gets the same language from the audit (its report), the filter stage's --languages check and
     the recaption language check, with either detector."""
     samples = [(text, None, None, 0.1) for text in AGREE]
@@ -98,6 +98,7 @@ def test_audit_filter_and_recaption_agree(detector, tmp_path):
                   "--language-detector", detector, "--language-min-confidence", "0"]) == 0
     report = json.loads(out.read_text())
     assert report["language_detector"]["name"] == detector
+    assert f"language: {detector} (" in capsys.readouterr().out   # the terminal table says which detector
     audited = report["groups"][0]["figures"]["wrong_language"]["languages"]
 
     filtered = [TextChecks(languages=["en"], language_detector=detector).run(text)[1] for text in AGREE]

@@ -452,6 +452,9 @@ def format_table(report: dict[str, Any]) -> str:
             out.append(f"funnel {lab}: " + " -> ".join(f"{s['stage']} {s['in']}>{s['kept']}" for s in stages))
     for note in report["unavailable"]:
         out.append(f"not computed: {note}")
+    detector = report.get("language_detector")
+    if detector:
+        out.append(f"language: {detector['name']} ({detector['model']}, {detector['package']} {detector['version']})")
     out.append(f"{report['captions']} captions in {report['seconds']:.1f}s")
     return "\n".join(out)
 
