@@ -1,12 +1,16 @@
-"""Benchmark `prx-data audit`: captions/s and peak memory at 10^5 and 10^6 generated captions.
+"""Benchmark `prx-data audit`: captions/s (per core) and peak memory at 10^5 and 10^6 generated captions.
 
     .venv/bin/python bench/audit.py [--sizes 100000,1000000] [--out bench-out/audit] [--workers 2]
+        [--options '{"language_detector": "lingua"}']
 
 Each size is a folder of shards (1000 samples per shard, half the captions `txt` ~12 words, half
 `caption_long.txt` ~40 words, with 2% exact duplicates, 1% loops, 0.5% refusals, 1% empty, some French), audited
-in a fresh subprocess with the Dask executor (a LocalCluster of --workers processes). Reported: wall time,
-captions/s, the driver's peak RSS above its baseline after imports (the reduce's state: the O(n) figures), and
-the largest worker's peak RSS (one shard at a time: O(shard)).
+in a fresh subprocess with the Dask executor (a LocalCluster of --workers processes), language identified on
+every caption (the default). Reported: wall time; the Dask cluster's start and the detector's load (once per
+worker process), stated apart; captions/s per core end to end without those two (captions / ((wall - start -
+load per worker) x workers)); captions per CPU-second of the scan's own phases summed over shards (reading the
+tar, language, the other figures); the driver's peak RSS above its baseline after imports (the reduce's state:
+the O(n) figures), and the largest worker's peak RSS (one shard at a time: O(shard)).
 """
 from __future__ import annotations
 
@@ -80,12 +84,20 @@ def child(folder: str, workers: int, extra: list[str]) -> None:
     t0 = time.perf_counter()
     report = run_audit(cfg)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"captions": report["captions"], "seconds": seconds,
+    print(json.dumps({"captions": report["captions"], "seconds": seconds, "timing": report["timing"],
+                      "detector": report["language_detector"],
+                      "checked": sum(g["figures"]["wrong_language"].get("checked", 0) for g in report["groups"]),
+                      "driver_cpu_s": _cpu(resource.RUSAGE_SELF), "workers_cpu_s": _cpu(resource.RUSAGE_CHILDREN),
                       "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "driver_baseline_mib": base / 1024,
                       "worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                       "near_dup_long": next(g["figures"]["near_dup"]["rate"] for g in report["groups"]
                                             if g["variant"] == "long")}))
+
+
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
 
 
 def reduce_memory(captions: int, shard: int = 1000) -> dict:
@@ -118,6 +130,26 @@ def reduce_memory(captions: int, shard: int = 1000) -> dict:
     return {"captions": captions, "reduce_peak_mib": peak / 2**20, "reduce_s": time.perf_counter() - t0}
 
 
+def summary(n: int, r: dict, workers: int) -> str:
+    """One line: wall (cluster start and detector load apart), CPU seconds (robust on a shared machine), the
+    scan's phases (CPU, summed over shards) and memory."""
+    t, c = r["timing"], r["captions"]
+    start, load = t.get("executor_start", 0.0), t.get("detector_load", 0.0)
+    steady = r["seconds"] - start - load / workers
+    phases = {k: t.get(k, 0.0) for k in ("read", "language", "figures")}
+    cpu = r["driver_cpu_s"] + r["workers_cpu_s"]
+    return (f"{n:>9} captions ({r['checked']:,} language-checked, {r['detector']['name']}): wall {r['seconds']:.1f}s "
+            f"= cluster start {start:.1f}s + detector load {load:.2f} CPU-s over {workers} workers + {steady:.1f}s "
+            f"-> {c / steady / workers:,.0f} captions/s per core (wall); CPU: driver {r['driver_cpu_s']:.1f}s + "
+            f"workers {r['workers_cpu_s']:.1f}s -> {c / cpu:,.0f} captions per CPU-second end to end (start-up "
+            f"included); scan phases (CPU): read {phases['read']:.1f}s, language {phases['language']:.1f}s "
+            f"({c / max(phases['language'], 1e-9):,.0f}/s), other figures {phases['figures']:.1f}s -> "
+            f"{c / sum(phases.values()):,.0f}/s with reading, {c / (phases['language'] + phases['figures']):,.0f}/s "
+            f"without; driver peak {r['driver_peak_mib']:.0f} MiB (baseline {r['driver_baseline_mib']:.0f}, +"
+            f"{r['driver_peak_mib'] - r['driver_baseline_mib']:.0f}); largest worker {r['worker_peak_mib']:.0f} MiB "
+            f"(generation {r['generate_s']:.0f}s)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="100000,1000000")
@@ -147,10 +179,7 @@ def main() -> int:
         r = json.loads(res.stdout.strip().splitlines()[-1])
         r["generate_s"] = gen_s
         rows.append(r)
-        print(f"{n:>9} captions: {r['seconds']:.1f}s, {r['captions'] / r['seconds']:,.0f} captions/s; driver peak "
-              f"{r['driver_peak_mib']:.0f} MiB (baseline {r['driver_baseline_mib']:.0f}, +"
-              f"{r['driver_peak_mib'] - r['driver_baseline_mib']:.0f}); largest worker {r['worker_peak_mib']:.0f} MiB "
-              f"(generation {gen_s:.0f}s)", flush=True)
+        print(summary(n, r, args.workers), flush=True)
     if len(rows) == 2:
         a, b = rows
         ratio = (b["driver_peak_mib"] - b["driver_baseline_mib"]) / max(a["driver_peak_mib"] - a["driver_baseline_mib"], 1)

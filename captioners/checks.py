@@ -24,7 +24,8 @@ REASONS: dict[str, tuple[str, str]] = {
     REFUSAL: ("rejected", "the VLM refused or said it cannot see/describe the image"),
     TRUNCATED: ("rejected", "generation stopped at max_new_tokens (finish_reason length / no EOS)"),
     REPETITION: ("rejected", "repetition loop: repeated word n-grams or a low zlib compression ratio"),
-    WRONG_LANGUAGE: ("rejected", "caption not in the expected language (or language undetermined), per filters.language"),
+    WRONG_LANGUAGE: ("rejected", "caption not in the expected language (or language undetermined), per filters.language "
+                                 "(--language-detector)"),
     LENGTH: ("rejected", "caption word count outside the variant's band (or empty, or too many sentences)"),
     TEMPLATE: ("rejected", "chat-template artefact: special tokens, role tags, preambles or markdown in the caption"),
     ALL_FAILED: ("rejected", "every caption variant failed its checks after all retries; detail lists each"),
@@ -52,6 +53,7 @@ class CheckConfig:
     max_words: int = 10_000
     max_sentences: int | None = None
     language: str = "en"
+    language_detector: str = "fasttext"  # filters.language.DETECTORS
     ngram: int = 4                      # repeated word n-gram size
     max_ngram_repeats: int = 3          # the same n-gram more than this many times is a loop
     max_repeated_ngram_fraction: float = 0.25
@@ -154,17 +156,20 @@ def check_length(text: str, finish_reason: str, cfg: CheckConfig) -> Failure | N
     return None
 
 
-def _default_detector():
+def _default_detector(name: str) -> Callable[[str], tuple[str | None, float]]:
+    """filters.language's detector `name` (the one the audit and the filter stage use with the same name)."""
     try:
-        from filters.language import detect_language
+        from filters import language
+
+        language.check_detector(name)
     except Exception as exc:  # noqa: BLE001
         raise CheckError(f"language check cannot run: filters.language unavailable ({exc})") from exc
-    return detect_language
+    return lambda text: language.detect_language(text, detector=name)
 
 
 def check_language(text: str, finish_reason: str, cfg: CheckConfig,
                    detector: Callable[[str], tuple[str | None, float]] | None = None) -> Failure | None:
-    detect = detector or _default_detector()
+    detect = detector or _default_detector(cfg.language_detector)
     try:
         code, conf = detect(text)
     except Exception as exc:  # noqa: BLE001 - a detector failure is an error, not a pass

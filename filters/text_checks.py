@@ -1,14 +1,14 @@
 """Checks on the source caption (the `txt` member): empty, too short, language.
 
-Language uses `filters.language.detect_language` (lingua, offline). A caption passes the language check
-when its detected language is one of `languages` with confidence >= `min_confidence`.
+Language uses `filters.language` (fastText lid.176 by default, or lingua; both offline). A caption passes the
+language check when its detected language is one of `languages` with confidence >= `min_confidence`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from filters.base import Judgement, failed, passed
-from filters.language import detect_language
+from filters.language import DEFAULT_DETECTOR, get_detector
 
 REASONS = {
     "caption_empty": "source caption is empty or whitespace only",
@@ -37,9 +37,10 @@ def too_short(text: str, min_words: int = 0, min_chars: int = 0) -> Judgement:
     return passed("min_words", n_words)
 
 
-def language(text: str, allowed: list[str], min_confidence: float = 0.0) -> tuple[Judgement, str | None]:
+def language(text: str, allowed: list[str], min_confidence: float = 0.0,
+             detector: str = DEFAULT_DETECTOR) -> tuple[Judgement, str | None]:
     """(judgement, detected code). The judgement's score is the confidence."""
-    code, conf = detect_language(text)
+    code, conf = get_detector(detector)(text)
     allowed = [a.lower() for a in allowed]
     if code is None:
         return failed("language", 0.0, "caption_language", "no detectable language"), None
@@ -59,6 +60,7 @@ class TextChecks:
     min_chars: int = 0
     languages: list[str] = field(default_factory=list)
     min_language_confidence: float = 0.0
+    language_detector: str = DEFAULT_DETECTOR
 
     @property
     def active(self) -> bool:
@@ -77,6 +79,6 @@ class TextChecks:
             out.append(too_short(text, self.min_words, self.min_chars))
         code = None
         if self.languages:
-            j, code = language(text, self.languages, self.min_language_confidence)
+            j, code = language(text, self.languages, self.min_language_confidence, self.language_detector)
             out.append(j)
         return out, code

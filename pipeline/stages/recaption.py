@@ -71,6 +71,8 @@ class RecaptionConfig(CommonConfig):
                                      help="checks to skip: truncation, template, refusal, repetition, length, language "
                                           "(for random test models; an empty caption always fails)")
     language: str = option("en", help="expected caption language (ISO 639-1), judged by filters.language")
+    language_detector: str = option("fasttext", help="language identification for the language check: fasttext "
+                                                     "(lid.176, default) or lingua")
     text_encoder: str | None = option(None, help="count caption tokens with this model's tokenizer (alias, hub id "
                                                  "or folder), recorded in provenance")
     dtype: str = option("auto", choices=["auto", "bfloat16", "float16", "float32"],
@@ -177,7 +179,8 @@ class RecaptionStage(MapStage):
                 spec = variants_mod.spec(v)
                 lo, hi = bands.get(v, (spec.min_words, spec.max_words))
                 check_cfg = checks_mod.CheckConfig(min_words=lo, max_words=hi, max_sentences=spec.max_sentences,
-                                                   language=cfg.language, skip=skip)
+                                                   language=cfg.language, skip=skip,
+                                                   language_detector=cfg.language_detector)
                 plans[v] = VariantPlan(prompts_mod.load(v, cfg.prompt_dir), budgets.get(v, spec.max_new_tokens),
                                        check_cfg)
         except (FileNotFoundError, ValueError) as exc:
@@ -209,9 +212,14 @@ class RecaptionStage(MapStage):
             raise StageError("--vlm-max-pixels must be >= --vlm-min-pixels")
         if "language" not in cfg.relax_checks:
             try:
-                from filters.language import detect_language  # noqa: F401
+                from filters.language import check_detector, language_available
+
+                check_detector(cfg.language_detector)
             except Exception as exc:  # noqa: BLE001
                 raise StageError(f"the language check cannot run ({exc}); it is an error, not a pass") from exc
+            if not language_available(cfg.language_detector):
+                raise StageError(f"the language check cannot run: the {cfg.language_detector} detector does not "
+                                 "load (reinstall prx); it is an error, not a pass")
         if self.backend_name() in sampling_mod.DEFAULTS:
             try:
                 sampling_mod.effective(self.backend_name(), self.sampling_overrides())
@@ -231,6 +239,10 @@ class RecaptionStage(MapStage):
                     else {k: v for k, v in self.sampling_overrides().items() if v is not None})
         out = {"model": model, "backend": name, "sampling": sampling,
                "prompts": {v: p.prompt.provenance() for v, p in self.variant_plans().items()}}
+        if "language" not in self.cfg.relax_checks:
+            from filters.language import detector_provenance
+
+            out["language_detector"] = detector_provenance(self.cfg.language_detector)
         if self.cfg.text_encoder:
             try:
                 out["text_encoder"] = resolve(self.cfg.text_encoder).provenance()
