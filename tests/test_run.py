@@ -119,9 +119,8 @@ def test_counts_funnel_and_a_rerun_rewrites_nothing(whole, capsys):
         table = ledger.read_folder(str(root / stage)).to_pylist()
         for r in table:
             if r["outcome"] != ledger.KEPT or stage == "04-encode":
-                ident = r["input_id"] if stage == "01-download" else r["key"]
-                assert ident not in finals, f"{ident} has two final outcomes"
-                finals[ident] = r["outcome"]
+                assert r["input_id"] not in finals, f"{r['input_id']} has two final outcomes"
+                finals[r["input_id"]] = r["outcome"]
     assert len(finals) == N_PHOTOS + 2
 
     before = _snapshot(root)
