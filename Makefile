@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m pipeline.demo demo-out
+	$(PY) -m demo demo-out
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache
