@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m demo demo-out
+
+docs: $(STAMP)
+	$(PY) -m testing.docs
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

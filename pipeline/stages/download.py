@@ -241,7 +241,7 @@ class DownloadStage(Stage):
         data = bytes(f.data)
         if self.cfg.resize_mode == "no":
             key, digest = content_key(data)
-        else:  # resized bytes: the key stays the hash of the bytes the server sent (DESIGN: sample identity)
+        else:  # resized bytes: the key stays the hash of the bytes the server sent (ARCHITECTURE.md, Sample identity)
             digest = f.sha256 or content_key(data)[1]
             key = digest[:32]
         try:
