@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
@@ -11,6 +12,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
 def test_gpu_benchmark_dry_run_writes_every_section(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
     gpu = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gpu  # dataclasses look their module up
     spec.loader.exec_module(gpu)
     assert gpu.main(["--dry-run", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "gpu.json").read_text())
