@@ -17,6 +17,9 @@ from typing import Callable
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every model is a local folder
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The audit detects caption languages with lingua; its high-accuracy models take ~10 s (minutes on a loaded
+# machine) and ~0.9 GB to load, for gibberish captions here: the demo uses the low-accuracy mode (0.6 s, 45 MB).
+os.environ.setdefault("PRX_LANGUAGE_ACCURACY", "low")
 
 MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "pipelines" / "demo.yaml"
 TINY_MODELS = ["tiny-clip", "tiny-qwen2-vl", "tiny-flux-vae", "tiny-t5gemma", "tiny-dinov2"]
