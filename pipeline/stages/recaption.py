@@ -28,7 +28,7 @@ from captioners import prompts as prompts_mod
 from captioners import sampling as sampling_mod
 from captioners import variants as variants_mod
 from captioners.base import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, MAX_ASPECT_RATIO, Request
-from filters.language import detect_language
+from filters import language as language_mod
 from pipeline import fs, ledger
 from pipeline.config import CommonConfig, option
 from pipeline.images import DEFAULT_MAX_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
@@ -341,7 +341,8 @@ class RecaptionStage(MapStage):
             for job, req, gen in zip(jobs, reqs, gens):
                 plan = plans[job.variant]
                 text = checks_mod.clean(gen.text)
-                failure = checks_mod.run_checks(text, gen.finish_reason, plan.checks, detect_language)
+                failure = checks_mod.run_checks(text, gen.finish_reason, plan.checks,
+                                                 language_mod.detect_language)
                 job.history.append(failure.reason if failure else "ok")
                 if failure is not None and attempt < self.cfg.retries:
                     retry.append(job)
