@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m pipeline.demo demo-out
+	$(PY) -m demo demo-out
+
+docs: $(STAMP)
+	$(PY) -m testing.docs
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

@@ -13,7 +13,7 @@ Measured, in one process, warm (models loaded and one warm-up pass run before ti
 - bare total: the two above, per sample (one image + one caption);
 - the stage: `prx-data encode --executor local` end to end (read tar, decode, crop, clean, tokenize, both
   encoders, safetensors, write tar + ledger), samples/s; ratio = stage / bare total.
-`--arch real` builds FLUX.1's VAE and T5Gemma-2B's encoder from ../shared/model-configs with random weights
+`--arch real` builds FLUX.1's VAE and T5Gemma-2B's encoder from bench/model-configs (architecture configs, no weights) with random weights
 and synthetic token ids instead (for a GPU; slow on a CPU).
 Prints a markdown table.
 """
@@ -143,7 +143,7 @@ def bench_real(args) -> list[tuple[str, str]]:
     from diffusers import AutoencoderKL
     from transformers import T5GemmaConfig, T5GemmaEncoderModel
 
-    cfgs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "model-configs")
+    cfgs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model-configs")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(cfgs, "flux1-dev-vae.json")))
     vae = vae.to(device).eval().requires_grad_(False)

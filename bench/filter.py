@@ -54,7 +54,7 @@ def make_model(folder: str, name: str) -> str:
     import open_clip
     import torch
 
-    from filters.tiny import save_open_clip_folder
+    from testing.tiny_models import save_open_clip_folder
 
     path = os.path.join(folder, "vit-b-32-random")
     if not os.path.exists(os.path.join(path, "open_clip_config.json")):

@@ -33,7 +33,7 @@ def make_raw(folder: str, n: int) -> str:
     from PIL import Image
 
     from pipeline.cli import main as prx_data
-    from pipeline.demo import write_photos
+    from demo.main import write_photos
 
     photos = os.path.join(folder, "photos-src")
     write_photos(photos)

@@ -156,22 +156,14 @@ def check_length(text: str, finish_reason: str, cfg: CheckConfig) -> Failure | N
     return None
 
 
-def _default_detector(name: str) -> Callable[[str], tuple[str | None, float]]:
-    """filters.language's detector `name` (the one the audit and the filter stage use with the same name)."""
-    try:
-        from filters import language
-
-        language.check_detector(name)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckError(f"language check cannot run: filters.language unavailable ({exc})") from exc
-    return lambda text: language.detect_language(text, detector=name)
-
-
 def check_language(text: str, finish_reason: str, cfg: CheckConfig,
                    detector: Callable[[str], tuple[str | None, float]] | None = None) -> Failure | None:
-    detect = detector or _default_detector(cfg.language_detector)
+    """`detector(text) -> (iso_639_1 | None, confidence)` is given by the caller (the recaption stage passes
+    filters.language.detect_language): captioners import only the contract, never filters."""
+    if detector is None:
+        raise CheckError("language check cannot run: no language detector given (skip it with relax 'language')")
     try:
-        code, conf = detect(text)
+        code, conf = detector(text)
     except Exception as exc:  # noqa: BLE001 - a detector failure is an error, not a pass
         raise CheckError(f"language check cannot run: {type(exc).__name__}: {exc}") from exc
     if code is None:

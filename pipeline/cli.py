@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         if hasattr(module, "add_commands"):
             module.add_commands(sub)
 
+    from pipeline.run import add_command as add_run_command
+
+    add_run_command(sub)
+
     p = sub.add_parser("inspect", help="counts, members and sizes of shard folders; --html renders a grid")
     p.add_argument("dirs", nargs="+", metavar="DIR")
     p.add_argument("--html", metavar="FILE", help="write a page with images and their captions")

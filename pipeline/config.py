@@ -38,7 +38,7 @@ def option(default: Any = dataclasses.MISSING, *, help: str = "", flag: str | No
 
 @dataclasses.dataclass
 class CommonConfig:
-    """Flags every stage has (DESIGN.md, Stage runner)."""
+    """Flags every stage has (ARCHITECTURE.md, Stage runner)."""
 
     input: str | None = option(None, flag="--in", help="input folder of shards (local path or fsspec URL)")
     out: str | None = option(None, runtime=True, help="output folder: one run of one stage")
@@ -237,6 +237,30 @@ def read_yaml(path: str) -> dict:
     return data
 
 
+def option_key(f: dataclasses.Field) -> str:
+    """A field as YAML files and manifests spell it: its flag without the dashes (`input` -> `in`)."""
+    return _flag_name(f)[2:]
+
+
+def values_from_mapping(cls: type, data: dict, where: str) -> dict[str, Any]:
+    """YAML-style `option: value` pairs (`clip-model` or `clip_model`, `in`) -> checked field values.
+    An unknown key or a value of the wrong type is a ConfigError naming `where` and the key."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    by_key = {option_key(f): n for n, f in fields.items()}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = by_key.get(str(key).replace("_", "-")) or str(key).replace("-", "_")
+        if name == "in":
+            name = "input"
+        if name not in fields:
+            raise ConfigError(f"{where}: unknown option {key!r}; valid: {', '.join(sorted(by_key))}")
+        try:
+            values[name] = _coerce(cls, name, value)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return values
+
+
 def build_config(cls: type, cli: dict[str, Any] | None = None, file: str | None = None) -> Any:
     """Effective config: defaults, then the YAML file (`file` or cli['config']), then CLI values."""
     cli = dict(cli or {})
@@ -244,17 +268,7 @@ def build_config(cls: type, cli: dict[str, Any] | None = None, file: str | None 
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if file:
-        data = read_yaml(file)
-        for key, value in data.items():
-            name = key.replace("-", "_")
-            if name == "in":
-                name = "input"
-            if name not in names:
-                raise ConfigError(f"{file}: unknown option {key!r}; known: {', '.join(sorted(names))}")
-            try:
-                values[name] = _coerce(cls, name, value)
-            except ConfigError as exc:
-                raise ConfigError(f"{file}: {exc}") from None
+        values = values_from_mapping(cls, read_yaml(file), file)
         values["config"] = file
     unknown = set(cli) - names
     if unknown:

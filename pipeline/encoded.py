@@ -1,7 +1,7 @@
 """The trainer-side reader of encoded shards (written by `prx-data encode`).
 
 The trainer reads latents and text embeddings only through this module, so the layout of an encoded
-folder is decided in one place (DESIGN.md, Members):
+folder is decided in one place (ARCHITECTURE.md, Members):
 
 - `latent.safetensors`: `mean`, `logvar` (float32, C x h x w) of the VAE posterior of the crop;
 - `emb_{variant}.safetensors`: `hidden` (bfloat16, L x D, unpadded: L is the caption's token count);

@@ -126,7 +126,7 @@ class DaskExecutor:
     """A distributed.LocalCluster on this machine, or an existing cluster by address."""
 
     def __init__(self, scheduler: str | None, workers: int | None, uses_model: bool):
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
         self.cluster = None
         self.resources: dict[str, float] = {}
@@ -136,16 +136,10 @@ class DaskExecutor:
             if uses_model and any(w.get("resources", {}).get("GPU") for w in infos):
                 self.resources = {"GPU": 1}
         else:
-            n_gpus = _local_gpu_count() if uses_model else 0
-            kwargs: dict[str, Any] = {"threads_per_worker": 1, "processes": True, "dashboard_address": None}
-            if n_gpus:
-                kwargs["n_workers"] = workers or n_gpus
-                kwargs["resources"] = {"GPU": 1}
-                self.resources = {"GPU": 1}
-            else:
-                kwargs["n_workers"] = workers or os.cpu_count() or 1
-            self.cluster = LocalCluster(**kwargs)
+            self.cluster = start_local_cluster(workers, uses_gpus=uses_model)
             self.client = Client(self.cluster)
+            if uses_model and _local_gpu_count():
+                self.resources = {"GPU": 1}
 
     def map(self, fn, stage: Stage, tasks: list[Task], *args):
         from distributed import as_completed
@@ -165,6 +159,22 @@ class DaskExecutor:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def start_local_cluster(workers: int | None, uses_gpus: bool):
+    """A distributed.LocalCluster here: one worker process per GPU (each advertising a `GPU` resource) when
+    there are GPUs and `uses_gpus`, else one per core; `workers` overrides the count. `prx-data run` starts
+    one for the whole pipeline and hands its address to every stage (as --scheduler)."""
+    from distributed import LocalCluster
+
+    n_gpus = _local_gpu_count() if uses_gpus else 0
+    kwargs: dict[str, Any] = {"threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    if n_gpus:
+        kwargs["n_workers"] = workers or n_gpus
+        kwargs["resources"] = {"GPU": 1}
+    else:
+        kwargs["n_workers"] = workers or os.cpu_count() or 1
+    return LocalCluster(**kwargs)
 
 
 def _local_gpu_count() -> int:
@@ -377,10 +387,22 @@ def remove_stale_temporaries(out: str) -> None:
             fs.remove(path)
 
 
+def input_hashes(folders: list[str]) -> dict[str, str]:
+    """The config hash recorded in each input folder's `_stage.json` (folders without one are left out):
+    `prx-data run` calls a stage stale when its input's hash is no longer the one it read."""
+    out = {}
+    for folder in folders:
+        info = read_stage_json(folder) if folder and fs.exists(folder) else None
+        if info and info.get("config_hash"):
+            out[folder] = info["config_hash"]
+    return out
+
+
 def write_stage_json(stage: Stage, chash: str, info: dict[str, Any]) -> None:
     doc = {
         "stage": stage.name,
         "inputs": stage.input_folders(),
+        "input_hashes": input_hashes(stage.input_folders()),
         "config": to_dict(stage.cfg),
         "config_hash": chash,
         "provenance": stage.provenance(),

@@ -1,4 +1,4 @@
-"""One shard writer and one safe shard reader for the whole project (DESIGN.md, Shards).
+"""One shard writer and one safe shard reader for the whole project (ARCHITECTURE.md, Shards).
 
 Writer: POSIX tar in webdataset layout (`{key}.{member}`), members of a sample in sorted order, mtime,
 uid and gid 0, so a rerun over the same input is byte-identical; written under a temporary name and

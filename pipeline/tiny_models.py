@@ -1,8 +1,8 @@
 """`prx-data dev tiny-models DIR`: seeded tiny random models of the real classes, saved to folders.
 
 Tests load them back through `pipeline.models.resolve` + the class's `from_pretrained` (the path real
-models take). Each issue registers the tiny model it first needs in BUILDERS; nothing here is committed
-output, everything is rebuilt from a seed.
+models take). The builders live in `testing/tiny_models.py` and register themselves here by name when that
+module is imported (BUILDER_MODULES); nothing is committed output, everything is rebuilt from a seed.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def _load_builders() -> None:
         importlib.import_module(module)
 
 
-# Modules holding `@register` builders (each issue appends its own).
-BUILDER_MODULES: list[str] = ["filters.tiny", "pipeline.encoders.tiny", "captioners.tiny", "trainer.tiny",
-                              "pipeline.audit.tiny"]
+# Modules holding `@register` builders: the project's live in testing/tiny_models.py; add a module here only
+# for builders that cannot live there.
+BUILDER_MODULES: list[str] = ["testing.tiny_models"]
 
 
 def build(folder: str, names: list[str] | None = None, seed: int = 0) -> dict[str, str]:

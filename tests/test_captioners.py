@@ -13,6 +13,7 @@ from PIL import Image
 from captioners import checks, prompts, sampling
 from captioners.base import DEFAULT_MAX_PIXELS, Request
 from captioners.fake import FakeBackend
+from filters.language import detect_language
 
 LONG = checks.CheckConfig(min_words=120, max_words=200)
 SHORT = checks.CheckConfig(min_words=5, max_words=25, max_sentences=1)
@@ -28,8 +29,8 @@ def test_default_pixel_budget_is_1024_vision_tokens():
 
 
 def test_good_captions_pass():
-    assert checks.run_checks(GOOD_SHORT, "stop", SHORT) is None
-    assert checks.run_checks(good_long(), "stop", LONG) is None
+    assert checks.run_checks(GOOD_SHORT, "stop", SHORT, detect_language) is None
+    assert checks.run_checks(good_long(), "stop", LONG, detect_language) is None
 
 
 @pytest.mark.parametrize("text,finish,cfg,reason", [
@@ -51,7 +52,7 @@ def test_good_captions_pass():
     ("Caption: a tabby cat sits on a wooden table near a bright window.", "stop", SHORT, checks.TEMPLATE),
 ])
 def test_each_check_rejects_crafted_bad_output(text, finish, cfg, reason):
-    failure = checks.run_checks(text, finish, cfg)
+    failure = checks.run_checks(text, finish, cfg, detect_language)
     assert failure is not None and failure.reason == reason, failure
 
 

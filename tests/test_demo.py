@@ -1,18 +1,26 @@
-"""`make demo` runs end to end (what exists so far) and says where its outputs are."""
+"""`make demo`: the pipeline manifest, then training; every output it lists exists."""
 from __future__ import annotations
 
 import json
+import re
 
-from pipeline.demo import run
+from demo.main import STEPS, main
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert run([str(tmp_path / "demo")]) == 0
+def test_demo_runs_end_to_end_and_every_listed_output_exists(tmp_path, capsys):
+    base = tmp_path / "demo"
+    assert main([str(base)]) == 0
     out = capsys.readouterr().out
-    assert "Demo outputs:" in out
-    assert (tmp_path / "demo" / "raw" / "_stage.json").exists()
-    assert (tmp_path / "demo" / "raw.html").exists()
-    for folder in ("filtered", "captioned", "encoded"):
-        assert json.loads((tmp_path / "demo" / folder / "_stage.json").read_text())["status"] == "complete"
-    assert (tmp_path / "demo" / "audit.html").exists()
-    assert list((tmp_path / "demo" / "train-run" / "checkpoints").iterdir()), "the train step saved a checkpoint"
+    listing = out.split("Demo outputs", 1)[1]
+    assert "meaningless" in listing and "with real models: prx-data run manifests/pipelines/example-laion.yaml" \
+        in listing
+    paths = re.findall(r"^  \S.*?\s{2,}(/\S+)$", listing, flags=re.M)
+    assert len(paths) >= len(STEPS) + 8
+    missing = [p for p in paths if not (tmp_path / p).exists()]
+    assert not missing, f"the demo lists outputs that do not exist: {missing}"
+    run = json.loads((base / "_run.json").read_text())
+    assert run["status"] == "complete" and run["funnel"]["balanced"] and run["gates"][0]["passed"]
+    assert [r["stage"] for r in run["stages"]] == ["01-download", "02-filter", "03-recaption", "04-encode",
+                                                   "05-audit"]
+    assert run["stages"][0]["in"] == 6 and run["stages"][3]["kept"] > 0
+    assert "127.0.0.1" in out and "http://" not in out.replace("http://127.0.0.1", "")

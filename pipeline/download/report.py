@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import urllib.parse
+from collections import Counter
 from typing import Any
 
 import pyarrow as pa
@@ -29,19 +31,29 @@ def _write_table(table: pa.Table, path: str) -> None:
     fs.write_bytes_atomic(path, buf.getvalue())
 
 
-def failed_rows(folder: str, stage: dict[str, Any]) -> list[dict[str, Any]]:
-    """Failed URLs with their caption and extra columns (from the original list when it is still there)."""
-    from pipeline.config import build_config
-    from pipeline.stages.download import DownloadConfig, chunk_rows
-
-    cfg_values = {k: v for k, v in (stage.get("config") or {}).items() if k in DownloadConfig.__dataclass_fields__}
-    chunks = None
+def domain_of(url: str) -> str:
     try:
-        cfg = build_config(DownloadConfig, cfg_values)
-        if cfg.urls and fs.exists(cfg.urls):
-            chunks = chunk_rows(cfg)
-    except Exception:  # noqa: BLE001 - the list moved or changed: fall back to the ledger's URLs
-        chunks = None
+        return (urllib.parse.urlsplit(url).hostname or "(none)").lower()
+    except ValueError:
+        return "(invalid)"
+
+
+def failure_counts(table) -> tuple[Counter, dict[str, Counter]]:
+    """Rows not kept, by `outcome:reason` and by domain then `outcome:reason`."""
+    by_reason: Counter = Counter()
+    by_domain: dict[str, Counter] = {}
+    for outcome, reason, url in zip(table.column("outcome").to_pylist(), table.column("reason").to_pylist(),
+                                    table.column("input_id").to_pylist()):
+        if outcome == ledger.KEPT:
+            continue
+        by_reason[f"{outcome}:{reason}"] += 1
+        by_domain.setdefault(domain_of(url), Counter())[f"{outcome}:{reason}"] += 1
+    return by_reason, by_domain
+
+
+def failed_rows(folder: str, chunks: list | None) -> list[dict[str, Any]]:
+    """Failed URLs with their caption and extra columns (from `chunks`, the original list as the run cut it,
+    when the caller still has it)."""
     out = []
     for path in fs.glob(fs.join(folder, "*.parquet")):
         table = ledger.read(path)
@@ -62,16 +74,15 @@ def failed_rows(folder: str, stage: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def report(folder: str, write: str | None = None, top: int = 20) -> dict[str, Any]:
-    from pipeline.stages.download import failure_counts
-
+def report(folder: str, write: str | None = None, top: int = 20, chunks: list | None = None) -> dict[str, Any]:
+    """The report of a download folder; `chunks` (the URL list as cut into shards) adds captions and columns."""
     stage = read_stage_json(folder)
     if stage is None or stage.get("stage") != "download":
         raise StageError(f"{folder} is not a prx-data download folder (no _stage.json of stage download)")
     table = ledger.read_folder(folder)
     by_reason, by_domain = failure_counts(table)
     outcomes = table.column("outcome").to_pylist()
-    failed = failed_rows(folder, stage)
+    failed = failed_rows(folder, chunks)
     path = write or fs.join(folder, "_report", "failed_urls.parquet")
     if failed:
         _write_table(pa.Table.from_pylist(failed), path)

@@ -17,7 +17,6 @@ import json
 import posixpath
 import time
 import urllib.parse
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,7 +250,7 @@ class DownloadStage(Stage):
         data = bytes(f.data)
         if self.cfg.resize_mode == "no":
             key, digest = content_key(data)
-        else:  # resized bytes: the key stays the hash of the bytes the server sent (DESIGN: sample identity)
+        else:  # resized bytes: the key stays the hash of the bytes the server sent (ARCHITECTURE.md, Sample identity)
             digest = f.sha256 or content_key(data)[1]
             key = digest[:32]
         try:
@@ -291,25 +290,21 @@ def add_commands(sub) -> None:
 def _report_command(args) -> int:
     from pipeline.download.report import format_report, report
 
-    rep = report(args.dir, args.write, args.top)
+    rep = report(args.dir, args.write, args.top, chunks=_listed_chunks(args.dir))
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
     return 0
 
 
-def domain_of(url: str) -> str:
+def _listed_chunks(folder: str) -> list[list[UrlRow]] | None:
+    """The URL list of a download folder cut as its run cut it (None when the list moved or changed), so the
+    report can give failed URLs their caption and extra columns."""
+    from pipeline.config import build_config
+    from pipeline.ledger import read_stage_json
+
+    stage = read_stage_json(folder) or {}
+    values = {k: v for k, v in (stage.get("config") or {}).items() if k in DownloadConfig.__dataclass_fields__}
     try:
-        return (urllib.parse.urlsplit(url).hostname or "(none)").lower()
-    except ValueError:
-        return "(invalid)"
-
-
-def failure_counts(table) -> tuple[Counter, dict[str, Counter]]:
-    by_reason: Counter = Counter()
-    by_domain: dict[str, Counter] = {}
-    for outcome, reason, url in zip(table.column("outcome").to_pylist(), table.column("reason").to_pylist(),
-                                    table.column("input_id").to_pylist()):
-        if outcome == ledger.KEPT:
-            continue
-        by_reason[f"{outcome}:{reason}"] += 1
-        by_domain.setdefault(domain_of(url), Counter())[f"{outcome}:{reason}"] += 1
-    return by_reason, by_domain
+        cfg = build_config(DownloadConfig, values)
+        return chunk_rows(cfg) if cfg.urls and fs.exists(cfg.urls) else None
+    except Exception:  # noqa: BLE001 - the list moved or changed: the report falls back to the ledger's URLs
+        return None

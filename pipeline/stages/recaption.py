@@ -28,6 +28,7 @@ from captioners import prompts as prompts_mod
 from captioners import sampling as sampling_mod
 from captioners import variants as variants_mod
 from captioners.base import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, MAX_ASPECT_RATIO, Request
+from filters import language as language_mod
 from pipeline import fs, ledger
 from pipeline.config import CommonConfig, option
 from pipeline.images import DEFAULT_MAX_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
@@ -342,6 +343,8 @@ class RecaptionStage(MapStage):
                     jobs.append(Job(i, item.key, v, img))
         new_records = []
         attempt = 0
+        detector = self.cfg.language_detector
+        detect = lambda text: language_mod.detect_language(text, detector=detector)  # noqa: E731
         while jobs:
             reqs = [Request(image=j.image, prompt=plans[j.variant].prompt.text,
                             max_new_tokens=plans[j.variant].max_new_tokens,
@@ -354,7 +357,7 @@ class RecaptionStage(MapStage):
             for job, req, gen in zip(jobs, reqs, gens):
                 plan = plans[job.variant]
                 text = checks_mod.clean(gen.text)
-                failure = checks_mod.run_checks(text, gen.finish_reason, plan.checks)
+                failure = checks_mod.run_checks(text, gen.finish_reason, plan.checks, detect)
                 job.history.append(failure.reason if failure else "ok")
                 if failure is not None and attempt < self.cfg.retries:
                     retry.append(job)

@@ -1,0 +1,284 @@
+"""Every GPU path in one go, on one GPU, real architectures with random weights, nothing downloaded.
+
+    python bench/gpu.py --out bench-out/gpu              # one GPU, about 10 minutes
+    python bench/gpu.py --dry-run --out /tmp/gpu-dry     # CPU, tiny shapes: checks the script, not the speed
+
+SECTIONS runs in order; each builds its models from the architecture configs in bench/model-configs (the
+published config.json layouts, no weights; with --dry-run from the seeded tiny models of the same classes),
+times the project's own code path and returns rows (what, figure, note):
+- train:     `prx-small` (diffusers PRXTransformer2DModel, 1.17B) at 256 px, the trainer's objective
+             (`trainer.objective.per_sample_loss`) + backward + AdamW with PRX's settings, BF16 autocast over
+             FP32 weights, torch.compile off and on; samples/s and MFU (`trainer.model.train_flops_per_sample`,
+             peak from `trainer.metrics`).
+- encode:    the FLUX.1 VAE (diffusers AutoencoderKL) encode at 256 px and the T5Gemma-2B encoder
+             (transformers T5GemmaEncoderModel) at 256 tokens, BF16 autocast: images/s, captions/s.
+- recaption: Qwen2-VL-2B (transformers Qwen2VLForConditionalGeneration.generate, what the transformers
+             backend calls), a batch of images of 256 vision tokens each (synthetic patches of the
+             processor's output shape), sampled, a fixed number of new tokens: captions/s, tokens/s.
+(`prx-sample` and the eval extractors are added as sections of their own.)
+Writes OUT/gpu.json and OUT/gpu.md: the device, driver, torch and CUDA versions, the date, every row.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model-configs")
+
+
+@dataclass
+class Shapes:
+    """Sizes for a real run, or tiny ones for --dry-run."""
+
+    model: str = "prx-small"
+    text_dim: int = 2304         # T5Gemma-2B's width
+    batch: int = 32
+    latent: int = 32             # 256 px / 8
+    text_len: int = 256
+    steps: int = 10
+    compile: tuple = (False, True)
+    image: int = 256
+    vlm_batch: int = 16
+    vlm_grid: int = 32           # 32 x 32 patches of 14 px = 448 px -> 256 vision tokens after the 2x2 merge
+    new_tokens: int = 128
+
+    @classmethod
+    def dry(cls) -> "Shapes":
+        return cls(model="tiny", text_dim=32, batch=2, latent=8, text_len=16, steps=2, compile=(False,), image=32,
+                   vlm_batch=2, vlm_grid=4, new_tokens=4)
+
+
+@dataclass
+class Ctx:
+    device: str
+    shapes: Shapes
+    dry_run: bool
+    tiny_dir: str
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def autocast(self):
+        import torch
+
+        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda")
+
+
+def timed(ctx: Ctx, fn: Callable[[], None], steps: int) -> float:
+    """Seconds per call, after one warm-up call."""
+    fn()
+    ctx.sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    ctx.sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def _tiny(ctx: Ctx, name: str) -> str:
+    from pipeline.tiny_models import build
+
+    return build(ctx.tiny_dir, [name])[name]
+
+
+# ------------------------------------------------------------------------------------ sections
+def section_train(ctx: Ctx) -> list[tuple[str, str, str]]:
+    import torch
+
+    from trainer.metrics import device_peak_flops
+    from trainer.model import build_model, model_config, train_flops_per_sample
+    from trainer.objective import ObjectiveConfig, draw_noise, per_sample_loss
+
+    s = ctx.shapes
+    cfg = model_config(s.model, 16, s.text_dim)
+    flops = train_flops_per_sample(cfg, s.latent, s.latent, s.text_len)
+    peak = device_peak_flops(torch.device(ctx.device))
+    rows = []
+    for compiled in s.compile:
+        model = build_model(s.model, 16, s.text_dim).to(ctx.device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
+        net = torch.compile(model) if compiled else model
+        gen = torch.Generator().manual_seed(0)
+        x0 = torch.randn(s.batch, 16, s.latent, s.latent, generator=gen)
+        eps, t = draw_noise(x0.shape, ObjectiveConfig(), gen)
+        emb = torch.randn(s.batch, s.text_len, s.text_dim, generator=gen).to(ctx.device, torch.bfloat16)
+        mask = torch.ones(s.batch, s.text_len, dtype=torch.bool, device=ctx.device)
+        x0, eps, t = x0.to(ctx.device), eps.to(ctx.device), t.to(ctx.device)
+        dtype = torch.bfloat16 if ctx.device == "cuda" else None
+
+        def step():
+            loss = per_sample_loss(net, x0, eps, t, emb, mask, ObjectiveConfig(), dtype).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        sec = timed(ctx, step, s.steps)
+        sps = s.batch / sec
+        mfu = f"MFU {100 * flops * sps / peak:.1f}%" if peak else "MFU n/a (no peak for this device)"
+        rows.append((f"train {s.model}, compile {'on' if compiled else 'off'}",
+                     f"{sps:.1f} samples/s", f"batch {s.batch}, {s.latent * 8} px, BF16 autocast; {mfu}"))
+        del model, opt, net
+    return rows
+
+
+def section_encode(ctx: Ctx) -> list[tuple[str, str, str]]:
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import T5GemmaConfig, T5GemmaEncoderModel
+
+    s = ctx.shapes
+    if ctx.dry_run:
+        vae_cfg = AutoencoderKL.load_config(os.path.join(_tiny(ctx, "tiny-flux-vae"), "config.json"))
+        text_cfg = T5GemmaConfig.from_pretrained(_tiny(ctx, "tiny-t5gemma"))
+    else:
+        vae_cfg = AutoencoderKL.load_config(os.path.join(CONFIGS, "flux1-dev-vae.json"))
+        full = T5GemmaConfig.from_dict(json.load(open(os.path.join(CONFIGS, "t5gemma-2b-2b-ul2.json"))))
+        text_cfg = T5GemmaConfig(encoder=full.encoder.to_dict(), is_encoder_decoder=False, vocab_size=full.vocab_size)
+    vae = AutoencoderKL.from_config(vae_cfg).to(ctx.device).eval().requires_grad_(False)
+    enc = T5GemmaEncoderModel(text_cfg).to(ctx.device).eval().requires_grad_(False)
+    x = torch.rand(s.batch, 3, s.image, s.image, device=ctx.device) * 2 - 1
+    ids = torch.randint(4, text_cfg.vocab_size, (s.batch, s.text_len), device=ctx.device)
+    mask = torch.ones_like(ids)
+
+    def run_vae():
+        with torch.inference_mode(), ctx.autocast():
+            vae.encode(x).latent_dist.mean
+
+    def run_text():
+        with torch.inference_mode(), ctx.autocast():
+            enc(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    t_vae, t_text = timed(ctx, run_vae, s.steps), timed(ctx, run_text, s.steps)
+    return [("encode: FLUX.1 VAE", f"{s.batch / t_vae:.1f} images/s", f"{s.image} px, batch {s.batch}, BF16 autocast"),
+            ("encode: T5Gemma-2B encoder", f"{s.batch / t_text:.1f} captions/s",
+             f"{s.text_len} tokens, batch {s.batch}, BF16 autocast")]
+
+
+def section_recaption(ctx: Ctx) -> list[tuple[str, str, str]]:
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    s = ctx.shapes
+    if ctx.dry_run:
+        cfg = Qwen2VLConfig.from_pretrained(_tiny(ctx, "tiny-qwen2-vl"))
+    else:
+        cfg = Qwen2VLConfig.from_dict(json.load(open(os.path.join(CONFIGS, "qwen2-vl-2b-instruct.json"))))
+    dtype = torch.bfloat16 if ctx.device == "cuda" else torch.float32
+    model = Qwen2VLForConditionalGeneration(cfg).to(ctx.device, dtype).eval()
+    v = cfg.vision_config
+    merge = v.spatial_merge_size
+    n_img = s.vlm_grid * s.vlm_grid // (merge * merge)
+    prompt = [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id] + [11] * 24
+    ids = torch.tensor([prompt] * s.vlm_batch, device=ctx.device)
+    pixels = torch.randn(s.vlm_batch * s.vlm_grid * s.vlm_grid, v.in_channels * v.temporal_patch_size * v.patch_size ** 2,
+                         device=ctx.device, dtype=dtype)
+    grid = torch.tensor([[1, s.vlm_grid, s.vlm_grid]] * s.vlm_batch, device=ctx.device)
+
+    def run():
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                           image_grid_thw=grid, do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
+                           max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens)
+
+    sec = timed(ctx, run, max(1, s.steps // 5))
+    return [("recaption: Qwen2-VL-2B generate", f"{s.vlm_batch / sec:.2f} captions/s",
+             f"{s.vlm_batch * s.new_tokens / sec:.0f} new tokens/s; batch {s.vlm_batch}, {n_img} vision tokens "
+             f"per image, {s.new_tokens} new tokens, {str(dtype).split('.')[-1]}")]
+
+
+SECTIONS: dict[str, Callable[[Ctx], list[tuple[str, str, str]]]] = {
+    "train": section_train,
+    "encode": section_encode,
+    "recaption": section_recaption,
+}
+
+
+# ------------------------------------------------------------------------------------ report
+def machine(device: str) -> dict[str, str]:
+    import torch
+
+    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+            "python": platform.python_version(), "torch": torch.__version__, "device": device}
+    if device == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = str(torch.version.cuda)
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=30).stdout.strip()
+        except OSError:
+            info["driver"] = "unknown (no nvidia-smi)"
+    else:
+        info["device"] = f"CPU ({os.cpu_count()} cores)"
+    return info
+
+
+def markdown(doc: dict) -> str:
+    m = doc["machine"]
+    lines = [f"# bench/gpu.py{' --dry-run (tiny shapes: not a speed figure)' if doc['dry_run'] else ''}", "",
+             "| " + " | ".join(m) + " |", "|" + "---|" * len(m), "| " + " | ".join(m.values()) + " |", "",
+             "| section | what | figure | note |", "|---|---|---|---|"]
+    for name, sec in doc["sections"].items():
+        for what, figure, note in sec.get("rows", []):
+            lines.append(f"| {name} | {what} | {figure} | {note} |")
+        if sec.get("error"):
+            lines.append(f"| {name} | failed | - | {sec['error']} |")
+        lines.append(f"| {name} | wall time | {sec['seconds']:.1f} s | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench-out/gpu", help="folder for gpu.json and gpu.md")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes and tiny models: checks every path")
+    p.add_argument("--only", default="", help="comma-separated sections (default: all)")
+    args = p.parse_args(argv)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    if device == "cpu" and not args.dry_run:
+        p.error("no CUDA GPU here: run on a GPU, or --dry-run to check the script on the CPU")
+    names = [n for n in args.only.split(",") if n] or list(SECTIONS)
+    unknown = set(names) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}")
+    os.makedirs(args.out, exist_ok=True)
+    ctx = Ctx(device, Shapes.dry() if args.dry_run else Shapes(), args.dry_run, os.path.join(args.out, "tiny-models"))
+    doc = {"dry_run": args.dry_run, "machine": machine(device), "shapes": asdict(ctx.shapes), "sections": {}}
+    failed = 0
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            doc["sections"][name] = {"rows": SECTIONS[name](ctx)}
+        except Exception as exc:  # noqa: BLE001 - one section failing must not lose the others' figures
+            failed += 1
+            doc["sections"][name] = {"rows": [], "error": f"{type(exc).__name__}: {exc}"}
+        doc["sections"][name]["seconds"] = round(time.perf_counter() - t0, 2)
+        print(f"{name}: {doc['sections'][name]}", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "gpu.json"), "w") as fh:
+        json.dump(doc, fh, indent=2)
+    with open(os.path.join(args.out, "gpu.md"), "w") as fh:
+        fh.write(markdown(doc))
+    print(markdown(doc))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Testing support shared by tests, the demo and the benchmarks (outside the pipeline/trainer layers)."""

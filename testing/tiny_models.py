@@ -1,0 +1,294 @@
+"""Every seeded tiny random model of the real classes, in one place: `prx-data dev tiny-models DIR`.
+
+Tests, the demo and the CPU benchmarks build these folders (nothing here is committed output) and load them
+through the same alias/path loader and `from_pretrained` path as the real models. Each builder is registered
+by name with `pipeline.tiny_models.register`; this module is listed in `pipeline.tiny_models.BUILDER_MODULES`.
+It imports filters, captioners and the trainer, so it is testing support, outside every layer.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from pipeline.tiny_models import register
+
+
+
+# ------------------------------------------------ open_clip (the filter stage)
+# The seeded tiny open_clip model (`prx-data dev tiny-models DIR --only tiny-clip`).
+#
+# A real `open_clip.CLIP` (ViT image tower, transformer text tower with the stock BPE tokenizer) with a few
+# thousand-wide layers cut to 32, saved the way open_clip's `local-dir:` schema reads a folder:
+# `open_clip_config.json` ({model_cfg, preprocess_cfg}) + `open_clip_model.safetensors`. The filter stage loads
+# it through exactly the path a downloaded checkpoint folder takes (`filters.clip.load_clip`).
+
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+TINY_PREPROCESS = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
+                   "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def save_open_clip_folder(model, model_cfg: dict, preprocess_cfg: dict, folder: str) -> None:
+    """Write an open_clip model as a `local-dir:` folder (config JSON + safetensors weights)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "open_clip_config.json"), "w") as fh:
+        json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, fh, indent=2, sort_keys=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(folder, "open_clip_model.safetensors"))
+
+
+@register("tiny-clip")
+def build_tiny_clip(folder: str, seed: int) -> None:
+    import open_clip
+    import torch
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP_CFG)
+    save_open_clip_folder(model, TINY_CLIP_CFG, TINY_PREPROCESS, folder)
+
+
+# ------------------------------------------------ FLUX.1 VAE, T5Gemma, DINOv2 (the encode stage)
+# Tiny seeded random models of the encode stage's real classes (`prx-data dev tiny-models`).
+#
+# - `tiny-flux-vae`: diffusers `AutoencoderKL` with FLUX.1's layout (4 levels = 8x downsampling, 16 latent
+#   channels, no quant convs, FLUX.1's scaling_factor 0.3611 and shift_factor 0.1159), narrow channels.
+# - `tiny-t5gemma`: transformers `T5GemmaEncoderModel` (encoder-only `T5GemmaConfig`) plus a byte-level BPE
+#   tokenizer trained here, offline, on a few sentences (Gemma's special ids: pad 0, eos 1, bos 2, unk 3).
+# - `tiny-dinov2`: transformers `Dinov2WithRegistersModel` (patch 14, 4 registers) plus its image processor.
+# Each is saved with `save_pretrained`, so it loads through the same `from_pretrained` path as the real model.
+
+FLUX1_SCALING, FLUX1_SHIFT = 0.3611, 0.1159
+
+T5GEMMA_CORPUS = """
+A photo of an astronaut in a white flight suit in front of an American flag.
+A cup of coffee on a saucer with a spoon, seen from above, on a wooden table.
+Chelsea the tabby cat looking up at the camera with green eyes.
+A rocket on the launch pad before lift-off under a clear blue sky.
+A red motorcycle parked on a street; the left view of a stereo pair.
+A Chinese temple with a red roof among green trees in the mountains.
+A close-up of a pink flower with yellow stamens and soft light.
+A microscope image of stained tissue with brown and blue cells.
+The quick brown fox jumps over the lazy dog. 0123456789 , . ! ? - ' " ( ) : ;
+a long detailed caption describing the scene, the lighting, the colours and the composition of the image.
+"""
+
+
+def _seed(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+
+
+@register("tiny-flux-vae")
+def build_tiny_flux_vae(folder: str, seed: int = 0) -> None:
+    from diffusers import AutoencoderKL
+
+    _seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, act_fn="silu",
+        sample_size=64, scaling_factor=FLUX1_SCALING, shift_factor=FLUX1_SHIFT, force_upcast=True,
+        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
+    ).eval()
+    vae.save_pretrained(folder)
+
+
+def build_t5gemma_tokenizer(folder: str, vocab_size: int = 384) -> None:
+    """A byte-level BPE tokenizer trained offline on a few sentences, saved as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]  # Gemma's ids: pad 0, eos 1, bos 2, unk 3
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([line for line in T5GEMMA_CORPUS.splitlines() if line.strip()] * 4, trainer=trainer)
+    # Gemma's tokenizer prepends <bos> (and adds no <eos>): mirror that.
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", model_max_length=512,
+                                   padding_side="right")
+    fast.save_pretrained(folder)
+
+
+@register("tiny-t5gemma")
+def build_tiny_t5gemma(folder: str, seed: int = 0) -> None:
+    from transformers import T5GemmaConfig, T5GemmaEncoderModel
+    from transformers.models.t5gemma.configuration_t5gemma import T5GemmaModuleConfig
+
+    build_t5gemma_tokenizer(folder)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(folder))
+    _seed(seed)
+    module = T5GemmaModuleConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                 max_position_embeddings=512, sliding_window=64, query_pre_attn_scalar=16,
+                                 pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = T5GemmaConfig(encoder=module.to_dict(), decoder=module.to_dict(), is_encoder_decoder=False,
+                        vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = T5GemmaEncoderModel(cfg).eval()
+    model.save_pretrained(folder)
+
+
+@register("tiny-dinov2")
+def build_tiny_dinov2(folder: str, seed: int = 0) -> None:
+    from transformers import BitImageProcessor, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    _seed(seed)
+    cfg = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                    patch_size=14, image_size=56, num_register_tokens=4)
+    Dinov2WithRegistersModel(cfg).eval().save_pretrained(folder)
+    # DINOv2's processor: resize shorter side 256, centre crop 224, ImageNet mean/std
+    BitImageProcessor(do_resize=True, size={"shortest_edge": 256}, do_center_crop=True,
+                      crop_size={"height": 224, "width": 224}, do_rescale=True, do_normalize=True,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                      do_convert_rgb=True).save_pretrained(folder)
+    os.makedirs(folder, exist_ok=True)
+
+
+# ------------------------------------------------ Qwen2-VL (the recaption stage)
+# The tiny Qwen2-VL for tests and CPU benchmarks: `prx-data dev tiny-models DIR --only tiny-qwen2-vl`.
+#
+# Real classes, random weights, seeded: `Qwen2VLForConditionalGeneration` with a tiny config, a
+# `Qwen2VLProcessor` made of `Qwen2VLImageProcessor` and a byte-level BPE tokenizer trained here, offline, on a
+# few sentences, wrapped as the Qwen2 tokenizer with Qwen2-VL's special tokens and chat template. The folder
+# also ships a near-greedy `generation_config.json` like some real checkpoints do, so tests can show the
+# backend never uses it.
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_CORPUS = [
+    "A photograph of a tabby cat sitting on a wooden table near a bright window.",
+    "The astronaut stands in front of a flag, lit by soft studio light with a blue and white palette.",
+    "A red motorcycle parked on a grey street, seen from the left side in afternoon sun.",
+    "A cup of coffee on a saucer, photographed from above with warm brown and cream colours.",
+    "A rocket waits on the launch pad under a clear sky; the mood is calm and expectant.",
+    "A pink flower in close-up with a blurred green background and gentle natural light.",
+    "A temple with a red roof among tall trees, a quiet and peaceful scene.",
+    "Describe this image in one detailed paragraph about the subject, composition, lighting and style.",
+]
+
+
+def build_qwen_tokenizer(vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(QWEN_CORPUS * 4, trainer=trainer)
+    try:
+        from transformers import Qwen2TokenizerFast as TokCls
+    except ImportError:  # transformers 5 names the tokenizers-backed class Qwen2Tokenizer
+        from transformers import Qwen2Tokenizer as TokCls
+    return TokCls(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+                  bos_token=None, errors="replace", model_max_length=32768)
+
+
+@register("tiny-qwen2-vl")
+def build_tiny_qwen2_vl(folder: str, seed: int = 0) -> None:
+    import torch
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    tokenizer = build_qwen_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab = ((len(tokenizer) + 63) // 64) * 64
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+                     "pad_token_id": ids["<|endoftext|>"]},
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    # like some real checkpoints: near-greedy defaults that the backends must not use
+    gc = model.generation_config
+    gc.do_sample, gc.temperature, gc.top_k, gc.top_p = True, 0.01, 1, 0.001
+    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]], ids["<|endoftext|>"], ids["<|endoftext|>"]
+    model.save_pretrained(folder)
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 256, patch_size=14,
+                                            merge_size=2, temporal_patch_size=2)
+    video_processor = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(folder)
+    with open(os.path.join(folder, "prx_tiny.json"), "w") as fh:
+        json.dump({"builder": "tiny-qwen2-vl", "seed": seed, "special_token_ids": ids}, fh, indent=1)
+
+
+# ------------------------------------------------ PRX denoiser (the trainer)
+# `tiny-prx`: a seeded tiny PRXTransformer2DModel (the trainer's `tiny` preset) for `prx-data dev tiny-models`.
+#
+# Its input widths match the other tiny models: 16 latent channels (tiny-flux-vae, like FLUX.1's VAE) and
+# 32-wide text embeddings (tiny-t5gemma). `prx-train --model DIR` loads it through from_pretrained.
+
+TINY_LATENT_CHANNELS = 16
+TINY_TEXT_DIM = 32
+
+
+@register("tiny-prx")
+def build_tiny_prx(folder: str, seed: int) -> None:
+    from trainer.model import build_model
+
+    build_model("tiny", TINY_LATENT_CHANNELS, TINY_TEXT_DIM, seed=seed).save_pretrained(folder,
+                                                                                        safe_serialization=True)
+
+
+# ------------------------------------------------ word-level tokenizer (the audit)
+# `tiny-word-tokenizer`: a word-level tokenizer (tokenizers' WordLevel) saved as a folder AutoTokenizer loads.
+#
+# No special tokens are added around a text, so for captions of plain words (no punctuation) the token count
+# equals the word count: the audit's tests compute token figures by hand.
+
+SENTENCES = [
+    "a red car on the street", "the dog runs fast today", "a blue sky over the sea",
+    "very good photo of a cat sitting on a mat", "a photograph shows a house with a garden",
+]
+
+
+@register("tiny-word-tokenizer")
+def build_tiny_word_tokenizer(folder: str, seed: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for s in SENTENCES for w in s.split()})
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", model_max_length=16)
+    fast.save_pretrained(folder)

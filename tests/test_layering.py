@@ -1,0 +1,105 @@
+"""The layering rule (ARCHITECTURE.md), checked over every import statement, function-level ones included.
+
+- The contract modules import only the contract.
+- `filters/` and `captioners/` import only their own package and the contract; so does `trainer/`.
+- `pipeline/` never imports `trainer/`; no package imports the demo, testing support, benchmarks or tests.
+- No import cycles between modules.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("pipeline", "filters", "captioners", "trainer")
+OUTSIDE = ("demo", "testing", "bench", "tests")
+CONTRACT = {f"pipeline.{m}" for m in ("config", "fs", "images", "models", "shards", "ledger", "encoded", "errors")}
+OWN_AND_CONTRACT = ("filters", "captioners", "trainer")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES + ("demo", "testing") for p in (REPO / pkg).rglob("*.py")}
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """Project modules imported anywhere in the file (`from pipeline import fs` is pipeline.fs)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                out.add(full if full in known else node.module)
+    return {m for m in out if m.split(".")[0] in PACKAGES + OUTSIDE}
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    known = set(mods)
+    return {name: _imports(path, known) for name, path in mods.items()}
+
+
+def _within(module: str, roots: tuple[str, ...] | set[str]) -> bool:
+    return any(module == r or module.startswith(r + ".") for r in roots)
+
+
+def test_contract_modules_import_only_the_contract():
+    bad = {m: sorted(i for i in deps if i not in CONTRACT and i != "pipeline")
+           for m, deps in _graph().items() if m in CONTRACT}
+    assert not {m: d for m, d in bad.items() if d}, f"contract modules import beyond the contract: {bad}"
+
+
+def test_filters_captioners_and_trainer_import_only_themselves_and_the_contract():
+    bad = {}
+    for m, deps in _graph().items():
+        top = m.split(".")[0]
+        if top in OWN_AND_CONTRACT:
+            wrong = sorted(d for d in deps if not _within(d, (top,)) and d not in CONTRACT and d != "pipeline")
+            if wrong:
+                bad[m] = wrong
+    assert not bad, f"imports outside the package and the contract: {bad}"
+
+
+def test_pipeline_never_imports_the_trainer_and_no_package_imports_demo_or_tests():
+    bad = {}
+    for m, deps in _graph().items():
+        if m.split(".")[0] not in PACKAGES:
+            continue
+        forbidden = OUTSIDE + (("trainer",) if m.startswith("pipeline") else ())
+        wrong = sorted(d for d in deps if _within(d, forbidden))
+        if wrong:
+            bad[m] = wrong
+    assert not bad, f"layering violations: {bad}"
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    cycles, state = [], {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = "open"
+        for d in sorted(graph.get(m, ())):
+            if d not in graph or d == m or _within(m, (d,)):  # a module may import its own package
+                continue
+            if state.get(d) == "open":
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_rule_sees_violations():
+    """The checks above would catch a violation: the parser finds function-level imports."""
+    path = REPO / "pipeline" / "stages" / "audit.py"
+    assert "pipeline.runner" in _imports(path, set(_modules()))  # imported inside a function there
