@@ -30,7 +30,7 @@ def _load_builders() -> None:
 
 # Modules holding `@register` builders (each issue appends its own).
 BUILDER_MODULES: list[str] = ["filters.tiny", "pipeline.encoders.tiny", "captioners.tiny", "trainer.tiny",
-                              "pipeline.audit.tiny"]
+                              "pipeline.audit.tiny", "trainer.tiny_eval"]
 
 
 def build(folder: str, names: list[str] | None = None, seed: int = 0) -> dict[str, str]:
