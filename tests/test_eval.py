@@ -138,3 +138,24 @@ def test_prx_eval_bad_input(eval_runs, tiny_model, tmp_path, capsys):
     i = base.index("--inception-weights")
     assert main(base[:i] + base[i + 2:]) == 2
     assert "--inception-weights FILE" in capsys.readouterr().err
+
+
+def test_metrics_during_training_log_to_tensorboard(eval_runs, tiny_model, tmp_path):
+    from pipeline.config import ConfigError
+    from trainer.config import TrainConfig
+    from trainer.evaluate import during_training
+
+    class Board:
+        def __init__(self):
+            self.scalars = {}
+
+        def add_scalar(self, tag, value, step):
+            self.scalars[tag] = (value, step)
+
+    tb = Board()
+    values = during_training(eval_runs["a"], 2, eval_runs["enc"], 2, tb, clip_model=tiny_model("tiny-clip"),
+                             dino_model=tiny_model("tiny-dinov2"), steps=1, real_cache=str(tmp_path), device="cpu")
+    assert set(values) == {"cmmd", "dino_mmd", "clip_score"}
+    assert tb.scalars["eval/cmmd"] == (values["cmmd"], 2) and "eval/dino_mmd" in tb.scalars
+    with pytest.raises(ConfigError, match="multiple of --checkpoint-every"):
+        TrainConfig(model="tiny", metrics_every=5, metrics_real="x", checkpoint_every=10)
