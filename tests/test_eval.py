@@ -98,7 +98,7 @@ def test_prx_eval_end_to_end_cache_and_compare(eval_runs, tiny_model, tmp_path, 
     assert not any(doc["real_features_cached"].values())
     assert doc["models"]["clip"]["key"].startswith("open_clip:local:tiny-clip@")
     # a second run (another model) reuses the cached real features
-    assert main(_eval_args(eval_runs, eval_runs["b"], cache, tiny_model, "--metrics", "cmmd,dino_mmd,fid",
+    assert main(_eval_args(eval_runs, eval_runs["b"], cache, tiny_model, "--metrics", "cmmd,dino_mmd",
                            "--cfg", "2")) == 0
     doc_b = json.loads((Path(eval_runs["b"]) / "eval" / "step-00000002" / "metrics.json").read_text())
     assert all(doc_b["real_features_cached"].values()) and doc_b["real_set_hash"] == doc["real_set_hash"]
