@@ -74,6 +74,11 @@ class TrainConfig:
     peak_tflops: float | None = option(None, runtime=True, help="device peak (dense BF16 TFLOP/s) for MFU when "
                                                                 "the GPU is not in the built-in table")
     device: str = option("auto", runtime=True, help="auto (cuda if available), cpu, cuda")
+    # --- evaluation during training
+    metrics_every: int = option(0, runtime=True, help="CMMD, DINO-MMD and CLIP score (trainer.evaluate) on the "
+                                                      "checkpoint every N steps (a multiple of --checkpoint-every); 0 = off")
+    metrics_real: str | None = option(None, runtime=True, help="real shard folder (images + captions) for --metrics-every")
+    metrics_n: int = option(1000, runtime=True, help="samples generated for --metrics-every")
 
     def __post_init__(self):
         from trainer.model import PRESETS
@@ -90,6 +95,9 @@ class TrainConfig:
             raise ConfigError("--shift must be positive")
         if any(w < 0 for w in self.caption.values()) or (self.caption and sum(self.caption.values()) <= 0):
             raise ConfigError(f"--caption weights must be >= 0 with a positive sum, got {self.caption}")
+        if self.metrics_every and (not self.metrics_real or self.metrics_every % self.checkpoint_every):
+            raise ConfigError("--metrics-every N needs --metrics-real DIR and N a multiple of --checkpoint-every "
+                              f"({self.checkpoint_every}): metrics are computed on the saved checkpoint")
 
 
 def _file_values(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -218,6 +218,12 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
                 meter.reset()
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 _save(run_dir, done, rank, world, model, optimizer, generator, prefetch, cfg, chash)
+
+            # --- evaluation during training (trainer.evaluate: on the checkpoint just saved, EMA when present)
+            if cfg.metrics_every and done % cfg.metrics_every == 0 and rank == 0:
+                from trainer.evaluate import during_training
+
+                log.info("step %d metrics: %s", done, during_training(run_dir, done, cfg.metrics_real, cfg.metrics_n, tb))
             if on_step is not None:
                 on_step(done, {"loss": step_loss, "grad_norm": grad_norm, "lr": lr})
     finally:

@@ -1,8 +1,9 @@
 """The VAE: any diffusers `AutoencoderKL` by alias or folder (FLUX.1's by default).
 
 `mean` and `logvar` of the posterior are stored (float32), so the trainer can draw a fresh latent each
-epoch; scaling and shift factors are recorded, not applied. FLUX.2's VAE (`AutoencoderKLFlux2`, latents
-normalised by batch-norm statistics, which diffusers' PRX pipeline does not decode) is refused.
+epoch; scaling and shift factors are recorded, not applied (`VAE.decode` applies their inverse, for sampling).
+FLUX.2's VAE (`AutoencoderKLFlux2`, latents normalised by batch-norm statistics, which diffusers' PRX
+pipeline does not decode) is refused.
 """
 from __future__ import annotations
 
@@ -69,6 +70,28 @@ class VAE:
                                                     enabled=self.bf16):
             dist = self.model.encode(x).latent_dist
         return dist.mean.float().cpu(), dist.logvar.float().cpu()
+
+    def decode(self, latents):
+        """Denoiser-space latents B x C x h x w -> float32 B x 3 x H x W in [-1, 1] on the CPU.
+
+        The inverse of what the trainer trains on: x / scaling_factor + shift_factor (the recorded factors,
+        `pipeline.encoded.unscale_latent`, what PRXPipeline does), then the VAE's decoder."""
+        import torch
+
+        from pipeline.encoded import unscale_latent
+
+        z = unscale_latent(latents.float(), self.info).to(self.device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(device_type=z.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.bf16):
+            out = self.model.decode(z, return_dict=False)[0]
+        return out.float().clamp(-1.0, 1.0).cpu()
+
+
+def to_uint8(pixels):
+    """float B x 3 x H x W in [-1, 1] -> uint8 B x 3 x H x W (the rounding diffusers' postprocess does)."""
+    import torch
+
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def load_vae(name: str, device: str = "cpu", bf16: bool = False) -> VAE:

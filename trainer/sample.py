@@ -1,0 +1,359 @@
+"""`prx-sample`: images from a training run's checkpoint, sampled the way the run was trained.
+
+    prx-sample --run RUN | --ckpt RUN/checkpoints/step-NNNNNNNN [--weights ema|raw] [--checkpoint STEP|last]
+               --prompt TEXT | --prompts FILE [--negative-prompt TEXT] [--steps 50 --cfg 3.5 --seed 0]
+               [--height H --width W] [--batch-size 8] --out DIR
+
+- prompts go through the run's text encoder with its cleaning and max length (`pipeline.encoders.text`,
+  what `prx-data encode` ran), then are padded / truncated to the run's `text_max_length` with a mask,
+  exactly like the training batches;
+- the unconditional branch is the shards' stored empty prompt (what caption dropout trained on), or the
+  encoded `--negative-prompt`;
+- Euler on PRX's grid t_k = shift(linspace(1, 0, steps + 1)) with the run's `shift`:
+  x <- x + (t_{k+1} - t_k) v(x, t_k); x-prediction runs convert with the trainer's (x_t - x_hat) / max(t, t_min);
+- classifier-free guidance batch-doubled ([uncond; cond]) over many prompts at once: v_u + g (v_c - v_u);
+- image i starts from randn(seed + i) whatever the batch size; latents are decoded by the run's VAE
+  (`VAE.decode`: the inverse of the stored scaling/shift).
+Writes DIR/NNNNN.png, DIR/samples.jsonl (prompt, seed, settings per image), DIR/grid.png and the effective
+config DIR/sample_config.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import yaml
+
+from pipeline.config import ConfigError, add_arguments, build_config, option, save_yaml
+from pipeline.errors import StageError
+from trainer.checkpoint import CKPT_RE, ckpt_dir, list_checkpoints
+from trainer.objective import shift_timesteps, velocity_from_x
+
+RAW, EMA = "transformer", "transformer_ema"
+
+
+# ------------------------------------------------------------------------------------------- the run
+@dataclass
+class RunInfo:
+    """A checkpoint of a training run and what the run recorded about itself."""
+
+    run_dir: str
+    ckpt: str
+    step: int
+    weights: str                 # "ema" or "raw"
+    config: dict[str, Any]       # RUN/config.yaml (the run's effective TrainConfig; unknown keys tolerated)
+    data: dict[str, Any]         # RUN/data.json (sources, vae and text_encoder records)
+
+    @property
+    def transformer_dir(self) -> str:
+        return os.path.join(self.ckpt, EMA if self.weights == "ema" else RAW)
+
+    def get(self, key: str, default=None):
+        value = self.config.get(key)
+        return default if value is None else value
+
+    @property
+    def empty_prompt_folder(self) -> str:
+        return self.data["sources"][0]["folder"]
+
+    def resolution(self) -> int:
+        from pipeline.encoded import encoded_info
+
+        return int(encoded_info(self.empty_prompt_folder).get("resolution") or 256)
+
+
+def pick_checkpoint(run: str | None, ckpt: str | None, checkpoint: str = "last") -> tuple[str, str, int]:
+    """(run folder, checkpoint folder, step) from --run [--checkpoint] or --ckpt."""
+    if bool(run) == bool(ckpt):
+        raise StageError("give --run RUN_DIR or --ckpt RUN_DIR/checkpoints/step-NNNNNNNN (one of them)")
+    if ckpt:
+        ckpt = os.path.abspath(ckpt.rstrip("/"))
+        m = CKPT_RE.fullmatch(os.path.basename(ckpt))
+        if not m or not os.path.isdir(os.path.join(ckpt, RAW)):
+            raise StageError(f"--ckpt {ckpt}: not a checkpoint (RUN/checkpoints/step-NNNNNNNN with transformer/); "
+                             "pass --run RUN_DIR to take its last checkpoint")
+        return os.path.dirname(os.path.dirname(ckpt)), ckpt, int(m.group(1))
+    found = list_checkpoints(run)
+    if not found:
+        raise StageError(f"--run {run}: no checkpoint in {run}/checkpoints; train it with prx-train first, or pass "
+                         "--ckpt with a checkpoint folder")
+    if checkpoint in ("last", "", None):
+        step, path = found[-1]
+        return run, path, step
+    if not str(checkpoint).isdigit():
+        raise StageError(f"--checkpoint {checkpoint}: use a step number or 'last'")
+    by_step = dict(found)
+    if int(checkpoint) not in by_step:
+        raise StageError(f"--checkpoint {checkpoint}: {run} has checkpoints at steps "
+                         f"{', '.join(str(s) for s, _ in found)}")
+    return run, ckpt_dir(run, int(checkpoint)), int(checkpoint)
+
+
+def open_run(run: str | None = None, ckpt: str | None = None, weights: str | None = None,
+             checkpoint: str = "last", refuse_sprint: bool = True) -> RunInfo:
+    run_dir, path, step = pick_checkpoint(run, ckpt, checkpoint)
+    for name in ("config.yaml", "data.json"):
+        if not os.path.isfile(os.path.join(run_dir, name)):
+            raise StageError(f"{run_dir}/{name} is missing: not a prx-train run folder")
+    with open(os.path.join(run_dir, "config.yaml")) as fh:
+        config = yaml.safe_load(fh) or {}
+    with open(os.path.join(run_dir, "data.json")) as fh:
+        data = json.load(fh)
+    has_ema = os.path.isdir(os.path.join(path, EMA))
+    if weights == "ema" and not has_ema:
+        raise StageError(f"{path} has no EMA weights ({EMA}/): the run was trained without --ema-decay > 0; "
+                         "pass --weights raw")
+    if weights not in (None, "ema", "raw"):
+        raise StageError(f"--weights {weights}: use ema or raw")
+    if refuse_sprint and config.get("routing") == "sprint":
+        raise StageError(f"{run_dir} was trained with routing: sprint, which keeps a fusion layer at inference "
+                         "(aux.safetensors) that PRXTransformer2DModel and PRXPipeline do not have; sampling it "
+                         "is not supported")
+    return RunInfo(run_dir, path, step, weights or ("ema" if has_ema else "raw"), config, data)
+
+
+def model_name(record: dict[str, Any]) -> str:
+    """What to load for a recorded encoder: its alias if it still is one, else its id (hub id or folder)."""
+    from pipeline.models import aliases
+
+    name = record.get("name")
+    return name if name in aliases() else record["id"]
+
+
+# ------------------------------------------------------------------------------------------- sampler
+def timestep_grid(steps: int, shift: float) -> torch.Tensor:
+    """PRX's sampling grid: shift(linspace(1, 0, steps + 1)), float64."""
+    return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
+
+
+def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """One randn draw per image from its own seed (so image i is the same whatever the batch size)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+class Sampler:
+    """The run's denoiser, text encoder, VAE and empty prompt, and the Euler + CFG loop over them."""
+
+    def __init__(self, run: RunInfo, device: str = "cpu"):
+        from diffusers import PRXTransformer2DModel
+
+        from pipeline.encoded import load_empty_prompt
+        from pipeline.encoders.text import load_text_encoder
+        from pipeline.encoders.vae import load_vae
+
+        self.run, self.device = run, torch.device(device)
+        self.model = PRXTransformer2DModel.from_pretrained(run.transformer_dir).float().eval().to(self.device)
+        self.model.requires_grad_(False)
+        te = run.data["text_encoder"]
+        self.text_encoder = load_text_encoder(model_name(te), max_length=int(te.get("max_length", 256)),
+                                              cleaning=te.get("cleaning", "prx"), device=device)
+        self.vae = load_vae(model_name(run.data["vae"]), device=device)
+        self.empty = load_empty_prompt(run.empty_prompt_folder)
+        self.text_max_length = int(run.get("text_max_length", 256))
+        self.prediction = run.get("prediction", "v")
+        self.shift = float(run.get("shift", 1.0))
+        self.x_pred_t_min = float(run.get("x_pred_t_min", 0.05))
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+
+    @property
+    def multiple(self) -> int:
+        return int(self.vae.info.get("downsample", 8)) * int(self.model.config.patch_size)
+
+    def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (B x text_max_length x D float32, B x text_max_length bool), as the trainer batches them."""
+        clean = self.text_encoder.clean
+        return self.pad([e for e in self.text_encoder.encode([clean(p) for p in prompts])])
+
+    def pad(self, embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        from trainer.data import pad_embedding
+
+        padded = [pad_embedding(e, self.text_max_length)[:2] for e in embeddings]
+        return torch.stack([p[0] for p in padded]).float(), torch.stack([p[1] for p in padded])
+
+    def velocity(self, x, t: float, emb, mask) -> torch.Tensor:
+        tt = torch.full((x.shape[0],), float(t), device=x.device)
+        ctx = torch.autocast(x.device.type, dtype=self.autocast) if self.autocast else _null()
+        with ctx:
+            out = self.model(hidden_states=x, timestep=tt, encoder_hidden_states=emb, attention_mask=mask,
+                             return_dict=False)[0].float()
+        return velocity_from_x(x, out, tt, self.x_pred_t_min) if self.prediction == "x" else out
+
+    @torch.inference_mode()
+    def denoise(self, noise, emb, mask, uncond_emb=None, uncond_mask=None, steps: int = 50, cfg: float = 3.5,
+                grid: torch.Tensor | None = None) -> torch.Tensor:
+        """Euler from t = 1 (noise) to t = 0 with CFG batch-doubled; returns denoiser-space latents (float32)."""
+        grid = timestep_grid(steps, self.shift) if grid is None else grid
+        x = noise.to(self.device, torch.float32)
+        emb, mask = emb.to(self.device), mask.to(self.device)
+        guided = cfg > 1.0
+        if guided:
+            both_emb = torch.cat([uncond_emb.to(self.device), emb])
+            both_mask = torch.cat([uncond_mask.to(self.device), mask])
+        for k in range(len(grid) - 1):
+            t, t_next = float(grid[k]), float(grid[k + 1])
+            if guided:
+                v_u, v_c = self.velocity(torch.cat([x, x]), t, both_emb, both_mask).chunk(2)
+                v = v_u + cfg * (v_c - v_u)
+            else:
+                v = self.velocity(x, t, emb, mask)
+            x = x + (t_next - t) * v
+        return x
+
+    def generate(self, prompts: list[str], seeds: list[int], height: int, width: int, steps: int = 50,
+                 cfg: float = 3.5, negative_prompt: str | None = None, batch_size: int = 8) -> torch.Tensor:
+        """uint8 N x 3 x H x W images; CFG batches of `batch_size` prompts."""
+        from pipeline.encoders.vae import to_uint8
+
+        check_size(height, width, self.multiple)
+        down = int(self.vae.info.get("downsample", 8))
+        shape = (int(self.model.config.in_channels), height // down, width // down)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
+            emb, mask = self.embed(chunk)
+            if negative_prompt:
+                u_emb, u_mask = self.embed([negative_prompt] * len(chunk))
+            else:
+                u_emb, u_mask = self.pad([self.empty] * len(chunk))
+            latents = self.denoise(initial_noise(shape, chunk_seeds), emb, mask, u_emb, u_mask, steps, cfg)
+            out.append(to_uint8(self.vae.decode(latents)))
+        return torch.cat(out)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def check_size(height: int, width: int, multiple: int = 16) -> None:
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise StageError(f"--height {height} --width {width}: both must be positive multiples of {multiple} "
+                         f"(VAE downsampling x patch size), e.g. {max(multiple, round(height / multiple) * multiple)}")
+
+
+def check_cfg(cfg: float) -> None:
+    if not cfg >= 1.0:
+        raise StageError(f"--cfg {cfg}: guidance must be >= 1 (1 = no guidance; PRX evaluates at 3.5)")
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def save_images(out_dir: str, images: torch.Tensor, records: list[dict[str, Any]], start: int = 0) -> list[str]:
+    """NNNNN.png per image and one samples.jsonl line each (appending after `start`)."""
+    from PIL import Image
+
+    os.makedirs(out_dir, exist_ok=True)
+    names = []
+    with open(os.path.join(out_dir, "samples.jsonl"), "a" if start else "w") as fh:
+        for j, (img, rec) in enumerate(zip(images, records)):
+            name = f"{start + j:05d}.png"
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(out_dir, name))
+            fh.write(json.dumps({"file": name, **rec}) + "\n")
+            names.append(name)
+    return names
+
+
+def save_grid(path: str, images: torch.Tensor, max_images: int = 64) -> None:
+    """The first images side by side (rows of ceil(sqrt(n)), padded to the largest size)."""
+    from PIL import Image
+
+    images = images[:max_images]
+    n = len(images)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    h = max(int(im.shape[1]) for im in images)
+    w = max(int(im.shape[2]) for im in images)
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(Image.fromarray(im.permute(1, 2, 0).numpy()), ((i % cols) * w, (i // cols) * h))
+    grid.save(path)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+@dataclass
+class SampleConfig:
+    run: str | None = option(None, help="run folder: its last checkpoint (or --checkpoint)")
+    ckpt: str | None = option(None, help="a checkpoint folder RUN/checkpoints/step-NNNNNNNN")
+    checkpoint: str = option("last", help="with --run: a step number or 'last'")
+    weights: str | None = option(None, choices=["ema", "raw"], help="ema (default when the run has EMA) or raw")
+    prompt: str | None = option(None, help="one prompt (many: --prompts FILE)")
+    prompts: str | None = option(None, help="a text file, one prompt per line")
+    negative_prompt: str | None = option(None, help="unconditional branch; default: the stored empty prompt")
+    steps: int = option(50, help="Euler steps")
+    cfg: float = option(3.5, help="classifier-free guidance scale (>= 1; 1 = none)")
+    seed: int = option(0, help="image i starts from noise seeded seed + i")
+    height: int | None = option(None, help="pixels (multiple of 16); default: the run's encode resolution")
+    width: int | None = option(None, help="pixels (multiple of 16); default: the run's encode resolution")
+    batch_size: int = option(8, runtime=True, help="prompts per forward (x2 with guidance)")
+    out: str | None = option(None, runtime=True, help="output folder")
+    device: str = option("auto", runtime=True, help="auto (cuda if available), cpu, cuda")
+    config: str | None = option(None, runtime=True, help="YAML file with any of these options; flags win")
+
+
+def read_prompts(cfg: SampleConfig) -> list[str]:
+    prompts = [cfg.prompt] if cfg.prompt else []
+    if cfg.prompts:
+        if not os.path.isfile(cfg.prompts):
+            raise StageError(f"--prompts {cfg.prompts}: no such file (one prompt per line)")
+        with open(cfg.prompts, encoding="utf-8") as fh:
+            prompts += [line.strip() for line in fh if line.strip()]
+    if not prompts:
+        raise StageError("no prompt: pass --prompt TEXT or --prompts FILE")
+    return prompts
+
+
+def pick_device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def run_sample(cfg: SampleConfig) -> dict[str, Any]:
+    if not cfg.out:
+        raise StageError("--out DIR is required")
+    check_cfg(cfg.cfg)
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise StageError("--steps and --batch-size must be at least 1")
+    prompts = read_prompts(cfg)
+    info = open_run(cfg.run, cfg.ckpt, cfg.weights, cfg.checkpoint)
+    res = info.resolution()
+    height, width = cfg.height or res, cfg.width or res
+    check_size(height, width)
+    sampler = Sampler(info, pick_device(cfg.device))
+    check_size(height, width, sampler.multiple)
+    seeds = [cfg.seed + i for i in range(len(prompts))]
+    images = sampler.generate(prompts, seeds, height, width, cfg.steps, cfg.cfg, cfg.negative_prompt,
+                              cfg.batch_size)
+    settings = {"steps": cfg.steps, "cfg": cfg.cfg, "height": height, "width": width, "shift": sampler.shift,
+                "prediction": sampler.prediction, "negative_prompt": cfg.negative_prompt,
+                "checkpoint": info.ckpt, "step": info.step, "weights": info.weights}
+    save_images(cfg.out, images, [{"prompt": p, "seed": s, **settings} for p, s in zip(prompts, seeds)])
+    save_grid(os.path.join(cfg.out, "grid.png"), images)
+    save_yaml(cfg, os.path.join(cfg.out, "sample_config.yaml"))
+    return {"images": images, "run": info, "settings": settings}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prx-sample", description=__doc__.split("\n\n")[0])
+    add_arguments(parser, SampleConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_sample(build_config(SampleConfig, vars(args)))
+    except (ConfigError, StageError, FileNotFoundError, ValueError) as exc:
+        print(f"prx-sample: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
