@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/audit.py [--sizes 100000,1000000] [--out bench-out/audit] [--workers 2]
         [--options '{"language_detector": "lingua"}']
+    .venv/bin/python bench/audit.py --sizes 100000 --scan-only 20 [--baseline-stats /tmp/old_stats.py]
 
 Each size is a folder of shards (1000 samples per shard, half the captions `txt` ~12 words, half
 `caption_long.txt` ~40 words, with 2% exact duplicates, 1% loops, 0.5% refusals, 1% empty, some French), audited
@@ -150,6 +151,61 @@ def summary(n: int, r: dict, workers: int) -> str:
             f"(generation {r['generate_s']:.0f}s)")
 
 
+def scan_only(folder: str, shards: int, baseline: str | None) -> None:
+    """In one process, no Dask: CPU (thread) seconds per caption of the scan's phases over `shards` shards (the
+    first, which loads the detector, untimed); with `baseline`, a stats module file (e.g. the previous
+    implementation, from `git show REV:pipeline/audit/stats.py`), whose scan_group runs interleaved on the same
+    captions without a detector: the figures' side-by-side ratio."""
+    import importlib.util
+
+    from pipeline.audit import stats
+    from pipeline.audit.stats import from_npz
+    from pipeline.stages.audit import AuditConfig, AuditStage
+
+    stage = AuditStage(AuditConfig(dirs=[folder]))
+    tasks = stage.plan()[:shards + 1]
+    stage.scan(tasks[0])
+    total: dict[str, float] = {}
+    captions = 0
+    for t in tasks[1:]:
+        groups, extra = from_npz(stage.scan(t))
+        captions += sum(g.n for g in groups.values())
+        for k, v in extra["seconds"].items():
+            total[k] = total.get(k, 0.0) + v
+    per = ", ".join(f"{k} {v / captions * 1e6:.1f}" for k, v in total.items())
+    print(f"{captions} captions, CPU us/caption: {per}")
+    if baseline:
+        spec = importlib.util.spec_from_file_location("baseline_stats", baseline)
+        old = importlib.util.module_from_spec(spec)
+        sys.modules["baseline_stats"] = old
+        spec.loader.exec_module(old)
+        texts = _captions(tasks[1:])
+        for rep in range(3):
+            row = []
+            for name, mod in (("baseline", old), ("now", stats)):
+                t0 = time.thread_time()
+                for tx in texts:
+                    mod.scan_group(tx, mod.AuditParams(language_sample=0))
+                row.append(f"{name} {(time.thread_time() - t0) / captions * 1e6:.1f}")
+            print(f"repeat {rep}: figures without language, CPU us/caption: " + ", ".join(row))
+
+
+def _captions(tasks) -> list[list[str]]:
+    """Each shard's captions per (source, member), as the audit groups them by default."""
+    from pipeline.shards import read_shard
+
+    out = []
+    for t in tasks:
+        groups: dict = {}
+        for item in read_shard(t.inputs[0]):
+            source = item.meta().get("source")
+            for member in item.members:
+                if member.endswith("txt"):
+                    groups.setdefault((source, member), []).append(item.text(member))
+        out.extend(groups.values())
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="100000,1000000")
@@ -157,10 +213,19 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--options", default="{}", help="AuditConfig options as JSON, e.g. '{\"language_sample\": 100}'")
     ap.add_argument("--reduce-only", action="store_true", help="only the reduce's memory on synthetic partials")
+    ap.add_argument("--scan-only", type=int, metavar="SHARDS", help="only the scan's phases, in-process, on SHARDS "
+                                                                      "shards of the first --sizes folder")
+    ap.add_argument("--baseline-stats", help="with --scan-only: a stats.py file to compare scan_group with")
     ap.add_argument("--child", nargs=2, metavar=("FOLDER", "WORKERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), [args.options])
+        return 0
+    if args.scan_only:
+        n = int(args.sizes.split(",")[0])
+        folder = os.path.join(args.out, f"captions-{n}")
+        generate(folder, n)
+        scan_only(folder, args.scan_only, args.baseline_stats)
         return 0
     if args.reduce_only:
         for n in [int(x) for x in args.sizes.split(",")]:

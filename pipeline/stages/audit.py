@@ -114,8 +114,8 @@ def count_tokens(tok, texts: list[str]) -> list[int]:
 
 
 def _detector(name: str):
-    """(detect function, seconds its model took to load in this process), or (None, 0.0) when its package is
-    missing (the figure then says it is unavailable)."""
+    """(detect function, CPU seconds its model took to load in this process: 0.0 once loaded), or (None, 0.0)
+    when its package is missing (the figure then says it is unavailable)."""
     from filters import language
 
     if not language.language_available(name):
@@ -325,7 +325,8 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     samples: Counter = Counter()       # (dataset, source) -> samples
     problems: dict[str, Counter] = {}
     detector = True
-    timing: Counter = Counter()        # seconds summed over shards (all workers): read, detector_load, ...
+    timing: Counter = Counter()        # CPU seconds summed over shards (read, detector_load, language, figures)
+                                       # and the executor's start (wall, driver)
 
     def merge(data: bytes) -> None:
         nonlocal detector
