@@ -21,6 +21,10 @@ WIDTH = "100"  # help text wraps at this many columns, whatever the terminal
 PROGRAMS: dict[str, str] = {
     "prx-data": "pipeline.cli:build_parser",
     "prx-train": "trainer.cli:build_parser",
+    "prx-sample": "trainer.sample:build_parser",
+    "prx-eval": "trainer.evaluate:build_parser",
+    "prx-eval compare": "trainer.evaluate:compare_parser",   # prx-eval's one subcommand, dispatched by hand
+    "prx-export": "trainer.export:build_parser",
 }
 
 

@@ -34,7 +34,8 @@ def _fenced_commands(text: str) -> list[str]:
 def _inline_commands(text: str) -> list[str]:
     """Inline `prx-xxx ... --flag ...` spans (one without a flag, like `prx-data run`, is a mention)."""
     text = FENCE.sub("", text)
-    return [s for s in INLINE.findall(text) if s.split(" ", 1)[0] in PROGRAMS and " -" in s]
+    return [s for s in INLINE.findall(text)
+            if s.split(" ", 1)[0] in PROGRAMS and " -" in s and ": error:" not in s]  # error messages quoted
 
 
 def commands() -> list[tuple[str, str]]:
@@ -51,7 +52,8 @@ def _parse(command: str) -> str | None:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            parser_for(words[0]).parse_args(words[1:])
+            n = 2 if " ".join(words[:2]) in PROGRAMS else 1   # `prx-eval compare` has a parser of its own
+            parser_for(" ".join(words[:n])).parse_args(words[n:])
     except SystemExit as exc:
         return None if exc.code == 0 else err.getvalue().strip().splitlines()[-1]
     return None

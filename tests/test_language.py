@@ -103,7 +103,8 @@ def test_audit_filter_and_recaption_agree(detector, tmp_path, capsys):
 
     filtered = [TextChecks(languages=["en"], language_detector=detector).run(text)[1] for text in AGREE]
     cfg = checks.CheckConfig(language="en", language_detector=detector)
-    failures = [checks.check_language(text, "stop", cfg) for text in AGREE]
+    detect = lambda text: language.detect_language(text, detector=detector)  # noqa: E731 - what recaption passes
+    failures = [checks.check_language(text, "stop", cfg, detect) for text in AGREE]
     recaptioned = [f.detail.split(" ")[0] if f else "en" for f in failures]
     assert filtered == recaptioned
     assert audited == dict(sorted(Counter(filtered).items()))
@@ -116,4 +117,5 @@ def test_unknown_detector_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("prx-data audit: error: --language-detector") and "fasttext, lingua" in err
     with pytest.raises(checks.CheckError, match="cld3"):
-        checks.check_language("hello", "stop", checks.CheckConfig(language_detector="cld3"))
+        checks.check_language("hello", "stop", checks.CheckConfig(language_detector="cld3"),
+                              lambda text: language.detect_language(text, detector="cld3"))

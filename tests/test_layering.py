@@ -13,7 +13,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "filters", "captioners", "trainer")
 OUTSIDE = ("demo", "testing", "bench", "tests")
-CONTRACT = {f"pipeline.{m}" for m in ("config", "fs", "images", "models", "shards", "ledger", "encoded", "errors")}
+# pipeline/encoders/ (VAE, text encoder, buckets, REPA teacher) is contract too: it decides how latents and
+# embeddings are made, and the sampler and evaluation must make them exactly as encode did.
+CONTRACT = {f"pipeline.{m}" for m in ("config", "fs", "images", "models", "shards", "ledger", "encoded", "errors",
+                                      "encoders", "encoders.vae", "encoders.text", "encoders.buckets",
+                                      "encoders.repa")}
 OWN_AND_CONTRACT = ("filters", "captioners", "trainer")
 
 

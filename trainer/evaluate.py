@@ -416,12 +416,16 @@ def plot_history(doc: dict, out: str) -> list[str]:
     return written
 
 
-def compare_main(argv: list[str]) -> int:
+def compare_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prx-eval compare", description="Runs' latest evaluations side by side.")
     parser.add_argument("runs", nargs="+", help="run folders with RUN/eval/step-*/metrics.json")
     parser.add_argument("--baseline", help="run the deltas are taken against (same cfg)")
     parser.add_argument("--out", help="folder for compare.md, compare.json and the metric-over-steps plots")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def compare_main(argv: list[str]) -> int:
+    args = compare_parser().parse_args(argv)
     try:
         doc = compare(args.runs, args.baseline)
     except StageError as exc:

@@ -115,12 +115,16 @@ def export(source: str, out: str, weights: str | None = None) -> str:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prx-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="run folder (its last checkpoint) or a checkpoint folder")
     parser.add_argument("--out", required=True, help="new folder for the diffusers pipeline")
     parser.add_argument("--weights", choices=["ema", "raw"], help="default: ema when the run has it, else raw")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         print(export(args.source, args.out, args.weights))
     except (StageError, FileNotFoundError, ValueError) as exc:
