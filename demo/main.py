@@ -1,9 +1,9 @@
 """`make demo` = `python -m demo demo-out`: photos -> URL list on loopback -> `prx-data run
-manifests/pipelines/demo.yaml` -> `prx-train` a few steps, then a list of where everything is.
+manifests/pipelines/demo.yaml` -> `prx-train` a few steps -> `prx-sample` -> `prx-eval` -> `prx-export`, then a list of where everything is.
 
 STEPS is a list of (name, function). Each function takes the Demo (its folder, the outputs found so far) and
-returns an exit status; it adds the outputs it made with `demo.output(what, path, real_command)`. Later
-steps (sample, eval, export) are one entry each. Nothing leaves loopback; every model is a tiny random model of
+returns an exit status; it adds the outputs it made with `demo.output(what, path, real_command)`. Then
+`prx-sample`, `prx-eval` (tiny extractors) and `prx-export` on the checkpoint. Nothing leaves loopback; every model is a tiny random model of
 the real class, so captions, images and scores are meaningless: the demo shows the plumbing.
 """
 from __future__ import annotations
@@ -17,12 +17,9 @@ from typing import Callable
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every model is a local folder
 os.environ.setdefault("WANDB_MODE", "disabled")
-# The audit detects caption languages with lingua; its high-accuracy models take ~10 s (minutes on a loaded
-# machine) and ~0.9 GB to load, for gibberish captions here: the demo uses the low-accuracy mode (0.6 s, 45 MB).
-os.environ.setdefault("PRX_LANGUAGE_ACCURACY", "low")
 
 MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "pipelines" / "demo.yaml"
-TINY_MODELS = ["tiny-clip", "tiny-qwen2-vl", "tiny-flux-vae", "tiny-t5gemma", "tiny-dinov2"]
+TINY_MODELS = ["tiny-clip", "tiny-qwen2-vl", "tiny-flux-vae", "tiny-t5gemma", "tiny-dinov2", "tiny-inception"]
 CAPTIONS = {
     "astronaut": "Astronaut Eileen Collins in her flight suit in front of an American flag.",
     "coffee": "A cup of coffee on a saucer with a spoon, seen from above.",
@@ -136,11 +133,59 @@ def train(demo: Demo) -> int:
     return rc
 
 
-# (name, step): run in order; a step that fails stops the demo. sample, eval and export are added here.
+def sample(demo: Demo) -> int:
+    """Images from the trained checkpoint at two prompts (Euler on PRX's grid, CFG against the empty prompt)."""
+    from trainer.sample import main as prx_sample
+
+    prompts = demo.path("prompts.txt")
+    with open(prompts, "w") as fh:
+        fh.write(f"{CAPTIONS['chelsea']}\n{CAPTIONS['rocket']}\n")
+    argv = ["--run", demo.path("train-run"), "--prompts", prompts, "--steps", "8", "--cfg", "3.5",
+            "--out", demo.path("samples"), "--device", "cpu"]
+    _show("prx-sample", argv)
+    rc = prx_sample(argv)
+    demo.output("sampled images (grid)", demo.path("samples", "grid.png"),
+                "prx-sample --run runs/base --prompts prompts.txt --steps 50 --cfg 3.5 --out samples/")
+    return rc
+
+
+def evaluate(demo: Demo) -> int:
+    """FID, CMMD, DINO-MMD and CLIP score of the checkpoint against the captioned photos (tiny extractors)."""
+    from trainer.evaluate import main as prx_eval
+
+    models = demo.path("tiny-models")
+    argv = ["--run", demo.path("train-run"), "--real", demo.path("03-recaption"), "--caption", "long", "--n", "4",
+            "--steps", "4", "--cfg", "3.5", "--metrics", "fid,cmmd,dino_mmd,clip_score",
+            "--inception-weights", os.path.join(models, "tiny-inception", "inception.pth"),
+            "--clip-model", os.path.join(models, "tiny-clip"), "--dino-model", os.path.join(models, "tiny-dinov2"),
+            "--real-cache", demo.path("eval-cache"), "--device", "cpu", "--no-progress"]
+    _show("prx-eval", argv)
+    rc = prx_eval(argv)
+    demo.output("metrics", demo.path("train-run", "eval", "step-00000004", "metrics.json"),
+                "prx-eval --run runs/base --real REAL_SHARDS --caption long --n 10000  (GPU; real extractors)")
+    return rc
+
+
+def export(demo: Demo) -> int:
+    """The checkpoint as a folder diffusers' PRXPipeline.from_pretrained loads with no other argument."""
+    from trainer.export import main as prx_export
+
+    argv = [demo.path("train-run"), "--out", demo.path("exported")]
+    _show("prx-export", argv)
+    rc = prx_export(argv)
+    demo.output("exported diffusers pipeline", demo.path("exported", "model_index.json"),
+                "prx-export runs/base --out prx-base-pipeline")
+    return rc
+
+
+# (name, step): run in order; a step that fails stops the demo.
 STEPS: list[tuple[str, Callable[[Demo], int]]] = [
     ("prepare", prepare),
     ("pipeline", pipeline),
     ("train", train),
+    ("sample", sample),
+    ("eval", evaluate),
+    ("export", export),
 ]
 
 
