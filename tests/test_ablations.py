@@ -288,3 +288,148 @@ def test_init_from_starts_at_step_0_with_empty_optimizer_state(data, tmp_path):
         assert torch.equal(p, ema[n]), n
     rec = json.load(open(tmp_path / "child" / "data.json"))["parent"]
     assert rec["step"] == 2 and rec["weights"] == "ema" and rec["init_from"].endswith("step-00000002")
+
+
+# ------------------------------------------------------------------------------------------- overlays, resume
+EXPECTED_CHANGES = {
+    "caption-mixed": {"caption"}, "caption-original": {"caption"}, "caption-short": {"caption"},
+    "ema": {"ema_decay"}, "finetune": {"init_from", "mix", "steps"}, "muon": {"optimizer"},
+    "repa-burnin": {"repa_weight", "repa_until_step"}, "repa-dinov2": {"repa_weight"}, "shift-3": {"shift"},
+    "sprint": {"routing", "route_ratio"}, "tread": {"routing", "route_ratio"}, "weights-bf16": {"weights_dtype"},
+    "x-prediction": {"prediction"},
+}
+
+
+def overlay_cli(name: str, data, out: str, **extra) -> list[str]:
+    """The overlay, run on the tiny model over the test shards (what the command line overrides)."""
+    args = ["--config", f"manifests/ablations/{name}.yaml", "--shards", data["rich"], "--mix", "",
+            "--model", "tiny", "--vae", data["vae"], "--text-encoder", data["te"], "--steps", "3",
+            "--batch-size", "2", "--warmup-steps", "0", "--out", out, "--log-every", "1", "--no-tensorboard",
+            "--device", "cpu", "--route-start", "0", "--route-end", "1", "--repa-block", "0", "--ema-every", "1",
+            "--repa-until-step", "2" if name == "repa-burnin" else "0"]
+    for k, v in extra.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def test_overlays_change_exactly_their_keys_and_each_runs_3_steps(data, tmp_path, capsys):
+    from trainer.cli import main
+    from trainer.train import run
+
+    base = load_config({"config": "manifests/train/base.yaml"})
+    assert base.caption == {"long": 1.0} and base.optimizer == "adamw" and base.repa_weight == 0
+    assert TrainConfig().caption == {} and base.routing == "none" and base.ema_decay == 0
+    assert set(OVERLAYS) == set(EXPECTED_CHANGES)
+    for name in OVERLAYS:
+        over = load_config({"config": f"manifests/ablations/{name}.yaml"})
+        diff = {f for f in TrainConfig.__dataclass_fields__ if getattr(over, f) != getattr(base, f)}
+        assert diff - {"config", "base"} == EXPECTED_CHANGES[name], name
+    parent = run(cfg_for(data, tmp_path, out=str(tmp_path / "parent"), steps=1))
+    for name in OVERLAYS:
+        extra = {"init_from": parent["run_dir"]} if name == "finetune" else {}
+        rc = main(overlay_cli(name, data, str(tmp_path / name), **extra))
+        assert rc == 0, (name, capsys.readouterr().err)
+        assert os.path.exists(tmp_path / name / "checkpoints" / "step-00000003" / "state.json"), name
+
+
+@pytest.mark.parametrize("name", ["muon", "repa-dinov2", "repa-burnin", "tread", "sprint", "ema"])
+def test_killed_and_resumed_overlay_matches_uninterrupted(name, data, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.cli import build_parser
+    from trainer.train import run
+
+    def cfg(out, **kw):
+        args = vars(build_parser().parse_args(overlay_cli(name, data, out)))
+        args.update(steps=4, batch_size=3, grad_accum=2, checkpoint_every=2, **kw)
+        return load_config(args)
+
+    full = run(cfg(str(tmp_path / "full")))
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, _):
+        if step == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg(str(tmp_path / "part")), on_step=kill)
+    resumed = run(cfg(None, resume=str(tmp_path / "part")))
+    assert resumed["start_step"] == 2 and resumed["losses"] == full["losses"][2:]
+    for (n, a), (_, b) in zip(full["denoiser"].state_dict().items(), resumed["denoiser"].state_dict().items()):
+        assert torch.equal(a, b), n
+    if full["ema"] is not None:
+        for k, v in full["ema"].shadow.items():
+            assert torch.equal(v, resumed["ema"].shadow[k]), k
+    ckpt = tmp_path / "full" / "checkpoints" / "step-00000004"
+    prefixes = {k.split(".")[0] for k in load_file(ckpt / "optimizer.safetensors")}
+    assert prefixes == ({"muon", "adamw"} if name == "muon" else {"adamw"})
+    aux = set(load_file(ckpt / "aux.safetensors")) if (ckpt / "aux.safetensors").exists() else set()
+    assert ({k.split(".")[0] for k in aux} == {"sprint_fusion"}) == (name == "sprint")
+    assert ({k.split(".")[0] for k in aux} == {"repa_projector"}) == name.startswith("repa")
+    assert not any("fusion" in k or "projector" in k for k in load_file(ckpt / "transformer" /
+                                                                      "diffusion_pytorch_model.safetensors"))
+    assert (ckpt / "transformer_ema").is_dir() == (name == "ema")
+
+
+# ------------------------------------------------------------------------------------------- refusals
+def refused(capsys, argv) -> str:
+    from trainer.cli import main
+
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prx-train: error: ")]
+    assert len(lines) == 1, lines  # one line naming the fix (stderr may also hold a stale log handler's noise)
+    return lines[0]
+
+
+def test_bad_ablation_input_is_refused_before_step_1(data, tmp_path, capsys):
+    out = str(tmp_path / "never")
+    plain = ["--shards", data["plain"], "--caption", "original=1"]
+    # REPA without stored features; a source without long captions under the baseline
+    assert "prx-data encode --repa" in refused(capsys, overlay_cli("repa-dinov2", data, out) + plain)
+    assert "prx-data recaption" in refused(capsys, overlay_cli("muon", data, out) + ["--shards", data["plain"]])
+    # block indices outside the depth, ratio outside (0, 1), decay outside [0, 1)
+    assert "outside the model's 2 blocks" in refused(capsys, overlay_cli("tread", data, out, route_end=12))
+    assert "outside the model's 2 blocks" in refused(capsys, overlay_cli("repa-dinov2", data, out, repa_block=2))
+    assert "(0, 1)" in refused(capsys, overlay_cli("sprint", data, out, route_ratio=1.0))
+    assert "[0, 1)" in refused(capsys, overlay_cli("ema", data, out, ema_decay=1.0))
+    assert not os.path.exists(os.path.join(out, "checkpoints"))
+
+
+def test_repa_features_off_the_token_grid_are_refused(data, tmp_path, capsys):
+    from diffusers import PRXTransformer2DModel
+
+    from trainer.model import model_config
+
+    folder = str(tmp_path / "patch1")  # one token per 8 px; the stored features are one per 16 px
+    PRXTransformer2DModel(**dict(model_config("tiny", 16, 32), patch_size=1)).save_pretrained(folder)
+    err = refused(capsys, overlay_cli("repa-dinov2", data, str(tmp_path / "r"), model=folder))
+    assert "does not match the token grid" in err and "--repa-patch-size 1" in err
+
+
+def test_init_from_refusals(data, tmp_path, capsys):
+    from diffusers import PRXTransformer2DModel
+
+    from trainer.model import model_config
+    from trainer.train import run
+
+    parent = run(cfg_for(data, tmp_path, out=str(tmp_path / "parent"), steps=1))["run_dir"]
+    wide = str(tmp_path / "wide")
+    PRXTransformer2DModel(**dict(model_config("tiny", 16, 32), hidden_size=96, num_heads=3)).save_pretrained(wide)
+    err = refused(capsys, overlay_cli("finetune", data, str(tmp_path / "a"), init_from=parent, model=wide))
+    assert "another architecture" in err and "hidden_size 64 vs 96" in err
+    other = tmp_path / "other"  # the same run, recorded as trained on another VAE's shards
+    import shutil
+
+    shutil.copytree(parent, other)
+    rec = json.loads((other / "data.json").read_text())
+    rec["vae"]["id"] = "black-forest-labs/FLUX.1-dev"
+    (other / "data.json").write_text(json.dumps(rec))
+    err = refused(capsys, overlay_cli("finetune", data, str(tmp_path / "b"), init_from=other))
+    assert "another VAE" in err
+    err = refused(capsys, overlay_cli("muon", data, str(tmp_path / "c"), init_from=parent)
+                  + ["--resume", parent, "--out", parent])
+    assert "--resume continues" in err and "not both" in err
+    err = refused(capsys, overlay_cli("finetune", data, str(tmp_path / "d"), init_from=parent, init_weights="ema"))
+    assert "transformer_ema/" in err

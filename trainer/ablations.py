@@ -88,8 +88,11 @@ def _probe(shard: str, wanted: set[str]) -> tuple[bool, int]:
     return False, probed
 
 
-def check_resume(cfg, state: dict[str, Any]) -> None:
-    """--resume continues a run exactly; --init-from starts a new one. Both only for a run started that way."""
+def check_resume(cfg, path: str) -> None:
+    """--resume continues a run exactly; --init-from starts a new one. Both only for a run started that way
+    (checked before anything is loaded from checkpoint `path`)."""
+    with open(os.path.join(path, "state.json")) as fh:
+        state = json.load(fh)
     if cfg.init_from and (state.get("config") or {}).get("init_from") != cfg.init_from:
         raise ValueError(f"--resume continues {cfg.resume} exactly, --init-from {cfg.init_from} starts a new run "
                          "from a parent's weights: pass one of them, not both")

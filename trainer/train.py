@@ -123,8 +123,8 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         path = checkpoint.latest(cfg.resume)
         if path is None:
             raise FileNotFoundError(f"--resume {cfg.resume}: no complete checkpoint in {cfg.resume}/checkpoints")
+        ablations.check_resume(cfg, path)
         state, loader_state = checkpoint.load(path, rank, model, optimizer, generator, abl.denoiser, abl.ema)
-        ablations.check_resume(cfg, state)
         if state.get("world_size", 1) != world:
             raise ValueError(f"{path} was written by {state.get('world_size')} processes; resume with as many")
         loader.load_state(loader_state)
