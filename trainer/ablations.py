@@ -156,6 +156,7 @@ def after_step(abl: Ablations, cfg, done: int, samples: int, batches: int, log=N
     c["steps"] += 1
     c["samples"] += samples
     c["batches"] += batches
+    c["t_end"] = time.perf_counter()  # checkpoints written after this step are not counted
 
 
 def routed_tokens(cfg, x0_shape, patch: int) -> int:
@@ -175,7 +176,7 @@ def flops_route(cfg, x0_shape, patch: int):
 def write_summary(abl: Ablations, run_dir: str, device: torch.device, extra: dict[str, Any]) -> dict[str, Any]:
     """RUN/summary.json: mean samples/s and batches/s (after the first step), peak memory."""
     c = abl.clock
-    secs = time.perf_counter() - c["t0"] if c["t0"] else 0.0
+    secs = c.get("t_end", 0.0) - c["t0"] if c["t0"] else 0.0
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
     else:
