@@ -340,8 +340,8 @@ def test_killed_and_resumed_overlay_matches_uninterrupted(name, data, tmp_path):
     from trainer.train import run
 
     def cfg(out, **kw):
-        args = vars(build_parser().parse_args(overlay_cli(name, data, out)))
-        args.update(steps=4, batch_size=3, grad_accum=2, checkpoint_every=2, **kw)
+        args = vars(build_parser().parse_args(overlay_cli(name, data, out or "unused")))
+        args.update(steps=4, batch_size=3, grad_accum=2, checkpoint_every=2, out=out, **kw)
         return load_config(args)
 
     full = run(cfg(str(tmp_path / "full")))
