@@ -76,7 +76,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(encoded, tmp_path):
 
     mix = tmp_path / "mix.yaml"
     mix.write_text(f"sources:\n  a: {{shards: {encoded['a']}, weight: 0.6}}\n"
-                   f"  b: {{shards: {encoded['b']}, weight: 0.4}}\n")
+                   f"  b: {{shards: {encoded['b']}, weight: 0.4}}\n"
+                   "captions: {original: 1.0}\n")  # b has no recaptions (the baseline's long would be refused)
     kw = dict(shards=[], mix=str(mix), steps=6, batch_size=3, grad_accum=2)
     full = run(cfg_for(encoded, tmp_path, out=str(tmp_path / "full"), **kw))
 

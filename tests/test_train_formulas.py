@@ -37,6 +37,28 @@ def test_x_prediction_velocity_closed_form():
     torch.testing.assert_close(v_hat[0], v[0] * 0.01 / 0.05)
 
 
+def test_x_prediction_target_is_clamped_like_the_prediction():
+    """PRX's convert_x_to_v on both sides: a perfect x0 has zero loss at every t (t < t_min included); an x0
+    off by d costs |d|^2 / max(t, t_min)^2."""
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, x0, offset=0.0):
+            super().__init__()
+            self.x0, self.offset, self.w = x0, offset, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, attention_mask=None, return_dict=False):
+            return (self.x0 + self.offset,)
+
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t = torch.tensor([0.001, 0.02, 0.7])
+    emb, mask = torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool)
+    oc = obj.ObjectiveConfig(prediction="x", x_pred_t_min=0.05)
+    assert torch.equal(obj.per_sample_loss(Oracle(x0), x0, eps, t, emb, mask, oc), torch.zeros(3))
+    got = obj.per_sample_loss(Oracle(x0, 0.1), x0, eps, t, emb, mask, oc)
+    torch.testing.assert_close(got, 0.01 / torch.tensor([0.05, 0.05, 0.7]) ** 2)
+
+
 def test_logit_normal_moments():
     n = 400_000
     g = torch.Generator().manual_seed(0)
@@ -63,9 +85,31 @@ def test_uniform_fraction_mixture_moments():
     m2 = 0.9 * m2_ln + 0.1 * (1 / 3)          # E[t^2] of the mixture
     assert abs(float(t.mean()) - 0.5) < 0.002
     assert abs(float(t.pow(2).mean()) - m2) < 0.002
-    # the uniform component shows in the tails: P(t < 0.02) = 0.9 P(z < logit 0.02) + 0.1 * 0.02
-    p = 0.9 * 0.5 * (1 + math.erf(math.log(0.02 / 0.98) / math.sqrt(2))) + 0.1 * 0.02
+    # the uniform component shows in the tails: P(t < 0.02) = 0.9 P(z < logit 0.02) + 0.1 (0.02 - 1e-3) / (1 - 1e-3)
+    p = 0.9 * 0.5 * (1 + math.erf(math.log(0.02 / 0.98) / math.sqrt(2))) + 0.1 * 0.019 / 0.999
     assert abs(float((t < 0.02).double().mean()) - p) < 0.001
+    assert float(t.min()) >= 1e-3 and float(t.max()) < 1.0
+
+
+def _phi(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def test_shift_applies_to_the_logit_normal_part_only():
+    """PRX: t = shift(sigmoid(z)) w.p. 0.9, U[1e-3, 1) unshifted w.p. 0.1. CDF at y, shift s:
+    0.9 Phi(logit(y / (s - (s - 1) y))) + 0.1 (y - 1e-3) / (1 - 1e-3)."""
+    n, s = 400_000, 3.0
+    g = torch.Generator().manual_seed(5)
+    t = obj.sample_timesteps(n, obj.ObjectiveConfig(shift=s, uniform_fraction=0.1), g).double()
+    for y in (0.01, 0.1, 0.5, 0.9):
+        u = y / (s - (s - 1) * y)
+        cdf = 0.9 * _phi(math.log(u / (1 - u))) + 0.1 * (y - 1e-3) / (1 - 1e-3)
+        assert abs(float((t <= y).double().mean()) - cdf) < 0.003, (y, cdf)
+    # the old behaviour (shift over the whole mixture) differs measurably at y = 0.1: the uniform part
+    # would contribute 0.1 * u, not 0.1 * y
+    u = 0.1 / (s - (s - 1) * 0.1)
+    wrong = 0.9 * _phi(math.log(u / (1 - u))) + 0.1 * u
+    assert abs(float((t <= 0.1).double().mean()) - wrong) > 0.004
 
 
 def test_shift_closed_form_and_distribution():
@@ -162,7 +206,9 @@ def test_optimizer_state_roundtrip_without_pickle(tmp_path):
     model = build_model("tiny", 16, 32)
     cfg = TrainConfig(model="tiny")
     opt = build_optimizer(model, cfg)
-    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-15 and opt.defaults["weight_decay"] == 0
+    adamw = opt.members["adamw"]
+    assert list(opt.members) == ["adamw"]
+    assert adamw.defaults["betas"] == (0.9, 0.95) and adamw.defaults["eps"] == 1e-15 and adamw.defaults["weight_decay"] == 0
     model(torch.randn(2, 16, 4, 4), torch.tensor([0.3, 0.6]), torch.randn(2, 3, 32), return_dict=False)[0].sum().backward()
     opt.step()
     tensors, meta = checkpoint.optimizer_tensors(opt)
@@ -170,7 +216,8 @@ def test_optimizer_state_roundtrip_without_pickle(tmp_path):
     model2 = build_model("tiny", 16, 32)
     opt2 = build_optimizer(model2, cfg)
     checkpoint.load_optimizer(opt2, load_file(tmp_path / "o.safetensors"), meta)
-    sa, sb = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(k.startswith("adamw.state.") for k in tensors)  # each optimizer under its own prefix
+    sa, sb = adamw.state_dict()["state"], opt2.members["adamw"].state_dict()["state"]
     assert sa.keys() == sb.keys() and len(sa) > 0
     for i in sa:
         for k in sa[i]:

@@ -22,7 +22,7 @@ class TrainConfig:
     mix: str | None = option(None, help="mixture YAML: sources (shard folders + weights), captions, resolution")
     caption: dict[str, float] = option(default_factory=dict,
                                        help="caption-variant weights, e.g. long=0.5,short=0.5 (default: the mixture's, "
-                                            "else every variant a sample has, equally)")
+                                            "else long=1.0, PRX's baseline)")
     vae: str | None = option(None, help="VAE the shards must have been encoded with (alias, hub id or folder); "
                                         "default: whatever the first source used, all sources must agree")
     text_encoder: str | None = option(None, help="text encoder the shards must have been encoded with")
@@ -58,6 +58,29 @@ class TrainConfig:
     warmup_steps: int = option(1000, help="linear warmup steps, then constant")
     grad_clip: float = option(0.2, help="clip the global gradient norm to this (0 = off)")
     seed: int = option(0, help="seed of the model init, data order, mixture draws, noise and timesteps")
+    # --- PRX ablations (one module each in trainer/: optim, repa, routing, ema; docs/ablations.md)
+    optimizer: str = option("adamw", choices=["adamw", "muon"],
+                            help="adamw; muon = torch.optim.Muon for the 2-D weights of the blocks, AdamW for the rest")
+    muon_momentum: float = option(0.95, help="Muon momentum")
+    muon_nesterov: bool = option(True, help="Muon Nesterov momentum")
+    muon_ns_steps: int = option(5, help="Muon Newton-Schulz iterations")
+    muon_weight_decay: float = option(0.0, help="Muon weight decay (torch's default is 0.1; PRX uses 0)")
+    muon_adjust_lr: str = option("match_rms_adamw", choices=["original", "match_rms_adamw"],
+                                 help="Muon's per-matrix LR scaling; match_rms_adamw = PRX's rms_scale (the AdamW lr fits)")
+    repa_weight: float = option(0.0, help="REPA loss weight (0 = off): -w x mean cos(proj(h), stored features)")
+    repa_block: int = option(7, help="block (0-based) whose output the REPA projector reads")
+    repa_until_step: int = option(0, help="stop REPA after this many steps (burn-in; 0 = never)")
+    routing: str = option("none", choices=["none", "tread", "sprint"],
+                          help="token routing during training: TREAD (tokens skip blocks) or SPRINT (sparse middle + fusion)")
+    route_start: int = option(2, help="first routed block (0-based)")
+    route_end: int = option(12, help="routed blocks are route_start .. route_end - 1; tokens rejoin at route_end")
+    route_ratio: float | None = option(None, help="fraction of image tokens routed past the blocks, in (0, 1) "
+                                                  "(default 0.5 for tread, 0.75 for sprint)")
+    ema_decay: float = option(0.0, help="EMA of the weights, constant decay in [0, 1) (0 = off; PRX: 0.999)")
+    ema_every: int = option(10, help="update the EMA every N optimizer steps")
+    init_from: str | None = option(None, help="fine-tune start: weights only from RUN (latest checkpoint) or a "
+                                              "checkpoint folder; step 0, new optimizer")
+    init_weights: str = option("raw", choices=["raw", "ema"], help="with --init-from: the parent's raw or EMA weights")
     # --- run folder, logging, checkpoints
     out: str | None = option(None, runtime=True, help="run folder (config, logs, TensorBoard, checkpoints)")
     resume: str | None = option(None, runtime=True, help="run folder to resume from its latest checkpoint")
@@ -98,6 +121,28 @@ class TrainConfig:
         if self.metrics_every and (not self.metrics_real or self.metrics_every % self.checkpoint_every):
             raise ConfigError("--metrics-every N needs --metrics-real DIR and N a multiple of --checkpoint-every "
                               f"({self.checkpoint_every}): metrics are computed on the saved checkpoint")
+        self._check_ablations()
+
+    def _check_ablations(self):
+        """PRX ablation keys; checks that need the model (block indices vs depth) run in trainer.ablations."""
+        if self.routing != "none" and self.route_ratio is None:
+            self.route_ratio = {"tread": 0.5, "sprint": 0.75}[self.routing]
+        if self.route_ratio is not None and not 0.0 < self.route_ratio < 1.0:
+            raise ConfigError(f"--route-ratio {self.route_ratio}: the routed fraction must be in (0, 1), "
+                              "e.g. 0.5 (TREAD) or 0.75 (SPRINT)")
+        if self.routing != "none" and not 0 <= self.route_start < self.route_end:
+            raise ConfigError(f"--route-start {self.route_start} / --route-end {self.route_end}: need "
+                              "0 <= route_start < route_end (routed blocks are route_start .. route_end - 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"--ema-decay {self.ema_decay} must be in [0, 1), e.g. 0.999 (0 = no EMA)")
+        if self.ema_every < 1 or self.muon_ns_steps < 1:
+            raise ConfigError("--ema-every and --muon-ns-steps must be at least 1")
+        if self.repa_weight < 0 or self.repa_block < 0 or self.repa_until_step < 0:
+            raise ConfigError("--repa-weight, --repa-block and --repa-until-step must be >= 0")
+        if not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
+            raise ConfigError("--muon-momentum must be in [0, 1) and --muon-weight-decay >= 0")
+        if self.init_weights == "ema" and not self.init_from:
+            raise ConfigError("--init-weights ema needs --init-from RUN|CHECKPOINT")
 
 
 def _file_values(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -196,6 +241,8 @@ def load_mixture(cfg: TrainConfig) -> Mixture:
         raise ConfigError(f"source weights must be >= 0 with a positive sum: {[(s.name, s.weight) for s in sources]}")
     if cfg.caption:
         captions = dict(cfg.caption)
+    if not captions:
+        captions = {"long": 1.0}  # PRX's baseline: the long recaption only
     if any(w < 0 for w in captions.values()) or (captions and sum(captions.values()) <= 0):
         raise ConfigError(f"caption weights must be >= 0 with a positive sum: {captions}")
     return Mixture(sources, captions, resolution)

@@ -73,12 +73,15 @@ def _same_model(a: dict, b: dict) -> bool:
 
 
 def open_sources(mixture, vae: str | None = None, text_encoder: str | None = None, rank: int = 0,
-                 world: int = 1) -> DataSpec:
+                 world: int = 1, with_repa: bool = False) -> DataSpec:
     """Check every source folder (encoded, complete, same encoders) and pick this rank's shards."""
     sources = []
     first = None
     for src in mixture.sources:
         info = encoded.check_encoders(src.folder, vae=vae, text_encoder=text_encoder)
+        if with_repa and info.get("repa") is None:
+            raise StageError(f"source {src.name!r} ({src.folder}) has no REPA features: re-encode it with "
+                             "`prx-data encode --repa dinov2` (or turn REPA off: --repa-weight 0)")
         if info.get("status") not in (None, "complete"):
             raise StageError(f"{src.folder}: its encode run is {info.get('status')!r}, not complete: rerun the same "
                              "`prx-data encode` command to finish it")
@@ -232,6 +235,7 @@ class Item:
     logvar: torch.Tensor
     emb: torch.Tensor       # L x D bfloat16, unpadded (padded when the batch is made)
     snapshot: list = field(default_factory=list)  # stream positions before this draw
+    repa: torch.Tensor | None = None  # N x D bfloat16 REPA features (with_repa only)
 
 
 @dataclass
@@ -243,6 +247,7 @@ class Batch:
     variants: list[str]
     keys: list[str]
     draws: list[int]
+    repa: torch.Tensor | None = None  # B x N x D REPA features (with_repa only)
 
     def __len__(self):
         return self.x0.shape[0]
@@ -266,8 +271,9 @@ class MixtureLoader:
     MAX_SKIPPED = 10_000  # consecutive draws with none of the asked caption variants: stop instead of spinning
 
     def __init__(self, spec: DataSpec, batch_size: int, seed: int = 0, rank: int = 0, text_max_length: int = 256,
-                 shuffle_window: int = 64, max_wait_batches: int = 64):
+                 shuffle_window: int = 64, max_wait_batches: int = 64, with_repa: bool = False):
         self.spec, self.batch_size, self.seed, self.rank = spec, batch_size, seed, rank
+        self.with_repa = with_repa
         self.text_max_length = text_max_length
         self.max_wait = max_wait_batches * batch_size
         weights = {s.name: s.weight for s in spec.sources}
@@ -307,13 +313,17 @@ class MixtureLoader:
                 return None
             emb = encoded.read_embedding(sample, variant)
             mean, logvar = encoded.read_latent(sample)
+            repa = encoded.read_repa(sample) if self.with_repa else None
         except BadMember as exc:
             raise DataError(f"bad shard {sample.shard} (source {stream.src.name!r}): sample {sample.key}: {exc}. "
                             "Fix or remove the shard (re-run `prx-data encode` for it) and resume") from None
         if emb.shape[1] != self.spec.text_dim:
             raise DataError(f"bad shard {sample.shard}: sample {sample.key} has {emb.shape[1]}-wide embeddings, "
                             f"the folder's text encoder is {self.spec.text_dim} wide")
-        return Item(d, stream.src.name, variant, sample.key, mean, logvar, emb, snapshot)
+        if self.with_repa and repa is None:
+            raise DataError(f"bad shard {sample.shard}: sample {sample.key} has no repa.safetensors: re-encode the "
+                            "source with `prx-data encode --repa dinov2`")
+        return Item(d, stream.src.name, variant, sample.key, mean, logvar, emb, snapshot, repa)
 
     # ---- batching
     def _emit(self, shape: tuple, n: int | None = None) -> Batch:
@@ -336,8 +346,9 @@ class MixtureLoader:
         x0 = encoded.sample_posterior(torch.stack([it.mean for it in items]), torch.stack([it.logvar for it in items]),
                                       generator=g)
         x0 = encoded.scale_latent(x0, self.spec.vae).float()
+        repa = torch.stack([it.repa for it in items]) if self.with_repa else None
         return Batch(x0, torch.stack(embs), torch.stack(masks), [it.source for it in items],
-                     [it.variant for it in items], [it.key for it in items], [it.draw for it in items])
+                     [it.variant for it in items], [it.key for it in items], [it.draw for it in items], repa)
 
     def _pending(self) -> list[Item]:
         return [it for items in self.buckets.values() for it in items]

@@ -69,7 +69,8 @@ def check_weights_dtype(model: torch.nn.Module, weights_dtype: str = "fp32") -> 
         raise PrecisionError(f"--weights-dtype {weights_dtype}: parameter {name} is {dtype}")
 
 
-def forward_flops(cfg: dict[str, Any], height: int, width: int, text_len: int) -> int:
+def forward_flops(cfg: dict[str, Any], height: int, width: int, text_len: int,
+                  route: tuple[int, int, int] | None = None, fusion: bool = False) -> int:
     """FLOPs of one forward pass for one sample (a multiply-add = 2 FLOPs).
 
     N = (height/p)(width/p) image tokens, L = text tokens (padded length), d = hidden, m = int(d * mlp_ratio),
@@ -77,6 +78,8 @@ def forward_flops(cfg: dict[str, Any], height: int, width: int, text_len: int) -
         img QKV 6Nd^2 + text KV 4Ld^2 + attention 4N(N+L)d + out proj 2Nd^2 + gated MLP 6Ndm + modulation 12d^2
     plus txt_in 2LDd + img_in 2NPd + time MLP 2(256d + d^2) + final layer (4d^2 + 2NdP).
     Training FLOPs = 3 x forward (backward = 2 x forward). Norms, RoPE and softmax are left out.
+    route = (start, end, kept tokens): blocks start .. end - 1 are counted at the kept length (TREAD/SPRINT);
+    fusion adds SPRINT's Linear(2d -> d) over all tokens, 4Nd^2.
     """
     p, d = cfg["patch_size"], cfg["hidden_size"]
     n = (height // p) * (width // p)
@@ -84,10 +87,104 @@ def forward_flops(cfg: dict[str, Any], height: int, width: int, text_len: int) -
     m = int(d * cfg["mlp_ratio"])
     P = cfg["in_channels"] * p * p
     D = cfg["context_in_dim"]
-    block = 6 * n * d * d + 4 * L * d * d + 4 * n * (n + L) * d + 2 * n * d * d + 6 * n * d * m + 12 * d * d
+
+    def block(k: int) -> int:
+        return 6 * k * d * d + 4 * L * d * d + 4 * k * (k + L) * d + 2 * k * d * d + 6 * k * d * m + 12 * d * d
+
     rest = 2 * L * D * d + 2 * n * P * d + 2 * (256 * d + d * d) + 4 * d * d + 2 * n * d * P
-    return int(cfg["depth"] * block + rest)
+    if route is None:
+        return int(cfg["depth"] * block(n) + rest + (4 * n * d * d if fusion else 0))
+    start, end, kept = route
+    routed = max(0, min(end, cfg["depth"]) - start)
+    return int((cfg["depth"] - routed) * block(n) + routed * block(kept) + rest + (4 * n * d * d if fusion else 0))
 
 
-def train_flops_per_sample(cfg: dict[str, Any], height: int, width: int, text_len: int) -> int:
-    return 3 * forward_flops(cfg, height, width, text_len)
+def train_flops_per_sample(cfg: dict[str, Any], height: int, width: int, text_len: int,
+                           route: tuple[int, int, int] | None = None, fusion: bool = False) -> int:
+    return 3 * forward_flops(cfg, height, width, text_len, route, fusion)
+
+
+# ------------------------------------------------------------------------------------------- denoiser + aux
+class Denoiser(torch.nn.Module):
+    """The PRXTransformer2DModel plus the ablations' auxiliary modules, as one module (so DDP reduces the
+    auxiliary gradients too). Called like the transformer (`return_dict=False`), plus:
+
+    - `repa_features` (B x N x D): also return the per-sample REPA cosine of block `repa_block`'s output;
+    - `route_seed`: the seed of this forward's TREAD/SPRINT route (training only).
+
+    `transformer` is saved with `save_pretrained`; `aux` (`repa_projector`, `sprint_fusion`) goes to
+    `aux.safetensors`. Without routing and fusion the forward is the transformer's own.
+    """
+
+    def __init__(self, transformer, routing: str = "none", route_start: int = 0, route_end: int = 0,
+                 route_ratio: float = 0.0, repa_block: int | None = None, repa_dim: int | None = None,
+                 seed: int = 0):
+        super().__init__()
+        from trainer import repa, routing as routing_mod
+
+        self.transformer = transformer
+        self.aux = torch.nn.ModuleDict()
+        self.routing, self.route_start, self.route_end = routing, route_start, route_end
+        self.route_ratio = float(route_ratio or 0.0)
+        hidden = transformer.config.hidden_size
+        if routing == "sprint":
+            self.aux["sprint_fusion"] = routing_mod.SprintFusion(hidden, seed=seed + 1)
+        self.repa_block = repa_block
+        self.repa_hook = None
+        if repa_block is not None:
+            self.aux["repa_projector"] = repa.RepaProjector(hidden, int(repa_dim), seed=seed + 2)
+            self.repa_hook = repa.RepaHook(transformer.blocks[repa_block])
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    def stop_repa(self) -> None:
+        """REPA burn-in over: remove the hook and freeze the projector (it keeps its weights)."""
+        if self.repa_hook is not None:
+            self.repa_hook.remove()
+            self.repa_hook = None
+            self.aux["repa_projector"].requires_grad_(False)
+
+    def route(self, hidden_states: torch.Tensor, seed: int | None):
+        """This forward's Route, or None when the plain forward applies (no routing, eval mode, ratio 0)."""
+        from trainer import routing as routing_mod
+
+        if self.routing == "none":
+            return None
+        p = self.transformer.config.patch_size
+        n = (hidden_states.shape[-2] // p) * (hidden_states.shape[-1] // p)
+        keep = None
+        if self.training and routing_mod.routed_count(n, self.route_ratio) > 0:
+            if seed is None:
+                raise ValueError("a routed training forward needs route_seed (seed, step, rank, micro-batch)")
+            keep = routing_mod.draw_route(hidden_states.shape[0], n, self.route_ratio, seed, hidden_states.device)
+        if keep is None and self.routing == "tread":
+            return None
+        return routing_mod.Route(self.route_start, self.route_end, keep)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, attention_mask=None, return_dict=False,
+                repa_features=None, route_seed=None):
+        from trainer import repa, routing as routing_mod
+
+        route = self.route(hidden_states, route_seed)
+        want_repa = repa_features is not None and self.repa_hook is not None
+        if want_repa:
+            self.repa_hook.recording = True
+        try:
+            if route is None:
+                out = self.transformer(hidden_states=hidden_states, timestep=timestep,
+                                       encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                                       return_dict=False)[0]
+            else:
+                out = routing_mod.routed_forward(self.transformer, hidden_states, timestep, encoder_hidden_states,
+                                                 attention_mask, route, self.aux["sprint_fusion"]
+                                                 if "sprint_fusion" in self.aux else None)
+        finally:
+            hidden = self.repa_hook.take() if want_repa else None
+        if not want_repa:
+            return (out,)
+        features = repa_features.to(hidden.device)
+        if route is not None and route.keep is not None and route.start <= self.repa_block < route.end:
+            features = routing_mod.gather_tokens(features, route.keep)  # the block saw the kept tokens only
+        return out, repa.cosine_per_sample(self.aux["repa_projector"](hidden), features)

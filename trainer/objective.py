@@ -2,10 +2,12 @@
 
     x_t = (1 - t) x0 + t eps,      target v = eps - x0      (t = 0 data, t = 1 noise; diffusers' convention:
                                                              PRXPipeline passes sigma = t to the model)
-    t ~ sigmoid(N(mu, sigma))  with probability 1 - u,  U[0, 1] with probability u   (mu 0, sigma 1, u 0.1)
-    shift: t' = s t / (1 + (s - 1) t)
+    t ~ shift(sigmoid(N(mu, sigma)))  with probability 1 - u,  U[1e-3, 1) with probability u  (mu 0, sigma 1,
+        u 0.1); shift: t' = s t / (1 + (s - 1) t) applies to the logit-normal part only, as in PRX's code
     v-prediction: loss = |model(x_t, t) - v|^2
-    x-prediction: the model predicts x0; loss in v-space with v_hat = (x_t - x_hat) / max(t, t_min)
+    x-prediction: the model predicts x0; loss in v-space with v_hat = (x_t - x_hat) / max(t, t_min) and the
+        target clamped the same way, v = (x_t - x0) / max(t, t_min) (PRX's convert_x_to_v), so a perfect x0
+        has zero loss at every t
     caption dropout: with probability p the sample's embedding and mask are replaced by the stored empty
     prompt's (once, here; the loader never drops captions)
 
@@ -20,14 +22,18 @@ from dataclasses import dataclass
 import torch
 
 
+UNIFORM_T_MIN = 1e-3  # PRX draws the uniform part of t from [1e-3, 1)
+
+
 def logit_normal_uniform(n: int, generator: torch.Generator | None = None, mean: float = 0.0, std: float = 1.0,
-                         uniform_fraction: float = 0.1) -> torch.Tensor:
-    """n timesteps in [0, 1]: sigmoid(N(mean, std)), except a `uniform_fraction` of them drawn from U[0, 1]."""
+                         uniform_fraction: float = 0.1, shift: float = 1.0) -> torch.Tensor:
+    """n timesteps: shift(sigmoid(N(mean, std))), except a `uniform_fraction` of them drawn from U[1e-3, 1)
+    (unshifted)."""
     normal = torch.randn(n, generator=generator)
     uniform = torch.rand(n, generator=generator)
     pick = torch.rand(n, generator=generator)
-    t = torch.sigmoid(mean + std * normal)
-    return torch.where(pick < uniform_fraction, uniform, t)
+    t = shift_timesteps(torch.sigmoid(mean + std * normal), shift)
+    return torch.where(pick < uniform_fraction, UNIFORM_T_MIN + (1 - UNIFORM_T_MIN) * uniform, t)
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -78,22 +84,40 @@ class ObjectiveConfig:
 
 
 def sample_timesteps(n: int, oc: ObjectiveConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    t = logit_normal_uniform(n, generator, oc.logit_mean, oc.logit_std, oc.uniform_fraction)
-    return shift_timesteps(t, oc.shift)
+    return logit_normal_uniform(n, generator, oc.logit_mean, oc.logit_std, oc.uniform_fraction, oc.shift)
+
+
+@dataclass
+class Losses:
+    flow: torch.Tensor                     # B: flow-matching MSE per sample (float32)
+    repa_cos: torch.Tensor | None = None   # B: mean REPA cosine per sample, when the model returned one
+
+
+def losses(model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor,
+           oc: ObjectiveConfig, autocast_dtype: torch.dtype | None = None, **model_kwargs) -> Losses:
+    """MSE in v-space per sample (mean over C, H, W), in float32; `model_kwargs` (REPA features, route seed)
+    go to the model (trainer.model.Denoiser), which may return a REPA cosine as its second output."""
+    x_t, v = interpolate(x0, eps, t)
+    ctx = torch.autocast(x0.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    wdtype = next(model.parameters()).dtype  # inputs in the weights' dtype (BF16 embeddings, FP32 latents)
+    kwargs = {k: a for k, a in model_kwargs.items() if a is not None}
+    with ctx:
+        outs = model(hidden_states=x_t.to(wdtype), timestep=t.to(x0.device), encoder_hidden_states=emb.to(wdtype),
+                     attention_mask=mask, return_dict=False, **kwargs)
+    out = outs[0].float()
+    tt = t.to(x0.device)
+    if oc.prediction == "x":  # PRX's convert_x_to_v on both sides
+        pred, target = velocity_from_x(x_t, out, tt, oc.x_pred_t_min), velocity_from_x(x_t, x0, tt, oc.x_pred_t_min)
+    else:
+        pred, target = out, v
+    flow = ((pred - target.float()) ** 2).flatten(1).mean(1)
+    return Losses(flow, outs[1] if len(outs) > 1 else None)
 
 
 def per_sample_loss(model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
                     mask: torch.Tensor, oc: ObjectiveConfig, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """MSE in v-space per sample (mean over C, H, W), in float32."""
-    x_t, v = interpolate(x0, eps, t)
-    ctx = torch.autocast(x0.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    wdtype = next(model.parameters()).dtype  # inputs in the weights' dtype (BF16 embeddings, FP32 latents)
-    with ctx:
-        out = model(hidden_states=x_t.to(wdtype), timestep=t.to(x0.device), encoder_hidden_states=emb.to(wdtype),
-                    attention_mask=mask, return_dict=False)[0]
-    out = out.float()
-    pred = velocity_from_x(x_t, out, t.to(x0.device), oc.x_pred_t_min) if oc.prediction == "x" else out
-    return ((pred - v.float()) ** 2).flatten(1).mean(1)
+    """The flow-matching loss per sample (see `losses`)."""
+    return losses(model, x0, eps, t, emb, mask, oc, autocast_dtype).flow
 
 
 def draw_noise(x0_shape: torch.Size, oc: ObjectiveConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,20 @@
-"""PRX's optimiser: AdamW lr 1e-4, betas (0.9, 0.95), eps 1e-15, no weight decay, 1,000-step linear warmup
-then constant, global gradient-norm clip 0.2. The learning rate is a pure function of the step, so a resumed
-run needs only the step to restore the schedule."""
+"""PRX's optimisers, and the learning-rate schedule that drives them.
+
+Baseline: AdamW lr 1e-4, betas (0.9, 0.95), eps 1e-15, no weight decay, 1,000-step linear warmup then
+constant, global gradient-norm clip 0.2. The learning rate is a pure function of the step, so a resumed
+run needs only the step to restore the schedule.
+
+Muon ablation (`--optimizer muon`, PRX: FID 18.2 -> 15.5): PRX's split, every 2-D weight whose name
+contains `blocks` goes to `torch.optim.Muon`, every other parameter (embeddings, final layer, norms,
+auxiliary modules) to AdamW. Muon's `adjust_lr_fn="match_rms_adamw"` (PRX's `rms_scale: true`) scales each
+matrix's update to AdamW's RMS, so one learning rate and one schedule drive both.
+
+The trainer sees one `Optimizers` object (step / zero_grad / param_groups); checkpoints store each member's
+state under its own prefix (`adamw.`, `muon.`).
+"""
 from __future__ import annotations
+
+from typing import Any, Iterable
 
 import torch
 
@@ -13,13 +26,64 @@ def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     return lr * min(1.0, (step + 1) / warmup_steps)
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
+class Optimizers:
+    """One or more torch optimizers over disjoint parameters, driven as one: `members` maps a name
+    (`adamw`, `muon`) to the optimizer; `param_groups` lists every member's groups (the LR schedule sets
+    them all)."""
+
+    def __init__(self, members: dict[str, torch.optim.Optimizer]):
+        self.members = dict(members)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.members.values() for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.members.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.members.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+
+def split_muon_parameters(named: Iterable[tuple[str, torch.nn.Parameter]]):
+    """(Muon parameters, AdamW parameters, Muon names): 2-D trainable weights named `*blocks*` go to Muon."""
+    muon, adamw, names = [], [], []
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        if p.ndim == 2 and "blocks" in name:
+            muon.append(p)
+            names.append(name)
+        else:
+            adamw.append(p)
+    if not muon:
+        raise ValueError("--optimizer muon: no 2-D weight whose name contains 'blocks' is trainable, so Muon would "
+                         "train nothing; use --optimizer adamw for this model")
+    return muon, adamw, names
+
+
+def _adamw(params: list, cfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                              weight_decay=cfg.weight_decay, foreach=None)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
+def build_optimizer(model: torch.nn.Module, cfg) -> Optimizers:
+    """AdamW over every trainable parameter, or PRX's Muon + AdamW split (`cfg.optimizer`)."""
+    if getattr(cfg, "optimizer", "adamw") == "adamw":
+        return Optimizers({"adamw": _adamw([p for p in model.parameters() if p.requires_grad], cfg)})
+    muon, rest, _ = split_muon_parameters(model.named_parameters())
+    members: dict[str, torch.optim.Optimizer] = {
+        "muon": torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum,
+                                 nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps,
+                                 adjust_lr_fn=cfg.muon_adjust_lr)}
+    if rest:
+        members["adamw"] = _adamw(rest, cfg)
+    return Optimizers(members)
+
+
+def set_lr(optimizer, value: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = value
 

@@ -17,11 +17,11 @@ from typing import Any, Callable
 import torch
 
 from pipeline.config import config_hash, content_fields, save_yaml
-from trainer import checkpoint, metrics
+from trainer import ablations, checkpoint, metrics
 from trainer.config import TrainConfig, load_mixture
 from trainer.data import DataSpec, MixtureLoader, Prefetcher, open_sources
 from trainer.model import build_model, check_weights_dtype, count_parameters, train_flops_per_sample
-from trainer.objective import ObjectiveConfig, caption_dropout, draw_noise, per_sample_loss
+from trainer.objective import ObjectiveConfig, caption_dropout, draw_noise, losses as step_losses, per_sample_loss
 from trainer.optim import build_optimizer, clip_grad, lr_at, set_lr
 
 log = logging.getLogger("prx.train")
@@ -95,7 +95,8 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     run_dir = _resolve_run_dir(cfg)
     mixture = load_mixture(cfg)
-    spec = open_sources(mixture, cfg.vae, cfg.text_encoder, rank, world)  # refuse bad data before writing anything
+    spec = open_sources(mixture, cfg.vae, cfg.text_encoder, rank, world,  # refuse bad data before writing anything
+                        with_repa=cfg.repa_weight > 0)
     os.makedirs(run_dir, exist_ok=True)
     _setup_logging(run_dir, rank)
     oc = ObjectiveConfig.from_train_config(cfg)
@@ -108,10 +109,12 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.to(device).train()
-    optimizer = build_optimizer(model, cfg)
+    # PRX ablations: checks before step 1, auxiliary modules (REPA projector, SPRINT fusion), fine-tune start, EMA
+    abl = ablations.build(cfg, model, spec, device, log)
+    optimizer = build_optimizer(abl.denoiser, cfg)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     loader = MixtureLoader(spec, cfg.batch_size, seed=cfg.seed, rank=rank, text_max_length=cfg.text_max_length,
-                           shuffle_window=cfg.shuffle_window)
+                           shuffle_window=cfg.shuffle_window, with_repa=cfg.repa_weight > 0)
 
     chash = config_hash(cfg, {"sources": [(s.name, s.folder, s.weight) for s in spec.sources],
                               "world_size": world})
@@ -120,7 +123,8 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         path = checkpoint.latest(cfg.resume)
         if path is None:
             raise FileNotFoundError(f"--resume {cfg.resume}: no complete checkpoint in {cfg.resume}/checkpoints")
-        state, loader_state = checkpoint.load(path, rank, model, optimizer, generator)
+        ablations.check_resume(cfg, path)
+        state, loader_state = checkpoint.load(path, rank, model, optimizer, generator, abl.denoiser, abl.ema)
         if state.get("world_size", 1) != world:
             raise ValueError(f"{path} was written by {state.get('world_size')} processes; resume with as many")
         loader.load_state(loader_state)
@@ -132,6 +136,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
             if changed:
                 log.warning("resuming with changed options: %s", ", ".join(
                     f"{k}: {state['config'][k]!r} -> {now[k]!r}" for k in changed))
+    ablations.start(abl, cfg, start)
     if rank == 0:
         # fully resolved: usable as --config again (no base chain, no resume)
         save_yaml(dataclasses.replace(cfg, config=None, base=None, resume=None), os.path.join(run_dir, "config.yaml"))
@@ -139,15 +144,16 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
             json.dump({"sources": [{"name": s.name, "folder": s.folder, "weight": s.weight,
                                     "shards_rank0": len(s.shards)} for s in spec.sources],
                        "captions": spec.captions, "vae": spec.vae, "text_encoder": spec.text_encoder,
-                       "config_hash": chash}, fh, indent=2, default=str)
+                       "config_hash": chash, "parent": abl.parent}, fh, indent=2, default=str)
 
-    train_model = model
+    train_model = abl.denoiser
     if cfg.compile:
         train_model = torch.compile(model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(train_model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                              find_unused_parameters=bool(abl.repa_on and cfg.repa_until_step))
 
     empty_emb, empty_mask, _ = _pad(spec.empty_prompt, cfg.text_max_length)
     peak = metrics.device_peak_flops(device, cfg.peak_tflops)
@@ -164,8 +170,10 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     prefetch = Prefetcher(loader, depth=2)
     losses: list[float] = []
     evals: list[tuple[int, float]] = []
+    evals_ema: list[tuple[int, float]] = []
     if eval_set is not None and start == 0:
-        evals.append((0, eval_loss(model, *eval_set, oc, device, amp)))
+        evals.append((0, eval_loss(abl.denoiser, *eval_set, oc, device, amp)))
+    extras: dict[str, torch.Tensor] = {}  # ablation logs (flow/REPA loss, REPA cosine), summed until logged
     step = start
     meter.restart_clock()
     try:
@@ -181,13 +189,18 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
                                                generator)
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 ctx = nullcontext() if sync else train_model.no_sync()
+                repa_in = batch.repa.to(device, non_blocking=True) if abl.repa_on else None
                 with ctx:
-                    per = per_sample_loss(train_model, batch.x0.to(device, non_blocking=True),
-                                          eps.to(device, non_blocking=True), t.to(device),
-                                          emb.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-                                          oc, amp)
-                    loss = per.mean()
+                    out = step_losses(train_model, batch.x0.to(device, non_blocking=True),
+                                      eps.to(device, non_blocking=True), t.to(device),
+                                      emb.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+                                      oc, amp, repa_features=repa_in,
+                                      route_seed=ablations.route_seed(cfg, step, rank, micro))
+                    per = out.flow
+                    loss, parts = ablations.total_loss(abl, cfg, out)
                     (loss / cfg.grad_accum).backward()
+                for k, v in parts.items():
+                    extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum
                 step_loss += float(loss.detach()) / cfg.grad_accum
                 for name, (s, n) in metrics.bin_losses(per, t).items():
                     acc = bins.setdefault(name, [0.0, 0])
@@ -195,7 +208,9 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
                     acc[1] += n
                 n_samples += len(batch)
                 h, w = batch.x0.shape[-2:]
-                flops += len(batch) * train_flops_per_sample(mcfg, h, w, cfg.text_max_length)
+                flops += len(batch) * train_flops_per_sample(
+                    mcfg, h, w, cfg.text_max_length, ablations.flops_route(cfg, batch.x0.shape, mcfg["patch_size"]),
+                    fusion=cfg.routing == "sprint")
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"step {step + 1}: loss is {step_loss}; stopping (last checkpoint kept)")
             grad_norm = clip_grad(model, cfg.grad_clip)
@@ -203,21 +218,33 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
             done = step + 1
+            ablations.after_step(abl, cfg, done, n_samples * world, cfg.grad_accum, log if rank == 0 else None)
             meter.step(step_loss, {k: tuple(v) for k, v in bins.items()}, grad_norm, cfg.grad_accum,
                        n_samples * world, flops * world)
             if eval_set is not None and done % cfg.eval_every == 0:
-                evals.append((done, eval_loss(model, *eval_set, oc, device, amp)))
+                evals.append((done, eval_loss(abl.denoiser, *eval_set, oc, device, amp)))
+                if abl.ema is not None:
+                    with abl.ema.applied(abl.denoiser):
+                        evals_ema.append((done, eval_loss(abl.denoiser, *eval_set, oc, device, amp)))
             if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
                 values = meter.summary(lr)
                 counts = prefetch.state()["counts"]
-                log.info(metrics.format_line(done, cfg.steps, values, _count_summary(counts)))
+                values.update(ablations.log_values(cfg, extras, batch.x0.shape, mcfg["patch_size"]))
+                log.info(metrics.format_line(done, cfg.steps, values, _count_summary(counts))
+                         + ablations.log_suffix(values))
                 if evals and evals[-1][0] == done:
                     log.info("step %d eval/loss=%.4f (fixed batch)", done, evals[-1][1])
+                if evals_ema and evals_ema[-1][0] == done:
+                    log.info("step %d eval/loss_ema=%.4f (fixed batch, EMA weights)", done, evals_ema[-1][1])
                 if tb is not None:
                     _tb_write(tb, done, values, counts, evals)
+                    if evals_ema and evals_ema[-1][0] == done:
+                        tb.add_scalar("eval/loss_ema", evals_ema[-1][1], done)
                 meter.reset()
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                extras = {}
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                _save(run_dir, done, rank, world, model, optimizer, generator, prefetch, cfg, chash)
+                _save(run_dir, done, rank, world, model, optimizer, generator, prefetch, cfg, chash, abl)
 
             # --- evaluation during training (trainer.evaluate: on the checkpoint just saved, EMA when present)
             if cfg.metrics_every and done % cfg.metrics_every == 0 and rank == 0:
@@ -235,8 +262,10 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         with open(os.path.join(run_dir, f"counts-rank{rank}.json"), "w") as fh:
             json.dump(counts, fh, indent=2)
         log.info("done: %d steps; realised counts %s", cfg.steps, json.dumps(counts))
-    return {"losses": losses, "eval": evals, "counts": counts, "run_dir": run_dir, "start_step": start,
-            "model": model}
+        ablations.write_summary(abl, run_dir, device, {"steps": cfg.steps, "start_step": start,
+                                                       "final_loss": losses[-1] if losses else None})
+    return {"losses": losses, "eval": evals, "eval_ema": evals_ema, "counts": counts, "run_dir": run_dir,
+            "start_step": start, "model": model, "denoiser": abl.denoiser, "ema": abl.ema}
 
 
 def _pad(emb, length):
@@ -253,7 +282,7 @@ def _count_summary(counts: dict) -> dict[str, str]:
     return out
 
 
-def _save(run_dir, step, rank, world, model, optimizer, generator, prefetch, cfg, chash):
+def _save(run_dir, step, rank, world, model, optimizer, generator, prefetch, cfg, chash, abl=None):
     tmp = checkpoint.tmp_dir(run_dir, step)
     if rank == 0:
         os.makedirs(tmp, exist_ok=True)
@@ -263,7 +292,8 @@ def _save(run_dir, step, rank, world, model, optimizer, generator, prefetch, cfg
     if rank == 0:
         checkpoint.write_main(tmp, model, optimizer, {"step": step, "world_size": world, "config_hash": chash,
                                                       "config": json.loads(json.dumps(content_fields(cfg), default=str)),
-                                                      "time": time.time()})
+                                                      "time": time.time()},
+                              abl.denoiser if abl else None, abl.ema if abl else None)
         path = checkpoint.publish(run_dir, step, cfg.keep_checkpoints)
         log.info("saved %s", path)
     _barrier(world)

@@ -1,0 +1,90 @@
+"""REPA (Yu et al. 2024): align one block's hidden states with a frozen vision teacher's patch features.
+
+    loss_repa = -repa_weight x mean over samples and tokens of cos(proj(h_block), features)
+
+- `h_block` is the output of block `repa_block`, read by an explicit forward hook (`RepaHook`) that only
+  records while the denoiser asks it to (so a gradient-checkpointing recompute does not overwrite it);
+- `proj` is an MLP hidden -> D -> D -> D with SiLU (D = the teacher's width), an auxiliary module trained with
+  the denoiser and saved in `aux.safetensors`, never inside `transformer/`;
+- `features` are the stored `repa.safetensors` of each sample (`prx-data encode --repa dinov2`), N x D on the
+  denoiser's token grid, carried in the batch (`MixtureLoader(..., with_repa=True)`).
+
+Burn-in (`repa_until_step`, PRX: REPA helps early and was reported to hurt after ~200k steps): after that
+step the hook is removed, the projector is frozen and the loss is the flow loss alone.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RepaProjector(nn.Sequential):
+    """hidden -> D -> D -> D, SiLU between (seeded init)."""
+
+    def __init__(self, hidden: int, dim: int, seed: int = 0):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            super().__init__(nn.Linear(hidden, dim), nn.SiLU(), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
+class RepaHook:
+    """A forward hook on one block that keeps its output while `recording`."""
+
+    def __init__(self, block: nn.Module):
+        self.recording = False
+        self.hidden: torch.Tensor | None = None
+        self.handle = block.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self.recording:
+            self.hidden = output
+
+    def take(self) -> torch.Tensor | None:
+        h, self.hidden, self.recording = self.hidden, None, False
+        return h
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.recording, self.hidden = False, None
+
+
+def cosine_per_sample(projected: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """B x N x D each -> B: mean over tokens of the cosine similarity (float32)."""
+    if projected.shape != features.shape:
+        raise ValueError(f"REPA features {tuple(features.shape)} do not match the projected hidden states "
+                         f"{tuple(projected.shape)}: the stored features must be on the denoiser's token grid "
+                         "(re-encode with `prx-data encode --repa dinov2 --repa-patch-size P`, P = the model's patch)")
+    return F.cosine_similarity(projected.float(), features.float(), dim=-1).mean(dim=1)
+
+
+def repa_loss(cos: torch.Tensor, weight: float) -> torch.Tensor:
+    """-weight x mean cosine."""
+    return -weight * cos.mean()
+
+
+def check_sources(infos: list[dict], latent_downsample: int | None, patch_size: int) -> int:
+    """Every source has REPA features from one teacher on the denoiser's grid; returns the feature width D."""
+    recs = [i.get("repa") for i in infos]
+    missing = [i.get("folder") for i, r in zip(infos, recs) if r is None]
+    if missing:
+        raise ValueError(f"--repa-weight > 0 but {missing[0]} has no stored REPA features: re-encode it with "
+                         "`prx-data encode --repa dinov2` (or pass --repa-weight 0)")
+    widths = {int(r["hidden_size"]) for r in recs}
+    if len(widths) > 1:
+        raise ValueError(f"the sources' REPA features have different widths {sorted(widths)}: encode every source "
+                         "with the same `--repa` teacher")
+    for info, rec in zip(infos, recs):
+        per_token = rec.get("pixels_per_token")
+        if latent_downsample and per_token and int(per_token) != latent_downsample * patch_size:
+            raise ValueError(
+                f"{info.get('folder')}: REPA features were stored one per {per_token} pixels, the denoiser has one "
+                f"token per {latent_downsample * patch_size} pixels (VAE x{latent_downsample}, patch {patch_size}): "
+                f"the feature count does not match the token grid; re-encode with `prx-data encode --repa dinov2 "
+                f"--repa-patch-size {patch_size}`")
+    return widths.pop()
+
+
+def check_block(block: int, depth: int) -> None:
+    if not 0 <= block < depth:
+        raise ValueError(f"--repa-block {block} is outside the model's {depth} blocks (0 .. {depth - 1})")
