@@ -83,8 +83,10 @@ class LoaderFeed:
     def __init__(self, spec: DataSpec, settings: LoaderSettings, state: dict[str, Any] | None = None,
                  workers: int = 0, prefetch: int = 2, pin_memory: bool = False):
         self._state = state if state is not None else settings.loader(spec).state()
+        # its own generator: the DataLoader seeds workers from it, not from (and not advancing) torch's global RNG
         self._loader = DataLoader(PlanStream(spec, settings, state), batch_size=None, num_workers=workers,
-                                  pin_memory=pin_memory, prefetch_factor=prefetch if workers > 0 else None)
+                                  pin_memory=pin_memory, prefetch_factor=prefetch if workers > 0 else None,
+                                  generator=torch.Generator().manual_seed(settings.seed))
         self._it = None
 
     def next(self) -> Batch:
