@@ -159,7 +159,7 @@ def test_source_names_follow_audit(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- prx-train --resume
-def _train(args, capsys=None):
+def _train(args):
     from trainer.cli import main
 
     return main(args)
@@ -191,8 +191,6 @@ def test_resume_with_only_the_run_folder(sorted_sources, tmp_path, capsys):
     assert err.startswith("prx-train: error:") and "--lr 0.5" in err and "--steps" in err
     assert _train(["--resume", str(moved), "--out", str(tmp_path / "x")]) == 2
     assert "--out" in capsys.readouterr().err
-    assert _train(["--resume", str(moved), "--steps", "5", "--log-every", "5", "--loader-workers", "0"]) == 0
-    assert (moved / "checkpoints" / "step-00000005").is_dir()
 
 
 # ------------------------------------------------------------------------------------------- DDP
