@@ -48,14 +48,14 @@ def encoded(tmp_path_factory, tiny_model):
 def cfg_for(encoded, tmp_path, **kw) -> TrainConfig:
     base = dict(shards=[encoded["a"]], model="tiny", steps=4, batch_size=4, lr=1e-3, warmup_steps=0,
                 out=str(tmp_path / "run"), log_every=1, checkpoint_every=1000, tensorboard=False, device="cpu",
-                vae=encoded["vae"], text_encoder=encoded["te"])
+                vae=encoded["vae"], text_encoder=encoded["te"], loader_workers=0)
     base.update(kw)
     return TrainConfig(**base)
 
 
-def loader_for(encoded, sources, captions=None, batch_size=4, seed=0, rank=0, world=1):
+def loader_for(encoded, sources, captions=None, batch_size=4, seed=0, rank=0, world=1, **kw):
     mix = Mixture([Source(n, encoded[n], w) for n, w in sources], captions or {})
-    return MixtureLoader(open_sources(mix, rank=rank, world=world), batch_size, seed=seed, rank=rank)
+    return MixtureLoader(open_sources(mix, rank=rank, world=world), batch_size, seed=seed, rank=rank, **kw)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -71,14 +71,16 @@ def test_loss_on_fixed_eval_batch_drops(encoded, tmp_path):
 
 def test_killed_and_resumed_run_matches_uninterrupted(encoded, tmp_path):
     """Two sources (one with aspect-ratio buckets, so samples wait in buckets across the checkpoint),
-    grad accumulation 2: a run killed after step 3 and resumed gives the same losses and weights."""
+    grad accumulation 2, shuffle buffer over 2 open shards: a run killed after step 3 and resumed gives the
+    same losses and weights; the uninterrupted run uses no loader worker, the killed one 2, the resumed one 3
+    (the batches do not depend on the worker count)."""
     from trainer.train import run
 
     mix = tmp_path / "mix.yaml"
     mix.write_text(f"sources:\n  a: {{shards: {encoded['a']}, weight: 0.6}}\n"
                    f"  b: {{shards: {encoded['b']}, weight: 0.4}}\n"
                    "captions: {original: 1.0}\n")  # b has no recaptions (the baseline's long would be refused)
-    kw = dict(shards=[], mix=str(mix), steps=6, batch_size=3, grad_accum=2)
+    kw = dict(shards=[], mix=str(mix), steps=6, batch_size=3, grad_accum=2, open_shards=2, shuffle_buffer=6)
     full = run(cfg_for(encoded, tmp_path, out=str(tmp_path / "full"), **kw))
 
     class Killed(Exception):
@@ -89,8 +91,9 @@ def test_killed_and_resumed_run_matches_uninterrupted(encoded, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        run(cfg_for(encoded, tmp_path, out=str(tmp_path / "part"), checkpoint_every=3, **kw), on_step=kill)
-    resumed = run(cfg_for(encoded, tmp_path, out=None, resume=str(tmp_path / "part"), **kw))
+        run(cfg_for(encoded, tmp_path, out=str(tmp_path / "part"), checkpoint_every=3, **kw, loader_workers=2),
+            on_step=kill)
+    resumed = run(cfg_for(encoded, tmp_path, out=None, resume=str(tmp_path / "part"), **kw, loader_workers=3))
     assert resumed["start_step"] == 3
     assert resumed["losses"] == full["losses"][3:]
     for (n, a), (_, b) in zip(full["model"].state_dict().items(), resumed["model"].state_dict().items()):
@@ -153,14 +156,20 @@ def test_batches_are_bucketed_padded_and_masked(encoded):
     for _ in range(20):
         b = loader.next_batch()
         shapes.add(tuple(b.x0.shape[1:]))
-        assert b.emb.shape[1] == 256 and b.emb.dtype == torch.bfloat16 and b.mask.shape == (len(b), 256)
-        assert not b.emb[~b.mask].any()  # padding is zero and masked out
+        emb, mask = b.padded()
+        assert emb.shape[1] == 256 and emb.dtype == torch.bfloat16 and mask.shape == (len(b), 256)
+        assert not emb[~mask].any()  # padding is zero and masked out
+        assert torch.equal(mask.sum(1), b.lengths) and torch.equal(emb[mask], b.tokens)
     assert len(shapes) > 1  # several aspect-ratio buckets, each batch one shape
 
 
 def test_loader_resumes_at_exact_next_batch(encoded):
     loader = loader_for(encoded, [("a", 0.5), ("b", 0.5)], batch_size=3, seed=5)
     for _ in range(7):
+        loader.next_batch()
+    for _ in range(50):  # stop where samples wait in a bucket
+        if loader.state()["replay_from"] < loader.state()["next_draw"]:
+            break
         loader.next_batch()
     state = json.loads(json.dumps(loader.state()))
     assert state["replay_from"] < state["next_draw"]  # samples are waiting in buckets
@@ -174,16 +183,20 @@ def test_loader_resumes_at_exact_next_batch(encoded):
 
 
 def test_ranks_read_distinct_shards(encoded):
+    from trainer.data import SourceStream
+
     mix = Mixture([Source("a", encoded["a"], 1.0)], {})
-    r0 = open_sources(mix, rank=0, world=2).sources[0].shards
-    r1 = open_sources(mix, rank=1, world=2).sources[0].shards
-    assert r0 and r1 and not set(r0) & set(r1)
-    assert sorted(r0 + r1) == sorted(open_sources(mix).sources[0].shards)
+    streams = [SourceStream(open_sources(mix, rank=r, world=2).sources[0], 0, 0, 8, 16) for r in (0, 1)]
+    for epoch in range(3):
+        r0, r1 = ([s.shard_path(epoch * s.n_rank + i) for i in range(s.n_rank)] for s in streams)
+        assert r0 and r1 and not set(r0) & set(r1)
+        assert sorted(r0 + r1) == sorted(open_sources(mix).sources[0].shards)
     with pytest.raises(Exception, match="fewer than the 2 processes"):
         open_sources(Mixture([Source("b", encoded["b"], 1.0)], {}), rank=0, world=2)
-    keys0 = {k for _ in range(3) for k in loader_for(encoded, [("a", 1)], rank=0, world=2).next_batch().keys}
-    keys1 = {k for _ in range(3) for k in loader_for(encoded, [("a", 1)], rank=1, world=2).next_batch().keys}
-    assert not keys0 & keys1
+    # 7 samples in shards of 2, 2, 2, 1: a shuffle block of 3 stays inside each rank's first epoch
+    keys0, keys1 = (set(loader_for(encoded, [("a", 1)], rank=r, world=2, batch_size=3,
+                                   shuffle_buffer=3).next_batch().keys) for r in (0, 1))
+    assert not keys0 & keys1 and len(keys0 | keys1) == 6
 
 
 # ------------------------------------------------------------------------------------------- refusals

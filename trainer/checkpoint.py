@@ -11,7 +11,8 @@ RUN/checkpoints/step-00001000/
     optimizer.json               {adamw|muon: param groups and non-tensor state}
     rng-rank{R}.safetensors      torch CPU RNG, the objective's generator, CUDA RNG (uint8 state tensors)
     state.json                   step, optimizer hyper-parameters, config hash, counters
-    loader-rank{R}.json          the loader's exact position (see trainer.data)
+    loader-rank{R}.json          the loader's exact position after the last batch trained on: a few integers per
+                                 source (open shards, offsets, shuffle block), draw counters, counts (see trainer.data)
 A checkpoint is written under a temporary name and renamed when complete; `latest()` only sees complete ones.
 """
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
     prx-train --shards enc/ --out runs/a [--config manifests/train/base.yaml] [--mix MIX.yaml]
               [--caption long=0.5,short=0.5] [--model prx-small|tiny] [--steps N] [--batch-size B]
-              [--grad-accum K] [--resume RUN_DIR]
+              [--grad-accum K] [--loader-workers W] [--open-shards K] [--shuffle-buffer S]
+    prx-train --resume RUN_DIR [--steps N] [--log-every N] ...   (only options safe to change; see docs)
     torchrun --nproc-per-node 8 -m trainer.cli --mix manifests/mixtures/example.yaml --out runs/b
 
 Every option can be set in the YAML file given to --config (same names); the command line wins. The
-effective config is saved as RUN_DIR/config.yaml.
+effective config is saved as RUN_DIR/config.yaml; `--resume RUN_DIR` continues from it. docs/training.md.
 """
 from __future__ import annotations
 

@@ -27,7 +27,13 @@ class TrainConfig:
                                         "default: whatever the first source used, all sources must agree")
     text_encoder: str | None = option(None, help="text encoder the shards must have been encoded with")
     text_max_length: int = option(256, help="text embeddings are padded (with a mask) to this many tokens")
-    shuffle_window: int = option(64, help="samples shuffled together inside a shard (deterministic from the seed)")
+    open_shards: int = option(8, help="shards of each source each rank reads at once (interleaved)")
+    shuffle_buffer: int = option(2048, help="samples shuffled together per rank, across the open shards of every "
+                                            "source (split evenly between sources); deterministic from the seed")
+    loader_workers: int = option(4, runtime=True, help="loader worker processes per rank that read and collate "
+                                                       "batches (0 = in the training process); the batches are the "
+                                                       "same for any number")
+    prefetch: int = option(2, runtime=True, help="batches each loader worker prepares ahead")
     # --- model
     model: str = option("prx-small", help="prx-small (1.17B: hidden 1792, depth 16, 28 heads, mlp 3.5, patch 2), "
                                           "tiny, or a folder holding a PRXTransformer2DModel")
@@ -109,11 +115,14 @@ class TrainConfig:
         if self.model not in PRESETS and not os.path.isdir(self.model):
             raise ConfigError(f"--model {self.model!r}: use {' or '.join(PRESETS)} or a folder holding a "
                               "PRXTransformer2DModel")
-        for name in ("steps", "batch_size", "grad_accum", "text_max_length", "shuffle_window", "eval_batch_size"):
+        for name in ("steps", "batch_size", "grad_accum", "text_max_length", "open_shards", "shuffle_buffer",
+                     "eval_batch_size", "prefetch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0.0 <= self.caption_dropout <= 1.0 or not 0.0 <= self.uniform_fraction <= 1.0:
             raise ConfigError("--caption-dropout and --uniform-fraction are probabilities in [0, 1]")
+        if self.loader_workers < 0:
+            raise ConfigError("--loader-workers must be 0 or more")
         if self.shift <= 0:
             raise ConfigError("--shift must be positive")
         if any(w < 0 for w in self.caption.values()) or (self.caption and sum(self.caption.values()) <= 0):
@@ -174,9 +183,66 @@ def _relative(path: str, here: str) -> str:
     return path if os.path.exists(path) else os.path.normpath(os.path.join(here, path))
 
 
+# What `--resume RUN` may change (as a flag or in a --config file): how long, how it logs and checkpoints, how
+# the work is spread (the batches do not depend on the loader's workers). Anything else would make the
+# continued run a different run; it is refused, naming the option. Add an option here only if changing it
+# mid-run leaves the run's result the same.
+SAFE_ON_RESUME = frozenset({
+    "steps", "log_every", "rate_window", "checkpoint_every", "keep_checkpoints", "tensorboard", "eval_every",
+    "peak_tflops", "loader_workers", "prefetch", "compile", "gradient_checkpointing",
+})
+_INVOCATION = {"resume", "config", "base", "out"}  # how the run was started, not what it is
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The same config with local data paths made absolute (so RUN/config.yaml works from any folder)."""
+    def fix(p: str) -> str:
+        return p if "://" in p or os.path.isabs(p) else os.path.abspath(p)
+
+    return dataclasses.replace(cfg, shards=[fix(p) for p in cfg.shards], mix=fix(cfg.mix) if cfg.mix else cfg.mix)
+
+
+def unsafe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Options whose value differs between a saved run and a resumed one and that may not change."""
+    return sorted(k for k in now if k in saved and k not in SAFE_ON_RESUME and k not in _INVOCATION
+                  and saved[k] != now[k])
+
+
+def refuse_unsafe(changed: list[str], saved: dict[str, Any], now: dict[str, Any], run: str) -> None:
+    if changed:
+        what = "; ".join(f"--{k.replace('_', '-')} {now[k]!r} (the run has {saved[k]!r})" for k in changed)
+        raise ConfigError(f"--resume {run}: cannot change {what}. A resumed run keeps its config; it may change "
+                          f"only {', '.join('--' + k.replace('_', '-') for k in sorted(SAFE_ON_RESUME))}. "
+                          "Drop the flag, or start a new run with --out")
+
+
+def _resume_config(cli: dict[str, Any]) -> TrainConfig:
+    """`--resume RUN [safe flags]`: RUN/config.yaml, overlaid with the flags (and --config file) that may change."""
+    run = cli["resume"]
+    saved_path = os.path.join(run, "config.yaml")
+    if not os.path.isfile(saved_path):
+        raise ConfigError(f"--resume {run}: no config.yaml in it; not a prx-train run folder (start one with --out)")
+    saved = _file_values(saved_path)
+    given: dict[str, Any] = {}
+    if cli.get("config"):
+        given.update({k: v for k, v in _file_values(cli["config"]).items() if k != "out"})  # a file's out: ignored
+    given.update({k: v for k, v in cli.items() if k not in ("resume", "config")})
+    if given.get("out") and os.path.abspath(given["out"]) != os.path.abspath(run):
+        raise ConfigError(f"--out {given['out']}: a resumed run continues in its own folder {run}; drop --out "
+                          "(or start a new run with --out and no --resume)")
+    before = absolute_paths(build_config(TrainConfig, {**saved, "config": None}))
+    after = absolute_paths(build_config(TrainConfig, {**saved, **given, "config": None}))
+    now = {k: getattr(after, k) for k in given}
+    refuse_unsafe(unsafe_changes({k: getattr(before, k) for k in given}, now), dataclasses.asdict(before), now, run)
+    return dataclasses.replace(after, resume=run, out=run, config=cli.get("config"), base=None)
+
+
 def load_config(cli: dict[str, Any] | None = None) -> TrainConfig:
-    """Effective config: defaults < base file chain < --config file < command-line values."""
+    """Effective config: defaults < base file chain < --config file < command-line values.
+    With --resume RUN: RUN/config.yaml < the options that may change (SAFE_ON_RESUME)."""
     cli = dict(cli or {})
+    if cli.get("resume"):
+        return _resume_config(cli)
     values: dict[str, Any] = {}
     if cli.get("config"):
         values.update(_file_values(cli["config"]))
@@ -229,9 +295,12 @@ def load_mixture(cfg: TrainConfig) -> Mixture:
     if cfg.shards:
         if sources:
             raise ConfigError("give either --shards or --mix (whose sources list the shard folders), not both")
+        from trainer.data import audit_source_name
+
         names: dict[str, int] = {}
         for folder in cfg.shards:
-            base = os.path.basename(folder.rstrip("/")) or folder
+            # named as `prx-data audit` names the data (the samples' json `source`), else by the folder
+            base = audit_source_name(folder) or os.path.basename(folder.rstrip("/")) or folder
             names[base] = names.get(base, 0) + 1
             name = base if names[base] == 1 else f"{base}-{names[base]}"
             sources.append(Source(name, folder, 1.0))

@@ -81,11 +81,19 @@ class Meter:
 
     def step(self, loss: float, bins: dict[str, tuple[float, int]], grad_norm: float, batches: int, samples: int,
              flops: float):
+        self.tick(batches, samples, flops)
+        self.record([loss], bins, grad_norm)
+
+    def tick(self, batches: int, samples: int, flops: float):
+        """One step's timing (every step; no values, so no host sync)."""
         now = time.perf_counter()
         self.window.append((now - self._last, batches, samples, flops))
         self._last = now
-        self.loss_sum += loss
-        self.loss_n += 1
+
+    def record(self, losses: list[float], bins: dict[str, tuple[float, int]], grad_norm: float):
+        """Values of the steps since the last record (read from the device on log/checkpoint steps)."""
+        self.loss_sum += sum(losses)
+        self.loss_n += len(losses)
         for name, (s, n) in bins.items():
             self.bins[name][0] += s
             self.bins[name][1] += n

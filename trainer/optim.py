@@ -88,11 +88,14 @@ def set_lr(optimizer, value: float) -> None:
         group["lr"] = value
 
 
-def clip_grad(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm (max_norm <= 0: only measure it); returns the norm before clipping."""
+def clip_grad(model: torch.nn.Module, max_norm: float, as_tensor: bool = False) -> float | torch.Tensor:
+    """Clip the global gradient norm (max_norm <= 0: only measure it); returns the norm before clipping
+    (as_tensor: a device tensor, no host sync)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(()) if as_tensor else 0.0
     if max_norm and max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return norm if as_tensor else float(norm)

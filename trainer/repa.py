@@ -7,7 +7,7 @@
 - `proj` is an MLP hidden -> D -> D -> D with SiLU (D = the teacher's width), an auxiliary module trained with
   the denoiser and saved in `aux.safetensors`, never inside `transformer/`;
 - `features` are the stored `repa.safetensors` of each sample (`prx-data encode --repa dinov2`), N x D on the
-  denoiser's token grid, carried in the batch (`MixtureLoader(..., with_repa=True)`).
+  denoiser's token grid, carried in the batch (`open_sources(..., with_repa=True)` sets `DataSpec.with_repa`; `batch.repa`).
 
 Burn-in (`repa_until_step`, PRX: REPA helps early and was reported to hurt after ~200k steps): after that
 step the hook is removed, the projector is frozen and the loss is the flow loss alone.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -18,8 +17,9 @@ import torch
 
 from pipeline.config import config_hash, content_fields, save_yaml
 from trainer import ablations, checkpoint, metrics
-from trainer.config import TrainConfig, load_mixture
-from trainer.data import DataSpec, MixtureLoader, Prefetcher, open_sources
+from trainer.batches import LoaderFeed, LoaderSettings, RankAgreement, StepStats, device_inputs
+from trainer.config import TrainConfig, absolute_paths, load_mixture, refuse_unsafe, unsafe_changes
+from trainer.data import DataSpec, open_sources, pad_embedding
 from trainer.model import build_model, check_weights_dtype, count_parameters, train_flops_per_sample
 from trainer.objective import ObjectiveConfig, caption_dropout, draw_noise, losses as step_losses, per_sample_loss
 from trainer.optim import build_optimizer, clip_grad, lr_at, set_lr
@@ -57,7 +57,9 @@ def _resolve_run_dir(cfg: TrainConfig) -> str:
     if cfg.resume:
         if not os.path.isdir(cfg.resume):
             raise FileNotFoundError(f"--resume {cfg.resume}: no such run folder")
-        return cfg.out or cfg.resume
+        if cfg.out and os.path.abspath(cfg.out) != os.path.abspath(cfg.resume):
+            raise ValueError(f"--out {cfg.out}: a resumed run continues in its own folder {cfg.resume}; drop --out")
+        return cfg.resume
     if not cfg.out:
         raise ValueError("--out RUN_DIR is required (or --resume RUN_DIR)")
     if checkpoint.list_checkpoints(cfg.out):
@@ -66,11 +68,14 @@ def _resolve_run_dir(cfg: TrainConfig) -> str:
     return cfg.out
 
 
+def loader_settings(cfg: TrainConfig, rank: int, batch_size: int | None = None, seed: int | None = None):
+    return LoaderSettings(batch_size or cfg.batch_size, cfg.seed if seed is None else seed, rank, cfg.text_max_length,
+                          cfg.open_shards, cfg.shuffle_buffer)
+
+
 def make_eval_batch(spec: DataSpec, cfg: TrainConfig, oc: ObjectiveConfig):
     """A fixed evaluation batch: its own loader seed, fixed noise and timesteps, no caption dropout."""
-    loader = MixtureLoader(spec, cfg.eval_batch_size, seed=cfg.seed + 1_000_003, rank=0,
-                           text_max_length=cfg.text_max_length, shuffle_window=cfg.shuffle_window)
-    batch = loader.next_batch()
+    batch = loader_settings(cfg, 0, cfg.eval_batch_size, cfg.seed + 1_000_003).loader(spec).next_batch()
     g = torch.Generator().manual_seed(cfg.seed + 7)
     eps, t = draw_noise(batch.x0.shape, oc, g)
     return batch, eps, t
@@ -80,19 +85,21 @@ def make_eval_batch(spec: DataSpec, cfg: TrainConfig, oc: ObjectiveConfig):
 def eval_loss(model, batch, eps, t, oc: ObjectiveConfig, device, amp) -> float:
     was = model.training
     model.eval()
-    loss = per_sample_loss(model, batch.x0.to(device), eps.to(device), t.to(device), batch.emb.to(device),
-                           batch.mask.to(device), oc, amp).mean()
+    emb, mask = batch.padded(device)
+    loss = per_sample_loss(model, batch.x0.to(device), eps.to(device), t.to(device), emb, mask, oc, amp).mean()
     model.train(was)
     return float(loss)
 
 
 # ------------------------------------------------------------------------------------------- run
 def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Train; returns {"losses": [...], "eval": [(step, loss)], "counts": {...}, "run_dir": ...}."""
+    """Train; returns {"losses": [...], "eval": [(step, loss)], "counts": {...}, "run_dir": ...}.
+    `on_step(step, values)` gets the step's loss and grad norm as device tensors (float() them to read)."""
     rank, world, local_rank = dist_env()
     device = pick_device(cfg, local_rank)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    cfg = absolute_paths(cfg)
     run_dir = _resolve_run_dir(cfg)
     mixture = load_mixture(cfg)
     spec = open_sources(mixture, cfg.vae, cfg.text_encoder, rank, world,  # refuse bad data before writing anything
@@ -113,12 +120,10 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     abl = ablations.build(cfg, model, spec, device, log)
     optimizer = build_optimizer(abl.denoiser, cfg)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    loader = MixtureLoader(spec, cfg.batch_size, seed=cfg.seed, rank=rank, text_max_length=cfg.text_max_length,
-                           shuffle_window=cfg.shuffle_window, with_repa=cfg.repa_weight > 0)
 
     chash = config_hash(cfg, {"sources": [(s.name, s.folder, s.weight) for s in spec.sources],
                               "world_size": world})
-    start = 0
+    start, loader_state = 0, None
     if cfg.resume:
         path = checkpoint.latest(cfg.resume)
         if path is None:
@@ -127,24 +132,14 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         state, loader_state = checkpoint.load(path, rank, model, optimizer, generator, abl.denoiser, abl.ema)
         if state.get("world_size", 1) != world:
             raise ValueError(f"{path} was written by {state.get('world_size')} processes; resume with as many")
-        loader.load_state(loader_state)
+        now = json.loads(json.dumps(content_fields(cfg), default=str))
+        refuse_unsafe(unsafe_changes(state.get("config", {}), now), state.get("config", {}), now, cfg.resume)
         start = int(state["step"])
         if rank == 0:
             log.info("resumed from %s at step %d", path, start)
-            now = json.loads(json.dumps(content_fields(cfg), default=str))
-            changed = sorted(k for k in now if k in state.get("config", {}) and state["config"][k] != now[k])
-            if changed:
-                log.warning("resuming with changed options: %s", ", ".join(
-                    f"{k}: {state['config'][k]!r} -> {now[k]!r}" for k in changed))
     ablations.start(abl, cfg, start)
     if rank == 0:
-        # fully resolved: usable as --config again (no base chain, no resume)
-        save_yaml(dataclasses.replace(cfg, config=None, base=None, resume=None), os.path.join(run_dir, "config.yaml"))
-        with open(os.path.join(run_dir, "data.json"), "w") as fh:
-            json.dump({"sources": [{"name": s.name, "folder": s.folder, "weight": s.weight,
-                                    "shards_rank0": len(s.shards)} for s in spec.sources],
-                       "captions": spec.captions, "vae": spec.vae, "text_encoder": spec.text_encoder,
-                       "config_hash": chash, "parent": abl.parent}, fh, indent=2, default=str)
+        _write_run_records(run_dir, cfg, spec, world, chash, abl.parent)
 
     train_model = abl.denoiser
     if cfg.compile:
@@ -155,7 +150,8 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         train_model = DistributedDataParallel(train_model, device_ids=[local_rank] if device.type == "cuda" else None,
                                               find_unused_parameters=bool(abl.repa_on and cfg.repa_until_step))
 
-    empty_emb, empty_mask, _ = _pad(spec.empty_prompt, cfg.text_max_length)
+    empty_emb, empty_mask, _ = pad_embedding(spec.empty_prompt, cfg.text_max_length)
+    empty_emb, empty_mask = empty_emb.to(device), empty_mask.to(device)
     peak = metrics.device_peak_flops(device, cfg.peak_tflops)
     # the meter sees every rank's FLOPs (flops * world below), so MFU divides by every rank's peak
     meter = metrics.Meter(cfg.rate_window, peak * world if peak else None)
@@ -163,37 +159,36 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     tb = _tensorboard(run_dir) if (cfg.tensorboard and rank == 0) else None
     eval_set = make_eval_batch(spec, cfg, oc) if cfg.eval_every > 0 else None
     if rank == 0:
-        log.info("model %s: %.1fM parameters, device %s, autocast %s, peak %s, world %d, batch %d x accum %d",
-                 cfg.model, count_parameters(model) / 1e6, device, amp, "n/a" if peak is None else
-                 f"{peak / 1e12:.0f} TFLOP/s", world, cfg.batch_size, cfg.grad_accum)
+        log.info("model %s: %.1fM parameters, device %s, autocast %s, peak %s, world %d, batch %d x accum %d, "
+                 "loader workers %d", cfg.model, count_parameters(model) / 1e6, device, amp, "n/a" if peak is None
+                 else f"{peak / 1e12:.0f} TFLOP/s", world, cfg.batch_size, cfg.grad_accum, cfg.loader_workers)
 
-    prefetch = Prefetcher(loader, depth=2)
+    feed = LoaderFeed(spec, loader_settings(cfg, rank), loader_state, workers=cfg.loader_workers,
+                      prefetch=cfg.prefetch, pin_memory=device.type == "cuda")
+    agree = RankAgreement(rank, world)
+    stats = StepStats(device)
     losses: list[float] = []
     evals: list[tuple[int, float]] = []
     evals_ema: list[tuple[int, float]] = []
     if eval_set is not None and start == 0:
         evals.append((0, eval_loss(abl.denoiser, *eval_set, oc, device, amp)))
     extras: dict[str, torch.Tensor] = {}  # ablation logs (flow/REPA loss, REPA cosine), summed until logged
-    step = start
+    step, drained = start, start
     meter.restart_clock()
     try:
         for step in range(start, cfg.steps):
             lr = lr_at(step, cfg.lr, cfg.warmup_steps)
             set_lr(optimizer, lr)
-            step_loss, n_samples, flops = 0.0, 0, 0.0
-            bins: dict[str, list] = {}
+            n_samples, flops = 0, 0.0
             for micro in range(cfg.grad_accum):
-                batch = prefetch.next()
+                batch = agree.fetch(feed.next)
                 eps, t = draw_noise(batch.x0.shape, oc, generator)
-                emb, mask, _ = caption_dropout(batch.emb, batch.mask, empty_emb, empty_mask, oc.caption_dropout,
-                                               generator)
+                x0, emb, mask = device_inputs(batch, device, empty_emb, empty_mask, oc.caption_dropout, generator)
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 ctx = nullcontext() if sync else train_model.no_sync()
                 repa_in = batch.repa.to(device, non_blocking=True) if abl.repa_on else None
                 with ctx:
-                    out = step_losses(train_model, batch.x0.to(device, non_blocking=True),
-                                      eps.to(device, non_blocking=True), t.to(device),
-                                      emb.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+                    out = step_losses(train_model, x0, eps.to(device, non_blocking=True), t.to(device), emb, mask,
                                       oc, amp, repa_features=repa_in,
                                       route_seed=ablations.route_seed(cfg, step, rank, micro))
                     per = out.flow
@@ -201,34 +196,34 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
                     (loss / cfg.grad_accum).backward()
                 for k, v in parts.items():
                     extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum
-                step_loss += float(loss.detach()) / cfg.grad_accum
-                for name, (s, n) in metrics.bin_losses(per, t).items():
-                    acc = bins.setdefault(name, [0.0, 0])
-                    acc[0] += s
-                    acc[1] += n
+                stats.add_micro(per, t, cfg.grad_accum)
                 n_samples += len(batch)
                 h, w = batch.x0.shape[-2:]
                 flops += len(batch) * train_flops_per_sample(
                     mcfg, h, w, cfg.text_max_length, ablations.flops_route(cfg, batch.x0.shape, mcfg["patch_size"]),
                     fusion=cfg.routing == "sprint")
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"step {step + 1}: loss is {step_loss}; stopping (last checkpoint kept)")
-            grad_norm = clip_grad(model, cfg.grad_clip)
+            grad_norm = clip_grad(abl.denoiser, cfg.grad_clip, as_tensor=True)  # aux modules (REPA, SPRINT) included
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
+            step_loss = stats.end_step(grad_norm)
             done = step + 1
             ablations.after_step(abl, cfg, done, n_samples * world, cfg.grad_accum, log if rank == 0 else None)
-            meter.step(step_loss, {k: tuple(v) for k, v in bins.items()}, grad_norm, cfg.grad_accum,
-                       n_samples * world, flops * world)
+            meter.tick(cfg.grad_accum, n_samples * world, flops * world)
             if eval_set is not None and done % cfg.eval_every == 0:
                 evals.append((done, eval_loss(abl.denoiser, *eval_set, oc, device, amp)))
                 if abl.ema is not None:
                     with abl.ema.applied(abl.denoiser):
                         evals_ema.append((done, eval_loss(abl.denoiser, *eval_set, oc, device, amp)))
-            if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+            log_now = done % cfg.log_every == 0 or done == cfg.steps
+            if log_now or done % cfg.checkpoint_every == 0:
+                # the only host sync of the step: values since the last one (raises on a non-finite loss)
+                new, bins, norm = stats.drain(drained)
+                losses.extend(new)
+                meter.record(new, bins, norm)
+                drained = done
+            if rank == 0 and log_now:
                 values = meter.summary(lr)
-                counts = prefetch.state()["counts"]
+                counts = feed.state()["counts"]
                 values.update(ablations.log_values(cfg, extras, batch.x0.shape, mcfg["patch_size"]))
                 log.info(metrics.format_line(done, cfg.steps, values, _count_summary(counts))
                          + ablations.log_suffix(values))
@@ -240,11 +235,11 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
                     _tb_write(tb, done, values, counts, evals)
                     if evals_ema and evals_ema[-1][0] == done:
                         tb.add_scalar("eval/loss_ema", evals_ema[-1][1], done)
+            if log_now:
                 meter.reset()
-            if done % cfg.log_every == 0 or done == cfg.steps:
                 extras = {}
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                _save(run_dir, done, rank, world, model, optimizer, generator, prefetch, cfg, chash, abl)
+                _save(run_dir, done, rank, world, model, optimizer, generator, feed, cfg, chash, abl)
 
             # --- evaluation during training (trainer.evaluate: on the checkpoint just saved, EMA when present)
             if cfg.metrics_every and done % cfg.metrics_every == 0 and rank == 0:
@@ -252,12 +247,12 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
 
                 log.info("step %d metrics: %s", done, during_training(run_dir, done, cfg.metrics_real, cfg.metrics_n, tb))
             if on_step is not None:
-                on_step(done, {"loss": step_loss, "grad_norm": grad_norm, "lr": lr})
+                on_step(done, {"loss": step_loss, "grad_norm": stats.grad_norm, "lr": lr})
     finally:
-        prefetch.close()
+        feed.close()
         if tb is not None:
             tb.close()
-    counts = prefetch.state()["counts"]
+    counts = feed.state()["counts"]
     if rank == 0:
         with open(os.path.join(run_dir, f"counts-rank{rank}.json"), "w") as fh:
             json.dump(counts, fh, indent=2)
@@ -268,10 +263,25 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
             "start_step": start, "model": model, "denoiser": abl.denoiser, "ema": abl.ema}
 
 
-def _pad(emb, length):
-    from trainer.data import pad_embedding
-
-    return pad_embedding(emb, length)
+def _write_run_records(run_dir: str, cfg: TrainConfig, spec: DataSpec, world: int, chash: str,
+                       parent: dict | None = None) -> None:
+    """RUN/config.yaml (fully resolved: what `--resume RUN` continues, usable as --config too) and
+    RUN/data.json (sources, the name `prx-data audit` gives each, shards per rank, encoders)."""
+    save_yaml(dataclasses.replace(cfg, config=None, base=None, resume=None, out=run_dir),
+              os.path.join(run_dir, "config.yaml"))
+    uneven = [s for s in spec.sources if len(s.shards) % world]
+    for s in uneven:
+        log.info("source %s: %d shards over %d processes: each rank reads %d or %d per epoch; the assignment "
+                 "rotates every epoch, so every shard is read equally often over epochs", s.name, len(s.shards),
+                 world, len(s.shards) // world + 1, len(s.shards) // world)
+    with open(os.path.join(run_dir, "data.json"), "w") as fh:
+        json.dump({"sources": [{"name": s.name, "audit_source": s.audit_source, "folder": s.folder,
+                                "weight": s.weight, "shards": len(s.shards),
+                                "shards_per_rank": [len(range(r, len(s.shards), world)) for r in range(world)]}
+                               for s in spec.sources],
+                   "captions": spec.captions, "vae": spec.vae, "text_encoder": spec.text_encoder,
+                   "open_shards": cfg.open_shards, "shuffle_buffer": cfg.shuffle_buffer,
+                   "config_hash": chash, "parent": parent}, fh, indent=2, default=str)
 
 
 def _count_summary(counts: dict) -> dict[str, str]:
@@ -282,12 +292,12 @@ def _count_summary(counts: dict) -> dict[str, str]:
     return out
 
 
-def _save(run_dir, step, rank, world, model, optimizer, generator, prefetch, cfg, chash, abl=None):
+def _save(run_dir, step, rank, world, model, optimizer, generator, feed, cfg, chash, abl=None):
     tmp = checkpoint.tmp_dir(run_dir, step)
     if rank == 0:
         os.makedirs(tmp, exist_ok=True)
     _barrier(world)
-    checkpoint.write_rank_files(tmp, rank, generator, prefetch.state())
+    checkpoint.write_rank_files(tmp, rank, generator, feed.state())
     _barrier(world)
     if rank == 0:
         checkpoint.write_main(tmp, model, optimizer, {"step": step, "world_size": world, "config_hash": chash,
