@@ -135,10 +135,13 @@ class StepStats:
         self.bin_sum, self.bin_n = z(len(BIN_NAMES)), z(len(BIN_NAMES))
         self.grad_norm = z(())
 
-    def add_micro(self, per_sample: torch.Tensor, t: torch.Tensor, grad_accum: int) -> None:
+    def add_micro(self, per_sample: torch.Tensor, t: torch.Tensor, grad_accum: int,
+                  loss: torch.Tensor | None = None) -> None:
+        """One micro-batch: its per-sample flow losses (for the timestep bins) and the loss it trained on
+        (default their mean; with REPA the total)."""
         per = per_sample.detach().float()
         t = t.to(per.device, non_blocking=True).float()
-        self.step_loss = self.step_loss + per.mean() / grad_accum
+        self.step_loss = self.step_loss + (per.mean() if loss is None else loss.detach().float()) / grad_accum
         sel = ((t.unsqueeze(1) >= self._bounds[:, 0]) & (t.unsqueeze(1) < self._bounds[:, 1])).float()  # B x bins
         self.bin_sum += (per.unsqueeze(1) * sel).sum(0)
         self.bin_n += sel.sum(0)

@@ -196,7 +196,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
                     (loss / cfg.grad_accum).backward()
                 for k, v in parts.items():
                     extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum
-                stats.add_micro(per, t, cfg.grad_accum)
+                stats.add_micro(per, t, cfg.grad_accum, loss)
                 n_samples += len(batch)
                 h, w = batch.x0.shape[-2:]
                 flops += len(batch) * train_flops_per_sample(
