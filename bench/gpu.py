@@ -15,7 +15,8 @@ times the project's own code path and returns rows (what, figure, note):
 - recaption: Qwen2-VL-2B (transformers Qwen2VLForConditionalGeneration.generate, what the transformers
              backend calls), a batch of images of 256 vision tokens each (synthetic patches of the
              processor's output shape), sampled, a fixed number of new tokens: captions/s, tokens/s.
-(`prx-sample` and the eval extractors are added as sections of their own.)
+- sample:    prx-sample's Euler + CFG loop over `prx-small`, 50 steps, cfg 3.5, prompts batched vs one per call.
+- extractors: prx-eval's Inception-v3 (torch-fidelity), CLIP ViT-L/14-336 (open_clip), DINOv2-L (transformers).
 Writes OUT/gpu.json and OUT/gpu.md: the device, driver, torch and CUDA versions, the date, every row.
 """
 from __future__ import annotations
@@ -202,10 +203,81 @@ def section_recaption(ctx: Ctx) -> list[tuple[str, str, str]]:
              f"per image, {s.new_tokens} new tokens, {str(dtype).split('.')[-1]}")]
 
 
+def section_sample(ctx: Ctx) -> list[tuple[str, str, str]]:
+    """prx-sample's Euler + CFG loop (`trainer.sample.Sampler.denoise`) over `prx-small`: many prompts batched
+    against one prompt per call (what a `PRXPipeline` loop does; diffusers 0.42.1 refuses several prompts with
+    guidance > 1). Text encoding and VAE decode are left out: they are the encode section's models."""
+    import torch
+
+    from trainer.model import build_model
+    from trainer.sample import Sampler, initial_noise
+
+    s = ctx.shapes
+    sampler = Sampler.__new__(Sampler)  # the loop only: no run folder, text encoder or VAE to load here
+    sampler.model = build_model(s.model, 16, s.text_dim).to(ctx.device).eval().requires_grad_(False)
+    sampler.device, sampler.prediction, sampler.shift, sampler.x_pred_t_min = torch.device(ctx.device), "v", 1.0, 0.05
+    sampler.autocast = torch.bfloat16 if ctx.device == "cuda" else None
+    steps, n = (50, s.vlm_batch) if not ctx.dry_run else (2, 2)
+    emb = torch.randn(n, s.text_len, s.text_dim)
+    mask = torch.ones(n, s.text_len, dtype=torch.bool)
+    noise = initial_noise((16, s.latent, s.latent), list(range(n)))
+
+    def batched():
+        sampler.denoise(noise, emb, mask, emb, mask, steps=steps, cfg=3.5)
+
+    def one_by_one():
+        for i in range(n):
+            sampler.denoise(noise[i:i + 1], emb[i:i + 1], mask[i:i + 1], emb[i:i + 1], mask[i:i + 1], steps=steps,
+                            cfg=3.5)
+
+    t_batch, t_one = timed(ctx, batched, 1), timed(ctx, one_by_one, 1)
+    note = f"{s.model}, {s.latent * 8} px, {steps} steps, cfg 3.5 (batch-doubled), {n} prompts"
+    return [("sample: prx-sample loop, prompts batched", f"{n / t_batch:.2f} images/s", note),
+            ("sample: one prompt per call", f"{n / t_one:.2f} images/s", f"ratio batched / one {t_one / t_batch:.2f}")]
+
+
+def section_extractors(ctx: Ctx) -> list[tuple[str, str, str]]:
+    """prx-eval's feature extractors on uint8 images: Inception-v3 (FID, torch-fidelity), CLIP ViT-L/14-336
+    (CMMD, open_clip), DINOv2-L with registers (DINO-MMD, transformers); random weights."""
+    import tempfile
+
+    import torch
+
+    from testing.tiny_models import inception_state_dict
+    from trainer.extractors import ClipExtractor, DinoExtractor, InceptionExtractor
+
+    n = 2 if ctx.dry_run else 64
+    tmp = tempfile.mkdtemp(prefix="prx-gpu-bench-")
+    weights = os.path.join(tmp, "inception.pth")
+    torch.save(inception_state_dict(0), weights)
+    if ctx.dry_run:
+        clip, dino = _tiny(ctx, "tiny-clip"), _tiny(ctx, "tiny-dinov2")
+    else:
+        from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+        clip, dino = "ViT-L-14-336", os.path.join(tmp, "dinov2")
+        cfg = Dinov2WithRegistersConfig.from_dict(json.load(open(os.path.join(CONFIGS,
+                                                                            "dinov2-with-registers-large.json"))))
+        Dinov2WithRegistersModel(cfg).save_pretrained(dino)
+    images = torch.randint(0, 256, (n, 3, 256, 256), dtype=torch.uint8)
+    rows = []
+    for label, make in (("Inception-v3 (FID)", lambda: InceptionExtractor(weights, ctx.device)),
+                        ("CLIP ViT-L/14-336 (CMMD)", lambda: ClipExtractor(clip, ctx.device)),
+                        ("DINOv2-L registers (DINO-MMD)", lambda: DinoExtractor(dino, ctx.device))):
+        ext = make()
+        sec = timed(ctx, lambda: ext(images), 1)
+        rows.append((f"extractor: {label}", f"{n / sec:.1f} images/s", f"{n} uint8 256 px images, batch "
+                     f"{ext.batch_size}, FP32"))
+        del ext
+    return rows
+
+
 SECTIONS: dict[str, Callable[[Ctx], list[tuple[str, str, str]]]] = {
     "train": section_train,
     "encode": section_encode,
     "recaption": section_recaption,
+    "sample": section_sample,
+    "extractors": section_extractors,
 }
 
 
