@@ -227,6 +227,9 @@ def _resume_config(cli: dict[str, Any]) -> TrainConfig:
     if cli.get("config"):
         given.update({k: v for k, v in _file_values(cli["config"]).items() if k != "out"})  # a file's out: ignored
     given.update({k: v for k, v in cli.items() if k not in ("resume", "config")})
+    if given.get("init_from") and given["init_from"] != saved.get("init_from"):
+        raise ConfigError(f"--resume continues {run} exactly, --init-from {given['init_from']} starts a new run "
+                          "from a parent's weights: pass one of them, not both")
     if given.get("out") and os.path.abspath(given["out"]) != os.path.abspath(run):
         raise ConfigError(f"--out {given['out']}: a resumed run continues in its own folder {run}; drop --out "
                           "(or start a new run with --out and no --resume)")
