@@ -84,18 +84,47 @@ def _seed(seed: int):
     torch.manual_seed(seed)
 
 
-@register("tiny-flux-vae")
-def build_tiny_flux_vae(folder: str, seed: int = 0) -> None:
+def tiny_flux_vae(seed: int = 0, scaling_factor: float = FLUX1_SCALING, shift_factor: float = FLUX1_SHIFT):
+    """The seeded tiny AutoencoderKL with FLUX.1's layout (not saved)."""
     from diffusers import AutoencoderKL
 
     _seed(seed)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, act_fn="silu",
-        sample_size=64, scaling_factor=FLUX1_SCALING, shift_factor=FLUX1_SHIFT, force_upcast=True,
+        sample_size=64, scaling_factor=scaling_factor, shift_factor=shift_factor, force_upcast=True,
         use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
     ).eval()
+
+
+@register("tiny-flux-vae")
+def build_tiny_flux_vae(folder: str, seed: int = 0) -> None:
+    tiny_flux_vae(seed).save_pretrained(folder)
+
+
+SHARP_LOGVAR = -20.0  # posterior std exp(-10) = 5e-5
+# 1 / std and mean of tiny-flux-vae's posterior means over the bundled photos at 64 px (conftest.photo_arrays),
+# measured the way FLUX.1's factors were on its data: scaled latents have mean 0 and std 1.
+SHARP_SCALING, SHARP_SHIFT = 2.91, -0.034
+
+
+@register("tiny-flux-vae-sharp")
+def build_tiny_flux_vae_sharp(folder: str, seed: int = 0) -> None:
+    """`tiny-flux-vae` (same seed, same weights, same decoder) with a sharp posterior: logvar = SHARP_LOGVAR.
+
+    A trained VAE's posterior std is small next to the spread of its means; the random tiny one's logvar is
+    about 0 (std 1, three times the spread of its means), so a latent the trainer draws from it is mostly
+    noise and nothing can be memorised. Here the logvar half of the encoder's last conv is zeroed and its
+    bias set to SHARP_LOGVAR; the means are tiny-flux-vae's."""
+    import torch
+
+    vae = tiny_flux_vae(seed, SHARP_SCALING, SHARP_SHIFT)
+    conv = vae.encoder.conv_out  # out channels: [mean (latent_channels), logvar (latent_channels)]
+    half = vae.config.latent_channels
+    with torch.no_grad():
+        conv.weight[half:].zero_()
+        conv.bias[half:].fill_(SHARP_LOGVAR)
     vae.save_pretrained(folder)
 
 
