@@ -174,4 +174,4 @@ def test_memorised_photos_come_back_at_their_captions(eval_runs, tiny_model, tmp
     dist = (images[:, None] - ref[None]).pow(2).flatten(2).mean(2)
     own, others = dist.diag(), (dist + 1e9 * torch.eye(len(dist))).min(1).values
     assert dist.argmin(1).tolist() == list(range(len(captions))), dist
-    assert (others > 2 * own).all(), dist  # seeds 0 and 1 gave at least 4x
+    assert (others > 2 * own).all(), dist  # seeds 0, 1, 2 gave at least 3.9x
