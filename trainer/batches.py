@@ -196,7 +196,9 @@ class RankAgreement:
             flag = torch.tensor([1 if err else 0], dtype=torch.int32)
             dist.all_reduce(flag, group=self.group)
             if int(flag.item()):
-                raise DataError(self._messages(err))
+                agreed = DataError(self._messages(err))
+                agreed.agreed = True  # every rank raises it: the CLI lets every rank print before any exits
+                raise agreed
         if err:
             raise DataError(err)
         return out

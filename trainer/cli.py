@@ -41,12 +41,24 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except (ConfigError, StageError, EncoderMismatch, DataError, PrecisionError, FileNotFoundError,
             FileExistsError, ValueError) as exc:
-        print(f"prx-train: error: {exc}", file=sys.stderr)
+        print(f"prx-train: error: {exc}", file=sys.stderr, flush=True)
+        if getattr(exc, "agreed", False):
+            _after_every_rank_printed()
         return 2
     except KeyboardInterrupt:
         print("interrupted; `prx-train --resume RUN_DIR` continues from the last checkpoint", file=sys.stderr)
         return 130
     return 0
+
+
+def _after_every_rank_printed() -> None:
+    """An error every rank raised together (a data error under DDP): wait until each has printed it, so torchrun,
+    which stops the other ranks when the first one exits, cannot cut a rank's message off."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
