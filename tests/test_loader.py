@@ -217,6 +217,6 @@ def test_data_error_on_one_rank_stops_both(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
-    lines = [ln for ln in out.splitlines() if ln.startswith("prx-train: error:")]
+    lines = ["prx-train: error:" + m for m in out.split("prx-train: error:")[1:]]
     assert len(lines) == 2, out  # both ranks, the same message naming the shard
     assert all("000001.tar" in ln and "latent.safetensors" in ln for ln in lines), out

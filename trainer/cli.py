@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except (ConfigError, StageError, EncoderMismatch, DataError, PrecisionError, FileNotFoundError,
             FileExistsError, ValueError) as exc:
-        print(f"prx-train: error: {exc}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"prx-train: error: {exc}\n")  # one write: ranks sharing a pipe do not interleave lines
+        sys.stderr.flush()
         if getattr(exc, "agreed", False):
             _after_every_rank_printed()
         return 2
