@@ -605,6 +605,7 @@ def _walk(headers, path: str, base: str, caps: MemberCaps, file: _ShardFile | No
     key. With `file` (a local shard) members are indexed (offset, size) and read later through `Members`;
     without, they are read now from the streaming `tar`."""
     seen_keys: set[str] = set()
+    floor = min(caps.image, caps.json, caps.text, caps.tensors, caps.other)   # within every cap: not refused
     key: str | None = None
     entries: dict[str, Any] = {}
     refused: tuple[str, str] | None = None   # first member refused before reading
@@ -636,7 +637,7 @@ def _walk(headers, path: str, base: str, caps: MemberCaps, file: _ShardFile | No
                 if key is not None:
                     yield finish()
                 key, entries, refused, duplicate = k, {}, None, None
-            why = _refusal(info, member, caps)
+            why = _refusal(info, member, caps) if info.size > floor or info.issparse() else None
             if why:
                 refused = refused or why
                 continue

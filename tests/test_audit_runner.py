@@ -181,3 +181,27 @@ def test_language_memo_keeps_counts():
     assert sorted(calls) == ["a cat on a mat", "a dog", "une maison"]
     s = stats.scan_group(texts, stats.AuditParams(language_sample=2), detect=detect)
     assert s.language_checked == 2 and s.languages == {"en": 2}
+
+
+def test_clip_counts_and_provenance_equal_the_per_caption_loop():
+    """CLIP scores are counted at 1e-4 resolution with Python's round() (half to even) whether they take the
+    numpy path or, for huge values, the one-by-one path; provenance dicts shared by many captions count once
+    each caption."""
+    rng = np.random.default_rng(3)
+    scores = [0.00005, 0.00015, 0.00025, -0.00005, 0.31415, 0.2, 1e30, -1e17] + rng.random(200).tolist()
+    clip = [{"clip:a": v} for v in scores] + [{"clip:b": 0.5, "clip:a": 0.5}] * 3
+    shared = {"model": {"id": "Q", "revision": "main"}, "prompt": {"file": "s.txt", "sha256": "0123456789abcdef0"}}
+    provs = [shared] * 5 + [None, {"model": "m", "prompt": "p"}] + [dict(shared) for _ in range(4)]
+    s = stats.GroupState()
+    stats._add_clip_provenance(s, clip, provs)
+    want: dict = {}
+    for c in clip:
+        for name, v in c.items():
+            want.setdefault(name, Counter())[int(round(v * stats.CLIP_SCALE))] += 1
+    assert s.clip == want
+    assert s.clip["clip:a"][0] == 2 and s.clip["clip:a"][round(1e30 * 10_000)] == 1   # +-0.5 -> 0 (half to even); huge kept
+    assert s.models == Counter({"Q@main": 9, "(none recorded)": 1, "m": 1})
+    assert s.prompts == Counter({"s.txt sha256:0123456789ab": 9, "(none recorded)": 1, "p": 1})
+    s = stats.GroupState()
+    stats._add_clip_provenance(s, [{"clip:a": 0.25}, {"clip:a": 0.35}, {"clip:a": 0.25}], [])
+    assert list(s.clip["clip:a"].items()) == [(2500, 2), (3500, 1)]      # keys in order of first appearance

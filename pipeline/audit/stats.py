@@ -466,14 +466,32 @@ def scan_group(texts: list[str], params: AuditParams, token_counts: list[int] | 
     return s
 
 
+_CLIP_EXACT = 2.0 ** 52 / CLIP_SCALE   # below this, numpy's rint of score * 1e4 is Python's round(), exactly
+
+
 def _add_clip_provenance(s: GroupState, clip: Iterable[dict[str, float]], provenance: Iterable[dict]) -> None:
+    values: dict[str, list[float]] = {}
     for scores in clip:
         for name, value in scores.items():
-            s.clip.setdefault(name, Counter())[int(round(float(value) * CLIP_SCALE))] += 1
+            values.setdefault(name, []).append(float(value))
+    for name, v in values.items():
+        counts = s.clip.setdefault(name, Counter())
+        arr = np.asarray(v, dtype=np.float64)
+        if not np.isfinite(arr).all() or np.abs(arr).max() >= _CLIP_EXACT:   # huge: Python ints, one by one
+            counts.update(int(round(x * CLIP_SCALE)) for x in v)
+            continue
+        q = np.rint(arr * CLIP_SCALE).astype(np.int64)          # round half to even, as round() does
+        keys, first, n = np.unique(q, return_index=True, return_counts=True)
+        order = np.argsort(first, kind="stable")                 # keys in order of first appearance
+        counts.update(dict(zip(keys[order].tolist(), n[order].tolist())))
+    memo: dict[int, tuple[str, str]] = {}     # one provenance dict is often shared by many captions
+    provenance = list(provenance)              # every dict alive at once: their ids are distinct
     for prov in provenance:
-        model, prompt = _provenance_fields(prov)
-        s.models[model] += 1
-        s.prompts[prompt] += 1
+        fields_ = memo.get(id(prov))
+        if fields_ is None:
+            fields_ = memo[id(prov)] = _provenance_fields(prov)
+        s.models[fields_[0]] += 1
+        s.prompts[fields_[1]] += 1
 
 
 def _caption_figures(s: GroupState, texts: list[str], lowered: list[str], word_lists: list[list[str]],

@@ -123,6 +123,21 @@ def _detector(name: str):
     return language.get_detector(name), language.load_detector(name)
 
 
+ALT_TEXT = {"model": "(original alt-text)", "prompt": "(none)"}   # the provenance of `txt` when none is recorded
+
+
+def caption_members(names) -> list[tuple[str, str]]:
+    """(member, variant) of a sample's caption members, in name order: `txt` is the original alt-text,
+    `caption_<variant>.txt` a recaption."""
+    out = []
+    for member in sorted(names):
+        if member == "txt":
+            out.append((member, "original"))
+        elif member.startswith("caption_") and member.endswith(".txt"):
+            out.append((member, member[len("caption_"):-len(".txt")]))
+    return out
+
+
 def group_id(by: list[str], dataset: str, source: str, variant: str) -> str:
     values = {"dataset": dataset, "source": source, "variant": variant}
     return json.dumps([values[d] if d in by else ALL for d in DIMENSIONS])
@@ -208,6 +223,7 @@ class AuditStage(Stage):
         params = params_of(cfg, task.extra.get("token_limit"))
         texts: dict[str, list] = {}
         entries: dict[tuple[str, str], tuple] = {}   # (source, variant) -> its group's lists
+        plans: dict[tuple, list] = {}                 # a sample's member names -> its caption members
         samples: Counter = Counter()   # source -> samples
         problems: Counter = Counter()
         timing = {"read": -time.thread_time()}   # CPU seconds of this thread: unaffected by a loaded machine
@@ -230,15 +246,15 @@ class AuditStage(Stage):
             clip = {k: v for k, v in scores.items() if k.startswith("clip:") and isinstance(v, (int, float))
                     and not isinstance(v, bool) and math.isfinite(v)}  # json allows NaN/Infinity: not a score
             captions = meta.get("captions") if isinstance(meta.get("captions"), dict) else {}
-            for member in sorted(item.members):
+            names = tuple(item.members)
+            plan = plans.get(names)
+            if plan is None:
+                plan = plans[names] = caption_members(names)
+            for member, variant in plan:
                 if member == "txt":
-                    variant, prov = "original", captions.get("original") or {"model": "(original alt-text)",
-                                                                            "prompt": "(none)"}
-                elif member.startswith("caption_") and member.endswith(".txt"):
-                    variant = member[len("caption_"):-len(".txt")]
-                    prov = captions.get(variant)
+                    prov = captions.get("original") or ALT_TEXT
                 else:
-                    continue
+                    prov = captions.get(variant)
                 entry = entries.get((source, variant))
                 if entry is None:
                     entry = entries[(source, variant)] = texts.setdefault(group_id(by, dataset, source, variant),
