@@ -143,6 +143,16 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)   # json.loads would build one per call
+
+
+def _loads(text: str) -> Any:
+    """json.loads(text, parse_constant=_reject_constant), with one decoder for the process."""
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _DECODER.decode(text)
+
+
 def json_depth(data: bytes) -> int:
     """Deepest nesting of [ and { outside strings (without parsing, so a 100,000-deep file costs O(n))."""
     import numpy as np
@@ -164,7 +174,7 @@ def parse_json(data: bytes, what: str = "json", max_bytes: int | None = None, ma
     if depth > max_depth:
         raise BadMember(f"{what}: nested {depth} deep, over the JSON depth cap {max_depth} (PRX_JSON_MAX_DEPTH)")
     try:
-        value = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
+        value = _loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BadMember(f"{what}: {exc}") from None
     if not isinstance(value, dict):
@@ -355,7 +365,7 @@ def load_safetensors(buf: bytearray, what: str = "safetensors") -> dict:
     if n < 0 or n > SAFETENSORS_MAX_HEADER or 8 + n > len(buf) or buf[8:9] != b"{":
         raise BadMember(f"{what}: not a safetensors blob (header length {n}, {len(buf)} bytes)")
     try:
-        header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"), parse_constant=_reject_constant)
+        header = _loads(bytes(buf[8:8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BadMember(f"{what}: header: {exc}") from None
     if not isinstance(header, dict):
