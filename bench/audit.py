@@ -240,7 +240,7 @@ def main() -> int:
         generate(folder, n)
         gen_s = time.perf_counter() - t0
         res = subprocess.run([sys.executable, __file__, "--child", folder, str(args.workers), "--options", args.options],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         if res.returncode:
             sys.exit(f"the audit of {folder} exited with {res.returncode}:\n{res.stderr[-4000:]}")
         r = json.loads(res.stdout.strip().splitlines()[-1])
