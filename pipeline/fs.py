@@ -43,6 +43,23 @@ def read_bytes(path: str) -> bytes:
     return fs.cat_file(p)
 
 
+def read_parquet(source, columns: list[str] | None = None):
+    """A parquet table from a path, a file object or bytes, read without Arrow's thread pools: after reading
+    tables with them, pyarrow (26.0) aborts the process at exit about half the time ("terminate called without
+    an active exception", exit 134), after the work is done. Ledgers and partial states are small: one thread
+    reads them as fast."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    if isinstance(source, str):
+        with open_file(source, "rb") as fh:
+            return pq.read_table(fh, columns=columns, use_threads=False, pre_buffer=False)
+    return pq.read_table(source, columns=columns, use_threads=False, pre_buffer=False)
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write to a temporary name beside the target, then rename: a killed run leaves no half file."""
     fs, p = get_fs(path)

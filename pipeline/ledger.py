@@ -130,8 +130,7 @@ def write(path: str, rows: list[Row], shard: int, stage: str) -> None:
 
 
 def read(path: str) -> pa.Table:
-    with fs.open_file(path, "rb") as fh:
-        return pq.read_table(fh)
+    return fs.read_parquet(path)
 
 
 def read_folder(folder: str) -> pa.Table:

@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipeline import fs, ledger
 from pipeline.ledger import read_stage_json
 
@@ -17,8 +15,7 @@ def _folder_counts(folder: str) -> dict[str, Any]:
     outcomes: Counter = Counter()
     reasons: Counter = Counter()
     for path in fs.glob(fs.join(folder, "*.parquet")):
-        with fs.open_file(path, "rb") as fh:
-            table = pq.read_table(fh, columns=["outcome", "reason"])
+        table = fs.read_parquet(path, columns=["outcome", "reason"])
         for outcome, reason in zip(table.column("outcome").to_pylist(), table.column("reason").to_pylist()):
             outcomes[outcome] += 1
             if outcome != ledger.KEPT:

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which calls out
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline import fs
 from pipeline.download import net
 from pipeline.images import ImageRejected, check_size, decode_image, probe_image
 
@@ -131,7 +131,7 @@ def fetch(urls: list[tuple[int, str]], shard_id: int, s: EngineSettings) -> dict
             disallowed_header_directives=s.disallowed_header_directives or None)
         with net.installed(s.net):
             downloader.download_shard((shard_id, arrow_path))
-        result = pq.read_table(os.path.join(tmp, f"{shard_id:0{OOM_SHARD_COUNT}d}.parquet"))
+        result = fs.read_parquet(os.path.join(tmp, f"{shard_id:0{OOM_SHARD_COUNT}d}.parquet"))
         oom_sample = math.ceil(math.log10(max(s.shard_size, 1)))
         cols = result.to_pydict()
         for i, pos in enumerate(cols[ROW_COL]):

@@ -50,18 +50,17 @@ def _parse(data: bytes, fmt: str, suffix: str) -> pa.Table:
     if codec and fmt != "parquet":
         data = pa.CompressedInputStream(pa.BufferReader(data), codec).read()
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(io.BytesIO(data))
+        return fs.read_parquet(data)
     if fmt in ("csv", "tsv"):
         import pyarrow.csv as pacsv
 
-        return pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(
-            delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True))
+        return pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(use_threads=False),  # fs.read_parquet
+                              parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
+                                                               newlines_in_values=True))
     if fmt == "jsonl":
         import pyarrow.json as pajson
 
-        return pajson.read_json(io.BytesIO(data))
+        return pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(use_threads=False))
     lines = [line.strip() for line in data.decode("utf-8", errors="replace").splitlines()]
     return pa.table({"url": [line for line in lines if line]})
 

@@ -367,7 +367,7 @@ class FilterStage(GlobalStage):
     # ------------------------------------------------------------------------------ reduce
     def reduce(self, partial_paths: list[str]) -> dict[str, Any]:
         cfg, names = self.cfg, self.score_names
-        tables = [pq.read_table(io.BytesIO(fs.read_bytes(p))) for p in partial_paths]
+        tables = [fs.read_parquet(fs.read_bytes(p)) for p in partial_paths]
         table = pa.concat_tables(tables) if tables else _records_table([])
         n = table.num_rows
         keys = table.column("key").to_pylist()
@@ -503,9 +503,9 @@ class FilterStage(GlobalStage):
     # ------------------------------------------------------------------------------ apply
     def _load_shard_state(self, task: Task) -> None:
         out = self.cfg.out
-        part = pq.read_table(io.BytesIO(fs.read_bytes(fs.join(out, "_map", shard_name(task.index, "parquet")))))
+        part = fs.read_parquet(fs.read_bytes(fs.join(out, "_map", shard_name(task.index, "parquet"))))
         self._partial = {r["key"]: r for r in part.to_pylist()}
-        dec = pq.read_table(io.BytesIO(fs.read_bytes(fs.join(out, "_decisions", shard_name(task.index, "parquet")))))
+        dec = fs.read_parquet(fs.read_bytes(fs.join(out, "_decisions", shard_name(task.index, "parquet"))))
         self._decisions = {r["key"]: (r["reason"], r["detail"], json.loads(r["all_reasons"])) for r in dec.to_pylist()}
 
     def process(self, task: Task, writer: ShardWriter) -> None:
