@@ -143,11 +143,18 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)   # json.loads would build one per call
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Infinity by another spelling
+        raise ValueError(f"{text} is out of the float range")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)  # json.loads: one a call
 
 
 def _loads(text: str) -> Any:
-    """json.loads(text, parse_constant=_reject_constant), with one decoder for the process."""
+    """json.loads(text) refusing NaN, Infinity and out-of-range numbers, with one decoder for the process."""
     if text.startswith("\ufeff"):
         raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
     return _DECODER.decode(text)
@@ -164,7 +171,8 @@ def json_depth(data: bytes) -> int:
 
 def parse_json(data: bytes, what: str = "json", max_bytes: int | None = None, max_depth: int | None = None) -> dict:
     """A JSON object from bytes, or BadMember: over `max_bytes`, nested deeper than `max_depth`, not UTF-8,
-    not JSON, NaN/Infinity (which no JSON writer here may emit again), or not an object."""
+    not JSON, NaN/Infinity or a number beyond the float range (which no JSON writer here may emit), or not an
+    object."""
     max_bytes = JSON_MAX_BYTES if max_bytes is None else max_bytes
     max_depth = JSON_MAX_DEPTH if max_depth is None else max_depth
     if len(data) > max_bytes:
