@@ -182,8 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=30, help="timed batches per worker count")
     ap.add_argument("--workers", default="0,1,2,4")
     ap.add_argument("--shuffle-buffer", type=int, default=256,
-                    help="per process; kept small here: until the lazy shard reader lands each buffered sample "
-                         "holds its bytes (1.33 MB) in every worker")
+                    help="per process (a buffered sample holds its open shard and member offsets, not its bytes: "
+                         "the reader reads members when the collate asks)")
     ap.add_argument("--mix-batches", type=int, default=100)
     ap.add_argument("--step-batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=12)
