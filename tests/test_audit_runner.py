@@ -199,7 +199,8 @@ def test_clip_counts_and_provenance_equal_the_per_caption_loop():
         for name, v in c.items():
             want.setdefault(name, Counter())[int(round(v * stats.CLIP_SCALE))] += 1
     assert s.clip == want
-    assert s.clip["clip:a"][0] == 2 and s.clip["clip:a"][round(1e30 * 10_000)] == 1   # +-0.5 -> 0 (half to even); huge kept
+    assert s.clip["clip:a"][0] == 2                        # +-0.5 -> 0: half to even
+    assert s.clip["clip:a"][round(1e30 * 10_000)] == 1     # a huge score is kept, as a Python int
     assert s.models == Counter({"Q@main": 9, "(none recorded)": 1, "m": 1})
     assert s.prompts == Counter({"s.txt sha256:0123456789ab": 9, "(none recorded)": 1, "p": 1})
     s = stats.GroupState()
