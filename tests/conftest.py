@@ -60,14 +60,18 @@ def tiny_model(tiny_models_dir):
     return get
 
 
-@pytest.fixture
-def photo_folder(tmp_path, photos):
-    """A folder of JPEG photos with .txt captions."""
+def write_photo_folder(folder, photos: dict[str, np.ndarray] | None = None):
+    """`folder` made and filled with JPEG photos (quality 90) and their .txt captions ("a photo of NAME")."""
     from PIL import Image
 
-    folder = tmp_path / "photos"
     folder.mkdir()
-    for name, arr in photos.items():
+    for name, arr in (photos if photos is not None else photo_arrays()).items():
         Image.fromarray(arr).save(folder / f"{name}.jpg", quality=90)
         (folder / f"{name}.txt").write_text(f"a photo of {name.replace('_', ' ')}")
     return folder
+
+
+@pytest.fixture
+def photo_folder(tmp_path, photos):
+    """A folder of JPEG photos with .txt captions."""
+    return write_photo_folder(tmp_path / "photos", photos)

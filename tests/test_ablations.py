@@ -24,16 +24,10 @@ OVERLAYS = sorted(os.path.basename(p)[:-5] for p in glob.glob("manifests/ablatio
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_model):
-    from PIL import Image
-
-    from conftest import photo_arrays
+    from conftest import write_photo_folder
 
     root = tmp_path_factory.mktemp("ablation-data")
-    photos = root / "photos"
-    photos.mkdir()
-    for name, arr in photo_arrays().items():
-        Image.fromarray(arr).save(photos / f"{name}.jpg", quality=90)
-        (photos / f"{name}.txt").write_text(f"a photo of {name.replace('_', ' ')}")
+    photos = write_photo_folder(root / "photos")
     vae, te, dino = tiny_model("tiny-flux-vae"), tiny_model("tiny-t5gemma"), tiny_model("tiny-dinov2")
     common = ["--executor", "local", "--no-progress"]
     enc = ["--vae", vae, "--text-encoder", te, *common]

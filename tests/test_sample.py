@@ -5,7 +5,6 @@ The shared fixture `eval_runs` (imported by test_eval.py and test_export.py) enc
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -27,16 +26,10 @@ def _train(shards, out, **kw):
 
 @pytest.fixture(scope="session")
 def eval_runs(tmp_path_factory, tiny_model):
-    from PIL import Image
-
-    from conftest import photo_arrays
+    from conftest import write_photo_folder
 
     root = tmp_path_factory.mktemp("eval-data")
-    photos = root / "photos"
-    photos.mkdir()
-    for name, arr in photo_arrays().items():
-        Image.fromarray(arr).save(photos / f"{name}.jpg", quality=90)
-        (photos / f"{name}.txt").write_text(f"a photo of {name.replace('_', ' ')}")
+    photos = write_photo_folder(root / "photos")
     common = ["--executor", "local", "--no-progress"]
     enc = ["--vae", tiny_model("tiny-flux-vae"), "--text-encoder", tiny_model("tiny-t5gemma"), "--resolution", "64"]
     assert prx_data(["ingest", "--in", str(photos), "--out", str(root / "raw"), *common]) == 0

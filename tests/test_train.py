@@ -19,16 +19,10 @@ def encoded(tmp_path_factory, tiny_model):
     """Two encoded sources from the bundled photos:
     a: 128 px square crops, shards of 2 samples, variants original/long/short (fake recaptions);
     b: 256 px aspect-ratio buckets (several latent shapes), one shard, variant original only."""
-    from PIL import Image
-
-    from conftest import photo_arrays
+    from conftest import write_photo_folder
 
     root = tmp_path_factory.mktemp("train-data")
-    photos = root / "photos"
-    photos.mkdir()
-    for name, arr in photo_arrays().items():
-        Image.fromarray(arr).save(photos / f"{name}.jpg", quality=90)
-        (photos / f"{name}.txt").write_text(f"a photo of {name.replace('_', ' ')}")
+    photos = write_photo_folder(root / "photos")
     vae, te = tiny_model("tiny-flux-vae"), tiny_model("tiny-t5gemma")
     common = ["--executor", "local", "--no-progress"]
     enc = ["--vae", vae, "--text-encoder", te]

@@ -54,7 +54,7 @@ def _parse(data: bytes, fmt: str, suffix: str) -> pa.Table:
     if fmt in ("csv", "tsv"):
         import pyarrow.csv as pacsv
 
-        return pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(use_threads=False),  # fs.read_parquet
+        return pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(use_threads=False),  # see fs.read_parquet
                               parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
                                                                newlines_in_values=True))
     if fmt == "jsonl":
