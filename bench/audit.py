@@ -159,7 +159,7 @@ def scan_only(folder: str, shards: int, baseline: str | None) -> None:
     import importlib.util
 
     from pipeline.audit import stats
-    from pipeline.audit.stats import from_npz
+    from pipeline.audit.stats import from_bytes
     from pipeline.stages.audit import AuditConfig, AuditStage
 
     stage = AuditStage(AuditConfig(dirs=[folder]))
@@ -168,7 +168,7 @@ def scan_only(folder: str, shards: int, baseline: str | None) -> None:
     total: dict[str, float] = {}
     captions = 0
     for t in tasks[1:]:
-        groups, extra = from_npz(stage.scan(t))
+        groups, extra = from_bytes(stage.scan(t))
         captions += sum(g.n for g in groups.values())
         for k, v in extra["seconds"].items():
             total[k] = total.get(k, 0.0) + v

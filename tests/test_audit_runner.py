@@ -1,6 +1,7 @@
 """The audit's map -> reduce: sketches, partial states (npz, no pickle), Dask executor, resume."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -55,7 +56,12 @@ def _golden_texts() -> list[str]:
 
 
 def _digest(state: stats.GroupState) -> str:
-    h = hashlib.sha256(json.dumps(state.meta(), sort_keys=True).encode())
+    """A state's digest, independent of the partial-state format (the JSON of every field, as the .npz meta held
+    them when the digests below were taken)."""
+    d = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "arrays"}
+    d = {k: (dict(v) if isinstance(v, Counter) else v) for k, v in d.items()}
+    d["clip"] = {name: dict(c) for name, c in state.clip.items()}
+    h = hashlib.sha256(json.dumps(json.loads(json.dumps(d)), sort_keys=True).encode())
     for k in sorted(state.arrays):
         h.update(k.encode())
         h.update(np.ascontiguousarray(state.arrays[k]).tobytes())
@@ -118,15 +124,32 @@ def test_misra_gries_keeps_heavy_items():
 
 
 def test_partial_state_roundtrip_without_pickle():
-    g = stats.scan_group(["a red car", "", "very very very good"], stats.AuditParams(), clip=[{"clip:x": 0.3}] * 3)
-    data = stats.to_npz({'["*", "s", "v"]': g}, {"dataset": "d"})
-    with np.load(__import__("io").BytesIO(data), allow_pickle=False) as z:
-        assert all(z[k].dtype != object for k in z.files)
-    back, extra = stats.from_npz(data)
+    clip = [{"clip:x": 0.3}, {"clip:x": 0.3}, {"clip:x": 1e30}]   # a huge score: beyond int64 once scaled
+    g = stats.scan_group(["a red car", "", "very very very good"], stats.AuditParams(), clip=clip)
+    data = stats.to_bytes({'["*", "s", "v"]': g}, {"dataset": "d"})
+    from safetensors.numpy import load
+    assert set(load(data)) == {f"g0_{n}" for n in ("uniq1", "uniq2", "uniq3", "dups", "bands")}  # plain tensors
+    back, extra = stats.from_bytes(data)
     h = back['["*", "s", "v"]']
     assert extra == {"dataset": "d"} and h.words == Counter({3: 1, 4: 1}) and h.loops == 1
-    assert h.clip == {"clip:x": Counter({3000: 3})}
-    assert np.array_equal(h.arrays["bands"], g.arrays["bands"])
+    assert h.clip == {"clip:x": Counter({3000: 2, round(1e30 * 10_000): 1})}
+    assert all(np.array_equal(h.arrays[k], g.arrays[k]) for k in g.arrays)
+    with pytest.raises(Exception):
+        stats.from_bytes(data[:-8])                      # a truncated blob is refused by safetensors
+
+
+def test_merged_clip_counts_equal_counter_sums():
+    """GroupAcc sums the shards' CLIP histograms in numpy (IntHist): the same counts as Counter.update, huge
+    keys included, across the consolidations."""
+    rng = np.random.default_rng(3)
+    params = stats.AuditParams()
+    acc, want = stats.GroupAcc(params), Counter()
+    for i in range(300):
+        scores = rng.integers(0, 4000, size=500).tolist() + ([10**30] if i % 50 == 0 else [])
+        g = stats.GroupState(clip={"clip:a": Counter(scores)}, arrays=stats._empty_arrays(params))
+        acc.add(g)
+        want.update(scores)
+    assert acc.clip_counts() == {"clip:a": want}
 
 
 def _figures(path):
@@ -144,8 +167,8 @@ def test_dask_equals_local_and_resume(tmp_path, capsys):
     assert local == dask
     out = tmp_path / "out"
     assert audit(common + ["--executor", "local", "--out", str(out)]) == 0
-    assert sorted(p.name for p in (out / "_map").iterdir()) == ["000000.npz", "000001.npz"]
-    (out / "_map" / "000001.npz").unlink()
+    assert sorted(p.name for p in (out / "_map").iterdir()) == ["000000.safetensors", "000001.safetensors"]
+    (out / "_map" / "000001.safetensors").unlink()
     assert audit(common + ["--executor", "local", "--out", str(out)]) == 0
     again, r = _figures(out / "audit.json")
     assert r["shards_resumed"] == 1 and again == local and (out / "audit.html").exists()

@@ -12,14 +12,16 @@ from pipeline.ledger import read_stage_json
 
 
 def _folder_counts(folder: str) -> dict[str, Any]:
-    outcomes: Counter = Counter()
-    reasons: Counter = Counter()
+    pairs: Counter = Counter()   # (outcome, reason) -> rows: counted in C
     for path in fs.glob(fs.join(folder, "*.parquet")):
         table = fs.read_parquet(path, columns=["outcome", "reason"])
-        for outcome, reason in zip(table.column("outcome").to_pylist(), table.column("reason").to_pylist()):
-            outcomes[outcome] += 1
-            if outcome != ledger.KEPT:
-                reasons[f"{outcome}:{reason}"] += 1
+        pairs.update(zip(table.column("outcome").to_pylist(), table.column("reason").to_pylist()))
+    outcomes: Counter = Counter()
+    reasons: Counter = Counter()
+    for (outcome, reason), n in pairs.items():
+        outcomes[outcome] += n
+        if outcome != ledger.KEPT:
+            reasons[f"{outcome}:{reason}"] += n
     return {"in": sum(outcomes.values()), "kept": outcomes.get(ledger.KEPT, 0),
             "rejected": outcomes.get(ledger.REJECTED, 0), "failed": outcomes.get(ledger.FAILED, 0),
             "reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))}

@@ -1,7 +1,7 @@
 """`prx-data audit DIR [DIR ...]`: caption statistics per dataset, source and caption variant.
 
-Map -> reduce over shards with the runner's executors: each shard becomes one partial state (an `.npz`,
-JSON + numpy arrays, no pickle) per group; the driver merges them one at a time, then writes the terminal
+Map -> reduce over shards with the runner's executors: each shard becomes one partial state (a
+`.safetensors` blob: numpy arrays + JSON, no pickle) per group; the driver merges them one at a time, then writes the terminal
 table, `--json`, `--html`, and applies `--fail-on`. With `--out DIR` the partial states are kept in
 `DIR/_map/` (a rerun with the same config resumes) and `audit.json` / `audit.html` go there by default.
 Exit status: 0, 1 when a `--fail-on` rule fails, 2 on an error.
@@ -24,7 +24,7 @@ from typing import Any
 from pipeline import fs
 from pipeline.audit import gate as gate_mod
 from pipeline.audit.funnel import funnel
-from pipeline.audit.stats import (AuditParams, GroupAcc, from_npz, float_edges, int_edges, scan_group, to_npz)
+from pipeline.audit.stats import (AuditParams, GroupAcc, float_edges, from_bytes, int_edges, scan_group, to_bytes)
 from pipeline.config import CommonConfig, add_arguments, build_config, config_hash, option
 from pipeline.shards import BadMember, MemberCaps, Problem, list_shards, read_shard, shard_index
 from pipeline.stage import Stage, StageError, Task, kept_counts
@@ -215,7 +215,7 @@ class AuditStage(Stage):
         return tasks
 
     def scan(self, task: Task) -> bytes:
-        """One shard -> its partial state (npz bytes)."""
+        """One shard -> its partial state (safetensors bytes, stats.to_bytes)."""
         cfg = self.cfg
         by = self.by()
         dataset = task.extra["dataset"]
@@ -272,7 +272,7 @@ class AuditStage(Stage):
         timing["figures"] = time.thread_time() - t0 - timing.get("language", 0.0)
         extra = {"dataset": dataset, "samples": dict(samples), "problems": dict(problems),
                  "detector": detect is not None, "seconds": timing}
-        return to_npz(groups, extra)
+        return to_bytes(groups, extra)
 
 
 def run_audit_scan(stage_cls: type, cfg: Any, task: Task) -> ScanResult:
@@ -332,7 +332,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     for t in tasks:
         t.extra["token_limit"] = limit
         if part_dir:
-            t.extra["partial"] = fs.join(part_dir, f"{t.index:06d}.npz")
+            t.extra["partial"] = fs.join(part_dir, f"{t.index:06d}.safetensors")
     todo = [t for t in tasks if not (cfg.out and fs.exists(t.extra["partial"]))]
     done = [t for t in tasks if t not in todo]
 
@@ -345,7 +345,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
 
     def merge(data: bytes) -> None:
         nonlocal detector
-        groups, extra = from_npz(data)
+        groups, extra = from_bytes(data)
         for source, n in extra["samples"].items():
             samples[(extra["dataset"], source)] += n
         problems.setdefault(extra["dataset"], Counter()).update(extra["problems"])
@@ -388,7 +388,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     clip_edges: dict[str, list[float]] = {}
     ranges: dict[str, list[int]] = {}
     for a in accs.values():
-        for name, c in a.s.clip.items():
+        for name, c in a.clip_counts().items():
             lo, hi = min(c), max(c)
             r = ranges.setdefault(name, [lo, hi])
             r[0], r[1] = min(r[0], lo), max(r[1], hi)
