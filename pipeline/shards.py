@@ -27,7 +27,9 @@ import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
+
+import numpy as np
 
 from pipeline import fs, ledger
 from pipeline.images import IMAGE_EXTS, ImageRejected, decode_image
@@ -237,6 +239,9 @@ class MemberCaps:
                       for k in ("image", "json", "text", "tensors", "other")})
 
 
+WHOLE_SHARD = 16 << 20   # a local shard up to this size is read whole, once (_ShardFile.read_whole)
+
+
 class _ShardFile:
     """A local shard opened once and shared by every sample read from it: members are read with
     `os.pread`, and the descriptor closes when the last sample (and the reader) let go of it, so samples
@@ -246,17 +251,31 @@ class _ShardFile:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self.size = os.fstat(self.fd).st_size
+        self.data: bytes | None = None   # the whole file, when it is small (read_whole)
+
+    def read_whole(self) -> None:
+        """Hold a shard of at most WHOLE_SHARD bytes in memory: its headers and members are then sliced from
+        one read instead of a pread each (text-only shards: ~3 MB for 1000 samples)."""
+        if self.size <= WHOLE_SHARD:
+            data = os.pread(self.fd, self.size, 0)
+            self.data = data if len(data) == self.size else None
 
     def read(self, offset: int, size: int, name: str = "") -> bytes:
-        if size >= 1 << 30:  # one pread returns at most ~2 GiB on Linux: fill a buffer in steps
+        if self.data is not None:
+            data = self.data[offset:offset + size]
+        elif size >= 1 << 30:  # one pread returns at most ~2 GiB on Linux: fill a buffer in steps
             return bytes(self.read_into(bytearray(size), offset, name))
-        data = os.pread(self.fd, size, offset)
+        else:
+            data = os.pread(self.fd, size, offset)
         if len(data) != size:
             raise OSError(f"{self.path}: member {name} short read ({len(data)} of {size} bytes): "
                           "the shard changed while it was being read")
         return data
 
     def read_into(self, buf: bytearray, offset: int, name: str = "") -> bytearray:
+        if self.data is not None and offset + len(buf) <= len(self.data):
+            buf[:] = memoryview(self.data)[offset:offset + len(buf)]
+            return buf
         view, done = memoryview(buf), 0
         while done < len(buf):
             got = os.preadv(self.fd, [view[done:]], offset + done)
@@ -529,8 +548,7 @@ def read_shard(path: str, caps: MemberCaps | None = None) -> Iterator[Sample | P
             fh.close()
 
 
-@dataclass
-class _Plain:
+class _Plain(NamedTuple):
     """A plain regular-file header (what `_plain_headers` accepts), with the TarInfo methods `_walk` uses."""
 
     name: str
@@ -570,8 +588,6 @@ def _octal_fields(block: bytes) -> tuple[int, int] | None:
 
 def _checksums_match(blocks: list[bytes], checksums: list[int]) -> bool:
     """Every header's stored checksum is the unsigned sum of its bytes with the checksum field as spaces."""
-    import numpy as np
-
     if not blocks:
         return True
     b = np.frombuffer(b"".join(blocks), dtype=np.uint8).reshape(len(blocks), 512)
@@ -583,14 +599,98 @@ def _plain_headers(file: _ShardFile) -> list[_Plain] | None:
     """The headers of a shard made only of plain regular files (what ShardWriter and most webdataset
     writers produce), parsed quickly; None when anything else shows up (pax or GNU headers, links, folders,
     prefixes, base-256 numbers, a bad checksum, truncation, trailing garbage), and then `tarfile` walks the
-    shard instead. What this accepts, tarfile reads the same (tests/test_reader.py). The checksums are
-    compared in one numpy pass at the end."""
+    shard instead. What this accepts, tarfile reads the same (tests/test_reader.py). Headers in the usual
+    format take `_usual_headers`; a shard with any other header takes `_checked_headers`."""
+    file.read_whole()
+    usual = _usual_headers(file)
+    return usual if usual is not None else _checked_headers(file)
+
+
+_ZERO_BLOCK = bytes(512)
+# The usual format, byte by byte over a header's numeric fields (offsets 100-155): octal digits, NUL
+# terminators at 107, 115, 123, 135, 147, 154, and the space that ends the checksum at 155.
+_USUAL_NUL = np.array([107, 115, 123, 135, 147, 154])
+_USUAL_DIGIT = np.setdiff1d(np.arange(100, 155), _USUAL_NUL)
+_OCTAL_WEIGHTS = 8 ** np.arange(5, -1, -1, dtype=np.int64)    # the checksum's 6 digits
+_SIZE_WEIGHTS = 8 ** np.arange(10, -1, -1, dtype=np.int64)     # the size's 11 digits
+
+
+def _header_block(file: _ShardFile, offset: int) -> bytes:
+    return file.data[offset:offset + 512] if file.data is not None else os.pread(file.fd, 512, offset)
+
+
+def _usual_headers(file: _ShardFile) -> list[_Plain] | None:
+    """`_checked_headers` for a shard read whole whose headers all match `_USUAL_FIELDS` and
+    `_USUAL_DEVICES`: every 512-byte block's size field is parsed at once in numpy, the headers are
+    followed from the first by those sizes (one list step each), then every check is made for all of them at
+    once (fields, type, devices, checksums, names). None when any header is not in that format or fails a
+    check: `_checked_headers` then decides, header by header, exactly as before."""
+    data, size = file.data, file.size
+    if data is None or size < 512:
+        return None
+    blocks = np.frombuffer(data, dtype=np.uint8, count=size // 512 * 512).reshape(-1, 512)
+    sizes = np.maximum((blocks[:, 124:135].astype(np.int64) - 48) @ _SIZE_WEIGHTS, 0)  # valid where usual
+    step = (1 + (sizes + 511) // 512).tolist()
+    first, sizes_ = blocks[:, 0].tolist(), sizes.tolist()
+    chain, i, n = [], 0, len(first)
+    while i < n:   # a whole header left (tarfile ends quietly on a short one after the first)
+        if not first[i]:
+            if i and data[i * 512:i * 512 + 512] == _ZERO_BLOCK:  # a zero block ends the archive
+                break
+            return None
+        chain.append(i)
+        i += step[i]
+        if sizes_[chain[-1]] and i * 512 > size:  # the member runs past the end
+            return None
+    if not chain:
+        return None
+    h = blocks[chain]
+    names = _usual_names(h)
+    if names is None or not _usual_fields(h):
+        return None
+    return list(map(_Plain._make, zip(names, [sizes_[c] for c in chain], [c * 512 + 512 for c in chain])))
+
+
+def _usual_fields(h: np.ndarray) -> bool:
+    """Every header (rows of `h`) in the usual format, a regular file, with a matching checksum."""
+    digits = h[:, _USUAL_DIGIT]
+    if not (((digits >= 48) & (digits <= 55)).all() and (h[:, _USUAL_NUL] == 0).all() and (h[:, 155] == 32).all()):
+        return False
+    devices = h[:, 329:345].reshape(-1, 2, 8)
+    dev_digits = devices[:, :, :7]
+    dev_ok = ((devices == 0).all(axis=2)
+              | (((dev_digits >= 48) & (dev_digits <= 55)).all(axis=2) & (devices[:, :, 7] == 0)))
+    if not (dev_ok.all() and np.isin(h[:, 156], (48, 0)).all() and (h[:, 345] == 0).all()):
+        return False
+    stored = (h[:, 148:154].astype(np.int64) - 48) @ _OCTAL_WEIGHTS
+    sums = h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 256
+    return bool(np.array_equal(sums, stored))
+
+
+def _usual_names(h: np.ndarray) -> list[str] | None:
+    """Each header's name (its first 100 bytes up to the first NUL, decoded as tarfile does); None when a
+    name has bytes after its NUL or ends with "/" (the checked pass decides those)."""
+    field = h[:, :100]
+    nul = field == 0
+    length = np.where(nul.any(axis=1), nul.argmax(axis=1), 100)
+    if (field.astype(bool) & (np.arange(100) > length[:, None])).any():
+        return None
+    raw = field.copy().view("S100").ravel().tolist()   # numpy drops the trailing NULs
+    names = b"\0".join(raw).decode(tarfile.ENCODING, "surrogateescape").split("\0")
+    if len(names) != len(raw) or any(n.endswith("/") for n in names):
+        return None
+    return names
+
+
+def _checked_headers(file: _ShardFile) -> list[_Plain] | None:
+    """`_plain_headers` header by header: each header's fields checked on their own (any octal spelling
+    tarfile reads as plain octal), the checksums compared in one numpy pass at the end."""
     out, offset, size = [], 0, file.size
     blocks, checksums = [], []
     while True:
         if offset and size - offset < 512:  # tarfile ends quietly on a missing or short header (not at 0)
             break
-        block = os.pread(file.fd, 512, offset)
+        block = _header_block(file, offset)
         if len(block) < 512 or block[156:157] not in (b"0", b"\0") or block[345] or not block[0]:
             if offset and block == bytes(512):  # a zero block ends the archive
                 break

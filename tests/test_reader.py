@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline import ledger
+from pipeline import ledger, shards
 from pipeline.cli import main as prx_data
 from pipeline.config import CommonConfig, ConfigError, build_config
 from pipeline.shards import (BadMember, MemberCaps, Members, Problem, Sample, ShardWriter, _plain_headers,
@@ -263,9 +263,11 @@ def corrupt(data: bytes, rng: np.random.Generator) -> bytes:
     return bytes(out)
 
 
-def test_same_as_old_reader_on_random_corruptions(tmp_path):
+@pytest.mark.parametrize("whole", [True, False], ids=["read-whole", "pread"])
+def test_same_as_old_reader_on_random_corruptions(tmp_path, monkeypatch, whole):
     """A few hundred seeds: identical samples (bytes) and Problems from the old reader, the indexed path
-    and the streaming path; no exception escapes any of them."""
+    (the shard read whole, or headers and members by pread) and the streaming path; no exception escapes."""
+    monkeypatch.setattr(shards, "WHOLE_SHARD", 16 << 20 if whole else 0)
     bases = list(BASES.values()) + [HOSTILE["duplicates"], HOSTILE["links_devices"]]
     kinds, quick = set(), 0
     for seed in range(400):
@@ -294,6 +296,47 @@ def test_quick_header_pass_takes_plain_shards_only(tmp_path):
         assert quick(BASES[case]) is None, case
     for case in ("links_devices", "empty", "not_a_tar", "zeros", "truncated_at_boundary", "truncated_in_data"):
         assert quick(HOSTILE[case]) is None, case
+
+
+def test_usual_header_pass_equals_the_checked_one(tmp_path, monkeypatch):
+    """The numpy pass over the headers of a shard read whole, in the usual format, returns exactly what the
+    header-by-header pass returns, and leaves every other shard to it (None), as it does a shard above
+    WHOLE_SHARD (read by pread: there the headers are few next to the members)."""
+    def passes(data, name):
+        f = _ShardFile(_write(tmp_path, name, data))
+        f.read_whole()
+        return shards._usual_headers(f), shards._checked_headers(f)
+
+    usual, checked = passes(BASES["plain"], "plain.tar")
+    assert usual is not None and usual == checked and len(usual) == 7
+    bases = list(BASES.values()) + [HOSTILE["duplicates"], HOSTILE["links_devices"]]
+    taken = 0
+    for seed in range(300):
+        usual, checked = passes(corrupt(bases[seed % len(bases)], np.random.default_rng(seed)), f"{seed}.tar")
+        if usual is not None:
+            taken += 1
+            assert usual == checked, seed
+    assert 30 <= taken <= 250, taken   # both outcomes exercised
+    monkeypatch.setattr(shards, "WHOLE_SHARD", 0)
+    assert passes(BASES["plain"], "big.tar")[0] is None
+
+
+def _rchar() -> int:
+    return int(next(line for line in open("/proc/self/io") if line.startswith("rchar")).split()[1])
+
+
+def test_a_small_shard_is_read_once(tmp_path):
+    """A shard up to WHOLE_SHARD bytes is read whole, once: its headers and members come from that read."""
+    w = ShardWriter(str(tmp_path / "txt"), 0, "test")
+    for i in range(300):
+        w.write(f"k{i:04d}", {"txt": f"caption {i}".encode() * 20, "json": b'{"source": "s"}'})
+    w.close()
+    path = str(tmp_path / "txt" / "000000.tar")
+    before = _rchar()
+    texts = [s.text("txt") for s in read_shard(path) if s.meta()["source"] == "s"]
+    read = _rchar() - before
+    assert texts[7] == "caption 7" * 20 and len(texts) == 300
+    assert os.path.getsize(path) <= read < os.path.getsize(path) + 64 * 1024
 
 
 def test_safetensors_parse_matches_the_library(tmp_path):
@@ -511,19 +554,18 @@ def test_samples_outlive_the_reader_and_close_the_file(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc/self/io")
-def test_members_never_touched_are_never_read(tmp_path):
-    """The trainer's access pattern (latent + one embedding) reads only those members from disk."""
+def test_members_never_touched_are_never_read(tmp_path, monkeypatch):
+    """The trainer's access pattern (latent + one embedding) reads only those members from disk, in a shard
+    above the size read whole (real encoded shards are ~1.4 MB a sample)."""
+    monkeypatch.setattr(shards, "WHOLE_SHARD", 0)
     path = _encoded_like(tmp_path)
 
-    def rchar() -> int:
-        return int(next(line for line in open("/proc/self/io") if line.startswith("rchar")).split()[1])
-
-    before = rchar()
+    before = _rchar()
     latents = []
     for s in read_shard(path):
         latents.append(s.tensors("latent.safetensors", {"mean": (torch.float32, 3)})["mean"])
         s.tensors("emb_short.safetensors", {"hidden": (torch.bfloat16, 2)})
-    read = rchar() - before
+    read = _rchar() - before
     size = os.path.getsize(path)
     wanted = sum(len(st_save(x)) for x in ({"mean": torch.zeros(4, 8, 8), "logvar": torch.zeros(4, 8, 8)},
                                            {"hidden": torch.ones(7, 64).to(torch.bfloat16)})) * 6
