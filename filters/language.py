@@ -97,23 +97,33 @@ def fasttext_input(text: str) -> str:
     return text
 
 
+_PREDICT: list[Callable] = []   # the loaded model's predict, once built (looked up per caption)
+_CODES: dict[str, str] = {}     # "__label__en" -> "en"
+
+
 def _fasttext_predict() -> Callable[[str, int, float, str], list]:
     """The loaded model's own predict (fastText's C++ through pybind: one line ending in a newline, k, threshold,
     unicode errors -> [(probability, label)]), which `LangDetector.detect` calls after its per-call wrapping
     (preprocessing this module does itself, dicts, a sort): the same prediction for less than half the cost."""
-    def build():
-        return _built("fasttext", _build_fasttext)._get_model(low_memory=True).f.predict  # model="lite"
+    if not _PREDICT:
+        def build():
+            return _built("fasttext", _build_fasttext)._get_model(low_memory=True).f.predict  # model="lite"
 
-    return _built("fasttext-predict", build)
+        _PREDICT.append(_built("fasttext-predict", build))
+    return _PREDICT[0]
 
 
 def detect_fasttext(text: str) -> tuple[str | None, float]:
     if not text or not _HAS_LETTER.search(text):
         return None, 0.0
-    found = _fasttext_predict()(fasttext_input(text) + "\n", 1, 0.0, "strict")
+    found = (_PREDICT[0] if _PREDICT else _fasttext_predict())(fasttext_input(text) + "\n", 1, 0.0, "strict")
     if not found or found[0][0] <= 0.0:
         return None, 0.0
-    return found[0][1].replace("__label__", ""), min(float(found[0][0]), 1.0)
+    prob, label = found[0]
+    code = _CODES.get(label)
+    if code is None:
+        code = _CODES[label] = label.replace("__label__", "")
+    return code, (prob if prob < 1.0 else 1.0)
 
 
 # ----------------------------------------------------------------------------------------------- lingua

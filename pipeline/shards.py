@@ -333,6 +333,10 @@ class Members(Mapping):
     def __contains__(self, name: object) -> bool:
         return name in self._index
 
+    def get(self, name: str, default=None):
+        where = self._index.get(name)
+        return default if where is None else self._file.read(where[0], where[1], name)
+
     def __iter__(self):
         return iter(self._index)
 
@@ -739,27 +743,28 @@ def _walk(headers, path: str, base: str, caps: MemberCaps, file: _ShardFile | No
             return Problem(key, input_id, *(refused or ("duplicate_member", duplicate)))
         return Sample(key, entries if file is None else Members(file, entries), path)
 
+    plain = tar is None   # `_plain_headers`: regular files, data located (no TarInfo methods to ask)
     try:
         for info in headers:
             split = _split_name(info.name)
             if split is None:
                 yield Problem("", f"{base}:{info.name}", "unsafe_member_name", info.name)
                 continue
-            if info.isdir():
+            if not plain and info.isdir():
                 continue
             k, member = split
-            if not info.isfile():
+            if not plain and not info.isfile():
                 yield Problem(k, f"{base}:{info.name}", "not_a_regular_file", f"tar type {info.type!r}")
                 continue
             if k != key:
                 if key is not None:
                     yield finish()
                 key, entries, refused, duplicate = k, {}, None, None
-            why = _refusal(info, member, caps) if info.size > floor or info.issparse() else None
+            why = _refusal(info, member, caps) if info.size > floor or (not plain and info.issparse()) else None
             if why:
                 refused = refused or why
                 continue
-            value = _member(tar, info) if file is None else _located(info)
+            value = (info.offset_data, info.size) if plain else _member(tar, info) if file is None else _located(info)
             if member in entries:
                 duplicate = f"member {info.name} appears twice"
                 continue

@@ -218,7 +218,7 @@ def test_side_by_side_and_by(crafted):
 def test_non_finite_clip_scores_are_not_scores(tmp_path):
     folder = tmp_path / "nan"
     write_folder(folder, [[("a red car", None, "car", float("nan")), ("a blue car", None, "car", 0.5),
-                           ("a green car", None, "car", True)]], "s")
+                           ("a green car", None, "car", True), ("a pink car", None, "car", 10 ** 400)]], "s")
     out = tmp_path / "nan.json"
     assert audit([str(folder), "--executor", "local", "--no-progress", "--json", str(out)]) == 0
     c = group(json.loads(out.read_text()), "s/original")["clip"][CLIP]

@@ -1,11 +1,14 @@
-"""The audit's map -> reduce: sketches, partial states (npz, no pickle), Dask executor, resume."""
+"""The audit's map -> reduce: sketches, partial states (safetensors, no pickle), Dask executor, resume."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import random
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +29,19 @@ def test_minhash_equals_datasketch():
         m = MinHash(num_perm=64, scheme="legacy", hashfunc=lambda x: int(x))
         m.update_batch(sh[owner == c].tolist())
         assert np.array_equal(sig[c], m.hashvalues)
+    for num_perm, seed in ((64, 1), (32, 1), (128, 7)):   # drawn without datasketch: its own permutations
+        want = MinHash(num_perm=num_perm, seed=seed, scheme="legacy").permutations
+        assert all(np.array_equal(x, y) for x, y in zip(stats.permutations(num_perm, seed), want))
+
+
+def test_workers_use_the_bands_the_driver_computed():
+    """Workers take (bands, rows) from the driver: a scan never imports datasketch or scipy."""
+    code = ("import sys; from pipeline.audit import stats; stats.remember_bands(0.8, 64, (5, 12)); "
+            "g = stats.scan_group(['a red car on the road', 'a blue car'], stats.AuditParams()); "
+            "assert g.arrays['bands'].shape == (2, 5); "
+            "assert not {'datasketch', 'scipy'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+    assert stats.lsh_bands(0.8, 64) == (5, 11)   # what datasketch chooses (the driver passes it on)
 
 
 def test_minhash_chunks_give_the_same_signatures():

@@ -33,7 +33,6 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
-from functools import lru_cache
 from itertools import chain
 from typing import Any, Iterable
 
@@ -86,11 +85,22 @@ class AuditParams:
         return lsh_bands(self.near_threshold, self.num_perm)
 
 
-@lru_cache(maxsize=None)
-def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    from datasketch.lsh import _optimal_param
+_BANDS: dict[tuple[float, int], tuple[int, int]] = {}
 
-    return tuple(int(x) for x in _optimal_param(threshold, num_perm, 0.5, 0.5))
+
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """datasketch's optimal (bands, rows) for MinHashLSH (it integrates with scipy: the driver computes it once
+    and passes it to the workers through `remember_bands`, so they never import either)."""
+    if (threshold, num_perm) not in _BANDS:
+        from datasketch.lsh import _optimal_param
+
+        _BANDS[(threshold, num_perm)] = tuple(int(x) for x in _optimal_param(threshold, num_perm, 0.5, 0.5))
+    return _BANDS[(threshold, num_perm)]
+
+
+def remember_bands(threshold: float, num_perm: int, bands: tuple[int, int]) -> None:
+    """Record what `lsh_bands(threshold, num_perm)` returned in another process."""
+    _BANDS[(threshold, num_perm)] = (int(bands[0]), int(bands[1]))
 
 
 # ----------------------------------------------------------------------------------------------- hashing
@@ -106,16 +116,17 @@ def _splitmix(z: np.ndarray) -> np.ndarray:
 
 _WORD_HASH: dict[str, int] = {}    # per process: word -> word_hash(word)
 _WORD_HASH_SIZE = 2_000_000
-_LANGUAGE_CACHE: dict[Any, dict[str, tuple]] = {}
+_LANGUAGE_CACHE: dict[Any, dict[str, str]] = {}
 _LANGUAGE_CACHE_SIZE = 100_000
 
 
-def _language_cache(detect) -> dict[str, tuple]:
-    """Per-process memo of `detect` by stripped caption (the detector is a pure function of the text, so a
-    repeated caption - duplicates, stock refusals - costs one detection; the figures are unchanged)."""
-    if detect not in _LANGUAGE_CACHE and len(_LANGUAGE_CACHE) >= 4:
+def _language_cache(key) -> dict[str, str]:
+    """Per-process memo of the language code ("" below the confidence) by stripped caption, per (detector,
+    confidence): the detector is a pure function of the text, so a repeated caption - duplicates, stock
+    refusals - costs one detection; the figures are unchanged."""
+    if key not in _LANGUAGE_CACHE and len(_LANGUAGE_CACHE) >= 4:
         _LANGUAGE_CACHE.clear()
-    return _LANGUAGE_CACHE.setdefault(detect, {})
+    return _LANGUAGE_CACHE.setdefault(key, {})
 
 
 def _blake64(data: bytes) -> bytes:
@@ -305,12 +316,14 @@ _PERMS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """datasketch's own (a, b) for its legacy scheme, so signatures equal datasketch.MinHash's."""
+    """datasketch's own (a, b) for its legacy scheme, drawn as `MinHash._init_permutations` draws them (a test
+    compares), so signatures equal datasketch.MinHash's; without importing datasketch (and scipy) per worker."""
     if (num_perm, seed) not in _PERMS:
-        from datasketch import MinHash
-
-        a, b = MinHash(num_perm=num_perm, seed=seed, scheme="legacy").permutations
-        _PERMS[(num_perm, seed)] = (np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
+        gen = np.random.RandomState(seed)
+        pairs = [(gen.randint(1, _MERSENNE, dtype=np.uint64), gen.randint(0, _MERSENNE, dtype=np.uint64))
+                 for _ in range(num_perm)]
+        a, b = np.array(pairs, dtype=np.uint64).T
+        _PERMS[(num_perm, seed)] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
     return _PERMS[(num_perm, seed)]
 
 
@@ -574,16 +587,18 @@ def _caption_figures(s: GroupState, texts: list[str], lowered: list[str], word_l
 
 def _languages(s: GroupState, texts: list[str], detect, params: AuditParams) -> None:
     """Detected language of each caption (stripped), memoised per process; below the confidence: ""."""
-    cache = _language_cache(detect)
+    min_conf = params.language_min_confidence
+    cache = _language_cache((detect, min_conf))
+    if len(cache) + len(texts) > _LANGUAGE_CACHE_SIZE:
+        cache.clear()
+    get = cache.get
     found = []
-    for text in texts:
-        text = text.strip()
-        hit = cache.get(text)
-        if hit is None:
-            if len(cache) >= _LANGUAGE_CACHE_SIZE:
-                cache.clear()
-            hit = cache[text] = detect(text)
-        found.append(hit[0] if hit[0] is not None and hit[1] >= params.language_min_confidence else "")
+    for text in map(str.strip, texts):
+        code = get(text)
+        if code is None:
+            lang, conf = detect(text)
+            code = cache[text] = lang if lang is not None and conf >= min_conf else ""
+        found.append(code)
     counts = Counter(found)
     s.languages.update(counts)
     s.language_checked += len(found)

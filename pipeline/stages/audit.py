@@ -24,7 +24,8 @@ from typing import Any
 from pipeline import fs
 from pipeline.audit import gate as gate_mod
 from pipeline.audit.funnel import funnel
-from pipeline.audit.stats import (AuditParams, GroupAcc, float_edges, from_bytes, int_edges, scan_group, to_bytes)
+from pipeline.audit.stats import (AuditParams, GroupAcc, float_edges, from_bytes, int_edges, remember_bands, scan_group,
+                                  to_bytes)
 from pipeline.config import CommonConfig, add_arguments, build_config, config_hash, option
 from pipeline.shards import BadMember, MemberCaps, Problem, list_shards, read_shard, shard_index
 from pipeline.stage import Stage, StageError, Task, kept_counts
@@ -137,6 +138,20 @@ def caption_members(names) -> list[tuple[str, str]]:
     return out
 
 
+def clip_scores(scores: Any) -> dict[str, float]:
+    """The `clip:*` entries of a sample's json `scores` that are numbers within the float range (not booleans,
+    NaN, Infinity or a 400-digit integer)."""
+    if not isinstance(scores, dict) or not scores:
+        return {}
+    return {k: v for k, v in scores.items() if k.startswith("clip:") and _finite(v)}
+
+
+def _finite(v: Any) -> bool:
+    if type(v) is float:
+        return math.isfinite(v)
+    return type(v) is int and abs(v) <= sys.float_info.max   # a 400-digit integer is no score either
+
+
 def group_id(by: list[str], dataset: str, source: str, variant: str) -> str:
     values = {"dataset": dataset, "source": source, "variant": variant}
     return json.dumps([values[d] if d in by else ALL for d in DIMENSIONS])
@@ -220,6 +235,8 @@ class AuditStage(Stage):
         by = self.by()
         dataset = task.extra["dataset"]
         params = params_of(cfg, task.extra.get("token_limit"))
+        if task.extra.get("lsh"):
+            remember_bands(params.near_threshold, params.num_perm, task.extra["lsh"])
         texts: dict[str, list] = {}
         entries: dict[tuple[str, str], tuple] = {}   # (source, variant) -> its group's lists
         plans: dict[tuple, list] = {}                 # a sample's member names -> its caption members
@@ -241,19 +258,15 @@ class AuditStage(Stage):
                 meta = {}
             source = str(meta.get("source") or "(none)")
             samples[source] += 1
-            scores = meta.get("scores") if isinstance(meta.get("scores"), dict) else {}
-            clip = {k: v for k, v in scores.items() if k.startswith("clip:") and isinstance(v, (int, float))
-                    and not isinstance(v, bool) and math.isfinite(v)}  # json allows NaN/Infinity: not a score
-            captions = meta.get("captions") if isinstance(meta.get("captions"), dict) else {}
+            clip = clip_scores(meta.get("scores"))
+            captions = meta.get("captions")
+            captions = captions if isinstance(captions, dict) else {}
             names = tuple(item.members)
             plan = plans.get(names)
             if plan is None:
                 plan = plans[names] = caption_members(names)
             for member, variant in plan:
-                if member == "txt":
-                    prov = captions.get("original") or ALT_TEXT
-                else:
-                    prov = captions.get(variant)
+                prov = (captions.get("original") or ALT_TEXT) if member == "txt" else captions.get(variant)
                 entry = entries.get((source, variant))
                 if entry is None:
                     entry = entries[(source, variant)] = texts.setdefault(group_id(by, dataset, source, variant),
@@ -331,6 +344,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         part_dir = tmp
     for t in tasks:
         t.extra["token_limit"] = limit
+        t.extra["lsh"] = list(params.bands())
         if part_dir:
             t.extra["partial"] = fs.join(part_dir, f"{t.index:06d}.safetensors")
     todo = [t for t in tasks if not (cfg.out and fs.exists(t.extra["partial"]))]
