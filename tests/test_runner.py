@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.compute as pc
@@ -18,7 +19,7 @@ from PIL import Image
 from pipeline import ledger
 from pipeline.cli import main as prx_data
 from pipeline.shards import list_shards, read_shard
-from pipeline.stage import StageError
+from pipeline.stage import StageError, Task
 
 
 def _generated_images(folder, n: int, seed: int = 0):
@@ -194,6 +195,10 @@ def test_s3_input_and_output(tmp_path, photo_folder, s3_server):
     assert json.loads(fs.cat_file("prx/raw/_stage.json"))["status"] == "complete"
 
 
+def _echo(stage_cls, cfg, task, arg):
+    return task.index, task.inputs[0], arg, cfg
+
+
 def test_existing_cluster_by_address_and_gpu_resource(tmp_path, photo_folder):
     """--scheduler uses a running cluster; model tasks ask for GPU only where workers advertise it."""
     from distributed import LocalCluster
@@ -212,6 +217,10 @@ def test_existing_cluster_by_address_and_gpu_resource(tmp_path, photo_folder):
     with LocalCluster(**loopback) as cpu_cluster:
         ex = DaskExecutor(cpu_cluster.scheduler_address, None, uses_model=True)
         assert ex.resources == {}, "asking for GPU on a cluster without it would hang forever"
+        stage = SimpleNamespace(name="t", cfg={"k": 1})
+        for batch in (1, 3, 20):   # several tasks per Dask task; each map its own keys (not the last run's results)
+            got = list(ex.map(_echo, stage, [Task(i, [f"s{i}"]) for i in range(10)], "x", batch=batch))
+            assert sorted(got) == [(i, f"s{i}", "x", {"k": 1}) for i in range(10)], batch
         ex.close()
         out = tmp_path / "raw"
         assert prx_data(["ingest", "--in", str(photo_folder), "--out", str(out), "--scheduler",

@@ -383,7 +383,8 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
                 t_start = time.perf_counter()
                 executor = make_executor(cfg, uses_model=False)
                 timing["executor_start"] = time.perf_counter() - t_start
-                for res in executor.map(run_audit_scan, stage, todo):
+                batch = max(1, min(8, len(todo) // 64))   # shards per Dask task: 500 shards -> 63 tasks
+                for res in executor.map(run_audit_scan, stage, todo, batch=batch):
                     merge(res.data if res.data is not None else fs.read_bytes(res.path))
                     bar.update(1)
     finally:
