@@ -114,7 +114,7 @@ def _fasttext_predict() -> Callable[[str, int, float, str], list]:
 
 
 def detect_fasttext(text: str) -> tuple[str | None, float]:
-    if not text or not _HAS_LETTER.search(text):
+    if not text or not (text[0].isalpha() or _HAS_LETTER.search(text)):   # a letter first: _HAS_LETTER matches
         return None, 0.0
     found = (_PREDICT[0] if _PREDICT else _fasttext_predict())(fasttext_input(text) + "\n", 1, 0.0, "strict")
     if not found or found[0][0] <= 0.0:

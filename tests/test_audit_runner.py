@@ -245,3 +245,15 @@ def test_clip_counts_and_provenance_equal_the_per_caption_loop():
     s = stats.GroupState()
     stats._add_clip_provenance(s, [{"clip:a": 0.25}, {"clip:a": 0.35}, {"clip:a": 0.25}], [])
     assert list(s.clip["clip:a"].items()) == [(2500, 2), (3500, 1)]      # keys in order of first appearance
+
+
+def test_refusal_regex_lookahead_holds_for_every_pattern():
+    """REFUSAL_RE skips positions not starting i/a/n/u: true only while every pattern starts so."""
+    import re
+
+    for p in stats.REFUSAL_PATTERNS:
+        assert re.match(r"\\b[iaun]", p), p
+    plain = re.compile("|".join(f"(?:{p})" for p in stats.REFUSAL_PATTERNS))
+    texts = [t.lower() for t in SPECIAL] + ["no image was provided", "unable to view the image", "i apologise"]
+    assert [plain.search(t) and plain.search(t).group(0) for t in texts] == \
+        [stats.REFUSAL_RE.search(t) and stats.REFUSAL_RE.search(t).group(0) for t in texts]

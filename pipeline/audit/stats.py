@@ -52,7 +52,8 @@ REFUSAL_PATTERNS = [
     r"\bno image (?:was|is|has been) (?:provided|attached|uploaded|shared)",
     r"\bunable to (?:view|see|process|describe|open) (?:the|this|an|any) image",
 ]
-REFUSAL_RE = re.compile("|".join(f"(?:{p})" for p in REFUSAL_PATTERNS))
+# every pattern starts with a word starting i, a, n or u: the lookahead lets the regex skip other positions
+REFUSAL_RE = re.compile("(?=[iaun])(?:" + "|".join(f"(?:{p})" for p in REFUSAL_PATTERNS) + ")")
 CLIP_SCALE = 10_000          # CLIP scores are kept as integer counts at 1e-4 resolution
 HLL_P = 14                   # HyperLogLog precision: 2^14 registers, standard error 1.04/sqrt(2^14) = 0.81%
 MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -561,14 +562,12 @@ def _add_clip_provenance(s: GroupState, clip: Iterable[dict[str, float]], proven
         keys, first, n = np.unique(q, return_index=True, return_counts=True)
         order = np.argsort(first, kind="stable")                 # keys in order of first appearance
         counts.update(dict(zip(keys[order].tolist(), n[order].tolist())))
-    memo: dict[int, tuple[str, str]] = {}     # one provenance dict is often shared by many captions
     provenance = list(provenance)              # every dict alive at once: their ids are distinct
-    for prov in provenance:
-        fields_ = memo.get(id(prov))
-        if fields_ is None:
-            fields_ = memo[id(prov)] = _provenance_fields(prov)
-        s.models[fields_[0]] += 1
-        s.prompts[fields_[1]] += 1
+    by_id = {id(p): p for p in provenance}     # one provenance dict is often shared by many captions
+    for key, n in Counter(map(id, provenance)).items():
+        model, prompt = _provenance_fields(by_id[key])
+        s.models[model] += n
+        s.prompts[prompt] += n
 
 
 def _caption_figures(s: GroupState, texts: list[str], lowered: list[str], word_lists: list[list[str]],
