@@ -7,9 +7,9 @@
 Each size is a folder of shards (1000 samples per shard, half the captions `txt` ~12 words, half
 `caption_long.txt` ~40 words, with 2% exact duplicates, 1% loops, 0.5% refusals, 1% empty, some French), audited
 in a fresh subprocess with the Dask executor (a LocalCluster of --workers processes), language identified on
-every caption (the default). Reported: wall time; the Dask cluster's start and the detector's load (once per
-worker process), stated apart; captions/s per core end to end without those two (captions / ((wall - start -
-load per worker) x workers)); captions per CPU-second of the scan's own phases summed over shards (reading the
+every caption (the default). Reported: wall time; the Dask cluster's start and the load of the detector and of
+the compiled kernels (once per worker process), stated apart; captions/s per core end to end without those
+(captions / ((wall - start - loads per worker) x workers)); captions per CPU-second of the scan's own phases summed over shards (reading the
 tar, language, the other figures); the driver's peak RSS above its baseline after imports (the reduce's state:
 the O(n) figures), and the largest worker's peak RSS (one shard at a time: O(shard)).
 """
@@ -132,15 +132,15 @@ def reduce_memory(captions: int, shard: int = 1000) -> dict:
 
 
 def summary(n: int, r: dict, workers: int) -> str:
-    """One line: wall (cluster start and detector load apart), CPU seconds (robust on a shared machine), the
+    """One line: wall (cluster start, detector and kernel load apart), CPU seconds (robust on a shared machine), the
     scan's phases (CPU, summed over shards) and memory."""
     t, c = r["timing"], r["captions"]
-    start, load = t.get("executor_start", 0.0), t.get("detector_load", 0.0)
+    start, load = t.get("executor_start", 0.0), t.get("detector_load", 0.0) + t.get("kernel_load", 0.0)
     steady = r["seconds"] - start - load / workers
     phases = {k: t.get(k, 0.0) for k in ("read", "language", "figures")}
     cpu = r["driver_cpu_s"] + r["workers_cpu_s"]
     return (f"{n:>9} captions ({r['checked']:,} language-checked, {r['detector']['name']}): wall {r['seconds']:.1f}s "
-            f"= cluster start {start:.1f}s + detector load {load:.2f} CPU-s over {workers} workers + {steady:.1f}s "
+            f"= cluster start {start:.1f}s + detector and kernel load {load:.2f} CPU-s over {workers} workers + {steady:.1f}s "
             f"-> {c / steady / workers:,.0f} captions/s per core (wall); CPU: driver {r['driver_cpu_s']:.1f}s + "
             f"workers {r['workers_cpu_s']:.1f}s -> {c / cpu:,.0f} captions per CPU-second end to end (start-up "
             f"included); scan phases (CPU): read {phases['read']:.1f}s, language {phases['language']:.1f}s "

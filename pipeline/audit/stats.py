@@ -329,43 +329,34 @@ def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 
 
 def minhash_signatures(shingles: np.ndarray, owner: np.ndarray, n_owners: int, num_perm: int,
-                       chunk: int = 1 << 20) -> np.ndarray:
-    """Signatures (n_owners x num_perm, uint64) of 32-bit shingle hashes grouped by `owner` (sorted, every
-    owner present), equal to datasketch.MinHash(scheme="legacy").update_batch's: per permutation (a, b),
-    min over the caption's shingles of ((a * h + b) mod 2^64 mod (2^61 - 1)) & (2^32 - 1).
+                       bands: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:
+    """(signatures n_owners x num_perm, LSH band keys n_owners x bands[0]) of 32-bit shingle hashes grouped by
+    `owner` (sorted, every owner present). Signatures equal datasketch.MinHash(scheme="legacy").update_batch's:
+    per permutation (a, b), min over the caption's shingles of ((a * h + b) mod 2^64 mod (2^61 - 1)) &
+    (2^32 - 1); band keys are `band_keys` of them. One compiled loop (kernels.minhash_bands)."""
+    from pipeline.audit import kernels
 
-    Batched over the shard, one permutation at a time over all its shingles (1-D, in place), with the
-    Mersenne modulus as shifts and masks instead of numpy's slow uint64 `%`. Captions are taken in chunks of
-    about `chunk` shingles, so the temporaries stay O(chunk)."""
     a, b = permutations(num_perm)
-    sig = np.empty((num_perm, n_owners), dtype=np.uint64)
-    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-    c0 = 0
-    while c0 < n_owners:
-        c1 = max(c0 + 1, int(np.searchsorted(starts, starts[c0] + chunk, side="right")) - 1)
-        c1 = n_owners if c1 >= n_owners or starts[c0] + chunk >= len(shingles) else c1
-        lo, hi = starts[c0], (starts[c1] if c1 < n_owners else len(shingles))
-        _minhash_rows(shingles[lo:hi], starts[c0:c1] - lo, a, b, sig[:, c0:c1])
-        c0 = c1
-    return np.ascontiguousarray(sig.T)
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if len(owner) else np.zeros(0, dtype=np.int64)
+    sig = np.empty((n_owners, num_perm), dtype=np.uint64)
+    keys = np.empty((n_owners, bands[0]), dtype=np.uint64)
+    kernels.minhash_bands(np.ascontiguousarray(shingles, dtype=np.uint64), starts, a, b, bands[1], sig, keys)
+    return sig, keys
 
 
-def _minhash_rows(h: np.ndarray, starts: np.ndarray, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    """out[j] = per-caption min of the j-th permuted hash (see minhash_signatures)."""
-    y = np.empty(len(h), dtype=np.uint64)
-    t = np.empty(len(h), dtype=np.uint64)
-    s61, one = np.uint64(61), np.uint64(1)
-    for j in range(len(a)):
-        np.multiply(h, a[j], out=y)          # wraps mod 2^64, as datasketch's numpy arithmetic does
-        np.add(y, b[j], out=y)
-        np.right_shift(y, s61, out=t)        # y mod p, p = 2^61 - 1: (y & p) + (y >> 61) is in [0, p + 7] ...
-        np.bitwise_and(y, _MERSENNE, out=y)
-        np.add(y, t, out=y)
-        np.add(y, one, out=t)                # ... and one more p off when >= p; mod 2^32 that is "+ 1"
-        np.right_shift(t, s61, out=t)
-        np.add(y, t, out=y)
-        np.bitwise_and(y, _MAX32, out=y)
-        out[j] = np.minimum.reduceat(y, starts)
+def load_kernels() -> float:
+    """Load the compiled kernels in this process now (each process does it on its first call otherwise);
+    returns the CPU seconds of this thread that took (0.0 once loaded)."""
+    if _KERNELS_LOADED:
+        return 0.0
+    t0 = time.thread_time()
+    minhash_signatures(np.ones(1, dtype=np.uint64), np.zeros(1, dtype=np.int64), 1, 2, (1, 2))
+    _distinct_per_caption(np.ones(1, dtype=np.uint64), np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64))
+    _KERNELS_LOADED.append(True)
+    return time.thread_time() - t0
+
+
+_KERNELS_LOADED: list[bool] = []
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -611,7 +602,7 @@ def _word_figures(s: GroupState, flat: list[str], lens: np.ndarray, params: Audi
     owner = np.repeat(np.arange(m), lens)
     starts = np.r_[0, np.cumsum(lens)[:-1]]
     pos = np.arange(len(ids)) - starts[owner]
-    s.ttr_sum += sum((_distinct_per_caption(ids, owner, m) / lens).tolist())  # in caption order, as a loop adds
+    s.ttr_sum += sum((_distinct_per_caption(ids, starts, lens) / lens).tolist())  # in caption order, as a loop adds
     grams = {1: ids}
     valid = {1: np.ones(len(ids), dtype=bool)}
     prev = ids
@@ -626,18 +617,15 @@ def _word_figures(s: GroupState, flat: list[str], lens: np.ndarray, params: Audi
         s.ngrams[n - 1] = int(len(g))
         s.arrays[f"uniq{n}"] = unique(g)
     shingles, sh_owner = _shingles(grams, valid, lens, starts, owner, params.shingle)
-    sig = minhash_signatures(shingles, sh_owner, m, params.num_perm)
-    s.arrays["bands"] = band_keys(sig, *params.bands())
+    s.arrays["bands"] = minhash_signatures(shingles, sh_owner, m, params.num_perm, params.bands())[1]
     _loops(s, ids, owner, flat, params)
 
 
-def _distinct_per_caption(ids: np.ndarray, owner: np.ndarray, m: int) -> np.ndarray:
-    """Distinct words (by 64-bit hash) in each caption."""
-    order = np.lexsort((ids, owner))
-    o, w = owner[order], ids[order]
-    first = np.ones(len(o), dtype=bool)
-    first[1:] = (o[1:] != o[:-1]) | (w[1:] != w[:-1])
-    return np.bincount(o[first], minlength=m)
+def _distinct_per_caption(ids: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Distinct words (by 64-bit hash) in each caption (its words: ids[start:start + len])."""
+    from pipeline.audit import kernels
+
+    return kernels.distinct_counts(ids, starts.astype(np.int64), lens.astype(np.int64))
 
 
 def _shingles(grams: dict, valid: dict, lens: np.ndarray, starts: np.ndarray, owner: np.ndarray,

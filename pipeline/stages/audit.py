@@ -24,8 +24,8 @@ from typing import Any
 from pipeline import fs
 from pipeline.audit import gate as gate_mod
 from pipeline.audit.funnel import funnel
-from pipeline.audit.stats import (AuditParams, GroupAcc, float_edges, from_bytes, int_edges, remember_bands, scan_group,
-                                  to_bytes)
+from pipeline.audit.stats import (AuditParams, GroupAcc, float_edges, from_bytes, int_edges, load_kernels, remember_bands,
+                                  scan_group, to_bytes)
 from pipeline.config import CommonConfig, add_arguments, build_config, config_hash, option
 from pipeline.shards import BadMember, MemberCaps, Problem, list_shards, read_shard, shard_index
 from pipeline.stage import Stage, StageError, Task, kept_counts
@@ -277,6 +277,7 @@ class AuditStage(Stage):
         timing["read"] += time.thread_time()
         tok = load_tokenizer(cfg.text_encoder) if cfg.text_encoder else None
         detect, timing["detector_load"] = _detector(cfg.language_detector)
+        timing["kernel_load"] = load_kernels()
         t0 = time.thread_time()
         groups = {}
         for gid, (tx, clips, provs) in texts.items():
