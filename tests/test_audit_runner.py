@@ -260,3 +260,23 @@ def test_refusal_regex_lookahead_holds_for_every_pattern():
     texts = [t.lower() for t in SPECIAL] + ["no image was provided", "unable to view the image", "i apologise"]
     assert [plain.search(t) and plain.search(t).group(0) for t in texts] == \
         [stats.REFUSAL_RE.search(t) and stats.REFUSAL_RE.search(t).group(0) for t in texts]
+
+
+def test_near_duplicate_clusters_link_captions_sharing_any_bucket():
+    """Clusters = connected components of 'shares a band key', checked against a union-find over all pairs."""
+    rng = np.random.default_rng(4)
+    for n, spread in ((1, 5), (60, 40), (300, 900), (300, 10**12)):
+        keys = rng.integers(0, spread, size=(n, 4)).astype(np.uint64)
+        parent = list(range(n))
+
+        def root(i):
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        for a in range(n):
+            for b in range(a + 1, n):
+                if (keys[a] == keys[b]).any():
+                    parent[root(a)] = root(b)
+        assert stats.near_duplicate_clusters(keys) == len({root(i) for i in range(n)}), (n, spread)
+    assert stats.near_duplicate_clusters(np.zeros((0, 4), dtype=np.uint64)) == 0

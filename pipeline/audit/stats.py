@@ -379,11 +379,18 @@ def near_duplicate_clusters(keys: np.ndarray) -> int:
 
     src, dst = [], []
     for j in range(keys.shape[1]):
-        order = np.argsort(keys[:, j], kind="stable")
-        k = keys[order, j]
-        same = np.flatnonzero(k[1:] == k[:-1])
+        k = keys[:, j]
+        s = np.sort(k)                              # a sort of the values: ~5x cheaper than argsort of them all
+        shared = s[1:][s[1:] == s[:-1]]             # buckets of 2+ captions
+        if not len(shared):
+            continue
+        idx = np.flatnonzero(np.isin(k, shared))
+        order = idx[np.argsort(k[idx], kind="stable")]
+        same = np.flatnonzero(k[order[1:]] == k[order[:-1]])
         src.append(order[same])
         dst.append(order[same + 1])
+    if not src:
+        return n
     s, d = np.concatenate(src), np.concatenate(dst)
     graph = coo_matrix((np.ones(len(s), dtype=np.int8), (s, d)), shape=(n, n))
     return int(connected_components(graph, directed=False)[0])
