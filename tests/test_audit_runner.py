@@ -262,6 +262,21 @@ def test_refusal_regex_lookahead_holds_for_every_pattern():
         [stats.REFUSAL_RE.search(t) and stats.REFUSAL_RE.search(t).group(0) for t in texts]
 
 
+def test_refusal_prefilter_passes_every_pattern():
+    """may_refuse is a necessary condition: one refusal per pattern (and per alternative) passes it. "I'm
+    unable to ..." is caught (the pattern once wanted "i 'm unable", with a space)."""
+    one_each = ["i'm sorry", "im sorry", "i am sorry", "i apologize", "i apologise", "i can't help",
+                "i cannot assist", "i can not provide", "i am unable to describe", "i'm unable to see",
+                "i am not able to view", "i'm not able to caption", "as an ai", "as a language model",
+                "i don't see an image", "i do not have any image", "no image was provided", "no image is shared",
+                "unable to open the image"]
+    for text in one_each:
+        assert stats.REFUSAL_RE.search(text), text
+        assert stats.may_refuse(text), text
+        assert stats.may_refuse(f"well, {text}, sadly")
+    assert not stats.may_refuse("a red car parked near a small house at sunset")
+
+
 def test_near_duplicate_clusters_link_captions_sharing_any_bucket():
     """Clusters = connected components of 'shares a band key', checked against a union-find over all pairs."""
     rng = np.random.default_rng(4)
