@@ -27,7 +27,7 @@ import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -552,22 +552,7 @@ def read_shard(path: str, caps: MemberCaps | None = None) -> Iterator[Sample | P
             fh.close()
 
 
-class _Plain(NamedTuple):
-    """A plain regular-file header (what `_plain_headers` accepts), with the TarInfo methods `_walk` uses."""
-
-    name: str
-    size: int
-    offset_data: int
-    type = tarfile.REGTYPE
-
-    def isdir(self) -> bool:
-        return False
-
-    def isfile(self) -> bool:
-        return True
-
-    def issparse(self) -> bool:
-        return False
+_Header = tuple  # (name, size, offset of its data): a plain regular-file header, as `_plain_headers` returns it
 
 
 _OCTAL = re.compile(rb" *[0-7]* *(?:\0|$)")  # a numeric header field tarfile reads as plain octal
@@ -599,7 +584,7 @@ def _checksums_match(blocks: list[bytes], checksums: list[int]) -> bool:
     return bool(np.array_equal(sums, np.asarray(checksums, dtype=np.int64)))
 
 
-def _plain_headers(file: _ShardFile) -> list[_Plain] | None:
+def _plain_headers(file: _ShardFile) -> list[_Header] | None:
     """The headers of a shard made only of plain regular files (what ShardWriter and most webdataset
     writers produce), parsed quickly; None when anything else shows up (pax or GNU headers, links, folders,
     prefixes, base-256 numbers, a bad checksum, truncation, trailing garbage), and then `tarfile` walks the
@@ -623,7 +608,7 @@ def _header_block(file: _ShardFile, offset: int) -> bytes:
     return file.data[offset:offset + 512] if file.data is not None else os.pread(file.fd, 512, offset)
 
 
-def _usual_headers(file: _ShardFile) -> list[_Plain] | None:
+def _usual_headers(file: _ShardFile) -> list[_Header] | None:
     """`_checked_headers` for a shard read whole whose headers all match `_USUAL_FIELDS` and
     `_USUAL_DEVICES`: every 512-byte block's size field is parsed at once in numpy, the headers are
     followed from the first by those sizes (one list step each), then every check is made for all of them at
@@ -652,7 +637,7 @@ def _usual_headers(file: _ShardFile) -> list[_Plain] | None:
     names = _usual_names(h)
     if names is None or not _usual_fields(h):
         return None
-    return list(map(_Plain._make, zip(names, [sizes_[c] for c in chain], [c * 512 + 512 for c in chain])))
+    return list(zip(names, [sizes_[c] for c in chain], [c * 512 + 512 for c in chain]))
 
 
 def _usual_fields(h: np.ndarray) -> bool:
@@ -677,7 +662,7 @@ def _usual_names(h: np.ndarray) -> list[str] | None:
     field = h[:, :100]
     nul = field == 0
     length = np.where(nul.any(axis=1), nul.argmax(axis=1), 100)
-    if (field.astype(bool) & (np.arange(100) > length[:, None])).any():
+    if not np.array_equal(np.count_nonzero(field, axis=1), length):   # a byte after the first NUL
         return None
     raw = field.copy().view("S100").ravel().tolist()   # numpy drops the trailing NULs
     names = b"\0".join(raw).decode(tarfile.ENCODING, "surrogateescape").split("\0")
@@ -686,7 +671,7 @@ def _usual_names(h: np.ndarray) -> list[str] | None:
     return names
 
 
-def _checked_headers(file: _ShardFile) -> list[_Plain] | None:
+def _checked_headers(file: _ShardFile) -> list[_Header] | None:
     """`_plain_headers` header by header: each header's fields checked on their own (any octal spelling
     tarfile reads as plain octal), the checksums compared in one numpy pass at the end."""
     out, offset, size = [], 0, file.size
@@ -709,23 +694,23 @@ def _checked_headers(file: _ShardFile) -> list[_Plain] | None:
         offset = data + -(-member_size // 512) * 512
         if name.endswith("/") or (member_size and size < offset):
             return None
-        out.append(_Plain(name, member_size, data))
+        out.append((name, member_size, data))
     return out if _checksums_match(blocks, checksums) else None
 
 
-def _refusal(info: tarfile.TarInfo, member: str, caps: MemberCaps) -> tuple[str, str] | None:
+def _refusal(name: str, size: int, sparse: bool, member: str, caps: MemberCaps) -> tuple[str, str] | None:
     """(reason, detail) for a member refused before reading: sparse (never expanded) or over its cap."""
-    if info.issparse():
-        return "sparse_member", f"member {info.name}: sparse tar member declaring {info.size:,} bytes (not expanded)"
-    detail = caps.refusal(member, info.size)
+    if sparse:
+        return "sparse_member", f"member {name}: sparse tar member declaring {size:,} bytes (not expanded)"
+    detail = caps.refusal(member, size)
     return ("member_too_large", detail) if detail else None
 
 
 def _walk(headers, path: str, base: str, caps: MemberCaps, file: _ShardFile | None,
           tar: tarfile.TarFile | None) -> Iterator[Sample | Problem]:
-    """The samples of a tar's headers (a TarFile, or `_plain_headers`): members in file order, grouped by
-    key. With `file` (a local shard) members are indexed (offset, size) and read later through `Members`;
-    without, they are read now from the streaming `tar`."""
+    """The samples of a tar's headers (a TarFile's TarInfos, or `_plain_headers`' tuples): members in file
+    order, grouped by key. With `file` (a local shard) members are indexed (offset, size) and read later through
+    `Members`; without, they are read now from the streaming `tar`."""
     seen_keys: set[str] = set()
     floor = min(caps.image, caps.json, caps.text, caps.tensors, caps.other)   # within every cap: not refused
     key: str | None = None
@@ -743,30 +728,32 @@ def _walk(headers, path: str, base: str, caps: MemberCaps, file: _ShardFile | No
             return Problem(key, input_id, *(refused or ("duplicate_member", duplicate)))
         return Sample(key, entries if file is None else Members(file, entries), path)
 
-    plain = tar is None   # `_plain_headers`: regular files, data located (no TarInfo methods to ask)
+    plain = tar is None   # `_plain_headers`: (name, size, data offset) of regular files
     try:
         for info in headers:
-            split = _split_name(info.name)
+            name, size = (info[0], info[1]) if plain else (info.name, info.size)
+            split = _split_name(name)
             if split is None:
-                yield Problem("", f"{base}:{info.name}", "unsafe_member_name", info.name)
+                yield Problem("", f"{base}:{name}", "unsafe_member_name", name)
                 continue
             if not plain and info.isdir():
                 continue
             k, member = split
             if not plain and not info.isfile():
-                yield Problem(k, f"{base}:{info.name}", "not_a_regular_file", f"tar type {info.type!r}")
+                yield Problem(k, f"{base}:{name}", "not_a_regular_file", f"tar type {info.type!r}")
                 continue
             if k != key:
                 if key is not None:
                     yield finish()
                 key, entries, refused, duplicate = k, {}, None, None
-            why = _refusal(info, member, caps) if info.size > floor or (not plain and info.issparse()) else None
+            sparse = not plain and info.issparse()
+            why = _refusal(name, size, sparse, member, caps) if size > floor or sparse else None
             if why:
                 refused = refused or why
                 continue
-            value = (info.offset_data, info.size) if plain else _member(tar, info) if file is None else _located(info)
+            value = (info[2], size) if plain else _member(tar, info) if file is None else _located(info)
             if member in entries:
-                duplicate = f"member {info.name} appears twice"
+                duplicate = f"member {name} appears twice"
                 continue
             entries[member] = value
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:

@@ -288,10 +288,10 @@ def test_quick_header_pass_takes_plain_shards_only(tmp_path):
     def quick(data):
         return _plain_headers(_ShardFile(_write(tmp_path, "000000.tar", data)))
 
-    assert [h.name for h in quick(BASES["plain"])] == ["a.jpg", "a.txt", "a.json", "b.jpg", "b.txt",
+    assert [h[0] for h in quick(BASES["plain"])] == ["a.jpg", "a.txt", "a.json", "b.jpg", "b.txt",
                                                       "c.latent.safetensors", "c.txt"]
     assert quick(BASES["ustar"]) is not None
-    assert [h.name for h in quick(BASES["plain"][:2560])] == ["a.jpg", "a.txt"]  # cut at a header: as tarfile
+    assert [h[0] for h in quick(BASES["plain"][:2560])] == ["a.jpg", "a.txt"]  # cut at a header: as tarfile
     for case in ("pax", "gnu_long"):
         assert quick(BASES[case]) is None, case
     for case in ("links_devices", "empty", "not_a_tar", "zeros", "truncated_at_boundary", "truncated_in_data"):
