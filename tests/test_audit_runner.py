@@ -147,7 +147,7 @@ def test_partial_state_roundtrip_without_pickle():
     g = stats.scan_group(["a red car", "", "very very very good"], stats.AuditParams(), clip=clip)
     data = stats.to_bytes({'["*", "s", "v"]': g}, {"dataset": "d"})
     from safetensors.numpy import load
-    assert set(load(data)) == {f"g0_{n}" for n in ("uniq1", "uniq2", "uniq3", "dups", "bands")}  # plain tensors
+    assert set(load(data)) == {"meta", *(f"g0_{n}" for n in ("uniq1", "uniq2", "uniq3", "dups", "bands"))}
     back, extra = stats.from_bytes(data)
     h = back['["*", "s", "v"]']
     assert extra == {"dataset": "d"} and h.words == Counter({3: 1, 4: 1}) and h.loops == 1

@@ -2,7 +2,7 @@
 
 `scan_group(texts, ...)` turns one shard's captions of one group into a `GroupState`; `GroupAcc.add`
 merges the shards' states of one group; `GroupAcc.figures()` computes every figure. A state travels between
-processes as a safetensors blob (`to_bytes` / `from_bytes`): numpy arrays plus JSON in its metadata, never pickle.
+processes as a safetensors blob (`to_bytes` / `from_bytes`): numpy arrays plus a JSON tensor, never pickle.
 
 Definitions (the README's audit section repeats them; tests check each on hand-computed caption sets):
 - words: `\\w+(?:['’-]\\w+)*` on the lower-cased caption ("state-of-the-art", "don't" are one word each).
@@ -465,7 +465,7 @@ class GroupState:
 
 def to_bytes(groups: dict[str, GroupState], extra: dict[str, Any]) -> bytes:
     """One shard's partial state, {group id: GroupState} plus JSON `extra`, as a safetensors blob: the hash
-    arrays as tensors, the rest as JSON in its metadata."""
+    arrays as tensors, the rest as UTF-8 JSON in the uint8 tensor `meta`."""
     from safetensors.numpy import save
 
     arrays: dict[str, np.ndarray] = {}
@@ -474,7 +474,8 @@ def to_bytes(groups: dict[str, GroupState], extra: dict[str, Any]) -> bytes:
         meta["groups"][gid] = {"slot": i, "state": g.meta()}
         for name, arr in g.arrays.items():
             arrays[f"g{i}_{name}"] = np.ascontiguousarray(arr)
-    return save(arrays, metadata={"prx_audit": json.dumps(meta)})
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    return save(arrays)
 
 
 def from_bytes(data: bytes) -> tuple[dict[str, GroupState], dict[str, Any]]:
@@ -482,8 +483,7 @@ def from_bytes(data: bytes) -> tuple[dict[str, GroupState], dict[str, Any]]:
     from safetensors.numpy import load
 
     arrays = load(data)
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-    meta = json.loads(header["__metadata__"]["prx_audit"])
+    meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
     out = {}
     for gid, g in meta["groups"].items():
         prefix = f"g{g['slot']}_"

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -329,6 +330,13 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     limit, token_note = _token_limit(cfg)
     params = params_of(cfg, limit)
+    labels = stage.labels()
+    # The driver's slow preparation runs beside the cluster's start (which mostly waits on its processes):
+    # the LSH bands (datasketch imports scipy.integrate: ~0.8 s) and the ledger funnel (every ledger read).
+    helper = ThreadPoolExecutor(1, thread_name_prefix="audit-prepare")
+    lsh = helper.submit(params.bands)
+    funnels = helper.submit(lambda: {lab: funnel(d) for d, lab in zip(cfg.dirs, labels)})
+    helper.shutdown(wait=False)
     tasks = stage.plan()
     by = stage.by()
     tmp = None
@@ -345,7 +353,6 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         part_dir = tmp
     for t in tasks:
         t.extra["token_limit"] = limit
-        t.extra["lsh"] = list(params.bands())
         if part_dir:
             t.extra["partial"] = fs.join(part_dir, f"{t.index:06d}.safetensors")
     todo = [t for t in tasks if not (cfg.out and fs.exists(t.extra["partial"]))]
@@ -384,6 +391,8 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
                 t_start = time.perf_counter()
                 executor = make_executor(cfg, uses_model=False)
                 timing["executor_start"] = time.perf_counter() - t_start
+                for t in todo:
+                    t.extra["lsh"] = list(lsh.result())
                 batch = max(1, min(8, len(todo) // 64))   # shards per Dask task: 500 shards -> 63 tasks
                 for res in executor.map(run_audit_scan, stage, todo, batch=batch):
                     merge(res.data if res.data is not None else fs.read_bytes(res.path))
@@ -424,7 +433,6 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         groups.append({"name": "/".join(v for v in (dataset, source, variant) if v != ALL) or "all",
                        "dataset": dataset, "source": source, "variant": variant, "figures": figures})
 
-    labels = stage.labels()
     provenance = stage.provenance()
     report = {
         "prx_audit": 1,
@@ -438,7 +446,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         "language_detector": provenance.get("language_detector") if detector else None,
         "captions": sum(g["figures"]["count"] for g in groups),
         "groups": groups,
-        "funnel": {lab: funnel(d) for d, lab in zip(cfg.dirs, labels)},
+        "funnel": funnels.result(),
         "unavailable": sorted({f"{k}: {v['unavailable']}" for g in groups for k, v in g["figures"].items()
                                if isinstance(v, dict) and "unavailable" in v}),
         "shards_resumed": len(done),
