@@ -9,7 +9,9 @@ Reader: never decodes anything by itself. webdataset's automatic decoders are de
 they unpickle `.pyd`/`.pickle` members and `torch.load` `.pth` ones. `tarfile` walks the headers (every
 check it makes: checksums, pax and GNU long names, truncation); a plain local shard is walked in one
 pass over its 512-byte headers, seeking over the data, and a sample's members are read from the file
-only when asked (`Members`); other shards (s3://..., compressed) stream through `tarfile`. Every member
+only when asked (`Members`); a local shard up to WHOLE_SHARD (16 MiB: text, json and small images) is
+read whole once instead, and its headers and members are sliced from memory. Other shards (s3://...,
+compressed) stream through `tarfile`. Every member
 is size-checked against its kind's cap (`MemberCaps`) before it is read, sparse members are refused,
 and hostile structure (path-like names, duplicates, links, truncation) becomes a `Problem` with a
 ledger reason; reading goes on where it can. docs/reader.md has the checks, caps and reason codes.
@@ -199,7 +201,7 @@ MIB = 1 << 20
 @dataclass(frozen=True)
 class MemberCaps:
     """The largest member of each kind the reader accepts; a sample with a bigger one becomes one
-    `member_too_large` Problem and that member is never read. Kinds go by the member's last extension:
+    `member_too_large` Problem and that member is never read (nor handed out, in a shard read whole). Kinds go by the member's last extension:
     image (`jpg`, `png`, ... IMAGE_EXTS), json, text (`txt`, `caption_long.txt`), tensors (`safetensors`),
     other (anything else: copied byte for byte by the stages)."""
 
@@ -319,7 +321,8 @@ class _HeaderReader:
 
 class Members(Mapping):
     """A sample's members, name -> bytes, read from the shard when asked (each access reads again; nothing
-    is cached, so members a consumer never touches are never read). Pickles as a plain dict."""
+    is cached, so members a consumer never touches are never read, unless the shard is small enough to be
+    read whole). Pickles as a plain dict."""
 
     __slots__ = ("_file", "_index")
 

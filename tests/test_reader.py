@@ -23,7 +23,7 @@ from pipeline.cli import main as prx_data
 from pipeline.config import CommonConfig, ConfigError, build_config
 from pipeline.shards import (BadMember, MemberCaps, Members, Problem, Sample, ShardWriter, _plain_headers,
                              _ShardFile, load_safetensors, read_shard)
-from pipeline.stage import MapStage, Task
+from pipeline.stage import MapStage
 
 HUGE = 1 << 62
 UNCAPPED = MemberCaps(HUGE, HUGE, HUGE, HUGE, HUGE)

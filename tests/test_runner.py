@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import filecmp
-import io
 import json
 import os
 import signal
@@ -12,14 +11,13 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
-import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
 from pipeline import ledger
 from pipeline.cli import main as prx_data
 from pipeline.shards import list_shards, read_shard
-from pipeline.stage import StageError, Task
+from pipeline.stage import Task
 
 
 def _generated_images(folder, n: int, seed: int = 0):

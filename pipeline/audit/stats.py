@@ -52,21 +52,19 @@ REFUSAL_PATTERNS = [
     r"\bno image (?:was|is|has been) (?:provided|attached|uploaded|shared)",
     r"\bunable to (?:view|see|process|describe|open) (?:the|this|an|any) image",
 ]
+# every pattern starts with a word starting i, a, n or u: the lookahead lets the regex skip other positions
+REFUSAL_RE = re.compile("(?=[iaun])(?:" + "|".join(f"(?:{p})" for p in REFUSAL_PATTERNS) + ")")
+CLIP_SCALE = 10_000          # CLIP scores are kept as integer counts at 1e-4 resolution
+HLL_P = 14                   # HyperLogLog precision: 2^14 registers, standard error 1.04/sqrt(2^14) = 0.81%
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MERSENNE = np.uint64((1 << 61) - 1)
+
+
 def may_refuse(lowered: str) -> bool:
     """False when no REFUSAL_PATTERNS can match the lower-cased caption (’ as '): every match holds one of
     these (a test checks each pattern); six substring searches instead of the regex for almost every caption."""
     return "i " in lowered or "i'" in lowered or "m sorry" in lowered or "as a" in lowered \
         or "no image" in lowered or "unable to" in lowered
-
-
-# every pattern starts with a word starting i, a, n or u: the lookahead lets the regex skip other positions
-REFUSAL_RE = re.compile("(?=[iaun])(?:" + "|".join(f"(?:{p})" for p in REFUSAL_PATTERNS) + ")")
-CLIP_SCALE = 10_000          # CLIP scores are kept as integer counts at 1e-4 resolution
-HLL_P = 14                   # HyperLogLog precision: 2^14 registers, standard error 1.04/sqrt(2^14) = 0.81%
-MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MERSENNE = np.uint64((1 << 61) - 1)
-_MAX32 = np.uint64((1 << 32) - 1)
 
 
 @dataclass

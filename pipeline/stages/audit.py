@@ -1,8 +1,8 @@
 """`prx-data audit DIR [DIR ...]`: caption statistics per dataset, source and caption variant.
 
 Map -> reduce over shards with the runner's executors: each shard becomes one partial state (a
-`.safetensors` blob: numpy arrays + JSON, no pickle) per group; the driver merges them one at a time, then writes the terminal
-table, `--json`, `--html`, and applies `--fail-on`. With `--out DIR` the partial states are kept in
+`.safetensors` blob: numpy arrays + JSON, no pickle) per group; the driver merges them one at a time, then
+writes the terminal table, `--json`, `--html`, and applies `--fail-on`. With `--out DIR` the partial states are kept in
 `DIR/_map/` (a rerun with the same config resumes) and `audit.json` / `audit.html` go there by default.
 Exit status: 0, 1 when a `--fail-on` rule fails, 2 on an error.
 """
@@ -391,9 +391,10 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
                 t_start = time.perf_counter()
                 executor = make_executor(cfg, uses_model=False)
                 timing["executor_start"] = time.perf_counter() - t_start
+                bands = list(lsh.result())
                 for t in todo:
-                    t.extra["lsh"] = list(lsh.result())
-                batch = max(1, min(8, len(todo) // 64))   # shards per Dask task: 500 shards -> 63 tasks
+                    t.extra["lsh"] = bands
+                batch = max(1, min(8, len(todo) // 64))   # shards per Dask task: 500 shards -> 72 tasks of 7
                 for res in executor.map(run_audit_scan, stage, todo, batch=batch):
                     merge(res.data if res.data is not None else fs.read_bytes(res.path))
                     bar.update(1)
