@@ -2,8 +2,9 @@
 can only express as dozens of whole-array passes): MinHash signatures with their LSH band keys, and distinct
 words per caption. Each equals the numpy/datasketch definition in `stats` (tests/test_audit_runner.py).
 
-Compiled once per machine (`cache=True`: numba keeps the machine code beside this file, or in NUMBA_CACHE_DIR),
-then loaded by each process on its first call (~0.5 s, stated apart by the audit as `kernel_load`).
+Compiled once per machine (~5 s; `cache=True`: numba keeps the machine code beside this file, or in
+NUMBA_CACHE_DIR), then loaded by each process on its first call (~0.8 s with numba's import, stated apart by the
+audit as `kernel_load`).
 All arithmetic is on uint64 and wraps modulo 2^64, as numpy's does: every constant is a np.uint64 (numba
 would turn uint64 mixed with a Python int into float64).
 """
