@@ -105,11 +105,8 @@ def _fasttext_predict() -> Callable[[str, int, float, str], list]:
     """The loaded model's own predict (fastText's C++ through pybind: one line ending in a newline, k, threshold,
     unicode errors -> [(probability, label)]), which `LangDetector.detect` calls after its per-call wrapping
     (preprocessing this module does itself, dicts, a sort): the same prediction for less than half the cost."""
-    if not _PREDICT:
-        def build():
-            return _built("fasttext", _build_fasttext)._get_model(low_memory=True).f.predict  # model="lite"
-
-        _PREDICT.append(_built("fasttext-predict", build))
+    if not _PREDICT:  # model="lite": lid.176.ftz; two threads racing here append the same predict
+        _PREDICT.append(_built("fasttext", _build_fasttext)._get_model(low_memory=True).f.predict)
     return _PREDICT[0]
 
 
