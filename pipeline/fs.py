@@ -15,9 +15,14 @@ def get_fs(path: str):
     return url_to_fs(str(path))
 
 
+def local_path(path: str) -> str | None:
+    """The path on this machine's disk (file:// URLs included), or None for a remote URL."""
+    fs, inner = get_fs(path)
+    return inner if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) else None
+
+
 def is_local(path: str) -> bool:
-    fs, _ = get_fs(path)
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return local_path(path) is not None
 
 
 def join(base: str, *parts: str) -> str:

@@ -257,7 +257,8 @@ class _ShardFile:
 
     def read_whole(self) -> None:
         """Hold a shard of at most WHOLE_SHARD bytes in memory: its headers and members are then sliced from
-        one read instead of a pread each (text-only shards: ~3 MB for 1000 samples)."""
+        one read instead of a pread each (text-only shards: ~3 MB for 1000 samples). `read_shard` lets go of
+        it when its walk ends: samples still held then read their members by pread."""
         if self.size <= WHOLE_SHARD:
             data = os.pread(self.fd, self.size, 0)
             self.data = data if len(data) == self.size else None
@@ -517,10 +518,8 @@ def _compressed(head: bytes) -> bool:
 
 def _indexable(path: str) -> _ShardFile | None:
     """The opened shard when it is a plain local uncompressed file (read by offsets), else None (stream)."""
-    if not fs.is_local(path):
-        return None
-    local = fs.get_fs(path)[1]
-    if not os.path.isfile(local):
+    local = fs.local_path(path)
+    if local is None or not os.path.isfile(local):
         return None
     file = _ShardFile(local)
     if not stat.S_ISREG(os.fstat(file.fd).st_mode) or _compressed(os.pread(file.fd, 10, 0)):
@@ -540,10 +539,10 @@ def read_shard(path: str, caps: MemberCaps | None = None) -> Iterator[Sample | P
     except Exception as exc:  # noqa: BLE001
         yield Problem("", base, "read_error", f"{type(exc).__name__}: {exc}")
         return
-    if plain is not None:
-        yield from _walk(plain, str(path), base, caps, file, None)
-        return
     try:
+        if plain is not None:
+            yield from _walk(plain, str(path), base, caps, file, None)
+            return
         try:
             tar = tarfile.open(fileobj=fh, mode="r|*" if file is None else "r:")
         except (tarfile.TarError, EOFError, OSError) as exc:
@@ -553,6 +552,8 @@ def read_shard(path: str, caps: MemberCaps | None = None) -> Iterator[Sample | P
     finally:
         if file is None:
             fh.close()
+        else:  # samples kept after the reader moved on (a shuffle buffer) read by pread, not pinning the shard
+            file.data = None
 
 
 _Header = tuple  # (name, size, offset of its data): a plain regular-file header, as `_plain_headers` returns it
@@ -604,7 +605,6 @@ _ZERO_BLOCK = bytes(512)
 _USUAL_NUL = np.array([107, 115, 123, 135, 147, 154])
 _USUAL_DIGIT = np.setdiff1d(np.arange(100, 155), _USUAL_NUL)
 _OCTAL_WEIGHTS = 8 ** np.arange(5, -1, -1, dtype=np.int64)    # the checksum's 6 digits
-_SIZE_WEIGHTS = 8 ** np.arange(10, -1, -1, dtype=np.int64)     # the size's 11 digits
 
 
 def _header_block(file: _ShardFile, offset: int) -> bytes:
@@ -613,48 +613,49 @@ def _header_block(file: _ShardFile, offset: int) -> bytes:
 
 def _usual_headers(file: _ShardFile) -> list[_Header] | None:
     """`_checked_headers` for a shard read whole whose headers all match `_USUAL_FIELDS` and
-    `_USUAL_DEVICES`: every 512-byte block's size field is parsed at once in numpy, the headers are
-    followed from the first by those sizes (one list step each), then every check is made for all of them at
-    once (fields, type, devices, checksums, names). None when any header is not in that format or fails a
-    check: `_checked_headers` then decides, header by header, exactly as before."""
+    `_USUAL_DEVICES`: the headers are followed from the first by their size fields (one `int` each, no
+    check yet), then every check is made for all of them at once in numpy (fields, type, devices, checksums,
+    names). None when any header is not in that format or fails a check: `_checked_headers` then decides,
+    header by header, exactly as before. (A size field `int` reads but the format does not allow fails the
+    field check: it is in a followed header.)"""
     data, size = file.data, file.size
     if data is None or size < 512:
         return None
-    blocks = np.frombuffer(data, dtype=np.uint8, count=size // 512 * 512).reshape(-1, 512)
-    sizes = np.maximum((blocks[:, 124:135].astype(np.int64) - 48) @ _SIZE_WEIGHTS, 0)  # valid where usual
-    step = (1 + (sizes + 511) // 512).tolist()
-    first, sizes_ = blocks[:, 0].tolist(), sizes.tolist()
-    chain, i, n = [], 0, len(first)
-    while i < n:   # a whole header left (tarfile ends quietly on a short one after the first)
-        if not first[i]:
-            if i and data[i * 512:i * 512 + 512] == _ZERO_BLOCK:  # a zero block ends the archive
+    chain, sizes, offset = [], [], 0
+    while size - offset >= 512:   # a whole header left (tarfile ends quietly on a short one after the first)
+        if not data[offset]:
+            if offset and data[offset:offset + 512] == _ZERO_BLOCK:  # a zero block ends the archive
                 break
             return None
-        chain.append(i)
-        i += step[i]
-        if sizes_[chain[-1]] and i * 512 > size:  # the member runs past the end
+        try:
+            member = int(data[offset + 124:offset + 135], 8)
+        except ValueError:
+            return None
+        chain.append(offset // 512)
+        sizes.append(member)
+        offset += 512 + -(-member // 512) * 512
+        if member and offset > size:  # the member runs past the end
             return None
     if not chain:
         return None
-    h = blocks[chain]
+    h = np.frombuffer(data, dtype=np.uint8, count=size // 512 * 512).reshape(-1, 512)[chain]
     names = _usual_names(h)
     if names is None or not _usual_fields(h):
         return None
-    return list(zip(names, [sizes_[c] for c in chain], [c * 512 + 512 for c in chain]))
+    return list(zip(names, sizes, [c * 512 + 512 for c in chain]))
 
 
 def _usual_fields(h: np.ndarray) -> bool:
     """Every header (rows of `h`) in the usual format, a regular file, with a matching checksum."""
-    digits = h[:, _USUAL_DIGIT]
-    if not (((digits >= 48) & (digits <= 55)).all() and (h[:, _USUAL_NUL] == 0).all() and (h[:, 155] == 32).all()):
+    digits = h[:, _USUAL_DIGIT] - 48   # uint8: anything below "0" wraps above 7
+    if not ((digits <= 7).all() and not h[:, _USUAL_NUL].any() and (h[:, 155] == 32).all()):
         return False
     devices = h[:, 329:345].reshape(-1, 2, 8)
-    dev_digits = devices[:, :, :7]
-    dev_ok = ((devices == 0).all(axis=2)
-              | (((dev_digits >= 48) & (dev_digits <= 55)).all(axis=2) & (devices[:, :, 7] == 0)))
-    if not (dev_ok.all() and np.isin(h[:, 156], (48, 0)).all() and (h[:, 345] == 0).all()):
+    dev_ok = ~devices.any(axis=2) | (((devices[:, :, :7] - 48) <= 7).all(axis=2) & (devices[:, :, 7] == 0))
+    kind = h[:, 156]
+    if not (dev_ok.all() and ((kind == 48) | (kind == 0)).all() and not h[:, 345].any()):
         return False
-    stored = (h[:, 148:154].astype(np.int64) - 48) @ _OCTAL_WEIGHTS
+    stored = digits[:, -6:].astype(np.int64) @ _OCTAL_WEIGHTS   # the checksum's digits, 148-153
     sums = h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 256
     return bool(np.array_equal(sums, stored))
 

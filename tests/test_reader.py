@@ -538,14 +538,18 @@ def test_members_mapping_behaves_like_a_dict(tmp_path):
 
 
 def test_samples_outlive_the_reader_and_close_the_file(tmp_path):
+    """Samples held after their reader ended (the trainer's shuffle buffer) read their members by pread: they
+    keep the file open, not the whole-shard copy (2,048 buffered samples would otherwise pin ~700 shards)."""
     path = _encoded_like(tmp_path)
     fds = lambda: sum(os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(path)  # noqa: E731
                       for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
     gen = read_shard(path)
     window = [next(gen) for _ in range(3)]  # a shuffle buffer holding samples...
+    assert window[0].members._file.data is not None   # a small shard: read whole while it is walked
     gen.close()                              # ...after the reader moved on and was dropped
     del gen
     gc.collect()
+    assert window[0].members._file.data is None       # the buffered samples do not pin that copy
     assert [s.tensors("latent.safetensors")["mean"][0, 0, 0].item() for s in window] == [0.0, 1.0, 2.0]
     assert fds() == 1
     del window
