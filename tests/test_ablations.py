@@ -19,6 +19,9 @@ from trainer.config import TrainConfig, load_config
 from trainer.model import Denoiser, build_model
 
 TINY = dict(route_start=0, route_end=1, repa_block=0)  # the tiny preset has 2 blocks
+# The test shards hold 9 samples: a 2,048-sample shuffle buffer would hold each ~230 times, and every loader worker
+# reads them all (~900 shard opens) before the first batch. Nothing here depends on the buffer's size.
+BUFFER = 16
 OVERLAYS = sorted(os.path.basename(p)[:-5] for p in glob.glob("manifests/ablations/*.yaml"))
 
 
@@ -44,7 +47,7 @@ def data(tmp_path_factory, tiny_model):
 def cfg_for(data, tmp_path, **kw) -> TrainConfig:
     base = dict(shards=[data["rich"]], model="tiny", steps=3, batch_size=2, lr=1e-3, warmup_steps=0,
                 out=str(tmp_path / "run"), log_every=1, checkpoint_every=1000, tensorboard=False, device="cpu",
-                vae=data["vae"], text_encoder=data["te"], **TINY)
+                vae=data["vae"], text_encoder=data["te"], shuffle_buffer=BUFFER, **TINY)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -300,7 +303,7 @@ def overlay_cli(name: str, data, out: str, **extra) -> list[str]:
             "--model", "tiny", "--vae", data["vae"], "--text-encoder", data["te"], "--steps", "3",
             "--batch-size", "2", "--warmup-steps", "0", "--out", out, "--log-every", "1", "--no-tensorboard",
             "--device", "cpu", "--route-start", "0", "--route-end", "1", "--repa-block", "0", "--ema-every", "1",
-            "--repa-until-step", "2" if name == "repa-burnin" else "0"]
+            "--repa-until-step", "2" if name == "repa-burnin" else "0", "--shuffle-buffer", str(BUFFER)]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args

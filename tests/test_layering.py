@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +44,7 @@ def _imports(path: Path, known: set[str]) -> set[str]:
     return {m for m in out if m.split(".")[0] in PACKAGES + OUTSIDE}
 
 
+@functools.lru_cache(maxsize=1)   # parsed once for every test here (read only)
 def _graph() -> dict[str, set[str]]:
     mods = _modules()
     known = set(mods)

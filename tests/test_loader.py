@@ -213,7 +213,8 @@ def test_data_error_on_one_rank_stops_both(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "trainer.cli", "--shards", folder, "--model", "tiny", "--steps", "3", "--batch-size", "2",
-           "--device", "cpu", "--no-tensorboard", "--loader-workers", "0", "--out", str(tmp_path / "run")]
+           "--device", "cpu", "--no-tensorboard", "--loader-workers", "0", "--shuffle-buffer", "8",
+           "--out", str(tmp_path / "run")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out

@@ -18,7 +18,8 @@ def _train(shards, out, **kw):
 
     # the shards hold only the alt-text (`original`); the baseline trains on `long` recaptions
     base = dict(shards=[shards], caption={"original": 1.0}, model="tiny", steps=2, batch_size=4, lr=1e-3, warmup_steps=0, out=str(out),
-                log_every=1, checkpoint_every=1000, tensorboard=False, device="cpu")
+                log_every=1, checkpoint_every=1000, tensorboard=False, device="cpu",
+                shuffle_buffer=16)   # 7 photos: a 2,048-sample buffer would read each ~300 times before step 1
     base.update(kw)
     run(TrainConfig(**base))
     return str(out)

@@ -42,7 +42,8 @@ def encoded(tmp_path_factory, tiny_model):
 def cfg_for(encoded, tmp_path, **kw) -> TrainConfig:
     base = dict(shards=[encoded["a"]], model="tiny", steps=4, batch_size=4, lr=1e-3, warmup_steps=0,
                 out=str(tmp_path / "run"), log_every=1, checkpoint_every=1000, tensorboard=False, device="cpu",
-                vae=encoded["vae"], text_encoder=encoded["te"], loader_workers=0)
+                vae=encoded["vae"], text_encoder=encoded["te"], loader_workers=0,
+                shuffle_buffer=16)   # a few photos: a 2,048-sample buffer would read each hundreds of times
     base.update(kw)
     return TrainConfig(**base)
 
