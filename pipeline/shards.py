@@ -264,8 +264,9 @@ class _ShardFile:
             self.data = data if len(data) == self.size else None
 
     def read(self, offset: int, size: int, name: str = "") -> bytes:
-        if self.data is not None:
-            data = self.data[offset:offset + size]
+        whole = self.data   # once: read_shard may let go of it meanwhile (a decode thread reading a sample)
+        if whole is not None:
+            data = whole[offset:offset + size]
         elif size >= 1 << 30:  # one pread returns at most ~2 GiB on Linux: fill a buffer in steps
             return bytes(self.read_into(bytearray(size), offset, name))
         else:
@@ -276,8 +277,9 @@ class _ShardFile:
         return data
 
     def read_into(self, buf: bytearray, offset: int, name: str = "") -> bytearray:
-        if self.data is not None and offset + len(buf) <= len(self.data):
-            buf[:] = memoryview(self.data)[offset:offset + len(buf)]
+        whole = self.data
+        if whole is not None and offset + len(buf) <= len(whole):
+            buf[:] = memoryview(whole)[offset:offset + len(buf)]
             return buf
         view, done = memoryview(buf), 0
         while done < len(buf):
@@ -616,8 +618,8 @@ def _usual_headers(file: _ShardFile) -> list[_Header] | None:
     `_USUAL_DEVICES`: the headers are followed from the first by their size fields (one `int` each, no
     check yet), then every check is made for all of them at once in numpy (fields, type, devices, checksums,
     names). None when any header is not in that format or fails a check: `_checked_headers` then decides,
-    header by header, exactly as before. (A size field `int` reads but the format does not allow fails the
-    field check: it is in a followed header.)"""
+    header by header, exactly as before. (A size field that `int` accepts but the usual format does not, with
+    a space or a sign, fails the field check: its header is one of those followed.)"""
     data, size = file.data, file.size
     if data is None or size < 512:
         return None
