@@ -261,8 +261,8 @@ def _own_stage_json(stage: Stage) -> dict | None:
 def canonical(path: str) -> tuple[str, str]:
     """(protocol, absolute normalised path): links and `..` resolved for local paths, `..` for URLs."""
     path = str(path)
-    if "://" not in path or fs.is_local(path):
-        local = fs.get_fs(path)[1] if "://" in path else path
+    local = path if "://" not in path else fs.local_path(path)
+    if local is not None:
         return "file", os.path.realpath(os.path.expanduser(local))
     fsys, inner = fs.get_fs(path)
     proto = fsys.protocol[0] if isinstance(fsys.protocol, (tuple, list)) else fsys.protocol

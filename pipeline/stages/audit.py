@@ -2,8 +2,9 @@
 
 Map -> reduce over shards with the runner's executors: each shard becomes one partial state (a
 `.safetensors` blob: numpy arrays + JSON, no pickle) per group; the driver merges them one at a time, then
-writes the terminal table, `--json`, `--html`, and applies `--fail-on`. With `--out DIR` the partial states are kept in
-`DIR/_map/` (a rerun with the same config resumes) and `audit.json` / `audit.html` go there by default.
+writes the terminal table, `--json`, `--html`, and applies `--fail-on`. With `--out DIR` the partial states
+are kept in `DIR/_map/` (a rerun with the same config resumes) and `audit.json` / `audit.html` go there by
+default.
 Exit status: 0, 1 when a `--fail-on` rule fails, 2 on an error.
 """
 from __future__ import annotations
