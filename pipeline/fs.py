@@ -16,9 +16,16 @@ def get_fs(path: str):
 
 
 def local_path(path: str) -> str | None:
-    """The path on this machine's disk (file:// URLs included), or None for a remote URL."""
+    """The path on this machine's disk, or None for a remote URL. Every spelling fsspec reads as a local file
+    counts: `file:/x`, `file:///x`, `local://x`, and caches chained over one (`simplecache::file:///x`)."""
     fs, inner = get_fs(path)
-    return inner if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) else None
+    while True:
+        if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+            return inner
+        target = getattr(fs, "fs", None)  # caches (simplecache::, ...) wrap the filesystem they read from
+        if target is None or target is fs:
+            return None
+        fs = target
 
 
 def is_local(path: str) -> bool:

@@ -89,7 +89,7 @@ def write_html(folder: str, path: str, max_images: int = 100) -> int:
                 break
         if len(cards) >= max_images:
             break
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(folder)}</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><meta name="generator" content="prx"><title>{html.escape(folder)}</title>
 <style>body{{font-family:sans-serif;margin:1em}} .grid{{display:flex;flex-wrap:wrap;gap:12px}}
 .card{{width:280px;border:1px solid #ddd;padding:8px;font-size:12px}} .card img{{max-width:256px}}
 .key{{color:#888;font-family:monospace}} .noimg{{height:120px;background:#eee}}</style></head>

@@ -175,6 +175,7 @@ def build_steps(path: str, root: str, run: RunConfig) -> list[Step]:
         step.cfg = build_config(cls, values)
         steps.append(step)
     _check_first_input(steps, path)
+    _check_folders(steps, path)
     _check_audits(steps, path)
     return steps
 
@@ -202,22 +203,45 @@ def _wiring(step: Step, earlier: list[Step], values: dict, run: RunConfig, where
 
 
 def _check_first_input(steps: list[Step], path: str) -> None:
-    """The first stage's input must exist; it may not lie in a stage folder (a redo would delete it) nor
-    hold the run root (an ingest would read its own outputs)."""
+    """The first stage's input must exist (its stage's own checks)."""
     first = steps[0]
     stage = stage_class(first.name)(dataclasses.replace(first.cfg))
     try:
         stage.validate()
     except StageError as exc:
         raise ManifestError(f"{path}: stage 1 ({first.name}): {exc}") from None
-    source = stage.cfg.urls if first.name == "download" else stage.cfg.input
-    if not source or "://" in source or "://" in first.folder:
-        return
-    src, root = os.path.abspath(source), os.path.abspath(os.path.dirname(first.folder))
-    within = lambda a, b: a == b or a.startswith(os.path.join(b, ""))  # noqa: E731
-    if within(root, src) or any(within(src, os.path.abspath(s.folder)) for s in steps):
-        raise ManifestError(f"{path}: stage 1 ({first.name}): its input {source} holds the run root {root} or "
-                            f"lies in one of its stage folders; give the run another --root")
+
+
+def stage_of(step: Step):
+    """The Stage object a step runs (the audit's too)."""
+    if step.name == AUDIT:
+        from pipeline.stages.audit import AuditStage
+
+        return AuditStage(step.cfg)
+    return stage_class(step.name)(step.cfg)
+
+
+def _check_folders(steps: list[Step], path: str) -> None:
+    """No stage writes where a stage of the run reads or another one writes, whatever the spelling (links,
+    `file:` URLs, bind mounts): only the chain itself, a stage folder read by a later stage, is allowed."""
+    from pipeline.runner import canonical, relation
+
+    stages = {s.index: stage_of(s) for s in steps}
+    writes = [(s.index, w) for s in steps for w in stages[s.index].output_folders() + stages[s.index].report_paths()
+              if w]
+    reads = [(s.index, r) for s in steps for r in stages[s.index].read_paths() if r and not str(r).startswith("hf:")]
+    places = {p: canonical(p) for _, p in writes + reads}
+    chain = {s.folder: s.index for s in steps}
+    for n, (wi, w) in enumerate(writes):
+        for ri, r in reads:
+            rel = relation(places[w], places[r])
+            if rel and not (rel == "the same as" and chain.get(w) == wi and ri > wi):
+                raise ManifestError(f"{path}: stage {wi} would write {w}, which is {rel} stage {ri}'s input {r}; "
+                                    "a run never writes where it reads: change that option or the run's --root")
+        for wj, w2 in writes[n + 1:]:
+            rel = relation(places[w], places[w2])
+            if rel:
+                raise ManifestError(f"{path}: stage {wi} would write {w}, which is {rel} stage {wj}'s output {w2}")
 
 
 def _check_audits(steps: list[Step], path: str) -> None:
@@ -412,8 +436,10 @@ def execute(steps: list[Step], todo: list[Step], manifest: str, run: RunConfig) 
                 outcomes.append(Outcome(step, "done", None))
                 continue
             if step.state in ("changed", "stale", "redo"):
-                print(f"== {step.label}: redone ({step.why}); removing {step.folder}", flush=True)
-                fs.remove(step.folder)
+                print(f"== {step.label}: redone ({step.why}); removing what it wrote in {step.folder}", flush=True)
+                from pipeline.runner import discard_run
+
+                discard_run(stage_of(step))
             print(f"== {step.label}: {command_text(stage_argv(step))}", flush=True)
             t0 = time.perf_counter()
             try:
@@ -544,8 +570,10 @@ def run_manifest(manifest: str, run: RunConfig) -> int:
         doc = summarize_run(name, manifest, root, run, steps, [Outcome(s, "done", None) for s in todo], "complete")
         print("nothing to do: every stage is complete\n" + format_run(doc))
         return 0 if all(g["passed"] for g in doc["gates"]) else 1
-    fs.makedirs(root)
-    rc, outcomes = execute(steps, todo, manifest, run)
+    from pipeline.lock import exclusive
+
+    with exclusive(root, f"prx-data run {manifest}"):
+        rc, outcomes = execute(steps, todo, manifest, run)
     status = {0: "complete" if todo[-1] is steps[-1] else f"complete until {todo[-1].label}",
               1: "gate failed" if outcomes and outcomes[-1].step.name == AUDIT else "failed"}.get(rc, "failed")
     doc = summarize_run(name, manifest, root, run, steps, outcomes, status)

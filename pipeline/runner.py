@@ -5,12 +5,14 @@ One output folder holds one run of one stage. Rerunning into it with the same co
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fnmatch
 import hashlib
 import json
 import os
 import posixpath
+import re
 import sys
 import tarfile
 import time
@@ -23,6 +25,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline import fs, ledger
+from pipeline.lock import LOCK_NAME, exclusive
 from pipeline.config import config_hash, to_dict
 from pipeline.shards import ShardWriter, shard_done, shard_name
 from pipeline.stage import GlobalStage, Stage, StageError, Task, read_stage_json
@@ -222,109 +225,252 @@ def _hash_file_bytes(data: bytes) -> str:
 
 
 def prepare_output(stage: Stage, chash: str) -> None:
-    """Apply the one-folder-one-run rule: resume on the same hash (redoing damaged shards), refuse on another
-    unless --overwrite, which removes only what the stage itself wrote. Nothing is touched before the checks:
-    an output that is, holds or sits inside an input is refused."""
+    """Apply the one-folder-one-run rule to every folder the stage writes: resume on the same hash (redoing
+    damaged shards), refuse on another unless --overwrite, which removes only what that folder's `_stage.json`
+    says its run wrote. Nothing is touched before the checks: an output that is, holds or sits inside an input
+    is refused, and so is a folder holding prx-named files that no `_stage.json` accounts for."""
     check_paths(stage)
-    out = stage.cfg.out
-    previous = _own_stage_json(stage)
+    for folder in stage.output_folders():
+        _prepare_folder(stage, folder, chash)
+
+
+def folder_role(stage: Stage, folder: str) -> dict[str, str]:
+    """What `_stage.json` says a folder is beyond the stage: the primary output, or a secondary one (the
+    filter's --write-rejected) and the run it belongs to."""
+    return {} if folder == stage.cfg.out else {"role": "secondary", "primary": str(stage.cfg.out)}
+
+
+def _prepare_folder(stage: Stage, folder: str, chash: str) -> None:
+    previous = _own_stage_json(stage, folder)
     if previous is None:
-        if fs.exists(out) and (fs.glob(fs.join(out, "*.tar")) or fs.exists(fs.join(out, "_stage.json"))):
-            if not stage.cfg.overwrite:
-                raise StageError(f"{out} holds shards but no readable _stage.json; use another --out or --overwrite")
-            remove_own_outputs(stage)
+        strays = _prx_named(folder)
+        if strays:
+            raise StageError(
+                f"{folder} holds {_listing(strays)} named like prx outputs but no _stage.json: prx did not write "
+                "them (or their record is gone), so they are never deleted or written over, --overwrite or not. "
+                "Use another --out, or move them away. Nothing was changed")
         return
-    same = previous.get("stage") == stage.name and previous.get("config_hash") == chash
+    same = (previous.get("stage") == stage.name and previous.get("config_hash") == chash
+            and all(previous.get(k) == v for k, v in folder_role(stage, folder).items()))
     if same:
-        redo_damaged(stage)
+        _check_executor(stage, folder, previous)
+        if folder == stage.cfg.out:
+            redo_damaged(stage)
         return
-    if not stage.cfg.overwrite:
+    if not stage.cfg.overwrite and _holds_results(folder):
         raise StageError(
-            f"{out} holds a run of stage {previous.get('stage')!r} with config hash {previous.get('config_hash')}; "
-            f"this run's hash is {chash}. Use another --out, or --overwrite to replace it.")
-    remove_own_outputs(stage)
+            f"{folder} holds a run of stage {previous.get('stage')!r} with config hash {previous.get('config_hash')}"
+            f"{_role_text(previous)}; this run's hash is {chash}. Use another --out, or --overwrite to replace it")
+    remove_written(stage, folder, previous)
 
 
-def _own_stage_json(stage: Stage) -> dict | None:
-    """The output's _stage.json; an unparsable one is an error unless --overwrite replaces it."""
+def _role_text(doc: dict) -> str:
+    return f" (written beside {doc.get('primary')})" if doc.get("role") == "secondary" else ""
+
+
+def _own_stage_json(stage: Stage, folder: str) -> dict | None:
+    """The folder's _stage.json; an unparsable one is an error unless --overwrite replaces it ({} then)."""
     try:
-        doc = read_stage_json(stage.cfg.out)
+        return read_stage_json(folder)
     except ledger.StageJsonError as exc:
         if stage.cfg.overwrite:
-            return None
-        raise StageError(f"{exc.path} {exc.problem}. It records which run wrote {stage.cfg.out}: use another "
+            return {}
+        raise StageError(f"{exc.path} {exc.problem}. It records which run wrote {folder}: use another "
                          "--out, or --overwrite to replace that folder's outputs") from None
-    return doc
+
+
+def _check_executor(stage: Stage, folder: str, previous: dict) -> None:
+    """A model stage resumes under the executor it started with: local and Dask runs differ in the last
+    float bits (~2e-5 in encode latents), and one folder holds the results of one."""
+    before = previous.get("executor")
+    if stage.uses_model and before and before != stage.cfg.executor and _holds_results(folder):
+        raise StageError(f"{folder} was started with --executor {before}; resume it with --executor {before} "
+                         f"(the executors' floating-point results differ slightly, and one folder holds one "
+                         f"run's), or --overwrite to redo it with --executor {stage.cfg.executor}")
 
 
 # ------------------------------------------------------------------------------------ output safety
-def canonical(path: str) -> tuple[str, str]:
-    """(protocol, absolute normalised path): links and `..` resolved for local paths, `..` for URLs."""
+def canonical(path: str) -> "Place":
+    """Where a path lands. Local paths (every spelling fsspec reads as local: `file:/x`, `file:///x`,
+    `simplecache::file:///x`) by what the filesystem says: the device and inode of the deepest existing
+    folder and of every folder above it, so symbolic links, `..` and bind mounts compare equal; URLs by
+    protocol and normalised path."""
     path = str(path)
-    local = path if "://" not in path else fs.local_path(path)
-    if local is not None:
-        return "file", os.path.realpath(os.path.expanduser(local))
-    fsys, inner = fs.get_fs(path)
-    proto = fsys.protocol[0] if isinstance(fsys.protocol, (tuple, list)) else fsys.protocol
-    return str(proto), posixpath.normpath("/" + inner.strip("/"))
+    local = fs.local_path(os.path.expanduser(path) if path.startswith("~") else path)
+    if local is None:
+        fsys, inner = fs.get_fs(path)
+        proto = fsys.protocol[0] if isinstance(fsys.protocol, (tuple, list)) else fsys.protocol
+        return Place(str(proto), posixpath.normpath("/" + inner.strip("/")))
+    real = os.path.realpath(local)
+    tail: list[str] = []
+    probe = real
+    while not os.path.exists(probe):
+        probe, name = os.path.split(probe)
+        tail.insert(0, name)
+    ids = []
+    while True:
+        st = os.stat(probe)
+        ids.append((st.st_dev, st.st_ino))
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    return Place("file", real, tuple(ids), tuple(tail))
 
 
-def _relation(a: tuple[str, str], b: tuple[str, str]) -> str | None:
-    """How path a stands to path b: 'the same folder as', 'inside', 'around', or None."""
-    if a[0] != b[0]:
+@dataclass(frozen=True)
+class Place:
+    proto: str
+    path: str                               # real path (local) or normalised path (URL)
+    ids: tuple[tuple[int, int], ...] = ()   # local: (device, inode) of the deepest existing folder, then above
+    tail: tuple[str, ...] = ()              # local: the names below it that do not exist yet
+
+
+def _within(a: Place, b: Place) -> str | None:
+    """'the same as' or 'inside' when a is b or lies below it, else None."""
+    if a.proto != b.proto:
         return None
-    if a[1] == b[1]:
-        return "the same as"
-    sep = "/" if a[0] != "file" else os.sep
-    if a[1].startswith(b[1].rstrip(sep) + sep):
-        return "inside"
-    if b[1].startswith(a[1].rstrip(sep) + sep):
-        return "a folder holding"
-    return None
+    if a.proto != "file":
+        if a.path == b.path:
+            return "the same as"
+        return "inside" if a.path.startswith(b.path.rstrip("/") + "/") else None
+    if b.tail:  # b does not exist: only a path through the same missing names lies in it
+        if a.ids[0] != b.ids[0] or a.tail[:len(b.tail)] != b.tail:
+            return None
+        return "the same as" if a.tail == b.tail else "inside"
+    if b.ids[0] not in a.ids:
+        return None
+    return "the same as" if a.ids[0] == b.ids[0] and not a.tail else "inside"
+
+
+def relation(a: Place, b: Place) -> str | None:
+    """How path a stands to path b: 'the same as', 'inside', 'a folder holding', or None."""
+    return _within(a, b) or ("a folder holding" if _within(b, a) else None)
 
 
 def check_paths(stage: Stage) -> None:
-    """Refuse, before touching anything, an output that is, holds or sits inside an input or another output."""
+    """Refuse, before touching anything, an output that is, holds or sits inside an input or another output,
+    and a report path that names a file prx did not write."""
     reads = [p for p in stage.read_paths() if p and not str(p).startswith("hf:")]
-    writes = [p for p in stage.output_folders() if p]
+    writes = [p for p in stage.output_folders() + stage.report_paths() if p]
+    for w in writes:
+        if "::" in str(w):
+            raise StageError(f"output {w}: write to a folder path or a plain URL (s3://..., file:///...), not a "
+                             "chain of filesystems. Nothing was changed")
+    check_no_overlap(writes, reads)
+    for path in stage.report_paths():
+        if path:
+            check_report_path(path)
+
+
+REPORT_MARK = '<meta name="generator" content="prx">'  # in every HTML page prx writes
+
+
+def check_report_path(path: str) -> None:
+    """A report may replace only a report: an existing file there must be a prx HTML page or a prx JSON report
+    (an object with `captions` and `groups`, as the audit writes)."""
+    if not fs.exists(path):
+        return
+    fsys, inner = fs.get_fs(path)
+    if fsys.isdir(inner):
+        raise StageError(f"{path} is a folder; give a file path for the report. Nothing was changed")
+    head = b""
+    if fsys.size(inner) <= 256 << 20:
+        with fs.open_file(path, "rb") as fh:
+            head = fh.read()
+    if REPORT_MARK.encode() in head[:4096] or _is_json_report(head):
+        return
+    raise StageError(f"{path} exists and is not a report prx wrote; it is left as it is. Give another path, or "
+                     "move that file away. Nothing was changed")
+
+
+def _is_json_report(data: bytes) -> bool:
+    if not data.lstrip().startswith(b"{"):
+        return False
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and "captions" in doc and "groups" in doc
+
+
+def check_no_overlap(writes: list[str], reads: list[str], allowed=lambda w, r: False) -> None:
+    """No write path is, holds or sits inside a read path or another write path (`allowed(w, r)` exempts
+    a pair, e.g. a pipeline stage's output that the next stage reads)."""
+    places = {p: canonical(p) for p in [*writes, *reads]}
     for i, w in enumerate(writes):
-        cw = canonical(w)
         for other, role in [(r, "input") for r in reads] + [(o, "output") for o in writes[i + 1:]]:
-            rel = _relation(cw, canonical(other))
-            if rel is not None:
+            rel = relation(places[w], places[other])
+            if rel is not None and not (role == "input" and rel == "the same as" and allowed(w, other)):
                 raise StageError(f"output {w} is {rel} {role} {other}; a run never writes where it reads (and "
                                  "--overwrite would delete it): choose an --out outside every input. "
                                  "Nothing was changed")
 
 
 RUNNER_OWNED = ("[0-9]*.tar", "[0-9]*.parquet", "_stage.json", "_plan.json", "_map", ".*.tmp*")
+SHARD_FILE = re.compile(r"^(\d+)\.(tar|parquet)$")
 
 
-def own_outputs(stage: Stage) -> tuple[list[str], list[str]]:
-    """(entries the stage wrote, entries it did not) among the top-level entries of --out."""
-    out = stage.cfg.out
-    fsys, root = fs.get_fs(out)
+def _entries(folder: str) -> list[str]:
+    fsys, root = fs.get_fs(folder)
     if not fsys.exists(root):
-        return [], []
-    patterns = RUNNER_OWNED + tuple(stage.owned)
+        return []
+    names = (posixpath.basename(str(e).rstrip("/")) for e in fsys.ls(root, detail=False))
+    return sorted(n for n in names if n not in (".", "..", LOCK_NAME))
+
+
+def _prx_named(folder: str) -> list[str]:
+    """Entries named like what the runner writes (shards, ledgers, _stage.json, _plan.json, _map)."""
+    return [n for n in _entries(folder) if any(fnmatch.fnmatchcase(n, p) for p in RUNNER_OWNED[:-1])]
+
+
+def _holds_results(folder: str) -> bool:
+    """Whether a folder holds anything a run produced (a folder holding only the `_stage.json` of a start that
+    failed before any work, and temporaries, holds nothing worth a refusal)."""
+    return any(n != "_stage.json" and not fnmatch.fnmatchcase(n, ".*.tmp*") for n in _entries(folder))
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:20])
+    return f"{len(names)} file(s) ({shown}{f' and {len(names) - 20} more' if len(names) > 20 else ''})"
+
+
+def written_by(stage: Stage, folder: str, doc: dict) -> tuple[list[str], list[str]]:
+    """(entries of the folder that the run recorded in `doc` wrote, entries it did not). A record without a
+    `writes` list (or an unreadable one) is taken to cover every shard file and the stage's own extras."""
+    writes = doc.get("writes") if isinstance(doc.get("writes"), dict) else None
+    shards = set(writes.get("shards", [])) if writes else None
+    extras = tuple(writes.get("extras", [])) if writes else tuple(stage.owned)
     mine, unknown = [], []
-    for entry in sorted(fsys.ls(root, detail=False)):
-        name = posixpath.basename(str(entry).rstrip("/"))
-        if name in (".", ".."):
-            continue
-        ok = any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
-        (mine if ok else unknown).append(fs.join(out, name))
+    for name in _entries(folder):
+        m = SHARD_FILE.match(name)
+        if m:
+            ok = shards is None or int(m.group(1)) in shards
+        else:
+            ok = any(fnmatch.fnmatchcase(name, pat) for pat in RUNNER_OWNED + extras)
+        (mine if ok else unknown).append(fs.join(folder, name))
     return mine, unknown
 
 
-def remove_own_outputs(stage: Stage) -> None:
-    """--overwrite: remove what the stage wrote; refuse a folder that also holds files it did not write."""
-    mine, unknown = own_outputs(stage)
+def discard_run(stage: Stage) -> None:
+    """Remove what a stage's last run wrote in each of its folders (`prx-data run` redoing a stage)."""
+    for folder in stage.output_folders():
+        with exclusive(folder, f"prx-data {stage.name} (removing its outputs)"):
+            try:
+                doc = read_stage_json(folder) or {}
+            except ledger.StageJsonError:
+                doc = {}
+            remove_written(stage, folder, doc)
+
+
+def remove_written(stage: Stage, folder: str, doc: dict) -> None:
+    """--overwrite: remove what the recorded run wrote; refuse a folder that also holds anything else."""
+    mine, unknown = written_by(stage, folder, doc)
     if unknown:
-        shown = ", ".join(posixpath.basename(u) for u in unknown[:20])
-        more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-        raise StageError(f"--overwrite refused: {stage.cfg.out} holds {len(unknown)} file(s) the {stage.name} stage "
-                         f"did not write ({shown}{more}); move them away or use another --out. Nothing was changed")
+        names = [posixpath.basename(u) for u in unknown]
+        raise StageError(f"--overwrite refused: {folder} holds {_listing(names)} the {doc.get('stage') or stage.name} "
+                         "stage did not write (its _stage.json lists what it wrote); move them away or use another "
+                         "--out. Nothing was changed")
     for path in mine:
         fs.remove(path)
 
@@ -420,19 +566,25 @@ def input_hashes(folders: list[str]) -> dict[str, str]:
     return out
 
 
-def write_stage_json(stage: Stage, chash: str, info: dict[str, Any]) -> None:
+def write_stage_json(stage: Stage, chash: str, info: dict[str, Any], folder: str | None = None,
+                     shards: list[int] | None = None) -> None:
+    """The record of a run in each folder it writes: what ran, on what, and which files it writes (--overwrite
+    removes those and nothing else)."""
+    folder = folder or stage.cfg.out
     doc = {
         "stage": stage.name,
+        **folder_role(stage, folder),
         "inputs": stage.input_folders(),
         "input_hashes": input_hashes(stage.input_folders()),
         "config": to_dict(stage.cfg),
         "config_hash": chash,
         "provenance": stage.provenance(),
         "packages": package_versions(),
+        "executor": getattr(stage.cfg, "executor", None),
+        "writes": {"shards": sorted(shards if shards is not None else []), "extras": list(stage.owned)},
         **info,
     }
-    fs.write_bytes_atomic(fs.join(stage.cfg.out, "_stage.json"),
-                          json.dumps(doc, indent=2, default=str).encode("utf-8"))
+    fs.write_bytes_atomic(fs.join(folder, "_stage.json"), json.dumps(doc, indent=2, default=str).encode("utf-8"))
 
 
 def _progress(stage: Stage, total: int, desc: str):
@@ -454,21 +606,48 @@ def _drive(executor, fn, stage: Stage, tasks: list[Task], desc: str, *args) -> l
 
 
 def run_stage(stage: Stage) -> dict[str, Any]:
-    """Run (or resume) one stage into cfg.out and return its summary."""
+    """Run (or resume) one stage into cfg.out and return its summary. Every output folder is locked for the
+    run: a second process on the same --out is refused, naming this one."""
     cfg = stage.cfg
     if not cfg.out:
         raise StageError("--out is required")
     stage.validate()
-    prov = stage.provenance()
-    chash = config_hash(cfg, extra=prov)
-    prepare_output(stage, chash)
-    fs.makedirs(cfg.out)
-    remove_stale_temporaries(cfg.out)
-    started = _now()
+    chash = config_hash(cfg, extra=stage.provenance())
+    check_paths(stage)
+    with contextlib.ExitStack() as locks:
+        for folder in stage.output_folders():
+            locks.enter_context(exclusive(folder, f"prx-data {stage.name} --out {cfg.out}"))
+        prepare_output(stage, chash)
+        for folder in stage.output_folders():
+            remove_stale_temporaries(folder)
+        return _run_locked(stage, chash)
+
+
+def _run_locked(stage: Stage, chash: str) -> dict[str, Any]:
+    cfg = stage.cfg
     previous = read_stage_json(cfg.out) or {}
-    write_stage_json(stage, chash, {"status": "running", "started": previous.get("started", started)})
+    started = previous.get("started", _now())
     tasks = stage.plan()
+    shards = [t.index for t in tasks]
+    for folder in stage.output_folders():
+        write_stage_json(stage, chash, {"status": "running", "started": started}, folder, shards)
     t0 = time.perf_counter()
+    plan_hash, todo = _execute(stage, tasks)
+    summary = summarize(cfg.out, shards)
+    summary["seconds_this_run"] = round(time.perf_counter() - t0, 3)
+    summary["shards_resumed"] = len(tasks) - len(todo)
+    info = {"status": "complete", "started": started, "finished": _now(), "counts": summary}
+    if plan_hash:
+        info["plan_hash"] = plan_hash
+    for folder in stage.output_folders():
+        write_stage_json(stage, chash, info, folder, shards)
+    return summary
+
+
+def _execute(stage: Stage, tasks: list[Task]) -> tuple[str | None, list[Task]]:
+    """Scan and reduce (global stages), then apply: each phase skips what is already done.
+    Returns (the plan's hash or None, the tasks applied in this run)."""
+    cfg = stage.cfg
     executor = None
 
     def get_executor():
@@ -477,9 +656,8 @@ def run_stage(stage: Stage) -> dict[str, Any]:
             executor = make_executor(cfg, stage.uses_model)
         return executor
 
-    plan_hash = None
+    plan_hash = plan = None
     try:
-        plan = None
         if isinstance(stage, GlobalStage):
             scan_todo = [t for t in tasks
                          if not fs.exists(fs.join(cfg.out, "_map", shard_name(t.index, "parquet")))]
@@ -488,8 +666,7 @@ def run_stage(stage: Stage) -> dict[str, Any]:
             plan_path = fs.join(cfg.out, "_plan.json")
             if not fs.exists(plan_path):
                 partials = [fs.join(cfg.out, "_map", shard_name(t.index, "parquet")) for t in tasks]
-                plan = stage.reduce(partials)
-                fs.write_bytes_atomic(plan_path, json.dumps(plan, sort_keys=True).encode("utf-8"))
+                fs.write_bytes_atomic(plan_path, json.dumps(stage.reduce(partials), sort_keys=True).encode("utf-8"))
             data = fs.read_bytes(plan_path)
             plan, plan_hash = json.loads(data), _hash_file_bytes(data)
         todo = [t for t in tasks if not shard_done(cfg.out, t.index)]
@@ -499,16 +676,7 @@ def run_stage(stage: Stage) -> dict[str, Any]:
     finally:
         if executor is not None:
             executor.close()
-    seconds = time.perf_counter() - t0
-    summary = summarize(cfg.out, [t.index for t in tasks])
-    summary["seconds_this_run"] = round(seconds, 3)
-    summary["shards_resumed"] = len(tasks) - len(todo)
-    info = {"status": "complete", "started": previous.get("started", started), "finished": _now(),
-            "counts": summary}
-    if plan_hash:
-        info["plan_hash"] = plan_hash
-    write_stage_json(stage, chash, info)
-    return summary
+    return plan_hash, todo
 
 
 def tar_member_bytes(path: str) -> tuple[int, dict[str, int]]:

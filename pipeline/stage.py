@@ -91,6 +91,10 @@ class Stage:
         """Every folder this run writes into."""
         return [self.cfg.out] if self.cfg.out else []
 
+    def report_paths(self) -> list[str]:
+        """Single files this run writes outside its folders (the audit's --json, --html)."""
+        return []
+
     def provenance(self) -> dict[str, Any]:
         """Model ids and revisions, prompt hashes...: hashed with the config."""
         return {}

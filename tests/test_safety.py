@@ -103,12 +103,12 @@ def test_out_reaching_the_input_through_a_symlink_or_dotdot_is_refused(raw, tmp_
 
 
 def test_fsspec_urls_are_compared_too(tmp_path, capsys):
-    from pipeline.runner import _relation, canonical
+    from pipeline.runner import relation, canonical
 
-    assert _relation(canonical("memory://bucket/a/b"), canonical("memory://bucket/a/./c/../")) == "inside"
-    assert _relation(canonical("s3://bkt/data"), canonical("s3://bkt/data/")) == "the same as"
-    assert _relation(canonical("s3://bkt/data"), canonical("s3://other/data")) is None
-    assert _relation(canonical(f"file://{tmp_path}/a"), canonical(str(tmp_path))) == "inside"
+    assert relation(canonical("memory://bucket/a/b"), canonical("memory://bucket/a/./c/../")) == "inside"
+    assert relation(canonical("s3://bkt/data"), canonical("s3://bkt/data/")) == "the same as"
+    assert relation(canonical("s3://bkt/data"), canonical("s3://other/data")) is None
+    assert relation(canonical(f"file://{tmp_path}/a"), canonical(str(tmp_path))) == "inside"
 
 
 def test_write_rejected_into_the_input_is_refused(raw, tmp_path, capsys):

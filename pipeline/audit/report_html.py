@@ -187,7 +187,7 @@ figure.plot img{max-width:100%}figcaption{font-size:13px;color:#555}.fail{color:
 
 def render(report: dict) -> str:
     groups = report["groups"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>prx audit</title><style>{CSS}</style>"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta name=\"generator\" content=\"prx\"><title>prx audit</title><style>{CSS}</style>"
              "</head><body><h1>Caption audit</h1>",
              f"<p class='note'>{report['captions']} captions in {len(groups)} group(s), by "
              f"{html.escape(', '.join(report['by']) or 'nothing')}; created {html.escape(report['created'])}; "

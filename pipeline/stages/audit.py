@@ -10,6 +10,7 @@ Exit status: 0, 1 when a `--fail-on` rule fails, 2 on an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,7 @@ from pipeline.audit.funnel import funnel
 from pipeline.audit.stats import (AuditParams, GroupAcc, float_edges, from_bytes, int_edges, load_kernels, remember_bands,
                                   scan_group, to_bytes)
 from pipeline.config import CommonConfig, add_arguments, build_config, config_hash, option
+from pipeline.lock import exclusive
 from pipeline.shards import BadMember, MemberCaps, Problem, list_shards, read_shard, shard_index
 from pipeline.stage import Stage, StageError, Task, kept_counts
 
@@ -169,6 +171,9 @@ class AuditStage(Stage):
 
     def input_folders(self) -> list[str]:
         return list(self.cfg.dirs)
+
+    def report_paths(self) -> list[str]:
+        return [p for p in (self.cfg.json_out, self.cfg.html) if p]
 
     def by(self) -> list[str]:
         by = self.cfg.by if self.cfg.by is not None else (
@@ -514,6 +519,14 @@ def _audit_command(args: argparse.Namespace) -> int:
     if not cfg.dirs:
         raise StageError("give at least one shard folder: prx-data audit DIR [DIR ...]")
     rules = gate_mod.parse_rules(cfg.fail_on)
+    from pipeline.runner import check_paths
+
+    check_paths(AuditStage(cfg))  # no report or --out on an input, no report over a file prx did not write
+    with exclusive(cfg.out, "prx-data audit --out " + cfg.out) if cfg.out else contextlib.nullcontext():
+        return _audit_locked(cfg, rules)
+
+
+def _audit_locked(cfg: AuditConfig, rules: list) -> int:
     report = run_audit(cfg)
     report["gate"] = gate_mod.evaluate(rules, report["groups"]) if rules else []
     print(format_table(report))

@@ -492,12 +492,6 @@ class FilterStage(GlobalStage):
         plan["scores_computed"] = int(sum(len(c) for c in computed))
         plan["scores_reused"] = int(sum(len(s) for s in scores) - plan["scores_computed"])
         plan["decisions"] = digests_out
-        if cfg.write_rejected:
-            fs.makedirs(cfg.write_rejected)
-            doc = {"stage": "filter", "role": "rejected samples of a filter run", "inputs": [cfg.input],
-                   "kept_folder": cfg.out, "config": {k: v for k, v in vars(cfg).items()}}
-            fs.write_bytes_atomic(fs.join(cfg.write_rejected, "_stage.json"),
-                                  json.dumps(doc, indent=2, default=str).encode("utf-8"))
         return plan
 
     # ------------------------------------------------------------------------------ apply
