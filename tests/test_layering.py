@@ -17,7 +17,7 @@ OUTSIDE = ("demo", "testing", "bench", "tests")
 # pipeline/encoders/ (VAE, text encoder, buckets, REPA teacher) is contract too: it decides how latents and
 # embeddings are made, and the sampler and evaluation must make them exactly as encode did.
 CONTRACT = {f"pipeline.{m}" for m in ("config", "fs", "images", "models", "shards", "ledger", "encoded", "errors",
-                                      "encoders", "encoders.vae", "encoders.text", "encoders.buckets",
+                                      "lock", "encoders", "encoders.vae", "encoders.text", "encoders.buckets",
                                       "encoders.repa")}
 OWN_AND_CONTRACT = ("filters", "captioners", "trainer")
 
