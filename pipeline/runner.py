@@ -224,6 +224,7 @@ def _hash_file_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+# ------------------------------------------------------------------------------------ output safety
 def prepare_output(stage: Stage, chash: str) -> None:
     """Apply the one-folder-one-run rule to every folder the stage writes: resume on the same hash (redoing
     damaged shards), refuse on another unless --overwrite, which removes only what that folder's `_stage.json`
@@ -289,7 +290,6 @@ def _check_executor(stage: Stage, folder: str, previous: dict) -> None:
                          f"run's), or --overwrite to redo it with --executor {stage.cfg.executor}")
 
 
-# ------------------------------------------------------------------------------------ output safety
 def canonical(path: str) -> "Place":
     """Where a path lands. Local paths (every spelling fsspec reads as local: `file:/x`, `file:///x`,
     `simplecache::file:///x`) by what the filesystem says: the device and inode of the deepest existing
@@ -547,9 +547,8 @@ def redo_damaged(stage: Stage) -> list[str]:
 
 
 def remove_stale_temporaries(out: str) -> None:
-    """Half-written files of a killed run (their finished shards were never renamed into place).
-
-    One output folder holds one run: two runs writing into the same folder at once are not supported."""
+    """Half-written files of a killed run (their finished shards were never renamed into place). Called
+    under the folder's lock: no other process is writing there."""
     for pattern in (".*.tmp*", "_map/.*.tmp*"):
         for path in fs.glob(fs.join(out, pattern)):
             fs.remove(path)
