@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -19,18 +20,39 @@ from typing import Any
 import yaml
 
 
+MAX_CONFIG_BYTES = 1 << 20   # a YAML config file or manifest
+MAX_YAML_DEPTH = 32          # lists and mappings inside each other
+MAX_YAML_VALUES = 100_000    # values in a YAML file once its aliases (*name) are expanded
+QUOTE_CHARS = 200            # the most of a value an error message quotes
+
+
 class ConfigError(ValueError):
     """A config file or flag that cannot be used; the message says which and why."""
 
 
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring = _QUOTE.maxother = QUOTE_CHARS
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 8
+_QUOTE.maxlevel = 3
+
+
+def quote(value: Any) -> str:
+    """repr(value) for an error message: at most about QUOTE_CHARS characters, however big the value."""
+    text = _QUOTE.repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS - 3] + "..."
+
+
 def option(default: Any = dataclasses.MISSING, *, help: str = "", flag: str | None = None,
-           runtime: bool = False, choices: list | None = None, default_factory: Any = dataclasses.MISSING):
+           runtime: bool = False, choices: list | None = None, default_factory: Any = dataclasses.MISSING,
+           minimum: float | None = None, maximum: float | None = None):
     """A dataclass field with CLI metadata.
 
     runtime=True marks options that change how a run executes but not what it writes
     (executor, workers, ...): they are left out of the config hash so a resume may change them.
+    minimum / maximum bound a number (each item of a list of numbers); None (unset) is always allowed.
     """
-    meta = {"help": help, "flag": flag, "runtime": runtime, "choices": choices}
+    meta = {"help": help, "flag": flag, "runtime": runtime, "choices": choices, "minimum": minimum,
+            "maximum": maximum}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -45,10 +67,11 @@ class CommonConfig:
     executor: str = option("dask", runtime=True, choices=["local", "dask"],
                            help="'dask' (default: a LocalCluster here, or --scheduler) or 'local' (in-process)")
     scheduler: str | None = option(None, runtime=True, help="address of an existing Dask scheduler")
-    workers: int | None = option(None, runtime=True, help="Dask LocalCluster worker processes (default: cores, or GPUs)")
+    workers: int | None = option(None, runtime=True, minimum=1,
+                                 help="Dask LocalCluster worker processes (default: cores, or GPUs)")
     overwrite: bool = option(False, runtime=True, help="replace an output folder written with a different config")
     config: str | None = option(None, runtime=True, help="YAML file with any of these options; flags win")
-    limit: int | None = option(None, help="process only the first N input samples (a dry run)")
+    limit: int | None = option(None, minimum=0, help="process only the first N input samples (a dry run)")
     progress: bool = option(True, runtime=True, help="show a progress bar")
     # per-member size caps of the shard reader (pipeline.shards.MemberCaps; docs/reader.md): a sample with a
     # bigger member is one `member_too_large` ledger row and the member is never read
@@ -62,7 +85,7 @@ class CommonConfig:
         for name in ("image", "json", "text", "tensors", "other"):
             value = getattr(self, f"max_member_bytes_{name}")
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"--max-member-bytes-{name} must be a positive number of bytes, got {value!r}")
+                raise ConfigError(f"--max-member-bytes-{name} must be a positive number of bytes, got {quote(value)}")
 
 
 def _flag_name(f: dataclasses.Field) -> str:
@@ -92,9 +115,43 @@ def _converter(tp: Any):
         return lambda text: [conv(t) for t in _parse_list(text)]
     if origin is dict:
         return _parse_weights
-    if tp in (int, float, str):
-        return tp
+    if tp in (int, float):
+        return _number(tp)
     return str
+
+
+def _number(tp: type):
+    """A flag's int or float, parsed as YAML values are (inf and nan refused)."""
+    def convert(text: str):
+        try:
+            return _scalar(tp, text)
+        except ValueError:
+            what = "a finite number" if tp is float else _expected(tp)
+            raise argparse.ArgumentTypeError(f"expected {what}, got {quote(text)}") from None
+    convert.__name__ = tp.__name__
+    return convert
+
+
+def _bounds_text(f: dataclasses.Field) -> str:
+    lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
+    if lo is not None and hi is not None:
+        return f"{lo} to {hi}"
+    return f"at least {lo}" if lo is not None else (f"at most {hi}" if hi is not None else "")
+
+
+def _out_of_bounds(f: dataclasses.Field, value: Any) -> bool:
+    lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
+    items = value if isinstance(value, (list, tuple)) else [value]
+    numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return any((lo is not None and v < lo) or (hi is not None and v > hi) for v in numbers)
+
+
+def check_bounds(cfg: Any) -> None:
+    """Every number of `cfg` within its option's minimum / maximum; ConfigError `--flag VALUE: must be ...`."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if _out_of_bounds(f, value):
+            raise ConfigError(f"{_flag_name(f)} {quote(value)}: must be {_bounds_text(f)}")
 
 
 def _parse_weights(text: str) -> dict[str, float]:
@@ -122,8 +179,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
             kwargs["metavar"] = f.name.upper().replace("_", "-") if not f.metadata.get("choices") else None
-        if default not in (None, [], {}):
-            help_text = f"{help_text} (default: {default})"
+        notes = [f"default: {default}"] if default not in (None, [], {}) else []
+        notes += [_bounds_text(f)] if _bounds_text(f) else []
+        if notes:
+            help_text = f"{help_text} ({'; '.join(notes)})"
         kwargs["help"] = help_text
         parser.add_argument(_flag_name(f), **{k: v for k, v in kwargs.items() if v is not None})
 
@@ -161,7 +220,15 @@ def _scalar(tp: Any, value: Any) -> Any:
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:
-    """Check one YAML value against the field's type; strings are parsed as on the CLI."""
+    """Check one YAML value against the field's type and bounds; strings are parsed as on the CLI."""
+    value = _typed(cls, name, value)
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if _out_of_bounds(f, value):
+        raise ConfigError(f"option {name!r} must be {_bounds_text(f)}, got {quote(value)}")
+    return value
+
+
+def _typed(cls: type, name: str, value: Any) -> Any:
     tp = _base_type(typing.get_type_hints(cls)[name])
     if value is None:
         return None
@@ -185,12 +252,37 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
         if tp in (int, float, str):
             return _scalar(tp, value)
     except (ValueError, TypeError, argparse.ArgumentTypeError):
-        raise ConfigError(f"option {name!r} must be {_expected(tp)}, got {value!r}") from None
+        raise ConfigError(f"option {name!r} must be {_expected(tp)}, got {quote(value)}") from None
     return value
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml's safe loader (no python tags), refusing a key given twice in one mapping; errors name the key."""
+    """yaml's safe loader (no python tags), refusing a key given twice in one mapping (errors name the key), a
+    document nested deeper than MAX_YAML_DEPTH or holding more than MAX_YAML_VALUES values once its aliases
+    are expanded (each node's expanded size is counted once, so an alias chain is refused before it grows)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values in it, aliases expanded
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"line {line}: lists and mappings nested more than {MAX_YAML_DEPTH} levels deep; "
+                              "a config holds option: value pairs")
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        if not isinstance(event, yaml.AliasEvent):
+            self._sizes[id(node)] = 1 + sum(self._sizes[id(c)] for c in _children(node))
+        elif id(node) not in self._sizes:
+            raise ConfigError(f"line {line}: the alias *{_clip(event.anchor)} is inside what it names")
+        if self._sizes[id(node)] > MAX_YAML_VALUES:
+            raise ConfigError(f"line {line}: more than {MAX_YAML_VALUES:,} values once aliases (*name) are "
+                              "expanded; write the values out")
+        return node
 
     def construct_mapping(self, node, deep=False):
         self.flatten_mapping(node)  # `<<:` merge keys, as the safe loader does
@@ -200,38 +292,53 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if not isinstance(key, (str, int, float, bool)):
-                raise ConfigError(f"line {line}: a key must be a plain name, got {key!r}")
+                raise ConfigError(f"line {line}: a key must be a plain name, got {quote(key)}")
             if key in lines:
-                raise ConfigError(f"key {key!r} is given twice (lines {lines[key]} and {line}); keep one")
+                raise ConfigError(f"key {quote(key)} is given twice (lines {lines[key]} and {line}); keep one")
             try:
                 mapping[key] = self.construct_object(value_node, deep=deep)
             except yaml.constructor.ConstructorError as exc:
-                raise ConfigError(f"option {key!r} (line {line}): {exc.problem}; config files hold plain values "
-                                  "only (strings, numbers, lists, mappings), no python tags") from None
+                raise ConfigError(f"option {quote(key)} (line {line}): {_clip(exc.problem)}; config files hold "
+                                  "plain values only (strings, numbers, lists, mappings), no python tags") from None
             lines[key] = line
         return mapping
 
 
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return node.value if isinstance(node, yaml.SequenceNode) else []
+
+
+def _clip(text: Any) -> str:
+    text = str(text)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS - 3] + "..."
+
+
 def read_yaml(path: str) -> dict:
-    """A YAML mapping; plain values only (python tags refused), each key once. ConfigError names the file."""
+    """A YAML mapping of at most MAX_CONFIG_BYTES; plain values only (python tags refused), each key once, the
+    depth and alias caps of _UniqueKeyLoader. ConfigError names the file."""
     from pipeline import fs
 
     try:
         with fs.open_file(path, "rb") as fh:
-            text = fh.read().decode("utf-8")
-        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"larger than {MAX_CONFIG_BYTES:,} bytes; a config or manifest holds options, "
+                              "not data (list many inputs in a file an option names)")
+        data = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader) or {}
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
     except yaml.constructor.ConstructorError as exc:
         where = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
-        raise ConfigError(f"{path}{where}: {exc.problem}; config files hold plain values only (strings, "
+        raise ConfigError(f"{path}{where}: {_clip(exc.problem)}; config files hold plain values only (strings, "
                           "numbers, lists, mappings), no python tags") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+        raise ConfigError(f"{path}{where}: not valid YAML: {_clip(getattr(exc, 'problem', None) or exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
     return data
@@ -253,7 +360,7 @@ def values_from_mapping(cls: type, data: dict, where: str) -> dict[str, Any]:
         if name == "in":
             name = "input"
         if name not in fields:
-            raise ConfigError(f"{where}: unknown option {key!r}; valid: {', '.join(sorted(by_key))}")
+            raise ConfigError(f"{where}: unknown option {quote(key)}; valid: {', '.join(sorted(by_key))}")
         try:
             values[name] = _coerce(cls, name, value)
         except (ValueError, argparse.ArgumentTypeError) as exc:
@@ -275,9 +382,11 @@ def build_config(cls: type, cli: dict[str, Any] | None = None, file: str | None 
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
     values.update(cli)
     try:
-        return cls(**values)
+        cfg = cls(**values)
     except TypeError as exc:  # a required field without a value
         raise ConfigError(str(exc)) from exc
+    check_bounds(cfg)
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

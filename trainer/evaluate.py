@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError, add_arguments, build_config, option
+from pipeline.config import ConfigError, add_arguments, build_config, check_bounds, option
 from pipeline.errors import StageError
 from trainer import scores
+from trainer.sample import MAX_SEED, MAX_STEPS, check_cfg
 
 METRICS = ("fid", "cmmd", "dino_mmd", "clip_score")
 EXTRACTOR_OF = {"fid": "inception", "cmmd": "clip", "clip_score": "clip", "dino_mmd": "dino"}
@@ -39,11 +40,11 @@ class EvalConfig:
     run: str | None = option(None, help="run folder (prx-train --out)")
     real: str | None = option(None, help="shard folder with images and captions (the reference set)")
     caption: str = option("original", help="caption variant the images are generated at (original = txt)")
-    n: int = option(10000, help="samples: the first n of --real by key")
+    n: int = option(10000, minimum=1, help="samples: the first n of --real by key")
     metrics: list[str] = option(default_factory=lambda: list(METRICS), help="comma-separated: " + ",".join(METRICS))
     cfg: list[float] = option(default_factory=lambda: [3.5], help="guidance scale(s), comma-separated (>= 1)")
-    steps: int = option(50, help="Euler steps")
-    seed: int = option(42, help="sample i starts from noise seeded seed + i")
+    steps: int = option(50, minimum=1, maximum=MAX_STEPS, help="Euler steps")
+    seed: int = option(42, minimum=0, maximum=MAX_SEED, help="sample i starts from noise seeded seed + i")
     checkpoint: str = option("last", help="step number or 'last'")
     weights: str | None = option(None, choices=["ema", "raw"], help="default: ema when the run has it, else raw")
     real_cache: str | None = option(None, runtime=True, help="real-feature cache (default ~/.cache/prx/eval-real)")
@@ -52,7 +53,7 @@ class EvalConfig:
     clip_model: str = option("clip-vit-l-14-336", help="open_clip model for cmmd and clip_score (alias or folder)")
     dino_model: str = option("dinov2", help="DINOv2 model for dino_mmd (alias, hub id or folder)")
     fid_prx: bool = option(False, help="also report fid_prx: FID on uint8-wrapped images, as PRX's published code")
-    batch_size: int = option(16, runtime=True, help="images per sampler batch (x2 with guidance)")
+    batch_size: int = option(16, runtime=True, minimum=1, help="images per sampler batch (x2 with guidance)")
     device: str = option("auto", runtime=True, help="auto (cuda if available), cpu, cuda")
     progress: bool = option(True, runtime=True, help="progress bar with images/s")
     config: str | None = option(None, runtime=True, help="YAML file with any of these options; flags win")
@@ -64,10 +65,11 @@ def check_config(cfg: EvalConfig) -> None:
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown or not cfg.metrics:
         raise StageError(f"--metrics {','.join(cfg.metrics)}: unknown {unknown}; use some of {','.join(METRICS)}")
-    if not cfg.cfg or any(not c >= 1.0 for c in cfg.cfg):
-        raise StageError(f"--cfg {cfg.cfg}: guidance must be >= 1 (1 = no guidance; PRX evaluates at 3.5)")
-    if cfg.n < 1 or cfg.steps < 1 or cfg.batch_size < 1:
-        raise StageError("--n, --steps and --batch-size must be at least 1")
+    if not cfg.cfg:
+        raise StageError("--cfg: give at least one guidance scale (PRX evaluates at 3.5)")
+    for scale in cfg.cfg:
+        check_cfg(scale)
+    check_bounds(cfg)
     if "fid" in cfg.metrics and not cfg.inception_weights:
         raise StageError("fid needs Inception-v3 weights: pass --inception-weights FILE (torch-fidelity's "
                          "weights-inception-2015-12-05-6726825d.pth), or leave fid out of --metrics")
@@ -227,7 +229,7 @@ def score(cfg: EvalConfig, extractors: dict, real_feats: dict, gen: list, captio
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation; returns (and writes) the metrics.json document."""
-    from trainer.sample import Sampler, open_run, pick_device
+    from trainer.sample import Sampler, open_run, pick_device, report_truncated
 
     check_config(cfg)
     info = open_run(cfg.run, None, cfg.weights, cfg.checkpoint)
@@ -243,6 +245,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         real_feats["inception_prx"], cached["inception_prx"] = cached_real_features(
             cache, real_hash, extractors["inception"], images, wrap=True)
     sampler = Sampler(info, device)
+    truncated = sum(report_truncated(sampler, [r.caption for r in real]))
     results = []
     for g in cfg.cfg:
         start = time.perf_counter()
@@ -253,6 +256,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     doc = {"run": os.path.abspath(info.run_dir), "step": info.step, "checkpoint": info.ckpt, "weights": info.weights,
            "n": cfg.n, "seeds": [cfg.seed, cfg.seed + cfg.n - 1], "steps": cfg.steps, "caption": cfg.caption,
            "real": os.path.abspath(cfg.real), "real_set_hash": real_hash, "real_features_cached": cached,
+           "captions_truncated": truncated,
            "shift": sampler.shift, "prediction": sampler.prediction, "results": results,
            "models": {k: v.info() for k, v in extractors.items()},
            "denoiser": {"text_encoder": info.data.get("text_encoder", {}).get("id"),

@@ -6,7 +6,7 @@
 
 - prompts go through the run's text encoder with its cleaning and max length (`pipeline.encoders.text`,
   what `prx-data encode` ran), then are padded / truncated to the run's `text_max_length` with a mask,
-  exactly like the training batches;
+  exactly like the training batches; how many prompts were truncated is printed;
 - the unconditional branch is the shards' stored empty prompt (what caption dropout trained on), or the
   encoded `--negative-prompt`;
 - Euler on PRX's grid t_k = shift(linspace(1, 0, steps + 1)) with the run's `shift`:
@@ -15,7 +15,8 @@
 - image i starts from randn(seed + i) whatever the batch size; latents are decoded by the run's VAE
   (`VAE.decode`: the inverse of the stored scaling/shift).
 Writes DIR/NNNNN.png, DIR/samples.jsonl (prompt, seed, settings per image), DIR/grid.png and the effective
-config DIR/sample_config.yaml.
+config DIR/sample_config.yaml, a batch at a time. Every flag is checked before anything is loaded: sizes
+above --max-side, a --prompts file above MAX_PROMPTS_BYTES and an --out that is a file are refused.
 """
 from __future__ import annotations
 
@@ -30,12 +31,17 @@ from typing import Any
 import torch
 import yaml
 
-from pipeline.config import ConfigError, add_arguments, build_config, option, save_yaml
+from pipeline.config import ConfigError, add_arguments, build_config, check_bounds, option, quote, save_yaml
 from pipeline.errors import StageError
 from trainer.checkpoint import CKPT_RE, ckpt_dir, list_checkpoints
 from trainer.objective import shift_timesteps, velocity_from_x
 
 RAW, EMA = "transformer", "transformer_ema"
+MAX_STEPS = 1000             # Euler steps (prx-sample, prx-eval)
+MAX_SEED = 2**32 - 1         # --seed (image i uses seed + i)
+MAX_PROMPTS_BYTES = 8 << 20  # a --prompts file
+CHARS_PER_TOKEN = 32         # a prompt is cut at this many characters per token of the encoder's max length before
+                             # it is tokenized: no token is that long, so the tokens kept are the same
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -87,7 +93,7 @@ def pick_checkpoint(run: str | None, ckpt: str | None, checkpoint: str = "last")
         step, path = found[-1]
         return run, path, step
     if not str(checkpoint).isdigit():
-        raise StageError(f"--checkpoint {checkpoint}: use a step number or 'last'")
+        raise StageError(f"--checkpoint {quote(checkpoint)}: use a step number or 'last'")
     by_step = dict(found)
     if int(checkpoint) not in by_step:
         raise StageError(f"--checkpoint {checkpoint}: {run} has checkpoints at steps "
@@ -165,10 +171,25 @@ class Sampler:
     def multiple(self) -> int:
         return int(self.vae.info.get("downsample", 8)) * int(self.model.config.patch_size)
 
+    @property
+    def token_limit(self) -> int:
+        """Tokens of a prompt the denoiser sees: the text encoder's max length, then the run's text_max_length."""
+        return min(self.text_encoder.max_length, self.text_max_length)
+
+    def cleaned(self, prompts: list[str]) -> list[str]:
+        """Prompts cut to CHARS_PER_TOKEN x the encoder's max length (a huge one is never tokenized whole), cleaned."""
+        cap = CHARS_PER_TOKEN * self.text_encoder.max_length
+        return [self.text_encoder.clean(p[:cap]) for p in prompts]
+
+    def truncated(self, prompts: list[str]) -> list[bool]:
+        """Whether each prompt is longer than token_limit tokens, so that the denoiser sees only its start."""
+        cap = CHARS_PER_TOKEN * self.text_encoder.max_length
+        counts = self.text_encoder.count_tokens(self.cleaned(prompts))
+        return [len(p) > cap or n > self.token_limit for p, n in zip(prompts, counts)]
+
     def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (B x text_max_length x D float32, B x text_max_length bool), as the trainer batches them."""
-        clean = self.text_encoder.clean
-        return self.pad([e for e in self.text_encoder.encode([clean(p) for p in prompts])])
+        return self.pad(self.text_encoder.encode(self.cleaned(prompts)))
 
     def pad(self, embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         from trainer.data import pad_embedding
@@ -240,12 +261,23 @@ def check_size(height: int, width: int, multiple: int = 16) -> None:
                          f"(VAE downsampling x patch size), e.g. {max(multiple, round(height / multiple) * multiple)}")
 
 
+def check_sides(height: int | None, width: int | None, max_side: int) -> None:
+    """A --height or --width above --max-side is refused (memory grows with height x width x batch size)."""
+    for flag, side in (("--height", height), ("--width", width)):
+        if side is not None and side > max_side:
+            raise StageError(f"{flag} {side}: larger than --max-side {max_side}; pass --max-side {side} to sample "
+                             "that size knowingly (memory grows with height x width x --batch-size)")
+
+
 def check_cfg(cfg: float) -> None:
-    if not cfg >= 1.0:
+    if not 1.0 <= cfg < math.inf:
         raise StageError(f"--cfg {cfg}: guidance must be >= 1 (1 = no guidance; PRX evaluates at 3.5)")
 
 
 # ------------------------------------------------------------------------------------------- outputs
+GRID_IMAGES = 64  # the first images of a run, in grid.png
+
+
 def save_images(out_dir: str, images: torch.Tensor, records: list[dict[str, Any]], start: int = 0) -> list[str]:
     """NNNNN.png per image and one samples.jsonl line each (appending after `start`)."""
     from PIL import Image
@@ -261,7 +293,7 @@ def save_images(out_dir: str, images: torch.Tensor, records: list[dict[str, Any]
     return names
 
 
-def save_grid(path: str, images: torch.Tensor, max_images: int = 64) -> None:
+def save_grid(path: str, images: torch.Tensor, max_images: int = GRID_IMAGES) -> None:
     """The first images side by side (rows of ceil(sqrt(n)), padded to the largest size)."""
     from PIL import Image
 
@@ -287,12 +319,14 @@ class SampleConfig:
     prompt: str | None = option(None, help="one prompt (many: --prompts FILE)")
     prompts: str | None = option(None, help="a text file, one prompt per line")
     negative_prompt: str | None = option(None, help="unconditional branch; default: the stored empty prompt")
-    steps: int = option(50, help="Euler steps")
+    steps: int = option(50, minimum=1, maximum=MAX_STEPS, help="Euler steps")
     cfg: float = option(3.5, help="classifier-free guidance scale (>= 1; 1 = none)")
-    seed: int = option(0, help="image i starts from noise seeded seed + i")
-    height: int | None = option(None, help="pixels (multiple of 16); default: the run's encode resolution")
-    width: int | None = option(None, help="pixels (multiple of 16); default: the run's encode resolution")
-    batch_size: int = option(8, runtime=True, help="prompts per forward (x2 with guidance)")
+    seed: int = option(0, minimum=0, maximum=MAX_SEED, help="image i starts from noise seeded seed + i")
+    height: int | None = option(None, minimum=1, help="pixels (multiple of 16); default: the run's encode resolution")
+    width: int | None = option(None, minimum=1, help="pixels (multiple of 16); default: the run's encode resolution")
+    max_side: int = option(2048, runtime=True, minimum=16, help="largest --height / --width accepted; raise it "
+                           "knowingly (memory grows with height x width x --batch-size)")
+    batch_size: int = option(8, runtime=True, minimum=1, help="prompts per forward (x2 with guidance)")
     out: str | None = option(None, runtime=True, help="output folder")
     device: str = option("auto", runtime=True, help="auto (cuda if available), cpu, cuda")
     config: str | None = option(None, runtime=True, help="YAML file with any of these options; flags win")
@@ -303,8 +337,15 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
     if cfg.prompts:
         if not os.path.isfile(cfg.prompts):
             raise StageError(f"--prompts {cfg.prompts}: no such file (one prompt per line)")
-        with open(cfg.prompts, encoding="utf-8") as fh:
-            prompts += [line.strip() for line in fh if line.strip()]
+        with open(cfg.prompts, "rb") as fh:
+            data = fh.read(MAX_PROMPTS_BYTES + 1)
+        if len(data) > MAX_PROMPTS_BYTES:
+            raise StageError(f"--prompts {cfg.prompts}: larger than {MAX_PROMPTS_BYTES:,} bytes; split it and run "
+                             "prx-sample once per part")
+        try:
+            prompts += [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise StageError(f"--prompts {cfg.prompts}: not UTF-8 text ({exc})") from None
     if not prompts:
         raise StageError("no prompt: pass --prompt TEXT or --prompts FILE")
     return prompts
@@ -314,29 +355,53 @@ def pick_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def run_sample(cfg: SampleConfig) -> dict[str, Any]:
+def check_flags(cfg: SampleConfig) -> None:
+    """What the flags alone tell, before any file is read or model loaded."""
     if not cfg.out:
         raise StageError("--out DIR is required")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise StageError(f"--out {cfg.out} is a file; pass a folder (it gets NNNNN.png, samples.jsonl, grid.png)")
+    check_bounds(cfg)
     check_cfg(cfg.cfg)
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise StageError("--steps and --batch-size must be at least 1")
+    check_sides(cfg.height, cfg.width, cfg.max_side)
+
+
+def report_truncated(sampler: Sampler, prompts: list[str]) -> list[bool]:
+    """Which prompts are longer than the text encoder keeps; prints how many are."""
+    cut = sampler.truncated(prompts)
+    if any(cut):
+        print(f"{sum(cut)} of {len(prompts)} prompts are longer than {sampler.token_limit} tokens (what the run's "
+              f"text encoder keeps): each is truncated to its first {sampler.token_limit}")
+    return cut
+
+
+def run_sample(cfg: SampleConfig) -> dict[str, Any]:
+    check_flags(cfg)
     prompts = read_prompts(cfg)
     info = open_run(cfg.run, cfg.ckpt, cfg.weights, cfg.checkpoint)
     res = info.resolution()
-    height, width = cfg.height or res, cfg.width or res
+    height = res if cfg.height is None else cfg.height
+    width = res if cfg.width is None else cfg.width
     check_size(height, width)
+    check_sides(height, width, cfg.max_side)
     sampler = Sampler(info, pick_device(cfg.device))
     check_size(height, width, sampler.multiple)
-    seeds = [cfg.seed + i for i in range(len(prompts))]
-    images = sampler.generate(prompts, seeds, height, width, cfg.steps, cfg.cfg, cfg.negative_prompt,
-                              cfg.batch_size)
+    cut = report_truncated(sampler, prompts)
     settings = {"steps": cfg.steps, "cfg": cfg.cfg, "height": height, "width": width, "shift": sampler.shift,
                 "prediction": sampler.prediction, "negative_prompt": cfg.negative_prompt,
                 "checkpoint": info.ckpt, "step": info.step, "weights": info.weights}
-    save_images(cfg.out, images, [{"prompt": p, "seed": s, **settings} for p, s in zip(prompts, seeds)])
-    save_grid(os.path.join(cfg.out, "grid.png"), images)
+    first = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[i:i + cfg.batch_size]
+        seeds = [cfg.seed + j for j in range(i, i + len(chunk))]
+        images = sampler.generate(chunk, seeds, height, width, cfg.steps, cfg.cfg, cfg.negative_prompt,
+                                  cfg.batch_size)
+        save_images(cfg.out, images, [{"prompt": p, "seed": s, "truncated": c, **settings}
+                                      for p, s, c in zip(chunk, seeds, cut[i:])], start=i)
+        first += list(images[:GRID_IMAGES - len(first)])
+    save_grid(os.path.join(cfg.out, "grid.png"), torch.stack(first))
     save_yaml(cfg, os.path.join(cfg.out, "sample_config.yaml"))
-    return {"images": images, "run": info, "settings": settings}
+    return {"images": len(prompts), "truncated": sum(cut), "run": info, "settings": settings}
 
 
 def build_parser() -> argparse.ArgumentParser:
