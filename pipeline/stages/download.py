@@ -47,24 +47,24 @@ class DownloadConfig(CommonConfig):
     url_col: str = option("url", help="URL column")
     caption_col: str | None = option(None, help="caption column (default: 'caption' when the list has one)")
     extra_cols: list[str] = option(default_factory=list, help="comma-separated columns kept in json.source_meta")
-    shard_size: int = option(1000, help="URLs per output shard")
+    shard_size: int = option(1000, help="URLs per output shard", minimum=1)
     resize_mode: str = option("no", choices=["no", "keep_ratio", "center_crop", "border"],
                               help="img2dataset resize; 'no' stores the bytes as served, never re-encoded")
-    image_size: int = option(256, help="target size when resizing")
+    image_size: int = option(256, help="target size when resizing", minimum=1)
     encode_format: str = option("jpg", choices=["jpg", "png", "webp"], help="format of resized images")
     encode_quality: int = option(95, help="quality of resized images")
-    min_image_size: int = option(0, help="reject images whose shorter side is smaller (too_small)")
+    min_image_size: int = option(0, help="reject images whose shorter side is smaller (too_small)", minimum=0)
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="reject images whose header declares more pixels")
     max_image_bytes: int = option(32 * 1024 * 1024, help="refuse bodies larger than this, checked while "
-                                                         "streaming (0: no cap)")
+                                                         "streaming (0: no cap)", minimum=0)
     disallowed_header_directives: list[str] = option(
         default_factory=lambda: list(DEFAULT_DIRECTIVES),
         help="X-Robots-Tag directives that opt an image out ('' to honour none)")
     allow_private_network: bool = option(False, help="allow private, loopback and link-local peer addresses")
     user_agent: str = option(net.DEFAULT_USER_AGENT, runtime=True, help="User-Agent sent with every request")
     processes: int | None = option(None, runtime=True, help="download processes (Dask workers; same as --workers)")
-    threads: int = option(64, runtime=True, help="download threads per process (img2dataset thread_count)")
-    retries: int = option(0, runtime=True, help="extra attempts per URL inside img2dataset")
+    threads: int = option(64, runtime=True, help="download threads per process (img2dataset thread_count)", minimum=1)
+    retries: int = option(0, runtime=True, help="extra attempts per URL inside img2dataset", minimum=0)
     timeout: float = option(10.0, runtime=True, help="socket timeout in seconds (connect and each read)")
     url_deadline: float = option(60.0, runtime=True, help="total seconds for one URL (connect, redirects, headers "
                                                           "and body together); past it the URL is `timeout` (0: none)")

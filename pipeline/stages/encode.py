@@ -46,18 +46,18 @@ class EncodeConfig(CommonConfig):
     variants: list[str] = option(default_factory=lambda: [ORIGINAL, "long", "short"],
                                  help="caption variants to encode (original = the txt member, others = "
                                       "caption_{variant}.txt); a sample keeps those it has")
-    max_length: int = option(256, help="maximum tokens per caption (longer ones are truncated)")
+    max_length: int = option(256, help="maximum tokens per caption (longer ones are truncated)", minimum=1)
     cleaning: str = option("prx", choices=["prx", "basic", "none"],
                            help="caption cleaning: prx = diffusers PRXPipeline TextPreprocessor.clean_text "
                                 "(its default), basic = basic_clean, none")
     repa: str | None = option(None, help="REPA teacher (e.g. dinov2): store its patch tokens at the denoiser grid")
-    repa_patch_size: int = option(2, help="the denoiser's patch size: REPA features at latent / patch size")
+    repa_patch_size: int = option(2, help="the denoiser's patch size: REPA features at latent / patch size", minimum=1)
     drop_images: bool = option(False, help="do not copy the image member (encoded shards only)")
     precision: str = option("auto", choices=["auto", "float32", "bf16"],
                             help="encoder compute: auto = BF16 autocast on a GPU, float32 on the CPU")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="reject images whose header declares more pixels")
-    batch_size: int = option(32, runtime=True, help="images (and captions) per encoder forward")
-    decode_threads: int = option(4, runtime=True, help="CPU threads that decode, crop and clean captions")
+    batch_size: int = option(32, runtime=True, help="images (and captions) per encoder forward", minimum=1)
+    decode_threads: int = option(4, runtime=True, help="CPU threads that decode, crop and clean captions", minimum=1)
 
 
 @dataclass

@@ -55,22 +55,22 @@ class FilterConfig(CommonConfig):
     keep_top: float | None = option(None, help="keep this fraction (0-1] of the samples left after every other "
                                                "check and dedup, by CLIP score: one global threshold")
     rescore: bool = option(False, help="recompute scores already stored in json.scores for the same model")
-    batch_size: int = option(64, runtime=True, help="images per model batch")
-    decode_threads: int = option(4, runtime=True, help="CPU threads decoding and preprocessing images")
+    batch_size: int = option(64, runtime=True, help="images per model batch", minimum=1)
+    decode_threads: int = option(4, runtime=True, help="CPU threads decoding and preprocessing images", minimum=1)
     # image checks
-    min_side: int = option(0, help="reject images whose shorter side is below this (0: off)")
+    min_side: int = option(0, help="reject images whose shorter side is below this (0: off)", minimum=0)
     max_aspect_ratio: float | None = option(None, help="reject long/short side ratios above this")
-    min_pixels: int | None = option(None, help="reject width x height below this")
-    max_pixels: int | None = option(None, help="reject width x height above this")
-    min_file_bytes: int | None = option(None, help="reject image members smaller than this")
-    max_file_bytes: int | None = option(None, help="reject image members larger than this")
+    min_pixels: int | None = option(None, help="reject width x height below this", minimum=0)
+    max_pixels: int | None = option(None, help="reject width x height above this", minimum=0)
+    min_file_bytes: int | None = option(None, help="reject image members smaller than this", minimum=0)
+    max_file_bytes: int | None = option(None, help="reject image members larger than this", minimum=0)
     min_pixel_std: float | None = option(None, help="near-blank: reject if a grayscale thumbnail's pixel std "
                                                     "(0-255) is below this (e.g. 4)")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="refuse to decode images whose header declares more")
     # caption checks (the source caption, `txt`)
     reject_empty_caption: bool = option(False, help="reject empty or whitespace-only captions")
-    min_caption_words: int = option(0, help="reject captions with fewer words")
-    min_caption_chars: int = option(0, help="reject captions with fewer characters")
+    min_caption_words: int = option(0, help="reject captions with fewer words", minimum=0)
+    min_caption_chars: int = option(0, help="reject captions with fewer characters", minimum=0)
     languages: list[str] = option(default_factory=list, help="keep captions in these languages (comma-separated "
                                                              "ISO 639-1 codes, e.g. en,de; offline detector)")
     min_language_confidence: float = option(0.0, help="detector confidence the caption's language needs")
@@ -84,9 +84,9 @@ class FilterConfig(CommonConfig):
     # dedup
     dedup: list[str] = option(default_factory=list, help="comma-separated: exact (sha256), perceptual (pHash), "
                                                          "semantic (CLIP image embeddings); across all shards")
-    phash_distance: int = option(6, help="perceptual: max Hamming distance between 64-bit pHashes")
+    phash_distance: int = option(6, help="perceptual: max Hamming distance between 64-bit pHashes", minimum=0)
     semantic_threshold: float = option(0.95, help="semantic: min cosine between CLIP image embeddings")
-    semantic_probes: int = option(2, help="semantic: clusters each embedding is compared in")
+    semantic_probes: int = option(2, help="semantic: clusters each embedding is compared in", minimum=1)
     write_rejected: str | None = option(None, help="also write rejected samples as shards into this folder")
 
 

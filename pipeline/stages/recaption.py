@@ -59,7 +59,7 @@ class RecaptionConfig(CommonConfig):
     max_new_tokens: list[str] = option(default_factory=list,
                                        help="VARIANT=N generation budget (defaults long=400, short=64)")
     vlm_max_pixels: int = option(DEFAULT_MAX_PIXELS, help="image pixel budget given to the VLM processor: 1024*28*28 "
-                                                          "= at most ~1024 vision tokens per image")
+                                                          "= at most ~1024 vision tokens per image", minimum=1)
     vlm_min_pixels: int = option(DEFAULT_MIN_PIXELS, help="smallest image size given to the VLM processor (pixels)")
     temperature: float | None = option(None, help="override the backend's sampling default (0.7)")
     top_p: float | None = option(None, help="override the backend's sampling default (0.8)")
@@ -67,7 +67,7 @@ class RecaptionConfig(CommonConfig):
     presence_penalty: float | None = option(None, help="vllm only: override the default (1.5)")
     repetition_penalty: float | None = option(None, help="transformers only: override the default (1.05)")
     seed: int = option(0, help="base seed; each (sample, variant, try) derives its own")
-    retries: int = option(2, help="retries under a new seed for a caption that fails a check")
+    retries: int = option(2, help="retries under a new seed for a caption that fails a check", minimum=0)
     relax_checks: list[str] = option(default_factory=list,
                                      help="checks to skip: truncation, template, refusal, repetition, length, language "
                                           "(for random test models; an empty caption always fails)")
@@ -80,10 +80,10 @@ class RecaptionConfig(CommonConfig):
                         help="model weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
     max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, help="reject images whose header declares more pixels")
     batch_size: int = option(64, runtime=True, help="samples per batch: one request list to the backend, one cache "
-                                                    "write (a crash loses at most one batch)")
-    model_batch_size: int = option(16, runtime=True, help="transformers: sequences per generate() call")
-    decode_threads: int = option(4, runtime=True, help="threads decoding/resizing images ahead of the model")
-    max_model_len: int = option(8192, runtime=True, help="vllm: max_model_len")
+                                                    "write (a crash loses at most one batch)", minimum=1)
+    model_batch_size: int = option(16, runtime=True, help="transformers: sequences per generate() call", minimum=1)
+    decode_threads: int = option(4, runtime=True, help="threads decoding/resizing images ahead of the model", minimum=1)
+    max_model_len: int = option(8192, runtime=True, help="vllm: max_model_len", minimum=1)
     gpu_memory_utilization: float = option(0.9, runtime=True, help="vllm: gpu_memory_utilization")
 
 
