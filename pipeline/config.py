@@ -38,8 +38,7 @@ _QUOTE.maxlevel = 3
 
 def quote(value: Any) -> str:
     """repr(value) for an error message: at most about QUOTE_CHARS characters, however big the value."""
-    text = _QUOTE.repr(value)
-    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS - 3] + "..."
+    return _clip(_QUOTE.repr(value))
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str = "", flag: str | None = None,
@@ -311,6 +310,7 @@ def _children(node) -> list:
 
 
 def _clip(text: Any) -> str:
+    """Text for an error message: at most QUOTE_CHARS characters."""
     text = str(text)
     return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS - 3] + "..."
 

@@ -375,31 +375,42 @@ def report_truncated(sampler: Sampler, prompts: list[str]) -> list[bool]:
     return cut
 
 
-def run_sample(cfg: SampleConfig) -> dict[str, Any]:
-    check_flags(cfg)
-    prompts = read_prompts(cfg)
-    info = open_run(cfg.run, cfg.ckpt, cfg.weights, cfg.checkpoint)
+def sample_size(cfg: SampleConfig, info: RunInfo) -> tuple[int, int]:
+    """(height, width): the flags, else the run's encode resolution; checked against --max-side."""
     res = info.resolution()
     height = res if cfg.height is None else cfg.height
     width = res if cfg.width is None else cfg.width
     check_size(height, width)
     check_sides(height, width, cfg.max_side)
+    return height, width
+
+
+def write_batches(cfg: SampleConfig, sampler: Sampler, records: list[dict[str, Any]]) -> torch.Tensor:
+    """Images sampled --batch-size prompts at a time, each batch written at once; the first GRID_IMAGES of them."""
+    first: list[torch.Tensor] = []
+    for i in range(0, len(records), cfg.batch_size):
+        batch = records[i:i + cfg.batch_size]
+        images = sampler.generate([r["prompt"] for r in batch], [r["seed"] for r in batch], batch[0]["height"],
+                                  batch[0]["width"], cfg.steps, cfg.cfg, cfg.negative_prompt, cfg.batch_size)
+        save_images(cfg.out, images, batch, start=i)
+        first += list(images[:GRID_IMAGES - len(first)])
+    return torch.stack(first)
+
+
+def run_sample(cfg: SampleConfig) -> dict[str, Any]:
+    check_flags(cfg)
+    prompts = read_prompts(cfg)
+    info = open_run(cfg.run, cfg.ckpt, cfg.weights, cfg.checkpoint)
+    height, width = sample_size(cfg, info)
     sampler = Sampler(info, pick_device(cfg.device))
     check_size(height, width, sampler.multiple)
     cut = report_truncated(sampler, prompts)
     settings = {"steps": cfg.steps, "cfg": cfg.cfg, "height": height, "width": width, "shift": sampler.shift,
                 "prediction": sampler.prediction, "negative_prompt": cfg.negative_prompt,
                 "checkpoint": info.ckpt, "step": info.step, "weights": info.weights}
-    first = []
-    for i in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[i:i + cfg.batch_size]
-        seeds = [cfg.seed + j for j in range(i, i + len(chunk))]
-        images = sampler.generate(chunk, seeds, height, width, cfg.steps, cfg.cfg, cfg.negative_prompt,
-                                  cfg.batch_size)
-        save_images(cfg.out, images, [{"prompt": p, "seed": s, "truncated": c, **settings}
-                                      for p, s, c in zip(chunk, seeds, cut[i:])], start=i)
-        first += list(images[:GRID_IMAGES - len(first)])
-    save_grid(os.path.join(cfg.out, "grid.png"), torch.stack(first))
+    records = [{"prompt": p, "seed": cfg.seed + i, "truncated": c, **settings}
+               for i, (p, c) in enumerate(zip(prompts, cut))]
+    save_grid(os.path.join(cfg.out, "grid.png"), write_batches(cfg, sampler, records))
     save_yaml(cfg, os.path.join(cfg.out, "sample_config.yaml"))
     return {"images": len(prompts), "truncated": sum(cut), "run": info, "settings": settings}
 
