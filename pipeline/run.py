@@ -59,11 +59,11 @@ class RunConfig:
     until: str | None = option(None, help="stop after this stage (name or NN-name)")
     dry_run: bool = option(False, help="print each stage's state and its equivalent prx-data command; run nothing")
     overwrite: bool = option(False, help="redo a stage whose options or input changed, and every later stage")
-    limit: int | None = option(None, help="process only the first N inputs of the first stage")
+    limit: int | None = option(None, help="process only the first N inputs of the first stage", minimum=0)
     executor: str = option("dask", choices=["local", "dask"],
                            help="'dask' (one LocalCluster for the whole run, or --scheduler) or 'local'")
     scheduler: str | None = option(None, help="address of an existing Dask scheduler (shared storage needed)")
-    workers: int | None = option(None, help="LocalCluster worker processes (default: cores, or GPUs)")
+    workers: int | None = option(None, help="LocalCluster worker processes (default: cores, or GPUs)", minimum=1)
     progress: bool = option(True, help="show progress bars")
 
 

@@ -54,7 +54,8 @@ class DownloadConfig(CommonConfig):
     encode_format: str = option("jpg", choices=["jpg", "png", "webp"], help="format of resized images")
     encode_quality: int = option(95, help="quality of resized images")
     min_image_size: int = option(0, help="reject images whose shorter side is smaller (too_small)", minimum=0)
-    max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="reject images whose header declares more pixels")
+    max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="reject images whose header declares more pixels",
+                                   minimum=1)
     max_image_bytes: int = option(32 * 1024 * 1024, help="refuse bodies larger than this, checked while "
                                                          "streaming (0: no cap)", minimum=0)
     disallowed_header_directives: list[str] = option(
@@ -62,12 +63,15 @@ class DownloadConfig(CommonConfig):
         help="X-Robots-Tag directives that opt an image out ('' to honour none)")
     allow_private_network: bool = option(False, help="allow private, loopback and link-local peer addresses")
     user_agent: str = option(net.DEFAULT_USER_AGENT, runtime=True, help="User-Agent sent with every request")
-    processes: int | None = option(None, runtime=True, help="download processes (Dask workers; same as --workers)")
+    processes: int | None = option(None, runtime=True, help="download processes (Dask workers; same as --workers)",
+                                   minimum=1)
     threads: int = option(64, runtime=True, help="download threads per process (img2dataset thread_count)", minimum=1)
     retries: int = option(0, runtime=True, help="extra attempts per URL inside img2dataset", minimum=0)
-    timeout: float = option(10.0, runtime=True, help="socket timeout in seconds (connect and each read)")
+    timeout: float = option(10.0, runtime=True, help="socket timeout in seconds (connect and each read)",
+                            minimum=0.001)
     url_deadline: float = option(60.0, runtime=True, help="total seconds for one URL (connect, redirects, headers "
-                                                          "and body together); past it the URL is `timeout` (0: none)")
+                                                          "and body together); past it the URL is `timeout` (0: none)",
+                                minimum=0)
     retry_failed: bool = option(False, runtime=True, help="rerun only URLs whose outcome is failed, into the "
                                                           "same --out, replacing their rows")
 
@@ -139,12 +143,6 @@ class DownloadStage(Stage):
             raise StageError("--urls is required (a parquet, csv, tsv, jsonl or txt list of URLs)")
         if not fs.exists(cfg.urls):
             raise StageError(f"URL list {cfg.urls} does not exist")
-        if cfg.shard_size < 1:
-            raise StageError("--shard-size must be at least 1")
-        if cfg.threads < 1:
-            raise StageError("--threads must be at least 1")
-        if cfg.url_deadline < 0:
-            raise StageError("--url-deadline must be 0 (none) or a number of seconds")
         if cfg.processes and not cfg.workers:
             cfg.workers = cfg.processes
         cfg.disallowed_header_directives = [d.strip().lower() for d in cfg.disallowed_header_directives

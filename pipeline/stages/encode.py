@@ -55,7 +55,8 @@ class EncodeConfig(CommonConfig):
     drop_images: bool = option(False, help="do not copy the image member (encoded shards only)")
     precision: str = option("auto", choices=["auto", "float32", "bf16"],
                             help="encoder compute: auto = BF16 autocast on a GPU, float32 on the CPU")
-    max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="reject images whose header declares more pixels")
+    max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="reject images whose header declares more pixels",
+                                   minimum=1)
     batch_size: int = option(32, runtime=True, help="images (and captions) per encoder forward", minimum=1)
     decode_threads: int = option(4, runtime=True, help="CPU threads that decode, crop and clean captions", minimum=1)
 

@@ -66,7 +66,8 @@ class FilterConfig(CommonConfig):
     max_file_bytes: int | None = option(None, help="reject image members larger than this", minimum=0)
     min_pixel_std: float | None = option(None, help="near-blank: reject if a grayscale thumbnail's pixel std "
                                                     "(0-255) is below this (e.g. 4)")
-    max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="refuse to decode images whose header declares more")
+    max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="refuse to decode images whose header declares more",
+                                   minimum=1)
     # caption checks (the source caption, `txt`)
     reject_empty_caption: bool = option(False, help="reject empty or whitespace-only captions")
     min_caption_words: int = option(0, help="reject captions with fewer words", minimum=0)

@@ -60,7 +60,8 @@ class RecaptionConfig(CommonConfig):
                                        help="VARIANT=N generation budget (defaults long=400, short=64)")
     vlm_max_pixels: int = option(DEFAULT_MAX_PIXELS, help="image pixel budget given to the VLM processor: 1024*28*28 "
                                                           "= at most ~1024 vision tokens per image", minimum=1)
-    vlm_min_pixels: int = option(DEFAULT_MIN_PIXELS, help="smallest image size given to the VLM processor (pixels)")
+    vlm_min_pixels: int = option(DEFAULT_MIN_PIXELS, help="smallest image size given to the VLM processor (pixels)",
+                                 minimum=1)
     temperature: float | None = option(None, help="override the backend's sampling default (0.7)")
     top_p: float | None = option(None, help="override the backend's sampling default (0.8)")
     top_k: int | None = option(None, help="override the backend's sampling default (20)")
@@ -78,7 +79,8 @@ class RecaptionConfig(CommonConfig):
                                                  "or folder), recorded in provenance")
     dtype: str = option("auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="model weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, help="reject images whose header declares more pixels")
+    max_image_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, help="reject images whose header declares more pixels",
+                                   minimum=1)
     batch_size: int = option(64, runtime=True, help="samples per batch: one request list to the backend, one cache "
                                                     "write (a crash loses at most one batch)", minimum=1)
     model_batch_size: int = option(16, runtime=True, help="transformers: sequences per generate() call", minimum=1)
@@ -207,8 +209,6 @@ class RecaptionStage(MapStage):
             ok, why = vllm_available()
             if not ok:
                 raise StageError(f"--backend vllm cannot run here: {why}. Use --backend transformers.")
-        if cfg.retries < 0:
-            raise StageError("--retries must be >= 0")
         if cfg.vlm_max_pixels < cfg.vlm_min_pixels:
             raise StageError("--vlm-max-pixels must be >= --vlm-min-pixels")
         if "language" not in cfg.relax_checks:
