@@ -6,6 +6,7 @@ and the saved `_stage.json` always agree.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -131,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()   # here (after --help too), so a reader that left is met below, not at exit
+    except BrokenPipeError:
+        return stdout_gone()
+
+
+def _main(argv: list[str] | None) -> int:
     from pipeline.config import ConfigError
     from pipeline.errors import StageError
 
@@ -144,6 +155,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"prx-data {args.command}: error: {disk_full(exc, getattr(args, 'out', None))}", file=sys.stderr)
+        return 1
+
+
+def disk_full(exc: OSError, out: str | None) -> str:
+    """The one line for a full disk: a shard writer's says where and about how much more space is needed."""
+    from pipeline.shards import OutOfSpace
+
+    if isinstance(exc, OutOfSpace):
+        return exc.describe()
+    where = exc.filename or out or "the output folder"
+    return f"no space left on device writing {where}; free space and rerun the same command to resume"
+
+
+def stdout_gone() -> int:
+    """The reader of stdout left (`prx-data reasons | head -1`): exit quietly with 141, the status of a tool
+    that SIGPIPE ended, as `head`'s other writers do; stdout goes to /dev/null first, so Python's own flush at
+    exit finds nothing to complain about."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):   # no real stdout (a caller's replacement)
+        pass
+    return 128 + 13   # SIGPIPE
 
 
 if __name__ == "__main__":

@@ -109,8 +109,10 @@ def model_error(spec: ModelSpec, flag: str, exc: BaseException) -> StageError:
     what = f"{flag} {spec.name}"
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     if spec.is_local:
-        return StageError(f"{what}: cannot load the model folder {spec.id} ({type(exc).__name__}: {first}); "
-                          "check that it holds the model's config and weights (save_pretrained's layout)")
+        lacks = _lacks(spec)
+        return StageError(f"{what}: cannot load the model folder {spec.id}{': ' if lacks else ''}{lacks} "
+                          f"({type(exc).__name__}: {first}); point {flag} at a folder save_pretrained wrote (its "
+                          "config.json and weights) or at an alias from manifests/models.yaml")
     rev = spec.revision or "main"
     fetch = f"hf download {spec.id} --revision {rev}"
     folder = f"or point {flag} at a local folder holding the model"
@@ -134,10 +136,25 @@ def model_error(spec: ModelSpec, flag: str, exc: BaseException) -> StageError:
                       f"({first})")
 
 
+def _lacks(spec: ModelSpec) -> str:
+    """What a local model folder visibly lacks ('' when its config.json is there: the error says the rest)."""
+    root = os.path.join(spec.id, spec.subfolder) if spec.subfolder else spec.id
+    where = f"its subfolder {spec.subfolder}" if spec.subfolder else "it"
+    if not os.path.isdir(root):
+        return f"{where} does not exist"
+    names = sorted(os.listdir(root))
+    if "config.json" in names:
+        return ""
+    held = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"{where} has no config.json ({f'only {held}' if held else 'it is empty'})"
+
+
 @contextmanager
 def loading(spec: ModelSpec, flag: str = "the model flag"):
     """Every model load of every stage and the trainer runs inside this: hub and file errors (offline, not
-    cached, gated, missing repo or revision) become one StageError naming the model and the fix."""
+    cached, gated, missing repo or revision), and a local folder that is not a model (no config.json, a config
+    without a model type: the ValueError or KeyError transformers raises), become one StageError naming the
+    model and the fix."""
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
@@ -145,6 +162,10 @@ def loading(spec: ModelSpec, flag: str = "the model flag"):
     except StageError:
         raise
     except (OSError, EntryNotFoundError) as exc:
+        raise model_error(spec, flag, exc) from exc
+    except (ValueError, KeyError) as exc:
+        if not spec.is_local:
+            raise
         raise model_error(spec, flag, exc) from exc
 
 

@@ -18,12 +18,14 @@ ledger reason; reading goes on where it can. docs/reader.md has the checks, caps
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import os
 import posixpath
 import re
+import shutil
 import stat
 import sys
 import tarfile
@@ -92,37 +94,103 @@ class ShardWriter:
         if not key or "/" in key or "." in key:
             raise ValueError(f"invalid sample key {key!r}")
         self._keys.add(key)
-        for name in sorted(members):
-            data = members[name]
-            if not isinstance(data, (bytes, bytearray)):
-                raise TypeError(f"member {name} of {key} must be bytes, got {type(data).__name__}")
-            info = tarfile.TarInfo(f"{key}.{name}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
-            self.stats.bytes_by_member[name] = self.stats.bytes_by_member.get(name, 0) + len(data)
+        try:
+            for name in sorted(members):
+                data = members[name]
+                if not isinstance(data, (bytes, bytearray)):
+                    raise TypeError(f"member {name} of {key} must be bytes, got {type(data).__name__}")
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                self._tar.addfile(info, io.BytesIO(data))
+                self.stats.bytes_by_member[name] = self.stats.bytes_by_member.get(name, 0) + len(data)
+        except OSError as exc:
+            self._raise_if_full(exc)
+            raise
         self.stats.samples += 1
 
     def add_row(self, row: ledger.Row) -> None:
         self.stats.rows.append(row)
 
     def close(self) -> ShardStats:
-        self._tar.close()
-        self._fh.close()
-        ledger.write(self.ledger_path, self.stats.rows, self.index, self.stage)
-        fs.put_file_atomic(self._tmp, self.tar_path)
-        return self.stats
-
-    def abort(self) -> None:
         try:
             self._tar.close()
             self._fh.close()
+            ledger.write(self.ledger_path, self.stats.rows, self.index, self.stage)
+            fs.put_file_atomic(self._tmp, self.tar_path)
+        except OSError as exc:
+            self._raise_if_full(exc)
+            raise
+        return self.stats
+
+    def abort(self) -> None:
+        """Drop the shard (after an error): its temporary is removed; nothing is raised, whatever the error was
+        (a full disk fails the flush of a close too)."""
+        try:
+            self._fh.close()
+        except OSError:
+            pass
         finally:
             if os.path.exists(self._tmp):
                 os.unlink(self._tmp)
+
+    def _raise_if_full(self, exc: OSError) -> None:
+        """A full disk (ENOSPC) while writing becomes OutOfSpace, naming this shard's folder."""
+        if exc.errno == errno.ENOSPC and not isinstance(exc, OutOfSpace):
+            try:
+                written = os.path.getsize(self._tmp)
+            except OSError:
+                written = 0
+            raise OutOfSpace(self.out_dir, os.path.dirname(self._tmp), self.index, written) from exc
+
+
+class OutOfSpace(OSError):
+    """The disk filled (ENOSPC) while shard `index` of `folder` was written. `staging`: the local folder its
+    temporary was in (the folder itself, for local outputs); `written`: the bytes that temporary held then.
+    Finished shards stay; a rerun of the same command resumes. `describe()` says how much more space the run
+    needs, about."""
+
+    def __init__(self, folder: str, staging: str, index: int, written: int):
+        super().__init__(errno.ENOSPC, "No space left on device")
+        self.folder, self.staging, self.index, self.written = folder, staging, index, written
+
+    def __reduce__(self):  # picklable across Dask workers
+        return type(self), (self.folder, self.staging, self.index, self.written)
+
+    def describe(self) -> str:
+        """One line: where, about how much more space is needed (and how that is reckoned), what to do."""
+        per, left, averaged = _shard_bytes(self.folder, self.written)
+        free = shutil.disk_usage(self.staging).free if os.path.isdir(self.staging) else 0
+        need = max(per * left - free, per)
+        where = self.folder if fs.local_path(self.folder) else f"{self.folder} (staged in {self.staging})"
+        each = (f"about {_mb(per)} each, the finished shards' average" if averaged else
+                f"at least {_mb(per)} each, what shard {self.index} held when the disk filled")
+        return (f"no space left on device writing {where} ({left} shard(s) to go, {each}; {_mb(free)} free); "
+                f"free space (about {_mb(need)} more needed) and rerun the same command to resume")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _shard_bytes(folder: str, written: int) -> tuple[float, int, bool]:
+    """(bytes a shard of `folder` takes, shards not finished, whether the first is an average): the average of
+    up to 100 finished shards (tar and ledger), or else `written`, what the unfinished shard held when the disk
+    filled (a lower bound). The shards planned are those its `_stage.json` lists."""
+    try:
+        planned = ((ledger.read_stage_json(folder) or {}).get("writes") or {}).get("shards") or []
+    except ledger.StageJsonError:
+        planned = []
+    done = [i for i in planned if shard_done(folder, i)]
+    left = max(len(planned) - len(done), 1)
+    sizes = [fs.size(fs.join(folder, shard_name(i))) + fs.size(fs.join(folder, shard_name(i, "parquet")))
+             for i in done[-100:]]
+    if sizes:
+        return sum(sizes) / len(sizes), left, True
+    return float(written), left, False
 
 
 def shard_done(out_dir: str, index: int) -> bool:
@@ -141,6 +209,7 @@ class BadMember(Exception):
 JSON_MAX_BYTES = int(os.environ.get("PRX_JSON_MAX_BYTES", 1 << 20))
 JSON_MAX_DEPTH = int(os.environ.get("PRX_JSON_MAX_DEPTH", 64))
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a pair, or a lone one
 
 
 def _reject_constant(name: str):
@@ -175,8 +244,8 @@ def json_depth(data: bytes) -> int:
 
 def parse_json(data: bytes, what: str = "json", max_bytes: int | None = None, max_depth: int | None = None) -> dict:
     """A JSON object from bytes, or BadMember: over `max_bytes`, nested deeper than `max_depth`, not UTF-8,
-    not JSON, NaN/Infinity or a number beyond the float range (which no JSON writer here may emit), or not an
-    object."""
+    not JSON, NaN/Infinity or a number beyond the float range (which no JSON writer here may emit), not an
+    object, or holding a lone surrogate escape (`"\\ud800"`: a str that cannot be written back as UTF-8)."""
     max_bytes = JSON_MAX_BYTES if max_bytes is None else max_bytes
     max_depth = JSON_MAX_DEPTH if max_depth is None else max_depth
     if len(data) > max_bytes:
@@ -191,7 +260,20 @@ def parse_json(data: bytes, what: str = "json", max_bytes: int | None = None, ma
         raise BadMember(f"{what}: {exc}") from None
     if not isinstance(value, dict):
         raise BadMember(f"{what}: expected an object, got {type(value).__name__}")
+    if _SURROGATE_ESCAPE.search(data) and not _utf8_text(value):
+        raise BadMember(f"{what}: a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair): not text "
+                        "that UTF-8 can hold")
     return value
+
+
+def _utf8_text(value: Any) -> bool:
+    """Whether every string of a parsed JSON value (keys too) encodes as UTF-8: `json` decodes a lone surrogate
+    escape ("\\ud800") to a str that no UTF-8 writer (dumps_json, the ledger) can store."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 # Per-member size caps (bytes, as declared in the member's tar header), checked before a member is read.

@@ -12,6 +12,7 @@ effective config is saved as RUN_DIR/config.yaml; `--resume RUN_DIR` continues f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.config import ConfigError, add_arguments
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.train import run
 
         run(cfg)
+        sys.stdout.flush()   # here, so a reader that left is met below, not at exit
     except (ConfigError, StageError, EncoderMismatch, DataError, PrecisionError, FileNotFoundError,
             FileExistsError, ValueError) as exc:
         sys.stderr.write(f"prx-train: error: {exc}\n")  # one write: ranks sharing a pipe do not interleave lines
@@ -49,7 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; `prx-train --resume RUN_DIR` continues from the last checkpoint", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # stdout's reader left (`prx-train ... | head`): quiet, as a tool SIGPIPE ends
+        return _stdout_gone()
     return 0
+
+
+def _stdout_gone() -> int:
+    """Exit status 141 (128 + SIGPIPE) with stdout sent to /dev/null, so Python's flush at exit stays quiet."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):   # no real stdout (a caller's replacement)
+        pass
+    return 128 + 13
 
 
 def _after_every_rank_printed() -> None:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import posixpath
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -110,29 +111,109 @@ def folder_inputs(root: str) -> list[str]:
     return inputs
 
 
-def _read(path: str) -> bytes | None:
-    return fs.read_bytes(path) if fs.exists(path) else None
+class Refused(Exception):
+    """A folder file that is not read: `reason` and `detail` are its ledger row's."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
 
 
-def folder_items(root: str, paths: list[str]) -> Iterator[Item]:
+_FILE_TYPES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(name: str, mode: int) -> Refused:
+    what = next((text for test, text in _FILE_TYPES if test(mode)), "not a regular file")
+    return Refused("not_a_regular_file", f"{name} is {what}: only regular files are read")
+
+
+def _cap(name: str, caps: MemberCaps) -> int:
+    return getattr(caps, MemberCaps.kind(name))
+
+
+def _too_large(name: str, size: int, caps: MemberCaps, growing: bool = False) -> Refused | None:
+    if size <= _cap(name, caps):
+        return None
+    kind, more = MemberCaps.kind(name), " (and growing while read)" if growing else ""
+    return Refused("member_too_large", f"{name}: {size:,} bytes{more}, over the {_cap(name, caps):,}-byte {kind} "
+                                       f"cap (--max-member-bytes-{kind}); not read")
+
+
+def read_file(path: str, caps: MemberCaps, optional: bool = False) -> bytes | None:
+    """A folder file's bytes, under the tar members' caps (`MemberCaps`, by the file's extension): only a
+    regular file is read (a symbolic link is followed to one); a FIFO, device, socket or folder, and a file
+    over its cap, raise Refused before a byte is read, and a file growing while it is read is cut one byte past
+    its cap and refused. `optional`: None when the file does not exist (sidecars)."""
+    local = fs.local_path(path) if "://" in path or "::" in path else path
+    if local is None:
+        return _read_remote(path, caps, optional)
+    name = posixpath.basename(path)
+    try:
+        st = os.stat(local)
+    except FileNotFoundError:
+        if optional:
+            return None
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(name, st.st_mode)
+    refused = _too_large(name, st.st_size, caps)
+    if refused:
+        raise refused
+    # O_NONBLOCK: a FIFO swapped in since the stat fails the read instead of blocking it
+    with open(os.open(local, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)), "rb") as fh:
+        data = fh.read(st.st_size + 1)
+        if len(data) > st.st_size:   # grown since the stat: read on to one byte past the cap at most
+            data += fh.read(_cap(name, caps) + 1 - len(data))
+    refused = _too_large(name, len(data), caps, growing=True)
+    if refused:
+        raise refused
+    return data
+
+
+def _read_remote(path: str, caps: MemberCaps, optional: bool) -> bytes | None:
+    """`read_file` on an object store (no FIFOs or devices there): one bounded ranged read."""
+    if optional and not fs.exists(path):
+        return None
+    name = posixpath.basename(path)
+    fsys, inner = fs.get_fs(path)
+    data = fsys.cat_file(inner, start=0, end=_cap(name, caps) + 1)
+    refused = _too_large(name, len(data), caps)
+    if refused:
+        raise refused
+    return data
+
+
+def printable(name: str) -> str:
+    """A file name as text any UTF-8 writer stores: bytes that are not UTF-8 (which Python holds as lone
+    surrogates) are spelled as escapes (`\\xff`)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def folder_items(root: str, paths: list[str], caps: MemberCaps | None = None) -> Iterator[Item]:
+    caps = caps or MemberCaps()
     for path in paths:
-        rel = os.path.relpath(path, root) if "://" not in root else path[len(root):].lstrip("/")
-        stem = os.path.splitext(path)[0]
-        try:
-            data = fs.read_bytes(path)
-            caption = _read(stem + ".txt")
-            extra_raw = _read(stem + ".json")
-        except OSError as exc:
-            yield Item(rel, None, problem=Problem("", rel, "read_error", str(exc)))
-            continue
-        extra: dict[str, Any] = {}
-        if extra_raw is not None:
-            try:
-                extra = parse_source_meta(extra_raw, os.path.basename(stem) + ".json")
-            except BadMember as exc:
-                yield Item(rel, None, problem=Problem(content_key(data)[0], rel, exc.reason, str(exc)))
-                continue
-        yield Item(rel, data, caption, extra=extra, url=_url(extra))
+        yield folder_item(root, path, caps)
+
+
+def folder_item(root: str, path: str, caps: MemberCaps) -> Item:
+    """One folder input with its sidecars; a file that is refused or unreadable makes the item a Problem."""
+    rel = printable(os.path.relpath(path, root) if "://" not in root else path[len(root):].lstrip("/"))
+    stem = os.path.splitext(path)[0]
+    data = None
+    try:
+        data = read_file(path, caps)
+        caption = read_file(stem + ".txt", caps, optional=True)
+        extra_raw = read_file(stem + ".json", caps, optional=True)
+        extra = parse_source_meta(extra_raw, os.path.basename(stem) + ".json") if extra_raw is not None else {}
+    except (Refused, BadMember, OSError) as exc:
+        reason = exc.reason if isinstance(exc, (Refused, BadMember)) else "read_error"
+        return Item(rel, None, problem=Problem(content_key(data)[0] if data else "", rel, reason, printable(str(exc))))
+    return Item(rel, data, caption, extra=extra, url=_url(extra))
 
 
 def parse_source_meta(data: bytes, what: str) -> dict[str, Any]:
@@ -225,7 +306,8 @@ class IngestStage(Stage):
 
     @property
     def source(self) -> str:
-        return self.cfg.source or posixpath.basename(self.cfg.input.rstrip("/").removeprefix("hf:")) or "unnamed"
+        return printable(self.cfg.source or posixpath.basename(self.cfg.input.rstrip("/").removeprefix("hf:"))
+                         or "unnamed")
 
     def plan(self) -> list[Task]:
         cfg = self.cfg
@@ -267,7 +349,7 @@ class IngestStage(Stage):
 
                 items = itertools.islice(items, task.max_samples)
             return items
-        return folder_items(self.cfg.input, task.inputs)
+        return folder_items(self.cfg.input, task.inputs, MemberCaps.from_config(self.cfg))
 
     def process(self, task: Task, writer: ShardWriter) -> None:
         for item in self.items(task):
