@@ -158,7 +158,8 @@ def _main(argv: list[str] | None) -> int:
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        print(f"prx-data {args.command}: error: {disk_full(exc, getattr(args, 'out', None))}", file=sys.stderr)
+        out = getattr(args, "out", None) or getattr(args, "root", None)
+        print(f"prx-data {args.command}: error: {disk_full(exc, out)}", file=sys.stderr)
         return 1
 
 

@@ -184,10 +184,13 @@ def _shard_bytes(folder: str, written: int) -> tuple[float, int, bool]:
         planned = ((ledger.read_stage_json(folder) or {}).get("writes") or {}).get("shards") or []
     except ledger.StageJsonError:
         planned = []
-    done = [i for i in planned if shard_done(folder, i)]
+    try:
+        done = [i for i in planned if shard_done(folder, i)]
+        sizes = [fs.size(fs.join(folder, shard_name(i))) + fs.size(fs.join(folder, shard_name(i, "parquet")))
+                 for i in done[-100:]]
+    except OSError:   # the folder changed meanwhile: the lower bound, then
+        done, sizes = [], []
     left = max(len(planned) - len(done), 1)
-    sizes = [fs.size(fs.join(folder, shard_name(i))) + fs.size(fs.join(folder, shard_name(i, "parquet")))
-             for i in done[-100:]]
     if sizes:
         return sum(sizes) / len(sizes), left, True
     return float(written), left, False

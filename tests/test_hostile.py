@@ -10,7 +10,6 @@ import os
 import resource
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -93,12 +92,17 @@ def test_big_sparse_file_is_refused_by_its_cap_without_reading(tmp_path):
     src = _folder(tmp_path)
     with open(src / "sparse.png", "wb") as f:
         f.truncate(3 << 30)
+    (src / "third.png").write_bytes(_png(2))
+    with open(src / "third.json", "wb") as f:   # a sidecar: JSON over its cap is bad_member, unread as well
+        f.truncate(3 << 30)
     start = time.monotonic()
     rows = _ingest(src, tmp_path / "out")
     assert time.monotonic() - start < 30
     row = rows["sparse.png"]
     assert (row["outcome"], row["reason"]) == ("rejected", "member_too_large")
     assert "3,221,225,472 bytes" in row["detail"] and "--max-member-bytes-image" in row["detail"]
+    row = rows["third.png"]
+    assert row["reason"] == "bad_member" and "third.json: 3,221,225,472 bytes" in row["detail"]
 
 
 def test_folder_file_over_its_cap_is_refused(tmp_path):

@@ -208,12 +208,23 @@ def folder_item(root: str, path: str, caps: MemberCaps) -> Item:
     try:
         data = read_file(path, caps)
         caption = read_file(stem + ".txt", caps, optional=True)
-        extra_raw = read_file(stem + ".json", caps, optional=True)
-        extra = parse_source_meta(extra_raw, os.path.basename(stem) + ".json") if extra_raw is not None else {}
+        extra = sidecar_meta(stem + ".json", caps)
     except (Refused, BadMember, OSError) as exc:
         reason = exc.reason if isinstance(exc, (Refused, BadMember)) else "read_error"
         return Item(rel, None, problem=Problem(content_key(data)[0] if data else "", rel, reason, printable(str(exc))))
     return Item(rel, data, caption, extra=extra, url=_url(extra))
+
+
+def sidecar_meta(path: str, caps: MemberCaps) -> dict[str, Any]:
+    """A json sidecar's object ({} when there is none), read within the json cap and parsed within the JSON caps:
+    one over its cap is `bad_member`, as any JSON over the JSON caps is, and is never read."""
+    try:
+        raw = read_file(path, caps, optional=True)
+    except Refused as exc:
+        if exc.reason != "member_too_large":
+            raise
+        raise BadMember(exc.detail) from None
+    return parse_source_meta(raw, posixpath.basename(path)) if raw is not None else {}
 
 
 def parse_source_meta(data: bytes, what: str) -> dict[str, Any]:
