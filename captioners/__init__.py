@@ -3,7 +3,8 @@ caption checks. Nothing here knows about shards or runners (see pipeline/stages/
 
 Backends by name: `transformers` (captioners.hf), `vllm` (captioners.vllm_backend; optional extra),
 `fake` (captioners.fake: deterministic captions for plumbing dry runs and tests), `auto` (vllm when it is
-importable and a GPU is present, else transformers), or `module:Class` for your own Backend subclass.
+importable and runs on a CUDA GPU, else transformers: on CPU, vLLM's CPU build runs only when asked for by
+name), or `module:Class` for your own Backend subclass.
 Tests may also `register_backend(name, factory)` in-process.
 """
 from __future__ import annotations
@@ -37,9 +38,9 @@ def factory_token(name: str) -> str:
 def resolve_backend_name(name: str) -> str:
     if name != "auto":
         return name
-    from captioners.vllm_backend import vllm_available
+    from captioners.vllm_backend import vllm_available, vllm_platform
 
-    return "vllm" if vllm_available()[0] else "transformers"
+    return "vllm" if vllm_available()[0] and vllm_platform() == "cuda" else "transformers"
 
 
 def known_backend(name: str) -> bool:

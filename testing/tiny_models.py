@@ -241,8 +241,29 @@ def build_qwen_tokenizer(vocab_size: int = 512):
                   bos_token=None, errors="replace", model_max_length=32768)
 
 
+# Text and vision sizes of the tiny Qwen2-VL; `tiny-qwen2-vl-vllm` differs only where vLLM's CPU build needs it:
+# its attention kernels take head_dim >= 32 (tiny-qwen2-vl has 16), and its engine's default max_model_len
+# (8192) must fit the model's max_position_embeddings.
+QWEN2_VL_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "max_position_embeddings": 4096, "mrope_section": [2, 3, 3]}
+QWEN2_VL_VISION = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+QWEN2_VL_VLLM_TEXT = {**QWEN2_VL_TEXT, "num_attention_heads": 2, "num_key_value_heads": 1,
+                      "max_position_embeddings": 8192, "mrope_section": [4, 6, 6]}  # head_dim 32
+QWEN2_VL_VLLM_VISION = {**QWEN2_VL_VISION, "num_heads": 1}  # head_dim 32
+
+
 @register("tiny-qwen2-vl")
 def build_tiny_qwen2_vl(folder: str, seed: int = 0) -> None:
+    save_tiny_qwen2_vl(folder, seed, "tiny-qwen2-vl", QWEN2_VL_TEXT, QWEN2_VL_VISION)
+
+
+@register("tiny-qwen2-vl-vllm")
+def build_tiny_qwen2_vl_vllm(folder: str, seed: int = 0) -> None:
+    """tiny-qwen2-vl with head_dim 32 and room for vLLM's default max_model_len: the vLLM tests' model."""
+    save_tiny_qwen2_vl(folder, seed, "tiny-qwen2-vl-vllm", QWEN2_VL_VLLM_TEXT, QWEN2_VL_VLLM_VISION)
+
+
+def save_tiny_qwen2_vl(folder: str, seed: int, builder: str, text: dict, vision: dict) -> None:
     import torch
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                               Qwen2VLProcessor, Qwen2VLVideoProcessor)
@@ -251,14 +272,15 @@ def build_tiny_qwen2_vl(folder: str, seed: int = 0) -> None:
     tokenizer.chat_template = CHAT_TEMPLATE
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = ((len(tokenizer) + 63) // 64) * 64
+    sizes = {k: v for k, v in text.items() if k != "mrope_section"}
     config = Qwen2VLConfig(
-        text_config={"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        text_config={"vocab_size": vocab, **sizes,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": text["mrope_section"]},
                      "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
                      "pad_token_id": ids["<|endoftext|>"]},
-        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
+        vision_config={**vision, "hidden_size": 64, "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2, "in_channels": 3},
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
@@ -277,7 +299,7 @@ def build_tiny_qwen2_vl(folder: str, seed: int = 0) -> None:
                                  video_processor=video_processor, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(folder)
     with open(os.path.join(folder, "prx_tiny.json"), "w") as fh:
-        json.dump({"builder": "tiny-qwen2-vl", "seed": seed, "special_token_ids": ids}, fh, indent=1)
+        json.dump({"builder": builder, "seed": seed, "special_token_ids": ids}, fh, indent=1)
 
 
 # ------------------------------------------------ PRX denoiser (the trainer)

@@ -148,7 +148,7 @@ def test_vllm_request_building():
                   "seed": 42, "skip_special_tokens": True, "logprobs": 0}
     ek = vb.engine_kwargs("Qwen/Qwen2-VL-7B-Instruct", "abc123", max_pixels=1024 * 28 * 28, min_pixels=3136)
     assert ek["limit_mm_per_prompt"] == {"image": 1, "video": 0}
-    assert ek["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 802816}
+    assert ek["mm_processor_kwargs"] == {"size": {"shortest_edge": 3136, "longest_edge": 802816}}
     assert ek["enable_prefix_caching"] is True and ek["revision"] == "abc123"
 
 
@@ -170,7 +170,7 @@ def test_vllm_backend_with_injected_engine():
     llm = FakeLLM()
     b = VLLMBackend("qwen2-vl-2b", llm=llm, sampling_params_cls=FakeSamplingParams, max_pixels=200_000)
     assert b.model_info()["id"] == "Qwen/Qwen2-VL-2B-Instruct"
-    assert b.engine_kwargs["mm_processor_kwargs"]["max_pixels"] == 200_000
+    assert b.engine_kwargs["mm_processor_kwargs"]["size"]["longest_edge"] == 200_000
     imgs = [Image.new("RGB", (32, 32), (i, 0, 0)) for i in range(3)]
     gens = b.generate([Request(im, "Say.", 20, seed=i) for i, im in enumerate(imgs)])
     assert [g.text for g in gens] == ["caption 0", "caption 1", "caption 2"]
