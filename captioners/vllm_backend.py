@@ -42,7 +42,8 @@ def qwen_chat_prompt(instruction: str, system: str = QWEN_SYSTEM) -> str:
 
 def vllm_platform() -> str | None:
     """vLLM's device type here ("cuda", "cpu", "" for none it can use), or None when vllm is not installed."""
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin in (None, "namespace"):  # a folder named vllm on sys.path is not vLLM
         return None
     from vllm.platforms import current_platform
 
@@ -186,6 +187,7 @@ class VLLMBackend(Backend):
 
             engine_in_this_process_if_daemonic()
             llm = llm or start_engine(vllm.LLM, self.engine_kwargs)
+            watch_engine_process(llm)
             sampling_params_cls = sampling_params_cls or vllm.SamplingParams
         self.llm, self.params_cls = llm, sampling_params_cls
         self.dead: str | None = None  # why the engine stopped, once it has
@@ -200,6 +202,12 @@ class VLLMBackend(Backend):
         prompts = [build_request(r, self.chat_prompt) for r in requests]
         params = [self.params_cls(**sampling_kwargs(self._sampling, r)) for r in requests]
         return prompts, params
+
+    def close(self) -> None:
+        """Stop the engine (its process and memory) now rather than at interpreter exit."""
+        engine = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if engine is not None:
+            engine.shutdown()
 
     def generate(self, requests: list[Request]) -> list[Generation]:
         if not requests:
@@ -248,6 +256,35 @@ def engine_is_dead(exc: BaseException) -> bool:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def watch_engine_process(llm: Any) -> None:
+    """Make a vanished engine process end the `generate` waiting on it. vLLM's client notices an engine process
+    that disappears without a word (SIGKILL, the OOM killer) and marks itself dead, but a `generate` already
+    waiting for outputs then waits forever: this thread hands that wait vLLM's own EngineDeadError. It watches
+    vLLM's multiprocess client only (an in-process engine has no process to lose)."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if not all(hasattr(client, a) for a in ("resources", "outputs_queue", "_finalizer")):
+        return
+    import threading
+    import time
+    import weakref
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    ref = weakref.ref(client)
+
+    def watch() -> None:
+        while (c := ref()) is not None:
+            if c.resources.engine_dead:  # set before the client shuts itself down
+                c.outputs_queue.put_nowait(EngineDeadError())
+                return
+            if not c._finalizer.alive:   # shut down normally
+                return
+            del c
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="prx-vllm-engine-watch", daemon=True).start()
 
 
 def engine_in_this_process_if_daemonic() -> None:
