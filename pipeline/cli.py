@@ -41,8 +41,8 @@ def _stage_command(args: argparse.Namespace) -> int:
 def _inspect_command(args: argparse.Namespace) -> int:
     from pipeline.inspect import folder_report, format_report, write_html
 
-    for folder in args.dirs:
-        report = folder_report(folder)
+    reports = [folder_report(folder) for folder in args.dirs]   # a folder that is none: exit 2 before any output
+    for folder, report in zip(args.dirs, reports):
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         if args.html:
             n = write_html(folder, args.html, args.max_images)

@@ -5,32 +5,61 @@ import base64
 import html
 import io
 import json
+import posixpath
 from collections import Counter
 from typing import Any
 
 import pyarrow.compute as pc
 
 from pipeline import fs, ledger
+from pipeline.errors import StageError
 from pipeline.images import ImageRejected
-from pipeline.runner import tar_member_bytes
-from pipeline.shards import Sample, list_shards, read_shard
+from pipeline.shards import MemberCaps, Members, Problem, Sample, list_shards, read_shard
 from pipeline.ledger import read_stage_json
+
+UNCAPPED = MemberCaps(*(1 << 62,) * 5)   # every member counted, whatever its size (none is read)
+DAMAGE = ("truncated_tar", "read_error")   # Problems that say the tar itself is damaged
+
+
+def shard_counts(path: str) -> tuple[int, Counter, Counter, str | None]:
+    """(samples, bytes by member, the reader's Problems by reason, what damages the tar or None) of one shard,
+    through the project's reader (sizes from the headers; nothing parsed). Damage: the first `truncated_tar` or
+    `read_error` row."""
+    samples, by_member, problems, damage = 0, Counter(), Counter(), None
+    for item in read_shard(path, UNCAPPED):
+        if isinstance(item, Problem):
+            problems[item.reason] += 1
+            if damage is None and item.reason in DAMAGE:
+                damage = item.detail
+            continue
+        samples += 1
+        members = item.members
+        by_member.update({m: members.size(m) if isinstance(members, Members) else len(members[m]) for m in members})
+    return samples, by_member, problems, damage
 
 
 def folder_report(folder: str) -> dict[str, Any]:
-    """Counts, members and sizes of one shard folder."""
+    """Counts, members and sizes of one shard folder; what the reader could not read, and the damaged shards."""
+    if not fs.exists(folder):
+        raise StageError(f"{folder} does not exist: give a shard folder (a stage's --out)")
     shards = list_shards(folder)
-    samples, member_bytes, member_count = 0, Counter(), Counter()
+    stage = read_stage_json(folder)
+    if not shards and stage is None:
+        raise StageError(f"{folder} holds no NNNNNN.tar shards and no _stage.json: give a shard folder (a stage's "
+                         "--out; for one shard, the folder holding it)")
+    samples, member_bytes, unreadable, damaged = 0, Counter(), Counter(), {}
     for path in shards:
-        n, by = tar_member_bytes(path)
+        n, by, problems, damage = shard_counts(path)
         samples += n
         member_bytes.update(by)
-        member_count.update({m: 1 for m in by})
+        unreadable.update(problems)
+        if damage:
+            damaged[posixpath.basename(path)] = damage
     table = ledger.read_folder(folder)
     outcomes = Counter(table.column("outcome").to_pylist()) if table.num_rows else Counter()
     reasons = Counter(f"{o}:{r}" for o, r in zip(table.column("outcome").to_pylist(),
                                                  table.column("reason").to_pylist()) if r)
-    stage = read_stage_json(folder) or {}
+    stage = stage or {}
     return {
         "folder": folder,
         "stage": stage.get("stage"),
@@ -38,6 +67,8 @@ def folder_report(folder: str) -> dict[str, Any]:
         "inputs": stage.get("inputs", []),
         "shards": len(shards),
         "samples": samples,
+        "unreadable": dict(sorted(unreadable.items())),
+        "damaged": damaged,
         "ledger_rows": table.num_rows,
         "outcomes": dict(outcomes),
         "reasons": dict(sorted(reasons.items())),
@@ -52,6 +83,11 @@ def format_report(r: dict[str, Any]) -> str:
              f"  ledger: {r['ledger_rows']} rows " + ", ".join(f"{k} {v}" for k, v in sorted(r["outcomes"].items()))]
     for reason, n in r["reasons"].items():
         lines.append(f"    {reason:<40} {n}")
+    if r["unreadable"]:
+        lines.append(f"  unreadable: {sum(r['unreadable'].values())} (" +
+                     ", ".join(f"{k} {v}" for k, v in r["unreadable"].items()) + ") not counted in the samples")
+    for shard, damage in r["damaged"].items():
+        lines.append(f"  DAMAGED {shard}: {damage}; rerun the stage that wrote it (it redoes damaged shards)")
     for m, b in r["bytes_per_sample"].items():
         lines.append(f"  member {m:<28} {b:>12,.0f} bytes/sample")
     if r["inputs"]:

@@ -475,28 +475,16 @@ def remove_written(stage: Stage, folder: str, doc: dict) -> None:
         fs.remove(path)
 
 
-def tar_problem(path: str) -> str | None:
-    """Why a published tar is damaged (None when whole): headers walked (data skipped by seeking), then the
-    two zero blocks of the end-of-archive marker must follow the last member."""
-    try:
-        total = fs.size(path)
-        with fs.open_file(path, "rb") as fh:
-            end = 0
-            try:
-                with tarfile.open(fileobj=fh, mode="r:") as tar:
-                    for _ in tar:
-                        pass
-                    end = tar.offset
-            except (tarfile.TarError, EOFError, OSError) as exc:
-                return f"tar unreadable ({exc})"
-            if total < end + 1024:
-                return f"tar truncated ({total:,} bytes; its members need {end + 1024:,})"
-            fh.seek(end)
-            if fh.read(1024) != bytes(1024):
-                return f"tar has no end-of-archive marker at byte {end:,}"
-    except (OSError, ValueError) as exc:
-        return f"tar unreadable ({exc})"
-    return None
+def tar_problem(path: str, ledger_path: str) -> str | None:
+    """Why a published tar is damaged (None when whole): its headers (data skipped by seeking) must hold
+    exactly the keys its ledger (`ledger_path`, readable) kept, then the end-of-archive marker and nothing
+    but zeros (`shards.shard_damage`)."""
+    from pipeline.shards import shard_damage
+
+    table = ledger.read(ledger_path)
+    kept = [k for k, o in zip(table.column("key").to_pylist(), table.column("outcome").to_pylist())
+            if o == ledger.KEPT]
+    return shard_damage(path, kept)
 
 
 def ledger_problem(path: str) -> str | None:
@@ -519,7 +507,7 @@ def redo_damaged(stage: Stage) -> list[str]:
         ledger_path = tar_path[:-4] + ".parquet"
         if not fs.exists(ledger_path):
             continue  # not finished: the runner redoes it anyway
-        why = ledger_problem(ledger_path) or tar_problem(tar_path)
+        why = ledger_problem(ledger_path) or tar_problem(tar_path, ledger_path)
         if why:
             print(f"{stage.name}: {name} is damaged: {why}; redoing shard {name[:-4]}", file=sys.stderr)
             fs.remove(tar_path)   # the tar first: a tar that exists always has its ledger

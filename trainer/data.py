@@ -235,9 +235,13 @@ class SourceStream:
         return self.src.shards[perm[self.src.rank + i * self.src.world]]
 
     def _problem(self, item: Problem, path: str) -> DataError:
-        return DataError(f"bad shard {path} (source {self.src.name!r}): {item.reason}"
-                         f"{': ' + item.detail if item.detail else ''} (sample {item.input_id}). Fix or remove "
-                         "the shard (re-run `prx-data encode` for it) and resume")
+        """The error for a reader Problem: a damaged tar (`truncated_tar`, `read_error`: a rerun of the encode
+        command that wrote it redoes it) or a bad sample in a readable one."""
+        damaged = item.reason in ("truncated_tar", "read_error")
+        fix = ("Rerun the `prx-data encode` command that wrote it (it redoes damaged shards)" if damaged else
+               "Fix or remove the shard (re-run `prx-data encode` for it)")
+        return DataError(f"{'damaged' if damaged else 'bad'} shard {path} (source {self.src.name!r}): {item.reason}"
+                         f"{': ' + item.detail if item.detail else ''} (sample {item.input_id}). {fix} and resume")
 
     def _read(self, g: int, offset: int) -> Sample | None:
         """The sample after the first `offset` of shard g, or None at its end."""

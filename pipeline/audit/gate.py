@@ -38,6 +38,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "refusals": ("rate", ("rate", "count")),
     "wrong_language": ("rate", ("rate", "count")),
     "clip": ("mean", ("mean", "median", "p5", "p95", "min", "max")),
+    "unreadable": ("samples", ("samples", "shards")),   # the group's folder: what the reader could not read
 }
 OPS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
        "==": lambda a, b: a == b, "!=": lambda a, b: a != b}

@@ -366,7 +366,8 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
 
     accs: dict[str, GroupAcc] = {}
     samples: Counter = Counter()       # (dataset, source) -> samples
-    problems: dict[str, Counter] = {}
+    problems: dict[str, Counter] = {}   # dataset -> what the reader could not read, by reason
+    damaged: Counter = Counter()        # dataset -> shards holding any of it
     detector = True
     timing: Counter = Counter()        # CPU seconds summed over shards (read, detector_load, language, figures)
                                        # and the executor's start (wall, driver)
@@ -377,6 +378,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         for source, n in extra["samples"].items():
             samples[(extra["dataset"], source)] += n
         problems.setdefault(extra["dataset"], Counter()).update(extra["problems"])
+        damaged[extra["dataset"]] += bool(extra["problems"])
         detector = detector and extra["detector"]
         timing.update(extra.get("seconds", {}))
         for gid, g in groups.items():
@@ -437,6 +439,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
             figures["missing"] = {"count": scope - figures["count"],
                                   "rate": (scope - figures["count"]) / scope if scope else 0.0,
                                   "samples": scope}
+        figures["unreadable"] = unreadable_figure(problems, damaged, dataset)
         groups.append({"name": "/".join(v for v in (dataset, source, variant) if v != ALL) or "all",
                        "dataset": dataset, "source": source, "variant": variant, "figures": figures})
 
@@ -447,7 +450,8 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         "by": by,
         "inputs": [{"dataset": lab, "dir": d, "shards": sum(1 for t in tasks if t.extra["dir"] == d),
                     "samples": sum(n for (ds, _), n in samples.items() if ds == lab),
-                    "unreadable": dict(problems.get(lab, {}))} for d, lab in zip(cfg.dirs, labels)],
+                    "unreadable": dict(problems.get(lab, {})), "unreadable_shards": damaged[lab]}
+                   for d, lab in zip(cfg.dirs, labels)],
         "params": dataclasses.asdict(params),
         "text_encoder": provenance.get("text_encoder"),
         "language_detector": provenance.get("language_detector") if detector else None,
@@ -466,6 +470,15 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
         write_stage_json(stage, chash, {"status": "complete", "finished": _now(),
                                         "counts": {"captions": report["captions"], "groups": len(groups)}})
     return report
+
+
+def unreadable_figure(problems: dict[str, Counter], damaged: Counter, dataset: str) -> dict[str, int]:
+    """What the reader could not read in a group's dataset (every dataset for `*`): rows that are no sample
+    (truncated_tar, ...) and samples whose json does not parse, and the shards holding them. Unreadable data
+    has no source or variant: every group of a dataset shows the same figure."""
+    labels = [lab for lab in problems if dataset in (ALL, lab)]
+    return {"samples": sum(sum(problems[lab].values()) for lab in labels),
+            "shards": sum(damaged[lab] for lab in labels)}
 
 
 # ------------------------------------------------------------------------------------------- terminal
@@ -501,6 +514,7 @@ def format_table(report: dict[str, Any]) -> str:
     for lab, stages in report["funnel"].items():
         if stages:
             out.append(f"funnel {lab}: " + " -> ".join(f"{s['stage']} {s['in']}>{s['kept']}" for s in stages))
+    out += unreadable_lines(report["inputs"])
     for note in report["unavailable"]:
         out.append(f"not computed: {note}")
     detector = report.get("language_detector")
@@ -508,6 +522,18 @@ def format_table(report: dict[str, Any]) -> str:
         out.append(f"language: {detector['name']} ({detector['model']}, {detector['package']} {detector['version']})")
     out.append(f"{report['captions']} captions in {report['seconds']:.1f}s")
     return "\n".join(out)
+
+
+def unreadable_lines(inputs: list[dict[str, Any]]) -> list[str]:
+    """One line per folder with anything the reader could not read (the gate's `unreadable`)."""
+    out = []
+    for i in inputs:
+        n = sum(i["unreadable"].values())
+        if n:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(i["unreadable"].items()))
+            out.append(f"UNREADABLE {i['dataset']}: {n} ({reasons}) in {i['unreadable_shards']} of {i['shards']} "
+                       f"shard(s); `prx-data inspect {i['dir']}` names the damaged shards")
+    return out
 
 
 # ------------------------------------------------------------------------------------------- command
