@@ -13,10 +13,14 @@ RUN/checkpoints/step-00001000/
     state.json                   step, optimizer hyper-parameters, config hash, counters
     loader-rank{R}.json          the loader's exact position after the last batch trained on: a few integers per
                                  source (open shards, offsets, shuffle block), draw counters, counts (see trainer.data)
+    checksums.json               {"sha256": {relative path: hex digest}} of every other file, written last
 A checkpoint is written under a temporary name and renamed when complete; `latest()` only sees complete ones.
+`problem(path)` says what is damaged in one (a file that differs from its checksum, is missing, or does not
+parse); `verify(path)` raises it as DamagedCheckpoint, a one-line error every CLI prints.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,9 +28,17 @@ import shutil
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from pipeline.errors import StageError
+
 CKPT_RE = re.compile(r"step-(\d{8})")
+CHECKSUMS = "checksums.json"
+
+
+class DamagedCheckpoint(StageError):
+    """A checkpoint file that differs from its checksum, is missing or does not parse; the message names it."""
 
 
 def ckpt_dir(run_dir: str, step: int) -> str:
@@ -48,6 +60,141 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
 def latest(run_dir: str) -> str | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+# ------------------------------------------------------------------------------------------- integrity
+def _files(path: str) -> list[str]:
+    """Every file in checkpoint folder `path`, relative, sorted, checksums.json left out."""
+    out = []
+    for root, _, names in os.walk(path):
+        out += [os.path.relpath(os.path.join(root, n), path) for n in names]
+    return sorted(f for f in out if f != CHECKSUMS)
+
+
+def _sha256(file: str, flush: bool = False) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+        if flush:
+            os.fsync(fh.fileno())
+    return h.hexdigest()
+
+
+def write_checksums(path: str) -> None:
+    """checksums.json: size and sha256 of every file in `path`, each file flushed to disk first (so a crash cannot
+    leave a published checkpoint cut short); written last, under a temporary name renamed into place."""
+    files = _files(path)
+    doc = {"sha256": {f: _sha256(os.path.join(path, f), flush=True) for f in files},
+           "bytes": {f: os.path.getsize(os.path.join(path, f)) for f in files}}
+    tmp = os.path.join(path, f".{CHECKSUMS}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(path, CHECKSUMS))
+
+
+def has_checksums(path: str) -> bool:
+    return os.path.exists(os.path.join(path, CHECKSUMS))
+
+
+def _read_json(file: str) -> Any:
+    try:
+        with open(file) as fh:
+            return json.load(fh)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise DamagedCheckpoint(f"{file} does not parse as JSON ({exc})") from None
+
+
+def _read_tensors(file: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except SafetensorError as exc:
+        raise DamagedCheckpoint(f"{file} does not parse as safetensors ({exc})") from None
+
+
+def _selected(rel: str, only: tuple[str, ...]) -> bool:
+    return not only or any(rel == o or rel.startswith(o + "/") for o in only)
+
+
+def _checksum_problem(path: str, only: tuple[str, ...]) -> str | None:
+    """The first file that differs from checksums.json (missing, other size, other sha256), or None."""
+    try:
+        doc = _read_json(os.path.join(path, CHECKSUMS))
+        sums, sizes = doc["sha256"], doc["bytes"]
+    except (DamagedCheckpoint, KeyError, TypeError) as exc:
+        return f"{CHECKSUMS} does not parse ({exc})"
+    for rel in sorted(r for r in sums if _selected(r, only)):
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            return f"{rel} is missing"
+        if os.path.getsize(file) != sizes.get(rel):
+            return f"{rel} is {os.path.getsize(file)} bytes, {CHECKSUMS} records {sizes.get(rel)}"
+        if _sha256(file) != sums[rel]:
+            return f"{rel} checksum mismatch"
+    return None
+
+
+def _parse_problem(path: str, rel: str) -> str | None:
+    """Why file `rel` of checkpoint `path` does not parse (JSON; safetensors header and length), or None."""
+    file = os.path.join(path, rel)
+    try:
+        if rel.endswith(".json"):
+            with open(file) as fh:
+                doc = json.load(fh)
+            if rel == "state.json" and not (isinstance(doc, dict) and isinstance(doc.get("step"), int)):
+                return "state.json has no integer step"
+        elif rel.endswith(".safetensors"):
+            with safe_open(file, "pt"):
+                pass
+    except (ValueError, SafetensorError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"{rel} does not parse ({exc})"
+    return None
+
+
+def _required(path: str) -> list[str]:
+    """The files --resume reads (every rank's RNG and loader state)."""
+    state = os.path.join(path, "state.json")
+    world = _read_json(state).get("world_size", 1) if os.path.isfile(state) else 0
+    ranks = [f"{kind}-rank{r}.{ext}" for r in range(int(world)) for kind, ext in
+             (("rng", "safetensors"), ("loader", "json"))]
+    return ["state.json", "optimizer.json", "optimizer.safetensors", "transformer/config.json", *ranks]
+
+
+def problem(path: str, only: tuple[str, ...] = ()) -> str | None:
+    """What is damaged in checkpoint `path` ("FILE why", the first found), or None when it is intact: files
+    checksums.json records must match it (a checkpoint without one is checked by parsing alone), every file must
+    parse, and all the files --resume reads must be there. `only`: just these files or folders."""
+    if has_checksums(path) and (why := _checksum_problem(path, only)):
+        return why
+    for rel in (f for f in _files(path) if _selected(f, only)):
+        if why := _parse_problem(path, rel):
+            return why
+    if not only:
+        missing = [rel for rel in _required(path) if not os.path.isfile(os.path.join(path, rel))]
+        if missing:
+            return f"{missing[0]} is missing"
+    return None
+
+
+def verify(path: str, only: tuple[str, ...] = ()) -> None:
+    """Raise DamagedCheckpoint naming the damaged file of checkpoint `path` (see `problem`)."""
+    why = problem(path, only)
+    if why:
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {why}; use another checkpoint of the run")
+
+
+def set_aside(path: str) -> str:
+    """Rename damaged checkpoint `path` to damaged-step-N (-2, -3, ... when taken), out of list_checkpoints' sight;
+    returns the new path."""
+    root, name = os.path.split(path)
+    dest, n = os.path.join(root, f"damaged-{name}"), 1
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(root, f"damaged-{name}-{n}")
+    os.replace(path, dest)
+    return dest
 
 
 def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -149,7 +296,7 @@ def aux_tensors(denoiser, ema=None) -> dict[str, torch.Tensor]:
 def load_aux(path: str, denoiser, ema=None) -> None:
     """Restore the auxiliary modules (and their EMA) from `path/aux.safetensors`; both sides must agree."""
     file = os.path.join(path, "aux.safetensors")
-    tensors = load_file(file) if os.path.exists(file) else {}
+    tensors = _read_tensors(file) if os.path.exists(file) else {}
     have = {k.split(".", 1)[0] for k in tensors if not k.startswith("ema.")}
     want = set(denoiser.aux.keys()) if denoiser is not None else set()
     if have != want:
@@ -181,15 +328,26 @@ def write_main(tmp: str, model: torch.nn.Module, optimizer, state: dict[str, Any
 
 
 def publish(run_dir: str, step: int, keep: int = 0) -> str:
-    """Rename the finished temporary folder into place; drop old checkpoints beyond `keep`."""
+    """Write checksums.json into the finished temporary folder, rename it into place, then drop old checkpoints
+    beyond `keep` (after the rename is on disk)."""
     final = ckpt_dir(run_dir, step)
+    write_checksums(tmp_dir(run_dir, step))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp_dir(run_dir, step), final)
+    _fsync_dir(os.path.dirname(final))
     if keep > 0:
         for _, path in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_weights(path: str, sub: str = "transformer") -> dict[str, torch.Tensor]:
@@ -200,7 +358,7 @@ def read_weights(path: str, sub: str = "transformer") -> dict[str, torch.Tensor]
         raise FileNotFoundError(f"{folder}: no .safetensors weights")
     sd = {}
     for f in files:
-        sd.update(load_file(os.path.join(folder, f)))
+        sd.update(_read_tensors(os.path.join(folder, f)))
     return sd
 
 
@@ -217,8 +375,7 @@ def load(path: str, rank: int, model: torch.nn.Module, optimizer, generator: tor
          ema=None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model (+ auxiliary modules, EMA), optimizer and RNG in place; returns (state.json, this rank's
     loader state)."""
-    with open(os.path.join(path, "state.json")) as fh:
-        state = json.load(fh)
+    state = _read_json(os.path.join(path, "state.json"))
     load_weights(model, path)
     load_aux(path, denoiser, ema)
     if ema is not None:
@@ -226,17 +383,14 @@ def load(path: str, rank: int, model: torch.nn.Module, optimizer, generator: tor
             raise ValueError(f"{path} has no transformer_ema/: it was written without --ema-decay; resume with the "
                              "same --ema-decay as the run that wrote it")
         ema.load(read_weights(path, "transformer_ema"), prefix="transformer.")
-    with open(os.path.join(path, "optimizer.json")) as fh:
-        meta = json.load(fh)
-    load_optimizer(optimizer, load_file(os.path.join(path, "optimizer.safetensors")), meta)
+    meta = _read_json(os.path.join(path, "optimizer.json"))
+    load_optimizer(optimizer, _read_tensors(os.path.join(path, "optimizer.safetensors")), meta)
     rng_path = os.path.join(path, f"rng-rank{rank}.safetensors")
     if not os.path.exists(rng_path):
         raise FileNotFoundError(f"{path} has no state for rank {rank}: resume with the same number of processes "
                                 f"({state.get('world_size')})")
-    restore_rng(load_file(rng_path), generator)
-    with open(os.path.join(path, f"loader-rank{rank}.json")) as fh:
-        loader_state = json.load(fh)
-    return state, loader_state
+    restore_rng(_read_tensors(rng_path), generator)
+    return state, _read_json(os.path.join(path, f"loader-rank{rank}.json"))
 
 
 # ------------------------------------------------------------------------------------------- fine-tune start
@@ -263,8 +417,11 @@ def load_parent(init_from: str, weights: str, denoiser, vae: dict, text_encoder:
     if not os.path.isdir(os.path.join(ckpt, sub)):
         raise FileNotFoundError(f"--init-from {init_from}: {ckpt} has no {sub}/ (EMA weights exist only for runs "
                                 "trained with --ema-decay > 0); use --init-weights raw")
-    with open(os.path.join(ckpt, sub, "config.json")) as fh:
-        parent_cfg = json.load(fh)
+    why = problem(ckpt, only=(sub, "aux.safetensors", "state.json"))
+    if why:
+        raise DamagedCheckpoint(f"--init-from {init_from}: checkpoint {ckpt} is damaged: {why}; pass an intact "
+                                "checkpoint folder (RUN/checkpoints/step-N) of the parent")
+    parent_cfg = _read_json(os.path.join(ckpt, sub, "config.json"))
     mine = dict(denoiser.transformer.config)
     diff = sorted(k for k in mine if not k.startswith("_") and k in parent_cfg and parent_cfg[k] != mine[k])
     if diff:
@@ -273,8 +430,7 @@ def load_parent(init_from: str, weights: str, denoiser, vae: dict, text_encoder:
     data_file = os.path.join(run_dir, "data.json")
     if not os.path.exists(data_file):
         raise FileNotFoundError(f"--init-from {init_from}: {data_file} is missing, so the parent's encoders are unknown")
-    with open(data_file) as fh:
-        parent_data = json.load(fh)
+    parent_data = _read_json(data_file)
     for label, key, now in (("VAE", "vae", vae), ("text encoder", "text_encoder", text_encoder)):
         if not _same_encoder(parent_data.get(key) or {}, now or {}):
             raise ValueError(f"--init-from {init_from}: the parent was trained on shards from another {label} "
@@ -282,7 +438,7 @@ def load_parent(init_from: str, weights: str, denoiser, vae: dict, text_encoder:
                              "shards encoded with the parent's encoders")
     load_weights(denoiser.transformer, ckpt, sub)
     file = os.path.join(ckpt, "aux.safetensors")
-    parent_aux = load_file(file) if os.path.exists(file) else {}
+    parent_aux = _read_tensors(file) if os.path.exists(file) else {}
     prefix = "ema.sprint_fusion." if weights == "ema" and any(k.startswith("ema.") for k in parent_aux) \
         else "sprint_fusion."
     fusion = {k[len(prefix):]: v for k, v in parent_aux.items() if k.startswith(prefix)}
@@ -291,6 +447,5 @@ def load_parent(init_from: str, weights: str, denoiser, vae: dict, text_encoder:
                          "part of the model; fine-tune it with --routing sprint too")
     if fusion:
         denoiser.aux["sprint_fusion"].load_state_dict({**denoiser.aux["sprint_fusion"].state_dict(), **fusion})
-    with open(os.path.join(ckpt, "state.json")) as fh:
-        step = json.load(fh).get("step")
+    step = _read_json(os.path.join(ckpt, "state.json")).get("step")
     return {"init_from": os.path.abspath(ckpt), "run": os.path.abspath(run_dir), "step": step, "weights": weights}

@@ -8,14 +8,16 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Callable
 
 import torch
 
-from pipeline.config import config_hash, content_fields, save_yaml
+from pipeline.config import ConfigError, config_hash, content_fields, save_yaml
+from pipeline.lock import LockHeld, exclusive
 from trainer import ablations, checkpoint, metrics
 from trainer.batches import LoaderFeed, LoaderSettings, RankAgreement, StepStats, device_inputs
 from trainer.config import TrainConfig, absolute_paths, load_mixture, refuse_unsafe, unsafe_changes
@@ -68,6 +70,90 @@ def _resolve_run_dir(cfg: TrainConfig) -> str:
     return cfg.out
 
 
+@contextmanager
+def _run_lock(run_dir: str, rank: int, world: int):
+    """Rank 0 holds RUN's lock (pipeline.lock) for the whole run; when another process holds it, every rank stops
+    with the holder's name."""
+    with ExitStack() as stack:
+        held = None
+        if rank == 0:
+            try:
+                stack.enter_context(exclusive(run_dir, f"prx-train on {run_dir}"))
+            except LockHeld as exc:
+                held = str(exc)
+        held = _from_rank0(world, held)
+        if held:
+            raise _agreed(LockHeld(held), world)
+        yield
+
+
+def _resume_point(cfg: TrainConfig, rank: int, world: int) -> str | None:
+    """--resume RUN: its newest intact checkpoint, refused unless the run can continue from it with these flags.
+    Rank 0 checks the checkpoints (checkpoint.problem), says which it skipped and why, and sets them aside."""
+    if not cfg.resume:
+        return None
+    picked = _pick_intact(cfg.resume) if rank == 0 else None
+    path, damaged = _from_rank0(world, picked)
+    if path is None and not damaged:
+        raise FileNotFoundError(f"--resume {cfg.resume}: no complete checkpoint in {cfg.resume}/checkpoints")
+    if path is None:
+        found = "; ".join(f"{os.path.basename(p)}: {why}" for p, why in damaged)
+        raise _agreed(checkpoint.DamagedCheckpoint(
+            f"--resume {cfg.resume}: no intact checkpoint ({found}); restore one from a copy, or start a new run "
+            "with --out"), world)
+    if rank == 0:
+        for p, why in damaged:
+            print(f"prx-train: skipped checkpoint {p}: {why} (moved to {checkpoint.set_aside(p)})", file=sys.stderr)
+        if not checkpoint.has_checksums(path):
+            print(f"prx-train: note: {path} has no {checkpoint.CHECKSUMS} (written before checkpoints carried "
+                  "checksums): its files parse, a changed byte inside them would go unnoticed", file=sys.stderr)
+    try:
+        _check_resume(cfg, path, world)
+    except (ConfigError, ValueError) as exc:
+        raise _agreed(exc, world)
+    return path
+
+
+def _pick_intact(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(the newest intact checkpoint or None, [(newer damaged checkpoint, what is damaged)])."""
+    damaged = []
+    for _, path in reversed(checkpoint.list_checkpoints(run_dir)):
+        why = checkpoint.problem(path)
+        if why is None:
+            return path, damaged
+        damaged.append((path, why))
+    return None, damaged
+
+
+def _check_resume(cfg: TrainConfig, path: str, world: int) -> None:
+    """The run can continue from checkpoint `path` with these flags: same processes, only safe flags changed,
+    --steps beyond the checkpoint's step."""
+    ablations.check_resume(cfg, path)
+    with open(os.path.join(path, "state.json")) as fh:
+        state = json.load(fh)
+    if state.get("world_size", 1) != world:
+        raise ValueError(f"{path} was written by {state.get('world_size')} processes; resume with as many")
+    now = json.loads(json.dumps(content_fields(cfg), default=str))
+    refuse_unsafe(unsafe_changes(state.get("config", {}), now), state.get("config", {}), now, cfg.resume)
+    if cfg.steps <= state["step"]:
+        raise ValueError(f"--resume {cfg.resume}: the run is already at step {state['step']} ({path}); --steps "
+                         f"{cfg.steps} must be larger to train further (prx-train --resume {cfg.resume} --steps N)")
+
+
+def _from_rank0(world: int, value):
+    """Rank 0's `value` on every rank."""
+    if world == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _agreed(exc: Exception, world: int) -> Exception:
+    exc.agreed = world > 1  # every rank raises it: the CLI lets every rank print before any exits
+    return exc
+
+
 def loader_settings(cfg: TrainConfig, rank: int, batch_size: int | None = None, seed: int | None = None):
     return LoaderSettings(batch_size or cfg.batch_size, cfg.seed if seed is None else seed, rank, cfg.text_max_length,
                           cfg.open_shards, cfg.shuffle_buffer)
@@ -104,6 +190,14 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     mixture = load_mixture(cfg)
     spec = open_sources(mixture, cfg.vae, cfg.text_encoder, rank, world,  # refuse bad data before writing anything
                         with_repa=cfg.repa_weight > 0)
+    with _run_lock(run_dir, rank, world):
+        resume_from = _resume_point(cfg, rank, world)  # refuses before anything is written
+        return _train(cfg, on_step, spec, device, run_dir, resume_from)
+
+
+def _train(cfg: TrainConfig, on_step, spec: DataSpec, device: torch.device, run_dir: str,
+           resume_from: str | None) -> dict[str, Any]:
+    rank, world, local_rank = dist_env()
     os.makedirs(run_dir, exist_ok=True)
     _setup_logging(run_dir, rank)
     oc = ObjectiveConfig.from_train_config(cfg)
@@ -124,19 +218,11 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     chash = config_hash(cfg, {"sources": [(s.name, s.folder, s.weight) for s in spec.sources],
                               "world_size": world})
     start, loader_state = 0, None
-    if cfg.resume:
-        path = checkpoint.latest(cfg.resume)
-        if path is None:
-            raise FileNotFoundError(f"--resume {cfg.resume}: no complete checkpoint in {cfg.resume}/checkpoints")
-        ablations.check_resume(cfg, path)
-        state, loader_state = checkpoint.load(path, rank, model, optimizer, generator, abl.denoiser, abl.ema)
-        if state.get("world_size", 1) != world:
-            raise ValueError(f"{path} was written by {state.get('world_size')} processes; resume with as many")
-        now = json.loads(json.dumps(content_fields(cfg), default=str))
-        refuse_unsafe(unsafe_changes(state.get("config", {}), now), state.get("config", {}), now, cfg.resume)
+    if resume_from:
+        state, loader_state = checkpoint.load(resume_from, rank, model, optimizer, generator, abl.denoiser, abl.ema)
         start = int(state["step"])
         if rank == 0:
-            log.info("resumed from %s at step %d", path, start)
+            log.info("resumed from %s at step %d", resume_from, start)
     ablations.start(abl, cfg, start)
     if rank == 0:
         _write_run_records(run_dir, cfg, spec, world, chash, abl.parent)
@@ -295,6 +381,7 @@ def _count_summary(counts: dict) -> dict[str, str]:
 def _save(run_dir, step, rank, world, model, optimizer, generator, feed, cfg, chash, abl=None):
     tmp = checkpoint.tmp_dir(run_dir, step)
     if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left there
         os.makedirs(tmp, exist_ok=True)
     _barrier(world)
     checkpoint.write_rank_files(tmp, rank, generator, feed.state())
