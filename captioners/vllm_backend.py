@@ -119,12 +119,15 @@ def build_request(req: Request, chat_prompt: Callable[[str], str] = qwen_chat_pr
     return {"prompt": chat_prompt(req.prompt), "multi_modal_data": {"image": req.image}}
 
 
-def sampling_kwargs(sampling: dict[str, Any], req: Request, want_logprobs: bool = True) -> dict[str, Any]:
+def sampling_kwargs(sampling: dict[str, Any], req: Request, want_logprobs: bool = True,
+                    ignore_eos: bool = False) -> dict[str, Any]:
     """Keyword arguments for one `vllm.SamplingParams(...)`."""
     kw = dict(sampling)
     kw["max_tokens"] = int(req.max_new_tokens)
     kw["seed"] = int(req.seed)
     kw["skip_special_tokens"] = True
+    if ignore_eos:
+        kw["ignore_eos"] = True
     if want_logprobs:
         kw["logprobs"] = 0  # the sampled token's logprob only
     return kw
@@ -164,15 +167,17 @@ class VLLMBackend(Backend):
                  min_pixels: int = DEFAULT_MIN_PIXELS, max_model_len: int = 8192,
                  gpu_memory_utilization: float = 0.9, seed: int = 0, dtype: str = "auto",
                  chat_prompt: Callable[[str], str] = qwen_chat_prompt, llm: Any = None,
-                 sampling_params_cls: Any = None, platform: str | None = None):
+                 sampling_params_cls: Any = None, platform: str | None = None, ignore_eos: bool = False):
         """`llm` / `sampling_params_cls` inject an engine and params class (tests); otherwise vllm is imported.
-        `platform` ("cuda" or "cpu") picks the engine settings; by default, the one vLLM finds here."""
+        `platform` ("cuda" or "cpu") picks the engine settings; by default, the one vLLM finds here.
+        ignore_eos: always generate max_new_tokens (benchmarks at a fixed output length)."""
         from pipeline.models import resolve
 
         self.spec = resolve(model)
         self._sampling = sampling_mod.effective("vllm", sampling)
         self.max_pixels, self.min_pixels = int(max_pixels), int(min_pixels)
         self.chat_prompt = chat_prompt
+        self.ignore_eos = bool(ignore_eos)
         if llm is None or sampling_params_cls is None:
             ok, why = vllm_available()
             if not ok:
@@ -200,7 +205,7 @@ class VLLMBackend(Backend):
 
     def build(self, requests: list[Request]) -> tuple[list[dict[str, Any]], list[Any]]:
         prompts = [build_request(r, self.chat_prompt) for r in requests]
-        params = [self.params_cls(**sampling_kwargs(self._sampling, r)) for r in requests]
+        params = [self.params_cls(**sampling_kwargs(self._sampling, r, ignore_eos=self.ignore_eos)) for r in requests]
         return prompts, params
 
     def close(self) -> None:
