@@ -932,14 +932,16 @@ class _Tail:
     clean: bool = True
     marker: bool = False
     names: list[str] = field(default_factory=list)
+    _head: bytes = b""      # the region's first 1,024 bytes
     _skip: int = 0          # region offset up to which a found member's data runs: not scanned for headers
     _long: bool = False     # the last header found gives the next one's long name (pax, GNU): that name is not it
 
     def feed(self, chunk: bytes) -> None:
         """The next bytes of the region (chunks of a multiple of 512 bytes, but the last)."""
         pos, self.size = self.size, self.size + len(chunk)
-        if pos == 0:
-            self.marker = chunk[:1024] == _ZERO_BLOCK * 2
+        if pos < 1024:
+            self._head += chunk[:1024 - pos]
+            self.marker = self._head == _ZERO_BLOCK * 2
         if self.clean and chunk == bytes(len(chunk)):
             return
         self.clean = False

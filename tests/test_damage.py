@@ -214,3 +214,33 @@ def test_train_names_the_damaged_shard(tmp_path, capsys):
     line = err.strip().splitlines()[-1]
     assert line.startswith("prx-train: error: damaged shard") and str(tar) in line, err
     assert f"truncated_tar: the tar is unreadable from byte {offset:,}" in line and "prx-data encode" in line
+
+
+@pytest.mark.parametrize("chunk", [512, 1536, 1 << 20])
+def test_the_rows_do_not_depend_on_how_the_shard_is_read(raw, monkeypatch, chunk):
+    """Read whole, by pread or streamed (memory://), in any chunk size: the same rows for the same damage."""
+    import fsspec
+
+    from pipeline import shards
+
+    tar = raw / "000000.tar"
+    offset, _, keys = _middle_header(tar)
+    _zero(tar, offset)
+    url = f"memory://damage-{chunk}/000000.tar"
+    with fsspec.open(url, "wb") as fh:
+        fh.write(tar.read_bytes())
+
+    def rows(path):
+        return [(x.key, x.reason, x.detail) if isinstance(x, Problem) else (x.key, sorted(x.members))
+                for x in read_shard(path)]
+
+    twice = raw / "000001.tar"   # an end-of-archive marker at the damage, then the whole shard again
+    twice.write_bytes(tar.read_bytes()[:offset] + bytes(1024) + tar.read_bytes())
+    expected = [rows(str(tar)), rows(str(twice))]
+    assert [r[0] for r in expected[0]] == keys and [r[0] for r in expected[1]] == keys
+    assert [r[1] for r in expected[1][5:]] == ["truncated_tar"] * 5   # keys 0-4 were read before the marker
+    assert "data follows its end-of-archive marker" in expected[1][5][2]
+    monkeypatch.setattr(shards, "TAIL_CHUNK", chunk)
+    assert rows(url) == expected[0]
+    monkeypatch.setattr(shards, "WHOLE_SHARD", 0)
+    assert [rows(str(tar)), rows(str(twice))] == expected
