@@ -185,13 +185,46 @@ def _all_readers(path_local: str, url: str, caps=UNCAPPED):
     return old, indexed, streamed
 
 
+REGION = "is unreadable from byte"   # the rows for what follows a tar's apparent end (issue 28)
+
+
+def _as_old(items: list[tuple], old: list[tuple]) -> tuple[list[tuple], list[tuple]]:
+    """(what the reader gave, what the old reader gave) without what issue 28 added: the truncated_tar rows for
+    an unreadable region after the headers' apparent end, and the sample being read when the walk ended there
+    (the old reader yielded it as read, the last thing it yielded; the reader now says it may miss members)."""
+    cut = {t[1] for t in items if t[0] == "P" and REGION in t[4] and "may be missing members" in t[4]}
+    return ([t for t in items if not (t[0] == "P" and REGION in t[4])],
+            [t for t in old if not (t[1] in cut and t is old[-1])])
+
+
+def _unreadable_after(data: bytes) -> bool | None:
+    """Whether tarfile's walk over `data` ends quietly with anything but zeros after it (None: it raises)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for _ in tar:
+                pass
+            return bool(data[tar.offset:].strip(b"\0"))
+    except (tarfile.TarError, EOFError, OSError, ValueError, OverflowError):
+        return None
+
+
+def _check_against_old(data: bytes, old, indexed, streamed, what) -> None:
+    """Both paths agree; they give what the old reader gave but for issue 28's rows, which come exactly when
+    tarfile's walk ends quietly with anything but zeros after it."""
+    assert indexed == streamed, what
+    mine, theirs = _as_old(indexed, old)
+    assert mine == theirs, what
+    after = _unreadable_after(data)
+    if after is not None:
+        assert after == any(t[0] == "P" and REGION in t[4] for t in indexed), what
+
+
 @pytest.mark.parametrize("case", sorted({**BASES, **HOSTILE}))
 def test_same_as_old_reader_on_hostile_tars(tmp_path, case):
     data = {**BASES, **HOSTILE}[case]
     local = _write(tmp_path, "000000.tar", data)
     old, indexed, streamed = _all_readers(local, _memory(f"{case}/000000.tar", data))
-    assert indexed == old
-    assert streamed == old
+    _check_against_old(data, old, indexed, streamed, case)
     assert old or case == "zeros", "every case but an empty archive yields something"
 
 
@@ -275,8 +308,7 @@ def test_same_as_old_reader_on_random_corruptions(tmp_path, monkeypatch, whole):
         data = corrupt(bases[seed % len(bases)], rng)
         local = _write(tmp_path, f"{seed}/000000.tar", data)
         old, indexed, streamed = _all_readers(local, _memory(f"{seed}/000000.tar", data))
-        assert indexed == old, f"seed {seed}"
-        assert streamed == old, f"seed {seed}"
+        _check_against_old(data, old, indexed, streamed, f"seed {seed}")
         kinds.update(t[3] if t[0] == "P" else "sample" for t in old)
         quick += _plain_headers(_ShardFile(local)) is not None
         fsspec.filesystem("memory").rm(f"/reader-test/{seed}", recursive=True)
