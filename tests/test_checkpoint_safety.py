@@ -98,6 +98,7 @@ def test_published_checkpoint_records_every_file(finished):
     (flip_byte, "optimizer.safetensors", "checksum mismatch"),        # parses, but one byte differs
     (garbage, "state.json", "is 9 bytes, checksums.json records"),
     (os.remove, "rng-rank0.safetensors", "is missing"),
+    (garbage, "checksums.json", "does not parse"),
 ])
 def test_resume_falls_back_past_a_damaged_checkpoint(finished, run_dir, capsys, damage, file, why):
     """The newest checkpoint damaged: resume says which it skipped and why, sets it aside, resumes from step 2,

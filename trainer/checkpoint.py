@@ -120,19 +120,23 @@ def _selected(rel: str, only: tuple[str, ...]) -> bool:
 
 def _checksum_problem(path: str, only: tuple[str, ...]) -> str | None:
     """The first file that differs from checksums.json (missing, other size, other sha256), or None."""
-    try:
-        doc = _read_json(os.path.join(path, CHECKSUMS))
-        sums, sizes = doc["sha256"], doc["bytes"]
-    except (DamagedCheckpoint, KeyError, TypeError) as exc:
-        return f"{CHECKSUMS} does not parse ({exc})"
+    if why := _parse_problem(path, CHECKSUMS):
+        return why
+    doc = _read_json(os.path.join(path, CHECKSUMS))
+    sums, sizes = (doc.get("sha256"), doc.get("bytes")) if isinstance(doc, dict) else (None, None)
+    if not (isinstance(sums, dict) and isinstance(sizes, dict)):
+        return f"{CHECKSUMS} has no sha256 and bytes tables"
     for rel in sorted(r for r in sums if _selected(r, only)):
         file = os.path.join(path, rel)
         if not os.path.isfile(file):
             return f"{rel} is missing"
         if os.path.getsize(file) != sizes.get(rel):
             return f"{rel} is {os.path.getsize(file)} bytes, {CHECKSUMS} records {sizes.get(rel)}"
-        if _sha256(file) != sums[rel]:
-            return f"{rel} checksum mismatch"
+        try:
+            if _sha256(file) != sums[rel]:
+                return f"{rel} checksum mismatch"
+        except OSError as exc:  # a bad disk sector (EIO), a permission
+            return f"{rel} cannot be read ({exc.strerror})"
     return None
 
 
@@ -150,6 +154,8 @@ def _parse_problem(path: str, rel: str) -> str | None:
                 pass
     except (ValueError, SafetensorError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return f"{rel} does not parse ({exc})"
+    except OSError as exc:
+        return f"{rel} cannot be read ({exc.strerror})"
     return None
 
 
@@ -157,7 +163,7 @@ def _required(path: str) -> list[str]:
     """The files --resume reads (every rank's RNG and loader state)."""
     state = os.path.join(path, "state.json")
     world = _read_json(state).get("world_size", 1) if os.path.isfile(state) else 0
-    ranks = [f"{kind}-rank{r}.{ext}" for r in range(int(world)) for kind, ext in
+    ranks = [f"{kind}-rank{r}.{ext}" for r in range(world if isinstance(world, int) else 1) for kind, ext in
              (("rng", "safetensors"), ("loader", "json"))]
     return ["state.json", "optimizer.json", "optimizer.safetensors", "transformer/config.json", *ranks]
 
