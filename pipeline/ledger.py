@@ -33,10 +33,12 @@ REASONS: dict[str, tuple[str, str]] = {
     # tar structure (the safe reader)
     "unsafe_member_name": (FAILED, "tar member with a path-like name (/, .., absolute): not extracted"),
     "duplicate_member": (FAILED, "tar member name repeated within a shard; the first one is kept"),
-    "truncated_tar": (FAILED, "tar ends in the middle of a member; later samples of that shard are lost"),
+    "truncated_tar": (FAILED, "the tar ends inside a member, or is unreadable from a damaged header on (a row "
+                              "per key found after it); later samples of that shard are lost"),
     "bad_member": (FAILED, "a known member (json, safetensors, ...) that does not parse or has wrong dtype/shape"),
-    "not_a_regular_file": (FAILED, "tar member that is a link, device or folder"),
-    "member_too_large": (REJECTED, "tar member larger than its kind's cap (--max-member-bytes-KIND): never read"),
+    "not_a_regular_file": (FAILED, "a tar member or folder input that is a link, device, FIFO or folder"),
+    "member_too_large": (REJECTED, "a tar member or folder file larger than its kind's cap "
+                                   "(--max-member-bytes-KIND): never read"),
     "sparse_member": (FAILED, "GNU/pax sparse tar member: refused, never expanded"),
     # download (img2dataset)
     "http_error": (FAILED, "HTTP error status other than those below"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import json
 import os
@@ -447,6 +448,13 @@ def execute(steps: list[Step], todo: list[Step], manifest: str, run: RunConfig) 
             except (ConfigError, StageError, FileNotFoundError) as exc:
                 _fail(step, manifest, run, str(exc))
                 return 2, outcomes
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                from pipeline.cli import disk_full
+
+                _fail(step, manifest, run, disk_full(exc, step.folder))
+                return 1, outcomes
             except Exception as exc:  # noqa: BLE001 - a crash inside a stage: say which, then how to rerun
                 traceback.print_exc()
                 _fail(step, manifest, run, f"{type(exc).__name__}: {exc}")

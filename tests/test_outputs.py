@@ -236,3 +236,19 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(raw, tmp_path, capsys):
     proc.wait()
     assert prx_data(["ingest", "--in", str(raw), "--out", str(out), *LOCAL]) == 0
     assert "took over the lock" in capsys.readouterr().err
+
+
+def test_a_full_disk_in_prx_data_run_is_one_line_exit_1(raw, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import pipeline.run as run_mod
+
+    def full(step, scheduler):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "01-ingest"))
+
+    monkeypatch.setattr(run_mod, "run_step", full)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"name": "m", "stages": [{"ingest": {"in": str(raw)}}]}))
+    assert prx_data(["run", str(manifest), "--root", str(tmp_path / "run"), *LOCAL]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no space left on device writing" in err, err
