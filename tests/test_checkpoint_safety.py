@@ -224,3 +224,16 @@ def test_two_ranks_fall_back_together(finished, tmp_path):
     assert f"{step_dir(run, 4)}: rng-rank1.safetensors checksum mismatch" in err, err
     assert f"resumed from {step_dir(run, 2)} at step 2" in open(os.path.join(run, "train.log")).read()
     assert open(victim, "rb").read() == original
+
+
+@pytest.mark.parametrize("damage", [truncate, flip_byte])
+def test_sample_eval_and_export_name_a_damaged_checkpoint(run_dir, damage):
+    """prx-sample, prx-eval and prx-export open a checkpoint through `open_run`: damage is a StageError naming
+    the file (their CLIs print it as one line), never a diffusers traceback or silently loaded weights."""
+    from pipeline.errors import StageError
+    from trainer.sample import open_run
+
+    damage(os.path.join(step_dir(run_dir, 4), "transformer", "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(StageError, match="diffusion_pytorch_model.safetensors"):
+        open_run(run=run_dir, weights="raw")
+    assert open_run(ckpt=step_dir(run_dir, 2), weights="raw").step == 2

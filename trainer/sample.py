@@ -33,7 +33,7 @@ import yaml
 
 from pipeline.config import ConfigError, add_arguments, build_config, check_bounds, option, quote, save_yaml
 from pipeline.errors import StageError
-from trainer.checkpoint import CKPT_RE, ckpt_dir, list_checkpoints
+from trainer.checkpoint import CKPT_RE, ckpt_dir, list_checkpoints, verify
 from trainer.objective import shift_timesteps, velocity_from_x
 
 RAW, EMA = "transformer", "transformer_ema"
@@ -121,7 +121,9 @@ def open_run(run: str | None = None, ckpt: str | None = None, weights: str | Non
         raise StageError(f"{run_dir} was trained with routing: sprint, which keeps a fusion layer at inference "
                          "(aux.safetensors) that PRXTransformer2DModel and PRXPipeline do not have; sampling it "
                          "is not supported")
-    return RunInfo(run_dir, path, step, weights or ("ema" if has_ema else "raw"), config, data)
+    chosen = weights or ("ema" if has_ema else "raw")
+    verify(path, only=(EMA if chosen == "ema" else RAW,))  # a damaged checkpoint is named, not a traceback
+    return RunInfo(run_dir, path, step, chosen, config, data)
 
 
 def model_name(record: dict[str, Any]) -> str:
