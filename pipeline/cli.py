@@ -41,6 +41,11 @@ def _stage_command(args: argparse.Namespace) -> int:
 def _inspect_command(args: argparse.Namespace) -> int:
     from pipeline.inspect import folder_report, format_report, write_html
 
+    if args.html:  # the page lands neither on nor inside an inspected folder, nor over a file prx did not write
+        from pipeline.runner import check_no_overlap, check_report_path
+
+        check_no_overlap([args.html], list(args.dirs))
+        check_report_path(args.html)
     reports = [folder_report(folder) for folder in args.dirs]   # a folder that is none: exit 2 before any output
     for folder, report in zip(args.dirs, reports):
         print(json.dumps(report, indent=2) if args.json else format_report(report))

@@ -252,3 +252,13 @@ def test_a_full_disk_in_prx_data_run_is_one_line_exit_1(raw, tmp_path, capsys, m
     assert prx_data(["run", str(manifest), "--root", str(tmp_path / "run"), *LOCAL]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and "no space left on device writing" in err, err
+
+
+def test_inspect_html_never_lands_on_an_input_or_a_foreign_file(raw, tmp_path, capsys):
+    notes = tmp_path / "notes.html"
+    notes.write_text("<p>my notes</p>")
+    for path in (f"{raw}/000000.tar", f"{raw}/grid.html"):
+        _refused(["inspect", str(raw), "--html", path], raw, capsys, "input")
+    _refused(["inspect", str(raw), "--html", str(notes)], tmp_path, capsys, "not a report prx wrote")
+    for _ in range(2):  # its own page is replaced
+        assert prx_data(["inspect", str(raw), "--html", str(tmp_path / "grid.html")]) == 0
