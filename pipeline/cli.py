@@ -163,19 +163,11 @@ def _main(argv: list[str] | None) -> int:
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
+        from pipeline.shards import disk_full
+
         out = getattr(args, "out", None) or getattr(args, "root", None)
         print(f"prx-data {args.command}: error: {disk_full(exc, out)}", file=sys.stderr)
         return 1
-
-
-def disk_full(exc: OSError, out: str | None) -> str:
-    """The one line for a full disk: a shard writer's says where and about how much more space is needed."""
-    from pipeline.shards import OutOfSpace
-
-    if isinstance(exc, OutOfSpace):
-        return exc.describe()
-    where = exc.filename or out or "the output folder"
-    return f"no space left on device writing {where}; free space and rerun the same command to resume"
 
 
 def stdout_gone() -> int:

@@ -451,7 +451,7 @@ def execute(steps: list[Step], todo: list[Step], manifest: str, run: RunConfig) 
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
-                from pipeline.cli import disk_full
+                from pipeline.shards import disk_full
 
                 _fail(step, manifest, run, disk_full(exc, step.folder))
                 return 1, outcomes

@@ -176,6 +176,14 @@ class OutOfSpace(OSError):
                 f"free space (about {_mb(need)} more needed) and rerun the same command to resume")
 
 
+def disk_full(exc: OSError, out: str | None) -> str:
+    """The one line for a full disk: a shard writer's says where and about how much more space is needed."""
+    if isinstance(exc, OutOfSpace):
+        return exc.describe()
+    where = exc.filename or out or "the output folder"
+    return f"no space left on device writing {where}; free space and rerun the same command to resume"
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
