@@ -3,7 +3,6 @@
 every report path gets those checks; one process writes a folder at a time."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -15,19 +14,10 @@ import yaml
 
 from pipeline.cli import main as prx_data
 from pipeline.lock import LOCK_NAME, exclusive
+from test_safety import _snapshot
 
 LOCAL = ["--executor", "local", "--no-progress"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _snapshot(folder) -> dict[str, str]:
-    out = {}
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def _refused(argv, protected, capsys, *needles) -> str:
