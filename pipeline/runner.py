@@ -252,7 +252,7 @@ def _prepare_folder(stage: Stage, folder: str, chash: str) -> None:
                 "Use another --out, or move them away. Nothing was changed")
         return
     same = (previous.get("stage") == stage.name and previous.get("config_hash") == chash
-            and all(previous.get(k) == v for k, v in folder_role(stage, folder).items()))
+            and all(previous.get(k) == folder_role(stage, folder).get(k) for k in ("role", "primary")))
     if same:
         _check_executor(stage, folder, previous)
         if folder == stage.cfg.out:
