@@ -102,7 +102,9 @@ def test_an_engine_crash_mid_run_is_a_clear_stop_that_keeps_the_cache(victim, sh
     assert len(stop) == 1 and stop[0].startswith("prx-data recaption: error: the vLLM engine stopped during a list of "
                                                  "2 requests (EngineDeadError"), lines[-8:]
     assert "rerunning the same command resumes" in stop[0]
-    assert not any(line.startswith("Traceback") for line in lines)
+    # no traceback of prx-data's before its stop (what Python's multiprocessing resource tracker may print at
+    # exit, cleaning up the shared memory of the killed process, comes after it and is not prx-data's)
+    assert not any(line.startswith("Traceback") for line in lines[:lines.index(stop[0])]), lines[-40:]
     kept = cached_pairs(cache_files(out))
     assert kept and all(v in ("long", "short") for _, v in kept)
     assert not list_shards(str(out))  # the shard in progress is not written half
