@@ -52,8 +52,8 @@ def caption(rng: random.Random, sentences: int) -> str:
 
 
 def generate(folder: str, captions: int, seed: int = 0) -> None:
-    from pipeline import ledger
-    from pipeline.shards import ShardWriter
+    from contract import ledger
+    from contract.shards import ShardWriter
 
     if os.path.exists(os.path.join(folder, "_done")):
         return
@@ -192,7 +192,7 @@ def scan_only(folder: str, shards: int, baseline: str | None) -> None:
 
 def _captions(tasks) -> list[list[str]]:
     """Each shard's captions per (source, member), as the audit groups them by default."""
-    from pipeline.shards import read_shard
+    from contract.shards import read_shard
 
     out = []
     for t in tasks:

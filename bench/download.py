@@ -115,7 +115,7 @@ def count_kept_img2dataset(out: str) -> int:
 
 
 def count_kept_prx(out: str) -> int:
-    from pipeline import ledger
+    from contract import ledger
 
     return ledger.read_folder(out).column("outcome").to_pylist().count(ledger.KEPT)
 

@@ -70,10 +70,10 @@ def bench_tiny(args) -> list[tuple[str, str]]:
     import torch
 
     from pipeline.cli import main as prx_data
-    from pipeline.encoders import buckets as bk
-    from pipeline.encoders.text import load_text_encoder
-    from pipeline.encoders.vae import load_vae
-    from pipeline.shards import Problem, read_shard
+    from contract.encoders import buckets as bk
+    from contract.encoders.text import load_text_encoder
+    from contract.encoders.vae import load_vae
+    from contract.shards import Problem, read_shard
     from pipeline.tiny_models import build
 
     out = os.path.abspath(args.out)

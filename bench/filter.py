@@ -69,7 +69,7 @@ def bare(model_dir: str, raw: str, batch_size: int, device: str) -> dict:
     import torch
 
     from filters.clip import load_clip, resolve_clip
-    from pipeline.shards import list_shards, read_shard
+    from contract.shards import list_shards, read_shard
 
     samples = [s for p in list_shards(raw) for s in read_shard(p)]
     t0 = time.perf_counter()

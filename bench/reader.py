@@ -1,4 +1,4 @@
-"""The shard reader (`pipeline.shards.read_shard`) vs plain webdataset, and vs the old streaming reader.
+"""The shard reader (`contract.shards.read_shard`) vs plain webdataset, and vs the old streaming reader.
 
     .venv/bin/python bench/reader.py --shards 3 --per-shard 150 --repeats 3
 
@@ -60,7 +60,7 @@ def _photo_jpegs(n: int) -> list[bytes]:
 def build(folder: str, shards: int, per_shard: int) -> list[str]:
     from safetensors.torch import save
 
-    from pipeline.shards import ShardWriter, dumps_json, list_shards
+    from contract.shards import ShardWriter, dumps_json, list_shards
 
     if len(list_shards(folder)) == shards:
         return list_shards(folder)
@@ -111,7 +111,7 @@ def _draw(rng) -> str:
 
 
 def trainer_ours(shards: list[str], batch: int) -> int:
-    from pipeline.shards import Sample, read_shard
+    from contract.shards import Sample, read_shard
 
     rng, n, pending = np.random.default_rng(1), 0, []
     for path in shards:
@@ -144,7 +144,7 @@ def trainer_wds(shards: list[str], batch: int) -> int:
 
 def text_scan(reader):
     def scan(shards: list[str], batch: int = 0) -> int:
-        from pipeline.shards import Sample
+        from contract.shards import Sample
 
         n = 0
         for path in shards:
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from pipeline.shards import read_shard
+    from contract.shards import read_shard
 
     shards = build(args.work, args.shards, args.per_shard)
     size = sum(os.path.getsize(p) for p in shards)

@@ -69,9 +69,9 @@ def bare_loop(backend, images, batch_size: int, new_tokens: int, prompt: str) ->
 
 def stage_run(raw: str, out: str, backend_name: str, model: str, batch_size: int, pixels: int,
               new_tokens: int) -> tuple[float, int, int]:
-    from pipeline.config import build_config
+    from contract.config import build_config
     from pipeline.runner import run_stage
-    from pipeline.shards import Sample, list_shards, read_shard
+    from contract.shards import Sample, list_shards, read_shard
     from pipeline.stages.recaption import RecaptionConfig, RecaptionStage
 
     cfg = build_config(RecaptionConfig, {
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     import captioners
     from captioners.hf import TransformersBackend
     from captioners.prompts import load as load_prompt
-    from pipeline.shards import Sample, list_shards, read_shard
+    from contract.shards import Sample, list_shards, read_shard
     from pipeline.tiny_models import build
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-recaption-")

@@ -68,9 +68,9 @@ def build_backend(name: str, model: str):
 
 def stage_run(raw: str, out: str, injected: str, model: str, budgets: dict[str, int]) -> tuple[float, int, int]:
     """(seconds, samples kept, output tokens) of one whole recaption run."""
-    from pipeline.config import build_config
+    from contract.config import build_config
     from pipeline.runner import run_stage
-    from pipeline.shards import Sample, list_shards, read_shard
+    from contract.shards import Sample, list_shards, read_shard
     from pipeline.stages.recaption import RecaptionConfig, RecaptionStage
 
     shutil.rmtree(out, ignore_errors=True)

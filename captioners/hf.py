@@ -1,6 +1,6 @@
 """The transformers backend: `model.generate`, batched with left padding, on CPU or GPU.
 
-The model and processor load through `pipeline.models` (alias, hub id or local folder) with the class named
+The model and processor load through `contract.models` (alias, hub id or local folder) with the class named
 in `manifests/models.yaml` (default `AutoModelForImageTextToText`). Sampling is passed as a complete
 `GenerationConfig` so the checkpoint's own (often near-greedy) `generation_config.json` never applies.
 """
@@ -37,7 +37,7 @@ class TransformersBackend(Backend):
         """ignore_eos: always generate max_new_tokens (benchmarks at a fixed output length)."""
         import torch
 
-        from pipeline.models import from_pretrained, import_class, resolve
+        from contract.models import from_pretrained, import_class, resolve
 
         self.spec = resolve(model, default_cls=DEFAULT_CLASS)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

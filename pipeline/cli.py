@@ -27,7 +27,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports al
 
 
 def _stage_command(args: argparse.Namespace) -> int:
-    from pipeline.config import build_config
+    from contract.config import build_config
     from pipeline.runner import format_summary, run_stage
 
     stage_cls = args._stage
@@ -64,7 +64,7 @@ def _ledger_command(args: argparse.Namespace) -> int:
 
 
 def _reasons_command(args: argparse.Namespace) -> int:
-    from pipeline import ledger
+    from contract import ledger
 
     _load_stage_modules()  # stages register their own codes on import
     print(ledger.reason_table_markdown())
@@ -87,7 +87,7 @@ def _load_stage_modules():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.config import add_arguments
+    from contract.config import add_arguments
 
     parser = argparse.ArgumentParser(
         prog="prx-data",
@@ -147,14 +147,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from pipeline.config import ConfigError
-    from pipeline.errors import StageError
+    from contract.config import ConfigError
+    from contract.errors import PrxError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args._func(args)
-    except (ConfigError, StageError, FileNotFoundError, KeyError) as exc:
+    except (ConfigError, PrxError, FileNotFoundError, KeyError) as exc:
         print(f"prx-data {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -163,7 +163,7 @@ def _main(argv: list[str] | None) -> int:
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        from pipeline.shards import disk_full
+        from contract.shards import disk_full
 
         out = getattr(args, "out", None) or getattr(args, "root", None)
         print(f"prx-data {args.command}: error: {disk_full(exc, out)}", file=sys.stderr)

@@ -11,11 +11,11 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline import fs, ledger
-from pipeline.errors import StageError
-from pipeline.images import ImageRejected
-from pipeline.shards import MemberCaps, Members, Problem, Sample, list_shards, read_shard
-from pipeline.ledger import read_stage_json
+from contract import fs, ledger
+from contract.errors import PrxError
+from contract.images import ImageRejected
+from contract.shards import MemberCaps, Members, Problem, Sample, list_shards, read_shard
+from contract.ledger import read_stage_json
 
 UNCAPPED = MemberCaps(*(1 << 62,) * 5)   # every member counted, whatever its size (none is read)
 DAMAGE = ("truncated_tar", "read_error")   # Problems that say the tar itself is damaged
@@ -41,11 +41,11 @@ def shard_counts(path: str) -> tuple[int, Counter, Counter, str | None]:
 def folder_report(folder: str) -> dict[str, Any]:
     """Counts, members and sizes of one shard folder; what the reader could not read, and the damaged shards."""
     if not fs.exists(folder):
-        raise StageError(f"{folder} does not exist: give a shard folder (a stage's --out)")
+        raise PrxError(f"{folder} does not exist: give a shard folder (a stage's --out)")
     shards = list_shards(folder)
     stage = read_stage_json(folder)
     if not shards and stage is None:
-        raise StageError(f"{folder} holds no NNNNNN.tar shards and no _stage.json: give a shard folder (a stage's "
+        raise PrxError(f"{folder} holds no NNNNNN.tar shards and no _stage.json: give a shard folder (a stage's "
                          "--out; for one shard, the folder holding it)")
     samples, member_bytes, unreadable, damaged = 0, Counter(), Counter(), {}
     for path in shards:

@@ -34,11 +34,11 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import fs
-from pipeline.config import ConfigError, add_arguments, build_config, content_fields, option, option_key, \
+from contract import fs
+from contract.config import ConfigError, add_arguments, build_config, content_fields, option, option_key, \
     read_yaml, to_dict, values_from_mapping
-from pipeline.errors import StageError
-from pipeline.ledger import read_stage_json
+from contract.errors import PrxError
+from contract.ledger import read_stage_json
 
 # Shard stages in pipeline order (same rank: either one); `audit` may come anywhere after the first.
 RANK = {"ingest": 0, "download": 0, "filter": 1, "recaption": 2, "encode": 3}
@@ -209,7 +209,7 @@ def _check_first_input(steps: list[Step], path: str) -> None:
     stage = stage_class(first.name)(dataclasses.replace(first.cfg))
     try:
         stage.validate()
-    except StageError as exc:
+    except PrxError as exc:
         raise ManifestError(f"{path}: stage 1 ({first.name}): {exc}") from None
 
 
@@ -445,13 +445,13 @@ def execute(steps: list[Step], todo: list[Step], manifest: str, run: RunConfig) 
             t0 = time.perf_counter()
             try:
                 rc = run_step(step, scheduler)
-            except (ConfigError, StageError, FileNotFoundError) as exc:
+            except (ConfigError, PrxError, FileNotFoundError) as exc:
                 _fail(step, manifest, run, str(exc))
                 return 2, outcomes
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
-                from pipeline.shards import disk_full
+                from contract.shards import disk_full
 
                 _fail(step, manifest, run, disk_full(exc, step.folder))
                 return 1, outcomes
@@ -578,7 +578,7 @@ def run_manifest(manifest: str, run: RunConfig) -> int:
         doc = summarize_run(name, manifest, root, run, steps, [Outcome(s, "done", None) for s in todo], "complete")
         print("nothing to do: every stage is complete\n" + format_run(doc))
         return 0 if all(g["passed"] for g in doc["gates"]) else 1
-    from pipeline.lock import exclusive
+    from contract.lock import exclusive
 
     with exclusive(root, f"prx-data run {manifest}"):
         rc, outcomes = execute(steps, todo, manifest, run)

@@ -24,11 +24,11 @@ from typing import Any, Callable
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline import fs, ledger
-from pipeline.lock import LOCK_NAME, exclusive
-from pipeline.config import config_hash, to_dict
-from pipeline.shards import ShardWriter, shard_done, shard_name
-from pipeline.stage import GlobalStage, Stage, StageError, Task, read_stage_json
+from contract import fs, ledger
+from contract.lock import LOCK_NAME, exclusive
+from contract.config import config_hash, to_dict
+from contract.shards import ShardWriter, shard_done, shard_name
+from pipeline.stage import GlobalStage, Stage, PrxError, Task, read_stage_json
 
 PACKAGES = ("prx", "torch", "torchvision", "transformers", "diffusers", "open_clip_torch", "webdataset",
             "img2dataset", "dask", "distributed", "datasets", "pyarrow", "pillow", "vllm")
@@ -216,7 +216,7 @@ def make_executor(cfg: Any, uses_model: bool):
         return LocalExecutor()
     if cfg.executor == "dask":
         return DaskExecutor(cfg.scheduler, cfg.workers, uses_model)
-    raise StageError(f"unknown executor {cfg.executor!r}: use local or dask")
+    raise PrxError(f"unknown executor {cfg.executor!r}: use local or dask")
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -246,7 +246,7 @@ def _prepare_folder(stage: Stage, folder: str, chash: str) -> None:
     if previous is None:
         strays = _prx_named(folder)
         if strays:
-            raise StageError(
+            raise PrxError(
                 f"{folder} holds {_listing(strays)} named like prx outputs but no _stage.json: prx did not write "
                 "them (or their record is gone), so they are never deleted or written over, --overwrite or not. "
                 "Use another --out, or move them away. Nothing was changed")
@@ -259,7 +259,7 @@ def _prepare_folder(stage: Stage, folder: str, chash: str) -> None:
             redo_damaged(stage)
         return
     if not stage.cfg.overwrite and _holds_results(folder):
-        raise StageError(
+        raise PrxError(
             f"{folder} holds a run of stage {previous.get('stage')!r} with config hash {previous.get('config_hash')}"
             f"{_role_text(previous)}; this run's hash is {chash}. Use another --out, or --overwrite to replace it")
     remove_written(stage, folder, previous)
@@ -276,7 +276,7 @@ def _own_stage_json(stage: Stage, folder: str) -> dict | None:
     except ledger.StageJsonError as exc:
         if stage.cfg.overwrite:
             return {}
-        raise StageError(f"{exc.path} {exc.problem}. It records which run wrote {folder}: use another "
+        raise PrxError(f"{exc.path} {exc.problem}. It records which run wrote {folder}: use another "
                          "--out, or --overwrite to replace that folder's outputs") from None
 
 
@@ -285,7 +285,7 @@ def _check_executor(stage: Stage, folder: str, previous: dict) -> None:
     float bits (~2e-5 in encode latents), and one folder holds the results of one."""
     before = previous.get("executor")
     if stage.uses_model and before and before != stage.cfg.executor and _holds_results(folder):
-        raise StageError(f"{folder} was started with --executor {before}; resume it with --executor {before} "
+        raise PrxError(f"{folder} was started with --executor {before}; resume it with --executor {before} "
                          f"(the executors' floating-point results differ slightly, and one folder holds one "
                          f"run's), or --overwrite to redo it with --executor {stage.cfg.executor}")
 
@@ -355,7 +355,7 @@ def check_paths(stage: Stage) -> None:
     writes = [p for p in stage.output_folders() + stage.report_paths() if p]
     for w in writes:
         if "::" in str(w):
-            raise StageError(f"output {w}: write to a folder path or a plain URL (s3://..., file:///...), not a "
+            raise PrxError(f"output {w}: write to a folder path or a plain URL (s3://..., file:///...), not a "
                              "chain of filesystems. Nothing was changed")
     check_no_overlap(writes, reads)
     for path in stage.report_paths():
@@ -373,14 +373,14 @@ def check_report_path(path: str) -> None:
         return
     fsys, inner = fs.get_fs(path)
     if fsys.isdir(inner):
-        raise StageError(f"{path} is a folder; give a file path for the report. Nothing was changed")
+        raise PrxError(f"{path} is a folder; give a file path for the report. Nothing was changed")
     head = b""
     if fsys.size(inner) <= 256 << 20:
         with fs.open_file(path, "rb") as fh:
             head = fh.read()
     if REPORT_MARK.encode() in head[:4096] or _is_json_report(head):
         return
-    raise StageError(f"{path} exists and is not a report prx wrote; it is left as it is. Give another path, or "
+    raise PrxError(f"{path} exists and is not a report prx wrote; it is left as it is. Give another path, or "
                      "move that file away. Nothing was changed")
 
 
@@ -402,7 +402,7 @@ def check_no_overlap(writes: list[str], reads: list[str], allowed=lambda w, r: F
         for other, role in [(r, "input") for r in reads] + [(o, "output") for o in writes[i + 1:]]:
             rel = relation(places[w], places[other])
             if rel is not None and not (role == "input" and rel == "the same as" and allowed(w, other)):
-                raise StageError(f"output {w} is {rel} {role} {other}; a run never writes where it reads (and "
+                raise PrxError(f"output {w} is {rel} {role} {other}; a run never writes where it reads (and "
                                  "--overwrite would delete it): choose an --out outside every input. "
                                  "Nothing was changed")
 
@@ -468,7 +468,7 @@ def remove_written(stage: Stage, folder: str, doc: dict) -> None:
     mine, unknown = written_by(stage, folder, doc)
     if unknown:
         names = [posixpath.basename(u) for u in unknown]
-        raise StageError(f"--overwrite refused: {folder} holds {_listing(names)} the {doc.get('stage') or stage.name} "
+        raise PrxError(f"--overwrite refused: {folder} holds {_listing(names)} the {doc.get('stage') or stage.name} "
                          "stage did not write (its _stage.json lists what it wrote); move them away or use another "
                          "--out. Nothing was changed")
     for path in mine:
@@ -479,7 +479,7 @@ def tar_problem(path: str, ledger_path: str) -> str | None:
     """Why a published tar is damaged (None when whole): its headers (data skipped by seeking) must hold
     exactly the keys its ledger (`ledger_path`, readable) kept, then the end-of-archive marker and nothing
     but zeros (`shards.shard_damage`)."""
-    from pipeline.shards import shard_damage
+    from contract.shards import shard_damage
 
     table = ledger.read(ledger_path)
     kept = [k for k, o in zip(table.column("key").to_pylist(), table.column("outcome").to_pylist())
@@ -597,7 +597,7 @@ def run_stage(stage: Stage) -> dict[str, Any]:
     run: a second process on the same --out is refused, naming this one."""
     cfg = stage.cfg
     if not cfg.out:
-        raise StageError("--out is required")
+        raise PrxError("--out is required")
     stage.validate()
     chash = config_hash(cfg, extra=stage.provenance())
     check_paths(stage)
@@ -683,7 +683,7 @@ def _summary_read(read: Callable[[str], Any], path: str) -> Any:
     try:
         return read(path)
     except Exception as exc:  # noqa: BLE001 - any damage gets the same clear message
-        raise StageError(f"{path} is damaged ({type(exc).__name__}: {exc}); rerun the same command to redo "
+        raise PrxError(f"{path} is damaged ({type(exc).__name__}: {exc}); rerun the same command to redo "
                          "that shard") from None
 
 

@@ -17,11 +17,11 @@ from typing import Any, ClassVar, Iterator
 
 import pyarrow as pa
 
-from pipeline import ledger
-from pipeline.config import CommonConfig
-from pipeline.errors import StageError
-from pipeline.ledger import read_stage_json
-from pipeline.shards import (MemberCaps, Problem, Sample, ShardWriter, dumps_json, list_shards, read_shard,
+from contract import ledger
+from contract.config import CommonConfig
+from contract.errors import PrxError
+from contract.ledger import read_stage_json
+from contract.shards import (MemberCaps, Problem, Sample, ShardWriter, dumps_json, list_shards, read_shard,
                              shard_index)
 
 
@@ -100,7 +100,7 @@ class Stage:
         return {}
 
     def validate(self) -> None:
-        """Raise StageError before any work if the config cannot work."""
+        """Raise PrxError before any work if the config cannot work."""
 
     # --- work
     def plan(self) -> list[Task]:
@@ -128,10 +128,10 @@ class MapStage(Stage):
 
     def plan(self) -> list[Task]:
         if not self.cfg.input:
-            raise StageError("--in is required")
+            raise PrxError("--in is required")
         shards = list_shards(self.cfg.input)
         if not shards:
-            raise StageError(f"no NNNNNN.tar shards in {self.cfg.input}")
+            raise PrxError(f"no NNNNNN.tar shards in {self.cfg.input}")
         tasks = [Task(shard_index(p), [p]) for p in shards]
         if self.cfg.limit is not None:
             counts = kept_counts(self.cfg.input)

@@ -1,6 +1,6 @@
 """`prx-data dev tiny-models DIR`: seeded tiny random models of the real classes, saved to folders.
 
-Tests load them back through `pipeline.models.resolve` + the class's `from_pretrained` (the path real
+Tests load them back through `contract.models.resolve` + the class's `from_pretrained` (the path real
 models take). The builders live in `testing/tiny_models.py` and register themselves here by name when that
 module is imported (BUILDER_MODULES); nothing is committed output, everything is rebuilt from a seed.
 """

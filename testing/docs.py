@@ -1,7 +1,7 @@
 """Generated docs, kept true by tests/test_docs.py: `python -m testing.docs` (or `make docs`) rewrites
 
 - docs/reference.md: every command's `--help`, from the argparse parsers of PROGRAMS;
-- docs/reasons.md:   the ledger's reason codes, from `pipeline.ledger.REASONS` (as `prx-data reasons` prints).
+- docs/reasons.md:   the ledger's reason codes, from `contract.ledger.REASONS` (as `prx-data reasons` prints).
 
 PROGRAMS is the one registry of the project's command-line programs (name -> "module:parser builder"); the
 docs test checks every command written in README.md and docs/*.md against these parsers.
@@ -68,13 +68,13 @@ def reference_markdown() -> str:
 
 
 def reasons_markdown() -> str:
-    from pipeline import ledger
+    from contract import ledger
     from pipeline.cli import _load_stage_modules
 
     _load_stage_modules()  # stages register their codes on import
     return ("# Ledger reason codes\n\n"
             "Every ledger row has an outcome (`kept`, `rejected`, `failed`) and a stable reason code. Generated "
-            "from `pipeline.ledger.REASONS` and the codes stages register (`prx-data reasons` prints the same "
+            "from `contract.ledger.REASONS` and the codes stages register (`prx-data reasons` prints the same "
             "table) by `python -m testing.docs`; tests/test_docs.py fails when it is out of date.\n\n"
             + ledger.reason_table_markdown() + "\n")
 

@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from pipeline import ledger
-from pipeline.shards import ShardWriter
+from contract import ledger
+from contract.shards import ShardWriter
 from pipeline.stages.audit import main as audit
 
 CLIP = "clip:ViT-B-32:test"

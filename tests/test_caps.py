@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main as prx_data
-from pipeline.config import MAX_CONFIG_BYTES, QUOTE_CHARS
+from contract.config import MAX_CONFIG_BYTES, QUOTE_CHARS
 from test_sample import eval_runs  # noqa: F401  (session fixture: encoded photos + two tiny runs)
 
 REPO = Path(__file__).resolve().parent.parent

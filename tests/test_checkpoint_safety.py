@@ -162,7 +162,7 @@ def test_steps_not_beyond_the_run_is_refused_before_writing(run_dir, capsys, ste
 
 
 def test_second_trainer_on_a_held_run_folder_is_refused(finished, run_dir, capsys):
-    from pipeline.lock import exclusive
+    from contract.lock import exclusive
 
     before = snapshot(run_dir)
     capsys.readouterr()
@@ -228,12 +228,12 @@ def test_two_ranks_fall_back_together(finished, tmp_path):
 
 @pytest.mark.parametrize("damage", [truncate, flip_byte])
 def test_sample_eval_and_export_name_a_damaged_checkpoint(run_dir, damage):
-    """prx-sample, prx-eval and prx-export open a checkpoint through `open_run`: damage is a StageError naming
+    """prx-sample, prx-eval and prx-export open a checkpoint through `open_run`: damage is a PrxError naming
     the file (their CLIs print it as one line), never a diffusers traceback or silently loaded weights."""
-    from pipeline.errors import StageError
+    from contract.errors import PrxError
     from trainer.sample import open_run
 
     damage(os.path.join(step_dir(run_dir, 4), "transformer", "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(StageError, match="diffusion_pytorch_model.safetensors"):
+    with pytest.raises(PrxError, match="diffusion_pytorch_model.safetensors"):
         open_run(run=run_dir, weights="raw")
     assert open_run(ckpt=step_dir(run_dir, 2), weights="raw").step == 2

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ledger
+from contract import ledger
 from pipeline.cli import main as prx_data
-from pipeline.shards import Problem, read_shard
+from contract.shards import Problem, read_shard
 
 LOCAL = ["--executor", "local", "--no-progress"]
 
@@ -130,7 +130,7 @@ def test_a_zeroed_header_in_an_input_shard_gives_rows_for_the_lost_keys(raw, tmp
 
 def test_data_after_the_end_marker_is_one_row_naming_the_byte(tmp_path):
     """Two tars concatenated: the second one's samples are no longer silently dropped."""
-    from pipeline.shards import ShardWriter
+    from contract.shards import ShardWriter
 
     for i, keys in enumerate((["a", "b"], ["c", "d"])):
         w = ShardWriter(str(tmp_path), i, "t")
@@ -221,7 +221,7 @@ def test_the_rows_do_not_depend_on_how_the_shard_is_read(raw, monkeypatch, chunk
     """Read whole, by pread or streamed (memory://), in any chunk size: the same rows for the same damage."""
     import fsspec
 
-    from pipeline import shards
+    from contract import shards
 
     tar = raw / "000000.tar"
     offset, _, keys = _middle_header(tar)

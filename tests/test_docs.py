@@ -83,7 +83,7 @@ def test_generated_pages_are_up_to_date(name):
 
 
 def test_every_reason_code_is_in_docs_reasons():
-    from pipeline import ledger
+    from contract import ledger
     from pipeline.cli import _load_stage_modules
 
     _load_stage_modules()

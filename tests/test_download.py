@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from http_server import Route, encode, hostile_cases, loopback_server, noise
 
-from pipeline import ledger
+from contract import ledger
 from pipeline.cli import main as prx_data
 from pipeline.download import engine, net
-from pipeline.shards import read_shard
+from contract.shards import read_shard
 
 SLOW = 2.5   # seconds the slow route waits; the download timeout is 1 s
 BASE = ["--executor", "local", "--no-progress", "--timeout", "1", "--threads", "8"]
@@ -368,7 +368,7 @@ def test_byte_cap_counts_partial_reads_too():
 
 
 def test_user_agent_token_from_any_user_agent(tmp_path):
-    from pipeline.config import build_config
+    from contract.config import build_config
     from pipeline.stages.download import DownloadConfig, DownloadStage
 
     for agent, token in (("/odd", None), ("  ", None), ("MyBot/2.0 (+https://x.org)", "mybot")):

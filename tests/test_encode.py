@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import encoded, ledger
+from contract import encoded, ledger
 from pipeline.cli import main
-from pipeline.encoders import buckets as bk
-from pipeline.shards import Problem, ShardWriter, read_shard
-from pipeline.stage import StageError
+from contract.encoders import buckets as bk
+from contract.shards import Problem, ShardWriter, read_shard
+from pipeline.stage import PrxError
 
 LONG = {"astronaut": "An ASTRONAUT in a white suit, see https://example.com/astro.jpg &amp; the flag",
         "coffee": "A cup of coffee (espresso) on a saucer -- seen from above",
@@ -102,9 +102,9 @@ def enc(captioned, models):
 
 @pytest.fixture(scope="module")
 def loaded(models):
-    from pipeline.encoders.repa import load_teacher
-    from pipeline.encoders.text import load_text_encoder
-    from pipeline.encoders.vae import load_vae
+    from contract.encoders.repa import load_teacher
+    from contract.encoders.text import load_text_encoder
+    from contract.encoders.vae import load_vae
 
     vae = load_vae(models["vae"])
     return vae, load_text_encoder(models["text"]), load_teacher(models["dino"], 2, vae.info["downsample"])
@@ -264,18 +264,18 @@ def test_check_encoders_refuses_other_ids(enc, models):
 
 
 def test_reader_refuses_folders_not_encoded(captioned, tmp_path):
-    with pytest.raises(StageError, match="prx-data encode"):
+    with pytest.raises(PrxError, match="prx-data encode"):
         encoded.encoded_info(captioned["raw"])
-    with pytest.raises(StageError, match="prx-data encode"):
+    with pytest.raises(PrxError, match="prx-data encode"):
         encoded.encoded_info(str(tmp_path))
-    with pytest.raises(StageError, match="prx-data encode"):
+    with pytest.raises(PrxError, match="prx-data encode"):
         encoded.check_encoders(captioned["captioned"], vae="flux1")
 
 
 def test_reader_validates_members(enc):
     from safetensors.torch import save
 
-    from pipeline.shards import BadMember, Sample
+    from contract.shards import BadMember, Sample
 
     s = _samples(enc)[0]
     bad = Sample(s.key, {**s.members, "latent.safetensors": save({"mean": torch.zeros(16, 4, 4, dtype=torch.float16),
@@ -340,10 +340,10 @@ def test_flux2_vae_refused(captioned, models, tmp_path, capsys):
 
 
 def test_gated_text_encoder_says_how_to_get_access():
-    from pipeline.encoders.text import text_info
-    from pipeline.models import resolve
+    from contract.encoders.text import text_info
+    from contract.models import resolve
 
-    with pytest.raises(StageError, match="HF_TOKEN"):
+    with pytest.raises(PrxError, match="HF_TOKEN"):
         text_info(resolve("t5gemma-2b"), 256, "prx")
 
 

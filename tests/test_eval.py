@@ -66,12 +66,12 @@ def test_inception_adapter_gets_uint8_unchanged(tiny_model):
 
 
 def test_inception_weights_that_need_unpickling_are_refused(tmp_path):
-    from pipeline.errors import StageError
+    from contract.errors import PrxError
     from trainer.extractors import load_inception_state
 
     bad = tmp_path / "bad.pth"
     torch.save({"w": torch.zeros(1), "extra": argparse.Namespace(a=1)}, bad)  # an arbitrary object: needs unpickling
-    with pytest.raises(StageError, match="weights_only"):
+    with pytest.raises(PrxError, match="weights_only"):
         load_inception_state(str(bad))
 
 
@@ -141,7 +141,7 @@ def test_prx_eval_bad_input(eval_runs, tiny_model, tmp_path, capsys):
 
 
 def test_metrics_during_training_log_to_tensorboard(eval_runs, tiny_model, tmp_path):
-    from pipeline.config import ConfigError
+    from contract.config import ConfigError
     from trainer.config import TrainConfig
     from trainer.evaluate import during_training
 

@@ -43,8 +43,8 @@ def test_export_reloads_with_the_runs_tensors(eval_runs, exported):
 def test_exported_pipeline_generates_and_embeds_like_the_shards(eval_runs, exported):
     from diffusers import PRXPipeline
 
-    from pipeline.encoded import read_embedding
-    from pipeline.shards import list_shards, read_shard
+    from contract.encoded import read_embedding
+    from contract.shards import list_shards, read_shard
 
     pipe = PRXPipeline.from_pretrained(exported)
     # diffusers 0.42.1 raises for several prompts with guidance > 1: one prompt here (prx-sample batches many)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ledger
+from contract import ledger
 from pipeline.cli import main
-from pipeline.shards import ShardWriter, dumps_json, list_shards, read_shard, shard_index
+from contract.shards import ShardWriter, dumps_json, list_shards, read_shard, shard_index
 
 COMMON = ["--executor", "local", "--no-progress"]
 

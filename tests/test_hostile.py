@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ledger
+from contract import ledger
 from pipeline.cli import main as prx_data
-from pipeline.shards import BadMember, ShardWriter, list_shards, parse_json
+from contract.shards import BadMember, ShardWriter, list_shards, parse_json
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = ["--executor", "local", "--no-progress"]

@@ -12,9 +12,9 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
-from pipeline import ledger
+from contract import ledger
 from pipeline.cli import main as prx_data
-from pipeline.shards import Sample, list_shards, read_shard
+from contract.shards import Sample, list_shards, read_shard
 
 
 def _jpeg(arr, **kw) -> bytes:

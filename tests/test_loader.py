@@ -138,7 +138,7 @@ def test_device_padding_matches_host_padding(sorted_sources):
 
 # ------------------------------------------------------------------------------------------- refusals
 def test_encoder_cleaning_or_max_length_differences_are_refused(tmp_path):
-    from pipeline.encoded import EncoderMismatch
+    from contract.encoded import EncoderMismatch
 
     a = write_encoded_folder(str(tmp_path / "a"), 1, 2, **SMALL)
     for name, kw in (("b", {"max_length": 256}), ("c", {"cleaning": "basic"})):

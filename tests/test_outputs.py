@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main as prx_data
-from pipeline.lock import LOCK_NAME, exclusive
+from contract.lock import LOCK_NAME, exclusive
 from test_safety import _snapshot
 
 LOCAL = ["--executor", "local", "--no-progress"]
@@ -216,7 +216,7 @@ def test_a_second_process_on_the_same_out_is_refused_naming_the_holder(raw, tmp_
 def test_a_lock_left_by_a_killed_process_is_taken_over(raw, tmp_path, capsys):
     """A process killed while it holds the lock: the kernel released it, the next run takes it and says so."""
     out = tmp_path / "killed"
-    code = ("import os, sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.lock import exclusive\n"
+    code = ("import os, sys, time; sys.path.insert(0, sys.argv[1]); from contract.lock import exclusive\n"
             "with exclusive(sys.argv[2], 'a run that gets killed'):\n"
             "    print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, REPO, str(out)], stdout=subprocess.PIPE, text=True)

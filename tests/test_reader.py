@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline import ledger, shards
+from contract import ledger, shards
 from pipeline.cli import main as prx_data
-from pipeline.config import CommonConfig, ConfigError, build_config
-from pipeline.shards import (BadMember, MemberCaps, Members, Problem, Sample, ShardWriter, _plain_headers,
+from contract.config import CommonConfig, ConfigError, build_config
+from contract.shards import (BadMember, MemberCaps, Members, Problem, Sample, ShardWriter, _plain_headers,
                              _ShardFile, load_safetensors, read_shard)
 from pipeline.stage import MapStage
 
@@ -611,7 +611,7 @@ def test_members_never_touched_are_never_read(tmp_path, monkeypatch):
 
 
 def test_json_depth_cap_still_holds_with_the_quick_bound():
-    from pipeline.shards import JSON_MAX_DEPTH, parse_json
+    from contract.shards import JSON_MAX_DEPTH, parse_json
 
     assert parse_json(b'{"a": "' + b"[" * 500 + b'"}') == {"a": "[" * 500}  # brackets in strings: not depth
     deep = b'{"a": ' + b"[" * (JSON_MAX_DEPTH + 1) + b"]" * (JSON_MAX_DEPTH + 1) + b"}"

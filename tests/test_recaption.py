@@ -16,9 +16,9 @@ import captioners
 from captioners import checks
 from captioners.base import Generation
 from captioners.fake import FakeBackend
-from pipeline import ledger
+from contract import ledger
 from pipeline.cli import main as prx_data
-from pipeline.shards import Sample, list_shards, read_shard
+from contract.shards import Sample, list_shards, read_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 PROV_KEYS = {"model", "backend", "prompt", "sampling", "max_pixels", "words", "output_tokens", "finish_reason",

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import ledger
+from contract import ledger
 from pipeline.cli import build_parser
 from pipeline.cli import main as prx_data
-from pipeline.config import build_config
+from contract.config import build_config
 
 REPO = Path(__file__).resolve().parent.parent
 N_PHOTOS = 7

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ledger
+from contract import ledger
 from pipeline.cli import main as prx_data
-from pipeline.shards import list_shards, read_shard
+from contract.shards import list_shards, read_shard
 from pipeline.stage import Task
 
 
@@ -255,7 +255,7 @@ def test_reading_many_ledgers_never_aborts_the_process_at_exit(tmp_path):
     before the fix). Every parquet read goes through fs.read_parquet, which does not use them."""
     for i in range(300):
         ledger.write(str(tmp_path / f"{i:06d}.parquet"), [ledger.row(f"k{j}", f"i{j}") for j in range(50)], i, "ingest")
-    code = ("import sys\nfrom pipeline import fs, ledger\nfrom pipeline.audit.funnel import funnel\n"
+    code = ("import sys\nfrom contract import fs, ledger\nfrom pipeline.audit.funnel import funnel\n"
             "d = sys.argv[1]\nassert len(ledger.read_folder(d)) == 15000\nassert funnel(d)[0]['in'] == 15000\n"
             "for p in fs.glob(fs.join(d, '*.parquet')):\n    fs.read_parquet(fs.read_bytes(p))\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

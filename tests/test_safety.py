@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ledger
+from contract import ledger
 from pipeline.cli import main as prx_data
-from pipeline.shards import list_shards, read_shard
+from contract.shards import list_shards, read_shard
 
 LOCAL = ["--executor", "local", "--no-progress"]
 
@@ -175,11 +175,11 @@ def test_garbage_stage_json_is_named_with_the_fix(raw, tmp_path, capsys):
 
 
 def test_damage_after_the_checks_is_named_not_a_traceback(raw):
-    from pipeline.errors import StageError
+    from contract.errors import PrxError
     from pipeline.runner import summarize
 
     (raw / "000000.tar").write_bytes(b"not a tar at all" * 10)
-    with pytest.raises(StageError, match="000000.tar is damaged.*rerun the same command"):
+    with pytest.raises(PrxError, match="000000.tar is damaged.*rerun the same command"):
         summarize(str(raw), [0, 1, 2])
 
 
@@ -213,7 +213,7 @@ def test_hostile_json_sidecars_are_rows_and_neighbours_are_kept(tmp_path):
 
 def _crafted_shard(raw, folder, members_by_index: dict[int, bytes]):
     """raw's samples in one shard, json member i replaced by members_by_index[i]."""
-    from pipeline.shards import ShardWriter
+    from contract.shards import ShardWriter
 
     samples = [s for p in list_shards(str(raw)) for s in read_shard(p)]
     w = ShardWriter(str(folder), 0, "ingest")
@@ -381,8 +381,8 @@ def _no_special_tokens(folder, out):
 def test_text_encoder_without_special_tokens(raw, tmp_path, tiny_model):
     from safetensors.torch import load_file
 
-    from pipeline.encoders.text import load_text_encoder
-    from pipeline.shards import ShardWriter
+    from contract.encoders.text import load_text_encoder
+    from contract.shards import ShardWriter
 
     enc = _no_special_tokens(tiny_model("tiny-t5gemma"), tmp_path / "t5-plain")
     assert load_text_encoder(str(enc)).count_tokens(["", "\u200b\u200b", "a photo"])[:2] == [0, 0]
@@ -421,7 +421,7 @@ def test_recaption_model_missing_offline_says_what_to_do(raw, tmp_path, capsys):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     assert prx_data(["recaption", "--in", str(raw), "--out", str(tmp_path / "r"), *LOCAL, "--backend",
                      "transformers", "--model", "qwen2-vl"]) == 2
-    from pipeline.models import resolve
+    from contract.models import resolve
 
     _model_error(capsys, "prx-data recaption", "--model", resolve("qwen2-vl").id)
 
@@ -444,7 +444,7 @@ def test_filter_and_audit_model_flags_missing_offline(raw, tmp_path, capsys):
 
 
 def test_gated_and_local_folder_messages():
-    from pipeline.models import ModelSpec, model_error
+    from contract.models import ModelSpec, model_error
 
     gated = model_error(ModelSpec("flux1", "black-forest-labs/FLUX.1-dev", "abc123"), "--vae",
                         OSError("401 Client Error"))
@@ -455,13 +455,13 @@ def test_gated_and_local_folder_messages():
 
 
 def test_trainer_model_folder_error_is_a_message(tmp_path):
-    from pipeline.errors import StageError
+    from contract.errors import PrxError
     from trainer.model import build_model
 
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"_class_name": "PRXTransformer2DModel"}')
-    with pytest.raises(StageError, match="--model .*broken-model.*cannot load the model folder"):
+    with pytest.raises(PrxError, match="--model .*broken-model.*cannot load the model folder"):
         build_model(str(broken), 16, 32)
 
 
@@ -502,9 +502,9 @@ def corrupt(data: bytes, seed: int) -> bytes:
 def _every_reader(path: str, out: str, tiny_model, encode_models: bool) -> list[str]:
     """Read one shard through every stage's reader; return the reasons of the rows produced. Encode runs its
     reader and CPU part (`prepare`) always, its models only when `encode_models` (they take most of the time)."""
-    from pipeline import encoded
-    from pipeline.config import build_config
-    from pipeline.shards import BadMember, Problem, Sample, ShardWriter
+    from contract import encoded
+    from contract.config import build_config
+    from contract.shards import BadMember, Problem, Sample, ShardWriter
     from pipeline.stage import Task
     from pipeline.stages import audit, encode, filter as filt, ingest, recaption
 

@@ -149,8 +149,8 @@ def test_memorised_photos_come_back_at_their_captions(eval_runs, tiny_model, tmp
     noise). The `tiny` preset (hidden 64) memorises slowly (500 steps for a 1.7x margin); hidden 128 does it in
     300 steps with a 4x margin. Training settings for fast memorisation: no caption dropout (sampled without
     guidance), uniform timesteps, lr 3e-3 without warmup, gradient clip 1. About 45 s of CPU time."""
-    from pipeline.encoded import read_latent, scale_latent
-    from pipeline.shards import list_shards, read_shard
+    from contract.encoded import read_latent, scale_latent
+    from contract.shards import list_shards, read_shard
     from trainer.sample import Sampler, open_run
 
     enc = str(tmp_path / "enc-sharp")

@@ -291,9 +291,9 @@ def test_ablation_overlays_change_one_thing():
 
 
 def test_mixture_resolution_must_match_the_encoding(encoded):
-    from pipeline.errors import StageError
+    from contract.errors import PrxError
 
-    with pytest.raises(StageError, match="resolution 128.*--resolution 256"):
+    with pytest.raises(PrxError, match="resolution 128.*--resolution 256"):
         open_sources(Mixture([Source("a", encoded["a"], 1.0)], {}, resolution=256))
 
 
@@ -305,7 +305,7 @@ def test_x_prediction_and_shift_train(encoded, tmp_path):
 
 
 def test_no_usable_caption_variant_stops_instead_of_spinning(encoded, tmp_path):
-    from pipeline.config import ConfigError
+    from contract.config import ConfigError
     from trainer.config import load_mixture
 
     loader = loader_for(encoded, [("a", 1.0)], captions={"medium": 1.0})   # no sample has it

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import StageError
-from pipeline.shards import Problem, read_shard
-from pipeline import encoded
+from contract.errors import PrxError
+from contract.shards import Problem, read_shard
+from contract import encoded
 from trainer import checkpoint, repa, routing
 from trainer.ema import EMA
 from trainer.model import Denoiser
@@ -67,7 +67,7 @@ def check_captions(spec) -> None:
     for src in spec.sources:
         found, probed = _probe(src.shards[0], wanted)
         if probed and not found:
-            raise StageError(
+            raise PrxError(
                 f"source {src.name!r} ({src.folder}) has no {'/'.join(sorted(wanted))} caption embeddings (none in "
                 f"the first {probed} samples of {os.path.basename(src.shards[0])}); PRX's baseline trains on long "
                 "recaptions: run `prx-data recaption` on its input and re-encode it, or choose the variants it has "

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.errors import StageError
+from contract.errors import PrxError
 from trainer.data import Batch, DataError, DataSpec, MixtureLoader
 from trainer.metrics import BIN_NAMES, TIMESTEP_BINS
 from trainer.objective import caption_dropout
@@ -73,7 +73,7 @@ class PlanStream(IterableDataset):
                     batch.state = loader.state()
                     yield batch
                 i += 1
-        except (DataError, StageError, ValueError) as exc:
+        except (DataError, PrxError, ValueError) as exc:
             yield LoaderFailure(str(exc))
 
 
@@ -188,7 +188,7 @@ class RankAgreement:
     def fetch(self, fn: Callable[[], Any]) -> Any:
         try:
             out, err = fn(), ""
-        except (DataError, StageError) as exc:
+        except (DataError, PrxError) as exc:
             out, err = None, str(exc)
         if self.world > 1:
             import torch.distributed as dist

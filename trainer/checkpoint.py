@@ -31,13 +31,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import StageError
+from contract.errors import PrxError
 
 CKPT_RE = re.compile(r"step-(\d{8})")
 CHECKSUMS = "checksums.json"
 
 
-class DamagedCheckpoint(StageError):
+class DamagedCheckpoint(PrxError):
     """A checkpoint file that differs from its checksum, is missing or does not parse; the message names it."""
 
 

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from pipeline.config import ConfigError, add_arguments
+from contract.config import ConfigError, add_arguments
 from trainer.config import TrainConfig, load_config
 
 
@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.encoded import EncoderMismatch
-    from pipeline.errors import StageError
+    from contract.encoded import EncoderMismatch
+    from contract.errors import PrxError
     from trainer.data import DataError
     from trainer.model import PrecisionError
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run(cfg)
         sys.stdout.flush()   # here, so a reader that left is met below, not at exit
-    except (ConfigError, StageError, EncoderMismatch, DataError, PrecisionError, FileNotFoundError,
+    except (ConfigError, PrxError, EncoderMismatch, DataError, PrecisionError, FileNotFoundError,
             FileExistsError, ValueError) as exc:
         sys.stderr.write(f"prx-train: error: {exc}\n")  # one write: ranks sharing a pipe do not interleave lines
         sys.stderr.flush()

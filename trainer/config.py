@@ -1,4 +1,4 @@
-"""`prx-train` options: one dataclass, read through the project's one config loader (pipeline.config).
+"""`prx-train` options: one dataclass, read through the project's one config loader (contract.config).
 
 Defaults are PRX's baseline recipe; `manifests/train/base.yaml` spells them out. A YAML file may name a
 `base:` file it overlays (path relative to itself), so an ablation overlay is a few lines that change one
@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import ConfigError, build_config, option, read_yaml
+from contract.config import ConfigError, build_config, option, read_yaml
 from trainer.objective import ObjectiveConfig as _OBJ  # the objective's defaults live once, there
 
 @dataclass

@@ -1,7 +1,7 @@
 """Streaming loader over encoded shards: sources and caption variants mixed by weight, deterministically.
 
-Reads shards only through the project's reader (`pipeline.shards.read_shard`) and the encoded-member reader
-(`pipeline.encoded`). Nothing here unpickles anything. docs/training.md explains the data path for users.
+Reads shards only through the project's reader (`contract.shards.read_shard`) and the encoded-member reader
+(`contract.encoded`). Nothing here unpickles anything. docs/training.md explains the data path for users.
 
 Two halves
 - The *plan* (`MixtureLoader.next_plan`): which sample each draw takes, which caption variant, which batch it
@@ -48,10 +48,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline import encoded
-from pipeline.errors import StageError
-from pipeline.ledger import read_stage_json
-from pipeline.shards import BadMember, Problem, Sample, list_shards, read_shard
+from contract import encoded
+from contract.errors import PrxError
+from contract.ledger import read_stage_json
+from contract.shards import BadMember, Problem, Sample, list_shards, read_shard
 
 
 class DataError(RuntimeError):
@@ -130,15 +130,15 @@ def open_sources(mixture, vae: str | None = None, text_encoder: str | None = Non
     for src in mixture.sources:
         info = encoded.check_encoders(src.folder, vae=vae, text_encoder=text_encoder)
         if info.get("status") not in (None, "complete"):
-            raise StageError(f"{src.folder}: its encode run is {info.get('status')!r}, not complete: rerun the same "
+            raise PrxError(f"{src.folder}: its encode run is {info.get('status')!r}, not complete: rerun the same "
                              "`prx-data encode` command to finish it")
         res = getattr(mixture, "resolution", None)
         if res and info.get("resolution") and int(info["resolution"]) != int(res):
-            raise StageError(f"source {src.name!r} ({src.folder}) was encoded at resolution {info['resolution']}, "
+            raise PrxError(f"source {src.name!r} ({src.folder}) was encoded at resolution {info['resolution']}, "
                              f"the mixture asks for {res}: re-encode it with `prx-data encode --resolution {res}` "
                              "or change the mixture")
         if with_repa and info.get("repa") is None:
-            raise StageError(f"source {src.name!r} ({src.folder}) has no REPA features: re-encode it with "
+            raise PrxError(f"source {src.name!r} ({src.folder}) has no REPA features: re-encode it with "
                              "`prx-data encode --repa dinov2` (or turn REPA off: --repa-weight 0)")
         if first is None:
             first = info
@@ -152,9 +152,9 @@ def open_sources(mixture, vae: str | None = None, text_encoder: str | None = Non
                         "the same models, cleaning and max length")
         shards = list_shards(src.folder)
         if not shards:
-            raise StageError(f"{src.folder}: no NNNNNN.tar shards in it")
+            raise PrxError(f"{src.folder}: no NNNNNN.tar shards in it")
         if len(shards) < world:
-            raise StageError(f"source {src.name!r} has {len(shards)} shard(s), fewer than the {world} processes: "
+            raise PrxError(f"source {src.name!r} has {len(shards)} shard(s), fewer than the {world} processes: "
                              "every rank needs its own shards (use fewer processes or more, smaller shards)")
         audit = audit_source_name(src.folder, shards)
         sources.append(SourceData(src.name, src.folder, float(src.weight), shards, info, rank, world, audit))
@@ -163,7 +163,7 @@ def open_sources(mixture, vae: str | None = None, text_encoder: str | None = Non
     channels = vae_info.get("latent_channels")
     dim = te_info.get("hidden_size") or int(empty.shape[1])
     if int(empty.shape[1]) != int(dim):
-        raise StageError(f"{mixture.sources[0].folder}: the empty prompt is {empty.shape[1]} wide but the text "
+        raise PrxError(f"{mixture.sources[0].folder}: the empty prompt is {empty.shape[1]} wide but the text "
                          f"encoder record says {dim}: re-encode")
     return DataSpec(sources, dict(mixture.captions), int(channels) if channels else 0, int(dim), empty,
                     vae_info, te_info, with_repa)

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError, add_arguments, build_config, check_bounds, option
-from pipeline.errors import StageError
+from contract.config import ConfigError, add_arguments, build_config, check_bounds, option
+from contract.errors import PrxError
 from trainer import scores
 from trainer.sample import MAX_SEED, MAX_STEPS, check_cfg
 
@@ -61,17 +61,17 @@ class EvalConfig:
 
 def check_config(cfg: EvalConfig) -> None:
     if not cfg.run or not cfg.real:
-        raise StageError("--run RUN and --real DIR are required")
+        raise PrxError("--run RUN and --real DIR are required")
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown or not cfg.metrics:
-        raise StageError(f"--metrics {','.join(cfg.metrics)}: unknown {unknown}; use some of {','.join(METRICS)}")
+        raise PrxError(f"--metrics {','.join(cfg.metrics)}: unknown {unknown}; use some of {','.join(METRICS)}")
     if not cfg.cfg:
-        raise StageError("--cfg: give at least one guidance scale (PRX evaluates at 3.5)")
+        raise PrxError("--cfg: give at least one guidance scale (PRX evaluates at 3.5)")
     for scale in cfg.cfg:
         check_cfg(scale)
     check_bounds(cfg)
     if "fid" in cfg.metrics and not cfg.inception_weights:
-        raise StageError("fid needs Inception-v3 weights: pass --inception-weights FILE (torch-fidelity's "
+        raise PrxError("fid needs Inception-v3 weights: pass --inception-weights FILE (torch-fidelity's "
                          "weights-inception-2015-12-05-6726825d.pth), or leave fid out of --metrics")
 
 
@@ -85,7 +85,7 @@ class RealSample:
 
 
 def _crop_of(sample, img, resolution: int):
-    from pipeline.encoders import buckets as bk
+    from contract.encoders import buckets as bk
 
     lat = ((sample.meta().get("encoders") or {}).get("latent") or {})
     if lat.get("size") and lat.get("crop_box"):
@@ -97,26 +97,26 @@ def load_real(folder: str, caption: str, n: int, resolution: int) -> tuple[list[
     """The first n samples by key with an image and the caption variant; and the set's hash."""
     import torch
 
-    from pipeline.encoded import caption_member
-    from pipeline.encoders import buckets as bk
-    from pipeline.shards import Sample, list_shards, read_shard
+    from contract.encoded import caption_member
+    from contract.encoders import buckets as bk
+    from contract.shards import Sample, list_shards, read_shard
 
     shards = list_shards(folder)
     if not shards:
-        raise StageError(f"--real {folder}: no NNNNNN.tar shards there")
+        raise PrxError(f"--real {folder}: no NNNNNN.tar shards there")
     samples = sorted((s for sh in shards for s in read_shard(sh) if isinstance(s, Sample)), key=lambda s: s.key)
     member = caption_member(caption)
     with_images = [s for s in samples if s.image_member]
     if samples and not with_images:
-        raise StageError(f"--real {folder}: its samples have no images (encoded with --drop-images?); point --real "
+        raise PrxError(f"--real {folder}: its samples have no images (encoded with --drop-images?); point --real "
                          "at a folder that keeps them, e.g. the encode stage's input")
     usable = [s for s in with_images if member in s.members]
     if with_images and not usable:
         found = sorted({m for s in with_images[:50] for m in s.members if m == "txt" or m.startswith("caption_")})
-        raise StageError(f"--caption {caption}: no sample of {folder} has {member}; caption members there: "
+        raise PrxError(f"--caption {caption}: no sample of {folder} has {member}; caption members there: "
                          f"{', '.join(found) or 'none'}")
     if n > len(usable):
-        raise StageError(f"--n {n}: {folder} has only {len(usable)} samples with an image and the {caption} "
+        raise PrxError(f"--n {n}: {folder} has only {len(usable)} samples with an image and the {caption} "
                          f"caption; pass --n {len(usable)} or less")
     out, h = [], hashlib.sha256()
     for s in usable[:n]:
@@ -345,7 +345,7 @@ def compare(runs: list[str], baseline: str | None = None) -> dict[str, Any]:
     for run in runs:
         docs = run_evaluations(run)
         if not docs:
-            raise StageError(f"{run}: no evaluation in {run}/eval; run prx-eval --run {run} --real DIR first")
+            raise PrxError(f"{run}: no evaluation in {run}/eval; run prx-eval --run {run} --real DIR first")
         name = os.path.basename(os.path.abspath(run))
         history[name] = [{"step": d["step"], "cfg": r["cfg"], **r["metrics"]} for d in docs for r in d["results"]]
         last = docs[-1]
@@ -432,7 +432,7 @@ def compare_main(argv: list[str]) -> int:
     args = compare_parser().parse_args(argv)
     try:
         doc = compare(args.runs, args.baseline)
-    except StageError as exc:
+    except PrxError as exc:
         print(f"prx-eval compare: error: {exc}", file=sys.stderr)
         return 2
     print(table(doc))
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         doc = evaluate(build_config(EvalConfig, vars(args)))
-    except (ConfigError, StageError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, PrxError, FileNotFoundError, ValueError) as exc:
         print(f"prx-eval: error: {exc}", file=sys.stderr)
         return 2
     for r in doc["results"]:

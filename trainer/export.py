@@ -21,22 +21,22 @@ import os
 import sys
 from typing import Any
 
-from pipeline.errors import StageError
+from contract.errors import PrxError
 from trainer.sample import RunInfo, model_name, open_run
 
 
 def check_exportable(info: RunInfo) -> None:
     if info.get("prediction", "v") == "x":
-        raise StageError(f"{info.run_dir} is an x-prediction run: PRXPipeline treats the model output as a velocity "
+        raise PrxError(f"{info.run_dir} is an x-prediction run: PRXPipeline treats the model output as a velocity "
                          "and has no x-to-v step, so its images would be wrong; sample it with prx-sample instead")
     te, vae = info.data.get("text_encoder", {}), info.data.get("vae", {})
     if "T5Gemma" not in str(te.get("class", "")):
-        raise StageError(f"{info.run_dir}: text encoder {te.get('id')} ({te.get('class')}) is not T5Gemma; "
+        raise PrxError(f"{info.run_dir}: text encoder {te.get('id')} ({te.get('class')}) is not T5Gemma; "
                          "PRXPipeline holds a T5GemmaEncoder, so the export is not supported")
     if str(vae.get("class", "diffusers.AutoencoderKL")).rpartition(".")[2] != "AutoencoderKL":
-        raise StageError(f"{info.run_dir}: VAE class {vae.get('class')} is not an AutoencoderKL PRXPipeline decodes")
+        raise PrxError(f"{info.run_dir}: VAE class {vae.get('class')} is not an AutoencoderKL PRXPipeline decodes")
     if te.get("cleaning") == "none":
-        raise StageError(f"{info.run_dir} was encoded with --cleaning none, but PRXPipeline always cleans prompts "
+        raise PrxError(f"{info.run_dir} was encoded with --cleaning none, but PRXPipeline always cleans prompts "
                          "(clean_text, or basic_clean with skip_text_cleaning=True): its prompts would differ from "
                          "training; re-encode with --cleaning prx or basic")
 
@@ -69,8 +69,8 @@ def build_pipeline(info: RunInfo):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, PRXPipeline, PRXTransformer2DModel
     from transformers import AutoTokenizer, T5GemmaEncoderModel
 
-    from pipeline.encoders.text import load_config
-    from pipeline.models import from_pretrained, resolve
+    from contract.encoders.text import load_config
+    from contract.models import from_pretrained, resolve
 
     te_name = model_name(info.data["text_encoder"])
     spec = resolve(te_name)
@@ -88,9 +88,9 @@ def build_pipeline(info: RunInfo):
 
 def export(source: str, out: str, weights: str | None = None) -> str:
     if not out:
-        raise StageError("--out DIR is required")
+        raise PrxError("--out DIR is required")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise StageError(f"--out {out} exists and is not empty: choose a new folder (nothing is overwritten)")
+        raise PrxError(f"--out {out} exists and is not empty: choose a new folder (nothing is overwritten)")
     is_ckpt = os.path.isdir(os.path.join(source, "transformer"))
     info = open_run(None if is_ckpt else source, source if is_ckpt else None, weights)
     check_exportable(info)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         print(export(args.source, args.out, args.weights))
-    except (StageError, FileNotFoundError, ValueError) as exc:
+    except (PrxError, FileNotFoundError, ValueError) as exc:
         print(f"prx-export: error: {exc}", file=sys.stderr)
         return 2
     return 0

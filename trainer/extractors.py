@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import StageError
+from contract.errors import PrxError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DINO_SIZE = 518
@@ -89,7 +89,7 @@ def load_inception_state(path: str) -> dict:
     import torch
 
     if not path or not os.path.isfile(path):
-        raise StageError(f"--inception-weights {path}: no such file. FID needs torch-fidelity's Inception-v3 "
+        raise PrxError(f"--inception-weights {path}: no such file. FID needs torch-fidelity's Inception-v3 "
                          "weights (weights-inception-2015-12-05-6726825d.pth from its releases); pass "
                          "--inception-weights FILE")
     if path.endswith(".safetensors"):
@@ -99,11 +99,11 @@ def load_inception_state(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - anything that is not plain tensors is refused
-        raise StageError(f"--inception-weights {path}: refused, it does not load with torch.load(weights_only=True) "
+        raise PrxError(f"--inception-weights {path}: refused, it does not load with torch.load(weights_only=True) "
                          f"({type(exc).__name__}: {str(exc)[:200]}); convert it to a plain state dict or "
                          ".safetensors") from None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise StageError(f"--inception-weights {path}: not a state dict of tensors")
+        raise PrxError(f"--inception-weights {path}: not a state dict of tensors")
     return state
 
 
@@ -117,7 +117,7 @@ class InceptionExtractor(Extractor):
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError:
-            raise StageError("FID needs torch-fidelity: pip install 'prx[eval]' (or pip install torch-fidelity), "
+            raise PrxError("FID needs torch-fidelity: pip install 'prx[eval]' (or pip install torch-fidelity), "
                              "or leave fid out of --metrics") from None
         state = load_inception_state(weights)
         # torch-fidelity's constructor torch.load()s a path with weights_only=False: give it a file written
@@ -141,17 +141,17 @@ class InceptionExtractor(Extractor):
 # ------------------------------------------------------------------------------------------- CLIP
 def resolve_open_clip(name: str) -> tuple[str, str | None, str]:
     """--clip-model -> (open_clip model name, pretrained tag, cache key). Alias, local folder or NAME:TAG."""
-    from pipeline.models import aliases
+    from contract.models import aliases
 
     if os.path.isdir(name):
         folder = os.path.abspath(name)
         if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
-            raise StageError(f"--clip-model {name}: not an open_clip folder (no open_clip_config.json)")
+            raise PrxError(f"--clip-model {name}: not an open_clip folder (no open_clip_config.json)")
         return "local-dir:" + folder, None, f"open_clip:local:{os.path.basename(folder)}@{folder_digest(folder)}"
     entry = aliases().get(name)
     if entry is not None:
         if entry.get("kind") != "open_clip":
-            raise StageError(f"--clip-model {name}: the alias in manifests/models.yaml is not an open_clip model")
+            raise PrxError(f"--clip-model {name}: the alias in manifests/models.yaml is not an open_clip model")
         return entry["id"], entry.get("pretrained"), f"open_clip:{entry['id']}:{entry.get('pretrained')}"
     arch, _, tag = name.partition(":")
     return arch, tag or None, f"open_clip:{arch}:{tag}"
@@ -167,7 +167,7 @@ class ClipExtractor(Extractor):
         try:
             model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag, device=device)
         except Exception as exc:  # noqa: BLE001 - missing weights offline, unknown tag: one clear line
-            raise StageError(f"--clip-model {name}: cannot load ({type(exc).__name__}: {str(exc)[:200]}); pass "
+            raise PrxError(f"--clip-model {name}: cannot load ({type(exc).__name__}: {str(exc)[:200]}); pass "
                              "--clip-model with a local open_clip folder or a cached alias") from None
         self.model = model.eval()
         self.tokenizer = open_clip.get_tokenizer(arch)
@@ -202,13 +202,13 @@ class DinoExtractor(Extractor):
     def __init__(self, name: str, device: str = "cpu"):
         from transformers import AutoModel
 
-        from pipeline.models import resolve
+        from contract.models import resolve
 
         spec = resolve(name)
         try:
             self.model = AutoModel.from_pretrained(spec.id, **spec.load_kwargs()).eval().to(device)
         except OSError as exc:
-            raise StageError(f"--dino-model {name}: cannot load ({str(exc)[:200]}); pass --dino-model with a local "
+            raise PrxError(f"--dino-model {name}: cannot load ({str(exc)[:200]}); pass --dino-model with a local "
                              "folder or a cached alias") from None
         rev = spec.revision if not spec.is_local else folder_digest(spec.id)
         self.key = f"dinov2:{spec.id if not spec.is_local else os.path.basename(spec.id)}@{rev}"

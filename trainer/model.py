@@ -36,7 +36,7 @@ def build_model(name: str, in_channels: int, context_in_dim: int, seed: int = 0)
     if name not in PRESETS:
         if not os.path.isdir(name):
             raise FileNotFoundError(f"model {name!r}: not a preset ({', '.join(PRESETS)}) nor a folder")
-        from pipeline.models import from_pretrained, resolve
+        from contract.models import from_pretrained, resolve
 
         model = from_pretrained(resolve(name, "diffusers.PRXTransformer2DModel"), PRXTransformer2DModel,
                                 flag="--model")

@@ -4,7 +4,7 @@
                --prompt TEXT | --prompts FILE [--negative-prompt TEXT] [--steps 50 --cfg 3.5 --seed 0]
                [--height H --width W] [--batch-size 8] --out DIR
 
-- prompts go through the run's text encoder with its cleaning and max length (`pipeline.encoders.text`,
+- prompts go through the run's text encoder with its cleaning and max length (`contract.encoders.text`,
   what `prx-data encode` ran), then are padded / truncated to the run's `text_max_length` with a mask,
   exactly like the training batches; how many prompts were truncated is printed;
 - the unconditional branch is the shards' stored empty prompt (what caption dropout trained on), or the
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import yaml
 
-from pipeline.config import ConfigError, add_arguments, build_config, check_bounds, option, quote, save_yaml
-from pipeline.errors import StageError
+from contract.config import ConfigError, add_arguments, build_config, check_bounds, option, quote, save_yaml
+from contract.errors import PrxError
 from trainer.checkpoint import CKPT_RE, ckpt_dir, list_checkpoints, verify
 from trainer.objective import shift_timesteps, velocity_from_x
 
@@ -69,7 +69,7 @@ class RunInfo:
         return self.data["sources"][0]["folder"]
 
     def resolution(self) -> int:
-        from pipeline.encoded import encoded_info
+        from contract.encoded import encoded_info
 
         return int(encoded_info(self.empty_prompt_folder).get("resolution") or 256)
 
@@ -77,26 +77,26 @@ class RunInfo:
 def pick_checkpoint(run: str | None, ckpt: str | None, checkpoint: str = "last") -> tuple[str, str, int]:
     """(run folder, checkpoint folder, step) from --run [--checkpoint] or --ckpt."""
     if bool(run) == bool(ckpt):
-        raise StageError("give --run RUN_DIR or --ckpt RUN_DIR/checkpoints/step-NNNNNNNN (one of them)")
+        raise PrxError("give --run RUN_DIR or --ckpt RUN_DIR/checkpoints/step-NNNNNNNN (one of them)")
     if ckpt:
         ckpt = os.path.abspath(ckpt.rstrip("/"))
         m = CKPT_RE.fullmatch(os.path.basename(ckpt))
         if not m or not os.path.isdir(os.path.join(ckpt, RAW)):
-            raise StageError(f"--ckpt {ckpt}: not a checkpoint (RUN/checkpoints/step-NNNNNNNN with transformer/); "
+            raise PrxError(f"--ckpt {ckpt}: not a checkpoint (RUN/checkpoints/step-NNNNNNNN with transformer/); "
                              "pass --run RUN_DIR to take its last checkpoint")
         return os.path.dirname(os.path.dirname(ckpt)), ckpt, int(m.group(1))
     found = list_checkpoints(run)
     if not found:
-        raise StageError(f"--run {run}: no checkpoint in {run}/checkpoints; train it with prx-train first, or pass "
+        raise PrxError(f"--run {run}: no checkpoint in {run}/checkpoints; train it with prx-train first, or pass "
                          "--ckpt with a checkpoint folder")
     if checkpoint in ("last", "", None):
         step, path = found[-1]
         return run, path, step
     if not str(checkpoint).isdigit():
-        raise StageError(f"--checkpoint {quote(checkpoint)}: use a step number or 'last'")
+        raise PrxError(f"--checkpoint {quote(checkpoint)}: use a step number or 'last'")
     by_step = dict(found)
     if int(checkpoint) not in by_step:
-        raise StageError(f"--checkpoint {checkpoint}: {run} has checkpoints at steps "
+        raise PrxError(f"--checkpoint {checkpoint}: {run} has checkpoints at steps "
                          f"{', '.join(str(s) for s, _ in found)}")
     return run, ckpt_dir(run, int(checkpoint)), int(checkpoint)
 
@@ -106,19 +106,19 @@ def open_run(run: str | None = None, ckpt: str | None = None, weights: str | Non
     run_dir, path, step = pick_checkpoint(run, ckpt, checkpoint)
     for name in ("config.yaml", "data.json"):
         if not os.path.isfile(os.path.join(run_dir, name)):
-            raise StageError(f"{run_dir}/{name} is missing: not a prx-train run folder")
+            raise PrxError(f"{run_dir}/{name} is missing: not a prx-train run folder")
     with open(os.path.join(run_dir, "config.yaml")) as fh:
         config = yaml.safe_load(fh) or {}
     with open(os.path.join(run_dir, "data.json")) as fh:
         data = json.load(fh)
     has_ema = os.path.isdir(os.path.join(path, EMA))
     if weights == "ema" and not has_ema:
-        raise StageError(f"{path} has no EMA weights ({EMA}/): the run was trained without --ema-decay > 0; "
+        raise PrxError(f"{path} has no EMA weights ({EMA}/): the run was trained without --ema-decay > 0; "
                          "pass --weights raw")
     if weights not in (None, "ema", "raw"):
-        raise StageError(f"--weights {weights}: use ema or raw")
+        raise PrxError(f"--weights {weights}: use ema or raw")
     if refuse_sprint and config.get("routing") == "sprint":
-        raise StageError(f"{run_dir} was trained with routing: sprint, which keeps a fusion layer at inference "
+        raise PrxError(f"{run_dir} was trained with routing: sprint, which keeps a fusion layer at inference "
                          "(aux.safetensors) that PRXTransformer2DModel and PRXPipeline do not have; sampling it "
                          "is not supported")
     chosen = weights or ("ema" if has_ema else "raw")
@@ -128,7 +128,7 @@ def open_run(run: str | None = None, ckpt: str | None = None, weights: str | Non
 
 def model_name(record: dict[str, Any]) -> str:
     """What to load for a recorded encoder: its alias if it still is one, else its id (hub id or folder)."""
-    from pipeline.models import aliases
+    from contract.models import aliases
 
     name = record.get("name")
     return name if name in aliases() else record["id"]
@@ -151,9 +151,9 @@ class Sampler:
     def __init__(self, run: RunInfo, device: str = "cpu"):
         from diffusers import PRXTransformer2DModel
 
-        from pipeline.encoded import load_empty_prompt
-        from pipeline.encoders.text import load_text_encoder
-        from pipeline.encoders.vae import load_vae
+        from contract.encoded import load_empty_prompt
+        from contract.encoders.text import load_text_encoder
+        from contract.encoders.vae import load_vae
 
         self.run, self.device = run, torch.device(device)
         self.model = PRXTransformer2DModel.from_pretrained(run.transformer_dir).float().eval().to(self.device)
@@ -231,7 +231,7 @@ class Sampler:
     def generate(self, prompts: list[str], seeds: list[int], height: int, width: int, steps: int = 50,
                  cfg: float = 3.5, negative_prompt: str | None = None, batch_size: int = 8) -> torch.Tensor:
         """uint8 N x 3 x H x W images; CFG batches of `batch_size` prompts."""
-        from pipeline.encoders.vae import to_uint8
+        from contract.encoders.vae import to_uint8
 
         check_size(height, width, self.multiple)
         down = int(self.vae.info.get("downsample", 8))
@@ -259,7 +259,7 @@ class _null:
 
 def check_size(height: int, width: int, multiple: int = 16) -> None:
     if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise StageError(f"--height {height} --width {width}: both must be positive multiples of {multiple} "
+        raise PrxError(f"--height {height} --width {width}: both must be positive multiples of {multiple} "
                          f"(VAE downsampling x patch size), e.g. {max(multiple, round(height / multiple) * multiple)}")
 
 
@@ -267,13 +267,13 @@ def check_sides(height: int | None, width: int | None, max_side: int) -> None:
     """A --height or --width above --max-side is refused (memory grows with height x width x batch size)."""
     for flag, side in (("--height", height), ("--width", width)):
         if side is not None and side > max_side:
-            raise StageError(f"{flag} {side}: larger than --max-side {max_side}; pass --max-side {side} to sample "
+            raise PrxError(f"{flag} {side}: larger than --max-side {max_side}; pass --max-side {side} to sample "
                              "that size knowingly (memory grows with height x width x --batch-size)")
 
 
 def check_cfg(cfg: float) -> None:
     if not 1.0 <= cfg < math.inf:
-        raise StageError(f"--cfg {cfg}: guidance must be >= 1 (1 = no guidance; PRX evaluates at 3.5)")
+        raise PrxError(f"--cfg {cfg}: guidance must be >= 1 (1 = no guidance; PRX evaluates at 3.5)")
 
 
 # ------------------------------------------------------------------------------------------- outputs
@@ -338,18 +338,18 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
     prompts = [cfg.prompt] if cfg.prompt else []
     if cfg.prompts:
         if not os.path.isfile(cfg.prompts):
-            raise StageError(f"--prompts {cfg.prompts}: no such file (one prompt per line)")
+            raise PrxError(f"--prompts {cfg.prompts}: no such file (one prompt per line)")
         with open(cfg.prompts, "rb") as fh:
             data = fh.read(MAX_PROMPTS_BYTES + 1)
         if len(data) > MAX_PROMPTS_BYTES:
-            raise StageError(f"--prompts {cfg.prompts}: larger than {MAX_PROMPTS_BYTES:,} bytes; split it and run "
+            raise PrxError(f"--prompts {cfg.prompts}: larger than {MAX_PROMPTS_BYTES:,} bytes; split it and run "
                              "prx-sample once per part")
         try:
             prompts += [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError as exc:
-            raise StageError(f"--prompts {cfg.prompts}: not UTF-8 text ({exc})") from None
+            raise PrxError(f"--prompts {cfg.prompts}: not UTF-8 text ({exc})") from None
     if not prompts:
-        raise StageError("no prompt: pass --prompt TEXT or --prompts FILE")
+        raise PrxError("no prompt: pass --prompt TEXT or --prompts FILE")
     return prompts
 
 
@@ -360,9 +360,9 @@ def pick_device(name: str) -> str:
 def check_flags(cfg: SampleConfig) -> None:
     """What the flags alone tell, before any file is read or model loaded."""
     if not cfg.out:
-        raise StageError("--out DIR is required")
+        raise PrxError("--out DIR is required")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise StageError(f"--out {cfg.out} is a file; pass a folder (it gets NNNNN.png, samples.jsonl, grid.png)")
+        raise PrxError(f"--out {cfg.out} is a file; pass a folder (it gets NNNNN.png, samples.jsonl, grid.png)")
     check_bounds(cfg)
     check_cfg(cfg.cfg)
     check_sides(cfg.height, cfg.width, cfg.max_side)
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run_sample(build_config(SampleConfig, vars(args)))
-    except (ConfigError, StageError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, PrxError, FileNotFoundError, ValueError) as exc:
         print(f"prx-sample: error: {exc}", file=sys.stderr)
         return 2
     return 0

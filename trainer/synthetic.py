@@ -2,8 +2,8 @@
 
 For loader tests and benchmarks at real sizes (16 x 32 x 32 latent moments, 2304-wide BF16 embeddings of
 ~200, ~40 and ~20 tokens) without running a VAE or a text encoder. Written with the project's shard writer
-(`pipeline.shards.ShardWriter`: tar + ledger per shard); `_stage.json` carries an encoder record of the same
-form as the encode stage's (`pipeline.encoded.encoded_info` reads it), naming the synthetic models.
+(`contract.shards.ShardWriter`: tar + ledger per shard); `_stage.json` carries an encoder record of the same
+form as the encode stage's (`contract.encoded.encoded_info` reads it), naming the synthetic models.
 
 Every sample's json says which shard and which position it was written at (`synthetic: {shard, index}`) and
 its `source`, like an ingested sample, so tests can check mixing and `prx-data audit` reads it.
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from pipeline import fs, ledger
-from pipeline.encoded import EMPTY_PROMPT_FILE, LATENT_MEMBER, embedding_member
-from pipeline.shards import ShardWriter, dumps_json
+from contract import fs, ledger
+from contract.encoded import EMPTY_PROMPT_FILE, LATENT_MEMBER, embedding_member
+from contract.shards import ShardWriter, dumps_json
 
 REAL_TOKENS = {"long": 200, "medium": 40, "short": 20}
 

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.config import ConfigError, config_hash, content_fields, save_yaml
-from pipeline.lock import LockHeld, exclusive
+from contract.config import ConfigError, config_hash, content_fields, save_yaml
+from contract.lock import LockHeld, exclusive
 from trainer import ablations, checkpoint, metrics
 from trainer.batches import LoaderFeed, LoaderSettings, RankAgreement, StepStats, device_inputs
 from trainer.config import TrainConfig, absolute_paths, load_mixture, refuse_unsafe, unsafe_changes
@@ -72,7 +72,7 @@ def _resolve_run_dir(cfg: TrainConfig) -> str:
 
 @contextmanager
 def _run_lock(run_dir: str, rank: int, world: int):
-    """Rank 0 holds RUN's lock (pipeline.lock) for the whole run; when another process holds it, every rank stops
+    """Rank 0 holds RUN's lock (contract.lock) for the whole run; when another process holds it, every rank stops
     with the holder's name."""
     with ExitStack() as stack:
         held = None

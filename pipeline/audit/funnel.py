@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from pipeline import fs, ledger
-from pipeline.ledger import read_stage_json
+from contract import fs, ledger
+from contract.ledger import read_stage_json
 
 
 def _folder_counts(folder: str) -> dict[str, Any]:

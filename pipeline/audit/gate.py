@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import ConfigError
+from contract.config import ConfigError
 
 # metric -> (default stat, allowed stats); paths into a group's figures
 METRICS: dict[str, tuple[str, tuple[str, ...]]] = {

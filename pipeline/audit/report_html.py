@@ -11,7 +11,7 @@ import io
 import json
 from typing import Any
 
-from pipeline import fs
+from contract import fs
 
 RATE_METRICS = ["empty", "exact_dup", "near_dup", "loops", "refusals", "wrong_language", "over_limit", "missing"]
 DIVERSITY = ["distinct_1", "distinct_2", "distinct_3", "ttr"]

@@ -5,7 +5,7 @@ exactly as `img2dataset.download` does, hand it one Arrow shard of URLs and let 
 into a temporary folder. Two hooks, both public parameters of img2dataset's classes:
 
 - the resizer is wrapped (`ValidatingResizer`): each downloaded image is checked from its header (pixel
-  cap) and decoded by `pipeline.images.decode_image` in img2dataset's own result loop, so validation
+  cap) and decoded by `contract.images.decode_image` in img2dataset's own result loop, so validation
   overlaps the downloads still in flight; a rejection goes back to img2dataset as its `failed_to_resize`
   error with a `[prx:CODE:KEY]` marker;
 - urllib's opener (`pipeline.download.net.installed`) adds the user agent, byte cap and address guard.
@@ -24,9 +24,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports al
 
 import pyarrow as pa
 
-from pipeline import fs
+from contract import fs
 from pipeline.download import net
-from pipeline.images import ImageRejected, check_size, decode_image, probe_image
+from contract.images import ImageRejected, check_size, decode_image, probe_image
 
 ROW_COL = "prx_row"  # the position of the URL in its chunk, carried through img2dataset as an extra column
 OOM_SHARD_COUNT = 6

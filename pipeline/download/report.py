@@ -8,9 +8,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import fs, ledger
-from pipeline.errors import StageError
-from pipeline.ledger import read_stage_json
+from contract import fs, ledger
+from contract.errors import PrxError
+from contract.ledger import read_stage_json
 
 
 def _write_table(table: pa.Table, path: str) -> None:
@@ -78,7 +78,7 @@ def report(folder: str, write: str | None = None, top: int = 20, chunks: list | 
     """The report of a download folder; `chunks` (the URL list as cut into shards) adds captions and columns."""
     stage = read_stage_json(folder)
     if stage is None or stage.get("stage") != "download":
-        raise StageError(f"{folder} is not a prx-data download folder (no _stage.json of stage download)")
+        raise PrxError(f"{folder} is not a prx-data download folder (no _stage.json of stage download)")
     table = ledger.read_folder(folder)
     by_reason, by_domain = failure_counts(table)
     outcomes = table.column("outcome").to_pylist()

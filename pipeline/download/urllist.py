@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import fs
+from contract import fs
 
 FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "txt")
 

@@ -24,15 +24,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import fs
+from contract import fs
 from pipeline.audit import gate as gate_mod
 from pipeline.audit.funnel import funnel
 from pipeline.audit.stats import (AuditParams, GroupAcc, float_edges, from_bytes, int_edges, load_kernels, remember_bands,
                                   scan_group, to_bytes)
-from pipeline.config import CommonConfig, add_arguments, build_config, config_hash, option
-from pipeline.lock import exclusive
-from pipeline.shards import BadMember, MemberCaps, Problem, list_shards, read_shard, shard_index
-from pipeline.stage import Stage, StageError, Task, kept_counts
+from contract.config import CommonConfig, add_arguments, build_config, config_hash, option
+from contract.lock import exclusive
+from contract.shards import BadMember, MemberCaps, Problem, list_shards, read_shard, shard_index
+from pipeline.stage import Stage, PrxError, Task, kept_counts
 
 DIMENSIONS = ("dataset", "source", "variant")
 ALL = "*"
@@ -91,13 +91,13 @@ class ScanResult:
 
 # ------------------------------------------------------------------------------------------- worker side
 def load_tokenizer(name: str):
-    from pipeline.models import resolve
+    from contract.models import resolve
     from pipeline.runner import cached
 
     def factory():
         from transformers import AutoTokenizer
 
-        from pipeline.models import loading
+        from contract.models import loading
 
         spec = resolve(name)
         with loading(spec, "--text-encoder"):
@@ -180,7 +180,7 @@ class AuditStage(Stage):
             ["dataset", "source", "variant"] if len(self.cfg.dirs) > 1 else ["source", "variant"])
         bad = set(by) - set(DIMENSIONS)
         if bad:
-            raise StageError(f"--by takes dataset, source and variant; not {', '.join(sorted(bad))}")
+            raise PrxError(f"--by takes dataset, source and variant; not {', '.join(sorted(bad))}")
         return [d for d in DIMENSIONS if d in by]
 
     def labels(self) -> list[str]:
@@ -194,7 +194,7 @@ class AuditStage(Stage):
     def provenance(self) -> dict[str, Any]:
         prov: dict[str, Any] = {}
         if self.cfg.text_encoder:
-            from pipeline.models import resolve
+            from contract.models import resolve
 
             prov["text_encoder"] = resolve(self.cfg.text_encoder).provenance()
         from filters.language import detector_provenance, language_available
@@ -209,12 +209,12 @@ class AuditStage(Stage):
         try:
             check_detector(self.cfg.language_detector)
         except UnknownDetector as exc:
-            raise StageError(f"--language-detector: {exc}") from None
+            raise PrxError(f"--language-detector: {exc}") from None
         if not self.cfg.dirs:
-            raise StageError("give at least one shard folder: prx-data audit DIR [DIR ...]")
+            raise PrxError("give at least one shard folder: prx-data audit DIR [DIR ...]")
         for d in self.cfg.dirs:
             if not fs.exists(d):
-                raise StageError(f"{d} does not exist")
+                raise PrxError(f"{d} does not exist")
         self.by()
         gate_mod.parse_rules(self.cfg.fail_on)
 
@@ -223,7 +223,7 @@ class AuditStage(Stage):
         for d, label in zip(self.cfg.dirs, self.labels()):
             shards = list_shards(d)
             if not shards:
-                raise StageError(f"no NNNNNN.tar shards in {d}")
+                raise PrxError(f"no NNNNNN.tar shards in {d}")
             quota = self.cfg.limit
             counts = kept_counts(d) if quota is not None else {}
             for p in shards:
@@ -314,7 +314,7 @@ def _token_limit(cfg: AuditConfig) -> tuple[int | None, str]:
         return None, "needs --text-encoder"
     if cfg.token_limit:
         return cfg.token_limit, ""
-    from pipeline.models import resolve
+    from contract.models import resolve
 
     spec = resolve(cfg.text_encoder)
     for key in ("max_length", "max_tokens", "max_sequence_length"):
@@ -543,7 +543,7 @@ def _audit_command(args: argparse.Namespace) -> int:
     cfg = build_config(AuditConfig, values)
     cfg.dirs = dirs + list(cfg.dirs) + ([cfg.input] if cfg.input else [])
     if not cfg.dirs:
-        raise StageError("give at least one shard folder: prx-data audit DIR [DIR ...]")
+        raise PrxError("give at least one shard folder: prx-data audit DIR [DIR ...]")
     rules = gate_mod.parse_rules(cfg.fail_on)
     from pipeline.runner import check_paths
 
@@ -587,7 +587,7 @@ def add_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Programmatic entry (tests, demo): parse like `prx-data audit` and run."""
-    from pipeline.config import ConfigError
+    from contract.config import ConfigError
 
     parser = argparse.ArgumentParser(prog="prx-data")
     sub = parser.add_subparsers(dest="command")
@@ -595,6 +595,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(["audit", *argv])
     try:
         return _audit_command(args)
-    except (ConfigError, StageError, gate_mod.GateError, FileNotFoundError) as exc:
+    except (ConfigError, PrxError, gate_mod.GateError, FileNotFoundError) as exc:
         print(f"prx-data audit: error: {exc}", file=sys.stderr)
         return 2

@@ -20,13 +20,13 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import fs, ledger
-from pipeline.config import CommonConfig, option
+from contract import fs, ledger
+from contract.config import CommonConfig, option
 from pipeline.download import engine, net
 from pipeline.download.urllist import FORMATS, UrlListError, UrlRow, read_rows
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, probe_image
-from pipeline.shards import MemberCaps, Problem, ShardWriter, dumps_json, read_shard, shard_done, shard_name
-from pipeline.stage import Stage, StageError, Task
+from contract.images import DEFAULT_MAX_PIXELS, ImageRejected, probe_image
+from contract.shards import MemberCaps, Problem, ShardWriter, dumps_json, read_shard, shard_done, shard_name
+from pipeline.stage import Stage, PrxError, Task
 from pipeline.stages.ingest import content_key, decode_caption
 
 ledger.register_reasons({
@@ -110,7 +110,7 @@ def chunk_rows(cfg: DownloadConfig) -> list[list[UrlRow]]:
     try:
         rows = read_rows(cfg.urls, cfg.input_format, cfg.url_col, cfg.caption_col, cfg.extra_cols)
     except (UrlListError, OSError) as exc:
-        raise StageError(str(exc)) from exc
+        raise PrxError(str(exc)) from exc
     if cfg.limit is not None:
         rows = rows[:cfg.limit]
     return [rows[s:s + cfg.shard_size] for s in range(0, len(rows), cfg.shard_size)]
@@ -140,9 +140,9 @@ class DownloadStage(Stage):
         if not cfg.urls and cfg.input:
             cfg.urls, cfg.input = cfg.input, None
         if not cfg.urls:
-            raise StageError("--urls is required (a parquet, csv, tsv, jsonl or txt list of URLs)")
+            raise PrxError("--urls is required (a parquet, csv, tsv, jsonl or txt list of URLs)")
         if not fs.exists(cfg.urls):
-            raise StageError(f"URL list {cfg.urls} does not exist")
+            raise PrxError(f"URL list {cfg.urls} does not exist")
         if cfg.processes and not cfg.workers:
             cfg.workers = cfg.processes
         cfg.disallowed_header_directives = [d.strip().lower() for d in cfg.disallowed_header_directives
@@ -196,7 +196,7 @@ class DownloadStage(Stage):
             return None
         old = _base_rows(ledger.read(path))
         if len(old) != len(rows) or any(r.input_id != u.url for r, u in zip(old, rows)):
-            raise StageError(f"shard {index}: its previous ledger does not match the URL list any more; "
+            raise PrxError(f"shard {index}: its previous ledger does not match the URL list any more; "
                              f"rerun with --overwrite")
         samples: dict[str, dict[str, bytes]] = {}
         tar = fs.join(self.cfg.out, shard_name(index))
@@ -296,8 +296,8 @@ def _report_command(args) -> int:
 def _listed_chunks(folder: str) -> list[list[UrlRow]] | None:
     """The URL list of a download folder cut as its run cut it (None when the list moved or changed), so the
     report can give failed URLs their caption and extra columns."""
-    from pipeline.config import build_config
-    from pipeline.ledger import read_stage_json
+    from contract.config import build_config
+    from contract.ledger import read_stage_json
 
     stage = read_stage_json(folder) or {}
     values = {k: v for k, v in (stage.get("config") or {}).items() if k in DownloadConfig.__dataclass_fields__}

@@ -4,7 +4,7 @@ The trainer must not pay for the VAE or the text encoder per step. Each kept sam
 `latent.safetensors` (`mean`, `logvar`, float32 C x h x w), one `emb_{variant}.safetensors` per caption
 variant (`hidden`, bfloat16 L x D, real tokens only), optionally `repa.safetensors` (`features`), and a
 `json.encoders` section naming every encoder; the folder gets `_empty_prompt.safetensors` once. Read it
-back with `pipeline.encoded`.
+back with `contract.encoded`.
 
 Work per batch: decode, crop and clean captions in CPU threads (the next batch is prepared while the
 current one is encoded), then batched VAE / teacher forwards per bucket size and text-encoder forwards
@@ -15,15 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import fs, ledger
-from pipeline.config import CommonConfig, option
-from pipeline.encoded import (EMPTY_PROMPT_FILE, LATENT_MEMBER, ORIGINAL, REPA_MEMBER, caption_member,
+from contract import fs, ledger
+from contract.config import CommonConfig, option
+from contract.encoded import (EMPTY_PROMPT_FILE, LATENT_MEMBER, ORIGINAL, REPA_MEMBER, caption_member,
                               check_variant_name, embedding_member, variant_of_member)
-from pipeline.encoders import buckets as bk
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected
+from contract.encoders import buckets as bk
+from contract.images import DEFAULT_MAX_PIXELS, ImageRejected
 from pipeline.runner import cached, worker_device
-from pipeline.shards import BadMember, Sample, ShardWriter, dumps_json
-from pipeline.stage import MapStage, Result, StageError, Task, keep, reject
+from contract.shards import BadMember, Sample, ShardWriter, dumps_json
+from pipeline.stage import MapStage, Result, PrxError, Task, keep, reject
 
 FORMAT_VERSION = 1
 
@@ -95,35 +95,35 @@ class EncodeStage(MapStage):
     def validate(self) -> None:
         cfg = self.cfg
         if not cfg.input:
-            raise StageError("--in is required: a folder of shards (ingest, filter or recaption output)")
+            raise PrxError("--in is required: a folder of shards (ingest, filter or recaption output)")
         if not fs.exists(cfg.input):
-            raise StageError(f"input {cfg.input} does not exist")
+            raise PrxError(f"input {cfg.input} does not exist")
         if not cfg.variants:
-            raise StageError("--variants needs at least one caption variant (e.g. original,long,short)")
+            raise PrxError("--variants needs at least one caption variant (e.g. original,long,short)")
         try:
             for v in cfg.variants:
                 check_variant_name(v)
             bk.check_resolution(cfg.resolution, cfg.buckets)
         except ValueError as exc:
-            raise StageError(str(exc)) from None
+            raise PrxError(str(exc)) from None
         if len(set(cfg.variants)) != len(cfg.variants):
-            raise StageError(f"--variants lists a variant twice: {cfg.variants}")
+            raise PrxError(f"--variants lists a variant twice: {cfg.variants}")
         if cfg.max_length < 1:
-            raise StageError("--max-length must be at least 1")
+            raise PrxError("--max-length must be at least 1")
         if cfg.repa_patch_size < 1:
-            raise StageError("--repa-patch-size must be at least 1")
+            raise PrxError("--repa-patch-size must be at least 1")
         self.record()
 
     def record(self) -> dict[str, Any]:
         """What `_stage.json` records about the encoders (read from configs; no weights loaded here)."""
         if self._record is None:
-            from pipeline.encoders import repa as repa_mod
-            from pipeline.encoders import text as text_mod
-            from pipeline.encoders import vae as vae_mod
+            from contract.encoders import repa as repa_mod
+            from contract.encoders import text as text_mod
+            from contract.encoders import vae as vae_mod
 
             cfg = self.cfg
             vinfo = vae_mod.vae_info(vae_mod.vae_spec(cfg.vae))
-            from pipeline.models import resolve
+            from contract.models import resolve
 
             tinfo = text_mod.text_info(resolve(cfg.text_encoder), cfg.max_length, cfg.cleaning)
             rinfo = None
@@ -146,9 +146,9 @@ class EncodeStage(MapStage):
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.startswith("cuda"))
 
         def load():
-            from pipeline.encoders.repa import load_teacher
-            from pipeline.encoders.text import load_text_encoder
-            from pipeline.encoders.vae import load_vae
+            from contract.encoders.repa import load_teacher
+            from contract.encoders.text import load_text_encoder
+            from contract.encoders.vae import load_vae
 
             vae = load_vae(cfg.vae, device, bf16)
             text = load_text_encoder(cfg.text_encoder, cfg.max_length, cfg.cleaning, device, bf16)
@@ -181,7 +181,7 @@ class EncodeStage(MapStage):
 
     # ------------------------------------------------------------------ CPU part (threads)
     def prepare(self, sample: Sample) -> Prepared:
-        from pipeline.encoders.text import cleaner
+        from contract.encoders.text import cleaner
 
         p = Prepared(sample)
         try:

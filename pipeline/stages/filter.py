@@ -30,12 +30,12 @@ from filters import image_checks as ic
 from filters import laion_heads as lh
 from filters import text_checks as tc
 from filters.clip import ClipSpec, clip_scores, load_clip, resolve_clip
-from pipeline import fs, ledger
-from pipeline.config import CommonConfig, option
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected
+from contract import fs, ledger
+from contract.config import CommonConfig, option
+from contract.images import DEFAULT_MAX_PIXELS, ImageRejected
 from pipeline.runner import cached, worker_device
-from pipeline.shards import BadMember, Problem, Sample, ShardWriter, dumps_json, shard_name
-from pipeline.stage import GlobalStage, Result, StageError, Task, keep, reject
+from contract.shards import BadMember, Problem, Sample, ShardWriter, dumps_json, shard_name
+from pipeline.stage import GlobalStage, Result, PrxError, Task, keep, reject
 
 ledger.register_reasons({code: (ledger.REJECTED, text) for code, text in {
     **ic.REASONS, **tc.REASONS, **lh.REASONS, **dd.REASONS,
@@ -160,22 +160,22 @@ class FilterStage(GlobalStage):
         c = self.cfg
         bad = sorted(set(c.dedup) - set(DEDUP_KINDS))
         if bad:
-            raise StageError(f"--dedup: unknown kind(s) {bad}; use {','.join(DEDUP_KINDS)}")
+            raise PrxError(f"--dedup: unknown kind(s) {bad}; use {','.join(DEDUP_KINDS)}")
         needs_clip = [flag for flag, on in (("--min-clip-score", c.min_clip_score is not None),
                                             ("--keep-top", c.keep_top is not None),
                                             ("--dedup semantic", "semantic" in c.dedup),
                                             ("--min-aesthetic", c.min_aesthetic is not None),
                                             ("--max-nsfw", c.max_nsfw is not None)) if on]
         if needs_clip and not c.clip_model:
-            raise StageError(f"{', '.join(needs_clip)} need(s) --clip-model (e.g. ViT-B-32:laion2b_s34b_b79k)")
+            raise PrxError(f"{', '.join(needs_clip)} need(s) --clip-model (e.g. ViT-B-32:laion2b_s34b_b79k)")
         if c.keep_top is not None and not 0 < c.keep_top <= 1:
-            raise StageError("--keep-top is a fraction in (0, 1]")
+            raise PrxError("--keep-top is a fraction in (0, 1]")
         if not 0 <= c.phash_distance <= 32:
-            raise StageError("--phash-distance must be in 0..32 bits")
+            raise PrxError("--phash-distance must be in 0..32 bits")
         if c.batch_size < 1 or c.decode_threads < 1:
-            raise StageError("--batch-size and --decode-threads must be at least 1")
+            raise PrxError("--batch-size and --decode-threads must be at least 1")
         if c.semantic_probes < 1:  # 0 probes would compare nothing: semantic dedup silently off
-            raise StageError("--semantic-probes must be at least 1")
+            raise PrxError("--semantic-probes must be at least 1")
         try:
             if c.min_aesthetic is not None:
                 lh.load_head(c.aesthetic_weights, "aesthetic", "--aesthetic-weights")
@@ -183,21 +183,21 @@ class FilterStage(GlobalStage):
                 lh.load_head(c.nsfw_weights, "nsfw", "--nsfw-weights")
             spec = self.clip_spec
         except (lh.HeadError, ValueError, FileNotFoundError) as exc:
-            raise StageError(str(exc)) from exc
+            raise PrxError(str(exc)) from exc
         if c.languages:
             from filters import language as lang
 
             try:
                 lang.check_detector(c.language_detector)
             except lang.UnknownDetector as exc:
-                raise StageError(f"--language-detector: {exc}") from None
+                raise PrxError(f"--language-detector: {exc}") from None
             if not lang.language_available(c.language_detector):
-                raise StageError(f"--languages: the {c.language_detector} detector cannot load (a dependency: "
+                raise PrxError(f"--languages: the {c.language_detector} detector cannot load (a dependency: "
                                  "reinstall prx)")
             known = lang.supported_languages(c.language_detector)
             unknown = [code for code in c.languages if code.lower() not in known]
             if unknown:  # else every caption would be rejected as caption_language
-                raise StageError(f"--languages: unknown language code(s) {unknown} for --language-detector "
+                raise PrxError(f"--languages: unknown language code(s) {unknown} for --language-detector "
                                  f"{c.language_detector}; use two-letter codes like en,de")
         if spec is not None and (self.head("aesthetic") or self.head("nsfw")):
             import open_clip
@@ -214,7 +214,7 @@ class FilterStage(GlobalStage):
                     if h is not None:
                         h.check_dim(dim)
             except lh.HeadError as exc:
-                raise StageError(str(exc)) from exc
+                raise PrxError(str(exc)) from exc
 
     def provenance(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from pipeline import fs, ledger, shards
-from pipeline.config import CommonConfig, option
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from contract import fs, ledger, shards
+from contract.config import CommonConfig, option
+from contract.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from pipeline.runner import cached
-from pipeline.shards import BadMember, MemberCaps, Problem, ShardWriter, dumps_json, parse_json, read_shard
-from pipeline.stage import Stage, StageError, Task
+from contract.shards import BadMember, MemberCaps, Problem, ShardWriter, dumps_json, parse_json, read_shard
+from pipeline.stage import Stage, PrxError, Task
 
 SIDECARS = (".txt", ".json")
 SOURCE_META_ROOM = 4096  # bytes of the output json left for prx's own fields
@@ -272,7 +272,7 @@ def _load_hf(cfg: IngestConfig):
         else:
             ds = datasets.load_dataset(name, split=cfg.hf_split)
         if cfg.image_column not in ds.column_names:
-            raise StageError(f"dataset has no column {cfg.image_column!r}; columns: {ds.column_names}")
+            raise PrxError(f"dataset has no column {cfg.image_column!r}; columns: {ds.column_names}")
         if isinstance(ds.features[cfg.image_column], datasets.Image):
             ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
         return ds
@@ -309,11 +309,11 @@ class IngestStage(Stage):
     def validate(self) -> None:
         cfg = self.cfg
         if not cfg.input:
-            raise StageError("--in is required (a folder, a folder of .tar shards, or hf:NAME)")
+            raise PrxError("--in is required (a folder, a folder of .tar shards, or hf:NAME)")
         if not cfg.input.startswith("hf:") and not fs.exists(cfg.input):
-            raise StageError(f"input {cfg.input} does not exist")
+            raise PrxError(f"input {cfg.input} does not exist")
         if cfg.shard_size < 1:
-            raise StageError("--shard-size must be at least 1")
+            raise PrxError("--shard-size must be at least 1")
 
     @property
     def source(self) -> str:

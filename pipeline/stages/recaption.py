@@ -29,13 +29,13 @@ from captioners import sampling as sampling_mod
 from captioners import variants as variants_mod
 from captioners.base import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, MAX_ASPECT_RATIO, Request
 from filters import language as language_mod
-from pipeline import fs, ledger
-from pipeline.config import CommonConfig, option
-from pipeline.images import DEFAULT_MAX_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
-from pipeline.images import ImageRejected
+from contract import fs, ledger
+from contract.config import CommonConfig, option
+from contract.images import DEFAULT_MAX_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
+from contract.images import ImageRejected
 from pipeline.runner import cached, worker_device
-from pipeline.shards import BadMember, Problem, Sample, ShardWriter
-from pipeline.stage import MapStage, Result, StageError, Task, keep, reject
+from contract.shards import BadMember, Problem, Sample, ShardWriter
+from pipeline.stage import MapStage, Result, PrxError, Task, keep, reject
 
 ledger.register_reasons(checks_mod.REASONS)
 VLM_ASPECT_RATIO = "vlm_aspect_ratio"
@@ -93,12 +93,12 @@ def _parse_pairs(items: list[str], what: str, conv) -> dict[str, Any]:
     out = {}
     for item in items:
         if "=" not in item:
-            raise StageError(f"{what}: expected VARIANT=VALUE, got {item!r}")
+            raise PrxError(f"{what}: expected VARIANT=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = conv(v.strip())
         except ValueError as exc:
-            raise StageError(f"{what}: bad value in {item!r}: {exc}") from None
+            raise PrxError(f"{what}: bad value in {item!r}: {exc}") from None
     return out
 
 
@@ -164,17 +164,17 @@ class RecaptionStage(MapStage):
             return self._plans
         cfg = self.cfg
         if not cfg.variants:
-            raise StageError("--variants is empty")
+            raise PrxError("--variants is empty")
         if len(set(cfg.variants)) != len(cfg.variants) or "original" in cfg.variants:
-            raise StageError("--variants must be distinct and cannot be 'original' (that is the source txt)")
+            raise PrxError("--variants must be distinct and cannot be 'original' (that is the source txt)")
         bands = _parse_pairs(cfg.word_bands, "--word-bands", _band)
         budgets = _parse_pairs(cfg.max_new_tokens, "--max-new-tokens", int)
         for name in list(bands) + list(budgets):
             if name not in cfg.variants:
-                raise StageError(f"{name!r} is not one of --variants {cfg.variants}")
+                raise PrxError(f"{name!r} is not one of --variants {cfg.variants}")
         for name, n in budgets.items():
             if n < 1:
-                raise StageError(f"--max-new-tokens {name}={n}: must be at least 1")
+                raise PrxError(f"--max-new-tokens {name}={n}: must be at least 1")
         try:
             skip = frozenset(cfg.relax_checks)
             plans = {}
@@ -187,7 +187,7 @@ class RecaptionStage(MapStage):
                 plans[v] = VariantPlan(prompts_mod.load(v, cfg.prompt_dir), budgets.get(v, spec.max_new_tokens),
                                        check_cfg)
         except (FileNotFoundError, ValueError) as exc:
-            raise StageError(str(exc)) from None
+            raise PrxError(str(exc)) from None
         self._plans = plans
         return plans
 
@@ -202,34 +202,34 @@ class RecaptionStage(MapStage):
     def validate(self) -> None:
         cfg = self.cfg
         if not known_backend(cfg.backend):
-            raise StageError(f"unknown --backend {cfg.backend!r}: auto, transformers, vllm, fake or module:Class")
+            raise PrxError(f"unknown --backend {cfg.backend!r}: auto, transformers, vllm, fake or module:Class")
         if self.backend_name() == "vllm" and self._backend is None:
             from captioners.vllm_backend import vllm_available
 
             ok, why = vllm_available()
             if not ok:
-                raise StageError(f"--backend vllm cannot run here: {why}. Use --backend transformers.")
+                raise PrxError(f"--backend vllm cannot run here: {why}. Use --backend transformers.")
         if cfg.vlm_max_pixels < cfg.vlm_min_pixels:
-            raise StageError("--vlm-max-pixels must be >= --vlm-min-pixels")
+            raise PrxError("--vlm-max-pixels must be >= --vlm-min-pixels")
         if "language" not in cfg.relax_checks:
             try:
                 from filters.language import check_detector, language_available
 
                 check_detector(cfg.language_detector)
             except Exception as exc:  # noqa: BLE001
-                raise StageError(f"the language check cannot run ({exc}); it is an error, not a pass") from exc
+                raise PrxError(f"the language check cannot run ({exc}); it is an error, not a pass") from exc
             if not language_available(cfg.language_detector):
-                raise StageError(f"the language check cannot run: the {cfg.language_detector} detector does not "
+                raise PrxError(f"the language check cannot run: the {cfg.language_detector} detector does not "
                                  "load (reinstall prx); it is an error, not a pass")
         if self.backend_name() in sampling_mod.DEFAULTS:
             try:
                 sampling_mod.effective(self.backend_name(), self.sampling_overrides())
             except ValueError as exc:
-                raise StageError(str(exc)) from None
+                raise PrxError(str(exc)) from None
         self.variant_plans()
 
     def provenance(self) -> dict[str, Any]:
-        from pipeline.models import resolve
+        from contract.models import resolve
 
         name = self.backend_name()
         try:
@@ -272,7 +272,7 @@ class RecaptionStage(MapStage):
             return None
 
         def load():
-            from pipeline.models import from_pretrained, resolve
+            from contract.models import from_pretrained, resolve
 
             spec = resolve(self.cfg.text_encoder)
             return from_pretrained(spec, spec.extra.get("tokenizer", "transformers.AutoTokenizer"),

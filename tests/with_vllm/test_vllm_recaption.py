@@ -17,9 +17,9 @@ from vllm_support import (cache_files, cached_pairs, distinct_photos, recaption_
 
 from captioners import prompts  # noqa: E402
 from captioners.base import Request  # noqa: E402
-from pipeline import ledger  # noqa: E402
+from contract import ledger  # noqa: E402
 from pipeline.cli import main as prx_data  # noqa: E402
-from pipeline.shards import Sample, list_shards, read_shard  # noqa: E402
+from contract.shards import Sample, list_shards, read_shard  # noqa: E402
 
 
 def samples(folder) -> list[Sample]:

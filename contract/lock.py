@@ -19,13 +19,13 @@ import socket
 import sys
 from typing import Iterator
 
-from pipeline import fs
-from pipeline.errors import StageError
+from contract import fs
+from contract.errors import PrxError
 
 LOCK_NAME = ".prx.lock"
 
 
-class LockHeld(StageError):
+class LockHeld(PrxError):
     """Another process holds the folder's lock; the message names it."""
 
 

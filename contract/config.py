@@ -72,7 +72,7 @@ class CommonConfig:
     config: str | None = option(None, runtime=True, help="YAML file with any of these options; flags win")
     limit: int | None = option(None, minimum=0, help="process only the first N input samples (a dry run)")
     progress: bool = option(True, runtime=True, help="show a progress bar")
-    # per-member size caps of the shard reader (pipeline.shards.MemberCaps; docs/reader.md): a sample with a
+    # per-member size caps of the shard reader (contract.shards.MemberCaps; docs/reader.md): a sample with a
     # bigger member is one `member_too_large` ledger row and the member is never read
     max_member_bytes_image: int = option(64 << 20, help="largest image member read from a shard, in bytes")
     max_member_bytes_json: int = option(1 << 20, help="largest json member read from a shard, in bytes")
@@ -318,7 +318,7 @@ def _clip(text: Any) -> str:
 def read_yaml(path: str) -> dict:
     """A YAML mapping of at most MAX_CONFIG_BYTES; plain values only (python tags refused), each key once, the
     depth and alias caps of _UniqueKeyLoader. ConfigError names the file."""
-    from pipeline import fs
+    from contract import fs
 
     try:
         with fs.open_file(path, "rb") as fh:

@@ -39,8 +39,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from pipeline import fs, ledger
-from pipeline.images import IMAGE_EXTS, ImageRejected, decode_image
+from contract import fs, ledger
+from contract.images import IMAGE_EXTS, ImageRejected, decode_image
 
 SHARD_DIGITS = 6
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import fs
-from pipeline.errors import StageError
+from contract import fs
+from contract.errors import PrxError
 
 KEPT, REJECTED, FAILED = "kept", "rejected", "failed"
 OUTCOMES = (KEPT, REJECTED, FAILED)
@@ -100,7 +100,7 @@ class Row:
         if self.outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {self.outcome!r}")
         if self.reason not in REASONS:
-            raise ValueError(f"unknown reason code {self.reason!r}: add it to pipeline.ledger.REASONS")
+            raise ValueError(f"unknown reason code {self.reason!r}: add it to contract.ledger.REASONS")
 
 
 def row(key: str, input_id: str, reason: str = "", detail: str = "", **kw) -> Row:
@@ -149,7 +149,7 @@ def reason_table_markdown() -> str:
     return "\n".join(lines)
 
 
-class StageJsonError(StageError):
+class StageJsonError(PrxError):
     """A `_stage.json` that cannot be parsed; `path` and `problem` let a caller name its own fix."""
 
     def __init__(self, path: str, folder: str, problem: str):

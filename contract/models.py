@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import StageError
+from contract.errors import PrxError
 
 MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "models.yaml"
 
@@ -101,7 +101,7 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
-def model_error(spec: ModelSpec, flag: str, exc: BaseException) -> StageError:
+def model_error(spec: ModelSpec, flag: str, exc: BaseException) -> PrxError:
     """A hub or file error while loading `spec` -> one message: which model and revision, why, and what to do."""
     from huggingface_hub import constants
     from huggingface_hub import errors as hub
@@ -110,7 +110,7 @@ def model_error(spec: ModelSpec, flag: str, exc: BaseException) -> StageError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     if spec.is_local:
         lacks = _lacks(spec)
-        return StageError(f"{what}: cannot load the model folder {spec.id}{': ' if lacks else ''}{lacks} "
+        return PrxError(f"{what}: cannot load the model folder {spec.id}{': ' if lacks else ''}{lacks} "
                           f"({type(exc).__name__}: {first}); point {flag} at a folder save_pretrained wrote (its "
                           "config.json and weights) or at an alias from manifests/models.yaml")
     rev = spec.revision or "main"
@@ -119,18 +119,18 @@ def model_error(spec: ModelSpec, flag: str, exc: BaseException) -> StageError:
     chain = list(_chain(exc))
     text = " ".join(str(e) for e in chain).lower()
     if spec.gated or any(isinstance(e, hub.GatedRepoError) for e in chain) or "gated" in text or "401" in text:
-        return StageError(f"{what}: {spec.id} (revision {rev}) is gated on the Hugging Face hub: accept its licence "
+        return PrxError(f"{what}: {spec.id} (revision {rev}) is gated on the Hugging Face hub: accept its licence "
                           f"on https://huggingface.co/{spec.id}, `export HF_TOKEN=...` (or `hf auth login`), then "
                           f"`{fetch}`; {folder}. ({first})")
     if any(isinstance(e, hub.RevisionNotFoundError) for e in chain):
-        return StageError(f"{what}: revision {rev} of {spec.id} does not exist on the hub; fix the revision in "
+        return PrxError(f"{what}: revision {rev} of {spec.id} does not exist on the hub; fix the revision in "
                           f"manifests/models.yaml, {folder}. ({first})")
     if any(isinstance(e, hub.RepositoryNotFoundError) for e in chain):
-        return StageError(f"{what}: {spec.id} was not found on the Hugging Face hub (a typo, or a private repo: "
+        return PrxError(f"{what}: {spec.id} was not found on the Hugging Face hub (a typo, or a private repo: "
                           f"`export HF_TOKEN=...`), {folder}. ({first})")
     hub_state = ("the hub is switched off here (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE
                  else "the hub could not be reached")
-    return StageError(f"{what}: {spec.id} (revision {rev}) is not in the local Hugging Face cache "
+    return PrxError(f"{what}: {spec.id} (revision {rev}) is not in the local Hugging Face cache "
                       f"({constants.HF_HUB_CACHE}) and {hub_state}. Fetch it where the hub is reachable: `{fetch}` "
                       f"(a gated model also needs its licence accepted and `export HF_TOKEN=...`), {folder}. "
                       f"({first})")
@@ -153,13 +153,13 @@ def _lacks(spec: ModelSpec) -> str:
 def loading(spec: ModelSpec, flag: str = "the model flag"):
     """Every model load of every stage and the trainer runs inside this: hub and file errors (offline, not
     cached, gated, missing repo or revision), and a local folder that is not a model (no config.json, a config
-    without a model type: the ValueError or KeyError transformers raises), become one StageError naming the
+    without a model type: the ValueError or KeyError transformers raises), become one PrxError naming the
     model and the fix."""
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
         yield
-    except StageError:
+    except PrxError:
         raise
     except (OSError, EntryNotFoundError) as exc:
         raise model_error(spec, flag, exc) from exc

@@ -3,5 +3,5 @@ turn them into one line and exit status 2."""
 from __future__ import annotations
 
 
-class StageError(RuntimeError):
+class PrxError(RuntimeError):
     """A stage (or the trainer's data) cannot run as configured; the message names the fix."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pipeline.models import ModelSpec, import_class, loading, resolve
-from pipeline.errors import StageError
+from contract.models import ModelSpec, import_class, loading, resolve
+from contract.errors import PrxError
 
 CLEANING = {
     "prx": "diffusers PRXPipeline TextPreprocessor.clean_text (the pipeline default, skip_text_cleaning=False)",
@@ -64,7 +64,7 @@ def hidden_size(config) -> int:
             v = getattr(c, attr, None)
             if isinstance(v, int):
                 return v
-    raise StageError("cannot tell the text encoder's hidden size from its config")
+    raise PrxError("cannot tell the text encoder's hidden size from its config")
 
 
 def text_info(spec: ModelSpec, max_length: int, cleaning: str, config=None) -> dict[str, Any]:
@@ -107,7 +107,7 @@ class TextEncoder:
         tok = self.tokenizer
         ids = [i for i in (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) if i is not None]
         if not ids:
-            raise StageError(f"--text-encoder {self.spec.name}: its tokenizer makes 0 tokens of the empty prompt "
+            raise PrxError(f"--text-encoder {self.spec.name}: its tokenizer makes 0 tokens of the empty prompt "
                              "and has no eos, pad or bos token to stand for it; use a tokenizer that adds special "
                              "tokens")
         one = torch.tensor([[ids[0]]], device=self.device)
@@ -124,7 +124,7 @@ class TextEncoder:
             return []
         tok = self.tokenize(texts)
         if int(tok["attention_mask"].sum(dim=1).min()) == 0:
-            raise StageError("a caption with 0 tokens reached the text encoder; drop it first (count_tokens)")
+            raise PrxError("a caption with 0 tokens reached the text encoder; drop it first (count_tokens)")
         ids = tok["input_ids"].to(self.device, non_blocking=True)
         mask = tok["attention_mask"].to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.models import ModelSpec, loading, resolve
-from pipeline.errors import StageError
+from contract.models import ModelSpec, loading, resolve
+from contract.errors import PrxError
 
 DEFAULT_CLASS = "diffusers.AutoencoderKL"
 UNSUPPORTED = {
@@ -25,7 +25,7 @@ def vae_spec(name: str) -> ModelSpec:
     spec = resolve(name, DEFAULT_CLASS)
     cls = (spec.cls or DEFAULT_CLASS).rpartition(".")[2]
     if cls in UNSUPPORTED:
-        raise StageError(f"--vae {name}: {UNSUPPORTED[cls]}")
+        raise PrxError(f"--vae {name}: {UNSUPPORTED[cls]}")
     return spec
 
 
@@ -36,9 +36,9 @@ def load_config(spec: ModelSpec) -> dict[str, Any]:
         cfg = AutoencoderKL.load_config(spec.id, **spec.load_kwargs())
     cls = cfg.get("_class_name", "AutoencoderKL")
     if cls in UNSUPPORTED:
-        raise StageError(f"--vae {spec.name}: {UNSUPPORTED[cls]}")
+        raise PrxError(f"--vae {spec.name}: {UNSUPPORTED[cls]}")
     if cls != "AutoencoderKL":
-        raise StageError(f"--vae {spec.name} is a {cls}; the encode stage supports diffusers AutoencoderKL VAEs")
+        raise PrxError(f"--vae {spec.name} is a {cls}; the encode stage supports diffusers AutoencoderKL VAEs")
     return cfg
 
 
@@ -75,10 +75,10 @@ class VAE:
         """Denoiser-space latents B x C x h x w -> float32 B x 3 x H x W in [-1, 1] on the CPU.
 
         The inverse of what the trainer trains on: x / scaling_factor + shift_factor (the recorded factors,
-        `pipeline.encoded.unscale_latent`, what PRXPipeline does), then the VAE's decoder."""
+        `contract.encoded.unscale_latent`, what PRXPipeline does), then the VAE's decoder."""
         import torch
 
-        from pipeline.encoded import unscale_latent
+        from contract.encoded import unscale_latent
 
         z = unscale_latent(latents.float(), self.info).to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(device_type=z.device.type, dtype=torch.bfloat16,
@@ -97,7 +97,7 @@ def to_uint8(pixels):
 def load_vae(name: str, device: str = "cpu", bf16: bool = False) -> VAE:
     import torch
 
-    from pipeline.models import from_pretrained
+    from contract.models import from_pretrained
 
     spec = vae_spec(name)
     cfg = load_config(spec)  # refuses other classes, and says how to get access to a gated repo

@@ -19,10 +19,10 @@ import json
 import re
 from typing import Any
 
-from pipeline import fs
-from pipeline.shards import BadMember, Sample
-from pipeline.errors import StageError
-from pipeline.ledger import read_stage_json
+from contract import fs
+from contract.shards import BadMember, Sample
+from contract.errors import PrxError
+from contract.ledger import read_stage_json
 
 LATENT_MEMBER = "latent.safetensors"
 REPA_MEMBER = "repa.safetensors"
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-class EncoderMismatch(StageError):
+class EncoderMismatch(PrxError):
     """The folder was encoded with other models than the ones asked for."""
 
 
@@ -67,8 +67,8 @@ def variant_of_member(member: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------- folder level
-def _not_encoded(folder: str, why: str) -> StageError:
-    return StageError(f"{folder} is not an encoded folder ({why}): run `prx-data encode --in {folder} "
+def _not_encoded(folder: str, why: str) -> PrxError:
+    return PrxError(f"{folder} is not an encoded folder ({why}): run `prx-data encode --in {folder} "
                       f"--out ENCODED_DIR` and point at ENCODED_DIR")
 
 
@@ -79,7 +79,7 @@ def encoded_info(folder: str) -> dict[str, Any]:
      "text_encoder": {id, revision, max_length, hidden_size, cleaning, ...},
      "variants": [...], "resolution": int, "buckets": "square"|"ar", "repa": {...} or None,
      "status": "running"|"complete", "folder": folder}
-    Raises StageError naming the fix for any folder not written by `prx-data encode`.
+    Raises PrxError naming the fix for any folder not written by `prx-data encode`.
     """
     try:
         doc = read_stage_json(folder)
@@ -103,13 +103,13 @@ def is_encoded_folder(folder: str) -> bool:
     try:
         encoded_info(folder)
         return True
-    except StageError:
+    except PrxError:
         return False
 
 
 def _matches(asked: str, recorded: dict[str, Any]) -> bool:
     """Does the model the user names (alias, hub id or folder) match the recorded one?"""
-    from pipeline.models import resolve
+    from contract.models import resolve
 
     if asked in (recorded.get("name"), recorded.get("id")):
         return True
@@ -149,13 +149,13 @@ def load_empty_prompt(folder: str):
     path = fs.join(folder, EMPTY_PROMPT_FILE)
     if not fs.exists(path):
         encoded_info(folder)  # a clearer error when the folder is not an encoded one
-        raise StageError(f"{path} is missing: rerun `prx-data encode` into {folder} to write it")
+        raise PrxError(f"{path} is missing: rerun `prx-data encode` into {folder} to write it")
     try:
         t = load(fs.read_bytes(path))["hidden"]
     except Exception as exc:  # noqa: BLE001
-        raise StageError(f"{path} is unreadable ({type(exc).__name__}: {exc}); rerun `prx-data encode`") from None
+        raise PrxError(f"{path} is unreadable ({type(exc).__name__}: {exc}); rerun `prx-data encode`") from None
     if t.dtype != torch.bfloat16 or t.ndim != 2:
-        raise StageError(f"{path}: expected bfloat16 L x D, got {t.dtype} with shape {tuple(t.shape)}")
+        raise PrxError(f"{path}: expected bfloat16 L x D, got {t.dtype} with shape {tuple(t.shape)}")
     return t
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.models import ModelSpec, loading, resolve
+from contract.models import ModelSpec, loading, resolve
 
 DEFAULT_CLASS = "transformers.Dinov2WithRegistersModel"
 
@@ -69,7 +69,7 @@ def load_teacher(name: str, token_patch: int, downsample: int, device: str = "cp
     import torch
     from transformers import AutoImageProcessor
 
-    from pipeline.models import from_pretrained
+    from contract.models import from_pretrained
 
     spec = resolve(name, DEFAULT_CLASS)
     config = load_config(spec)
