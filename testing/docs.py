@@ -56,7 +56,7 @@ def reference_markdown() -> str:
         lines = ["# Command reference", "",
                  "Generated from the argparse parsers by `python -m testing.docs` (`make docs`); "
                  "tests/test_docs.py fails when it is out of date. The prose is in [stages.md](stages.md) "
-                 "and [trainer.md](trainer.md).", ""]
+                 "and [training.md](training.md).", ""]
         for program in PROGRAMS:
             lines += _help_sections(program, parser_for(program), 2)
         return "\n".join(lines).rstrip() + "\n"
