@@ -221,7 +221,7 @@ def test_the_rows_do_not_depend_on_how_the_shard_is_read(raw, monkeypatch, chunk
     """Read whole, by pread or streamed (memory://), in any chunk size: the same rows for the same damage."""
     import fsspec
 
-    from contract import shards
+    from contract.shards import damage, localfile
 
     tar = raw / "000000.tar"
     offset, _, keys = _middle_header(tar)
@@ -240,7 +240,7 @@ def test_the_rows_do_not_depend_on_how_the_shard_is_read(raw, monkeypatch, chunk
     assert [r[0] for r in expected[0]] == keys and [r[0] for r in expected[1]] == keys
     assert [r[1] for r in expected[1][5:]] == ["truncated_tar"] * 5   # keys 0-4 were read before the marker
     assert "data follows its end-of-archive marker" in expected[1][5][2]
-    monkeypatch.setattr(shards, "TAIL_CHUNK", chunk)
+    monkeypatch.setattr(damage, "TAIL_CHUNK", chunk)
     assert rows(url) == expected[0]
-    monkeypatch.setattr(shards, "WHOLE_SHARD", 0)
+    monkeypatch.setattr(localfile, "WHOLE_SHARD", 0)
     assert [rows(str(tar)), rows(str(twice))] == expected

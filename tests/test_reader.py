@@ -18,11 +18,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from contract import ledger, shards
+from contract import ledger
 from pipeline.cli import main as prx_data
 from contract.config import CommonConfig, ConfigError, build_config
-from contract.shards import (BadMember, MemberCaps, Members, Problem, Sample, ShardWriter, _plain_headers,
-                             _ShardFile, load_safetensors, read_shard)
+from contract.shards import BadMember, MemberCaps, Members, Problem, Sample, ShardWriter, load_safetensors, read_shard
+from contract.shards import localfile, tarheaders
+from contract.shards.localfile import _ShardFile
+from contract.shards.tarheaders import _plain_headers
 from pipeline.stage import MapStage
 
 HUGE = 1 << 62
@@ -300,7 +302,7 @@ def corrupt(data: bytes, rng: np.random.Generator) -> bytes:
 def test_same_as_old_reader_on_random_corruptions(tmp_path, monkeypatch, whole):
     """A few hundred seeds: identical samples (bytes) and Problems from the old reader, the indexed path
     (the shard read whole, or headers and members by pread) and the streaming path; no exception escapes."""
-    monkeypatch.setattr(shards, "WHOLE_SHARD", 16 << 20 if whole else 0)
+    monkeypatch.setattr(localfile, "WHOLE_SHARD", 16 << 20 if whole else 0)
     bases = list(BASES.values()) + [HOSTILE["duplicates"], HOSTILE["links_devices"]]
     kinds, quick = set(), 0
     for seed in range(400):
@@ -337,7 +339,7 @@ def test_usual_header_pass_equals_the_checked_one(tmp_path, monkeypatch):
     def passes(data, name):
         f = _ShardFile(_write(tmp_path, name, data))
         f.read_whole()
-        return shards._usual_headers(f), shards._checked_headers(f)
+        return tarheaders._usual_headers(f), tarheaders._checked_headers(f)
 
     usual, checked = passes(BASES["plain"], "plain.tar")
     assert usual is not None and usual == checked and len(usual) == 7
@@ -349,7 +351,7 @@ def test_usual_header_pass_equals_the_checked_one(tmp_path, monkeypatch):
             taken += 1
             assert usual == checked, seed
     assert 30 <= taken <= 250, taken   # both outcomes exercised
-    monkeypatch.setattr(shards, "WHOLE_SHARD", 0)
+    monkeypatch.setattr(localfile, "WHOLE_SHARD", 0)
     assert passes(BASES["plain"], "big.tar")[0] is None
 
 
@@ -593,7 +595,7 @@ def test_samples_outlive_the_reader_and_close_the_file(tmp_path):
 def test_members_never_touched_are_never_read(tmp_path, monkeypatch):
     """The trainer's access pattern (latent + one embedding) reads only those members from disk, in a shard
     above the size read whole (real encoded shards are ~1.4 MB a sample)."""
-    monkeypatch.setattr(shards, "WHOLE_SHARD", 0)
+    monkeypatch.setattr(localfile, "WHOLE_SHARD", 0)
     path = _encoded_like(tmp_path)
 
     before = _rchar()
