@@ -1,6 +1,6 @@
 """The docs stay true: every command written in README.md and docs/*.md is accepted by its parser, the generated
-pages (docs/reference.md, docs/reasons.md) match the code, links between pages resolve, and nothing in the
-repository points outside it."""
+pages (docs/reference.md, docs/reasons.md) match the code, every link and section pointer between pages names
+an existing file and heading, and nothing in the repository points outside it."""
 from __future__ import annotations
 
 import contextlib
@@ -92,21 +92,98 @@ def test_every_reason_code_is_in_docs_reasons():
     assert not missing, f"run `make docs`: docs/reasons.md lacks {missing}"
 
 
-def test_links_between_pages_resolve():
-    broken = []
-    for page in [REPO / "README.md", REPO / "ARCHITECTURE.md", REPO / "BENCHMARKS.md", *DOCS.glob("*.md")]:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
-            if "://" in target:
-                continue
-            if not (page.parent / target).exists() and not _written_by_another_branch(target):
-                broken.append(f"{page.name} -> {target}")
-    assert not broken, f"links to missing files: {broken}"
+SKIPPED_DIRS = ("__pycache__", "demo-out", "bench-out", "build")
+LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")                     # [text](target) and ![alt](target)
+QUOTED_POINTER = re.compile(r'(?:\]\()?([\w./-]+\.md)\)?,\s+"([^"]{1,200})"')  # (docs/x.md, "Heading")
+BARE_POINTER = re.compile(r"\(([\w./-]+\.md), ([A-Z][^()\"`\n]*)\)")     # (docs/x.md, Heading)
 
 
-def _written_by_another_branch(target: str) -> bool:
-    """Pages the README links to that other branches of this release write (merged together)."""
-    return Path(target).name in {"failures.md", "reader.md", "audit.md", "training.md", "ablations.md",
-                                 "evaluation.md"}
+def _markdown_files() -> list[Path]:
+    out = []
+    for folder, dirs, files in os.walk(REPO):   # hidden folders (.venv, .git) and outputs are not walked
+        dirs[:] = [d for d in dirs if not (d.startswith(".") or d in SKIPPED_DIRS or d.endswith(".egg-info"))]
+        out += [Path(folder) / f for f in files if f.endswith(".md")]
+    return sorted(out)
+
+
+def _prose(text: str) -> str:
+    """The text without fenced blocks and inline code (a `[x](y)` inside code is no link)."""
+    return INLINE.sub("", FENCE.sub("", text))
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation (backticks too) dropped, spaces -> hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _headings(path: Path) -> list[str]:
+    return [m.group(1).strip() for m in re.finditer(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", FENCE.sub("", path.read_text()),
+                                                   re.M)]
+
+
+def _anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in _headings(path):
+        slug = _slug(heading)
+        out.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return out
+
+
+def _resolve(page: Path, target: str) -> Path | None:
+    """A file a page names: relative to the page, or (for `docs/x.md`-style pointers) to the repository."""
+    for base in (page.parent, REPO):
+        if (base / target).exists():
+            return (base / target).resolve()
+    return None
+
+
+def broken_references(page: Path, text: str) -> list[str]:
+    """Every relative link `[..](path#anchor)` and every section pointer `(docs/x.md, "Heading")` in `text`
+    (the content of `page`) that names no existing file, or no heading in it."""
+    bad = []
+    prose = _prose(text)
+    for target in LINK.findall(prose):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        path, _, anchor = target.partition("#")
+        if path and not (page.parent / path).exists():
+            bad.append(f"{page.name}: [..]({target}): no file {path}")
+        elif anchor and (path or page.name).endswith(".md") \
+                and anchor not in _anchors(page.parent / path if path else page):
+            bad.append(f"{page.name}: [..]({target}): no heading with the anchor #{anchor}")
+    for target, heading in QUOTED_POINTER.findall(prose) + BARE_POINTER.findall(prose):
+        heading = " ".join(heading.split())   # a pointer may wrap inside its quotes
+        found = _resolve(page, target)
+        if found is None:
+            bad.append(f"{page.name}: ({target}, {heading}): no file {target}")
+        elif heading.casefold() not in {h.replace("`", "").casefold() for h in _headings(found)} \
+                | {h.casefold() for h in _headings(found)}:
+            bad.append(f"{page.name}: ({target}, {heading}): {target} has no such heading")
+    return bad
+
+
+def test_links_and_section_pointers_name_existing_files_and_headings():
+    pages = _markdown_files()
+    assert {REPO / "README.md", REPO / "ARCHITECTURE.md", REPO / "BENCHMARKS.md", DOCS / "training.md"} <= set(pages)
+    bad = [b for page in pages for b in broken_references(page, page.read_text())]
+    assert not bad, "links or pointers to missing files or headings:\n" + "\n".join(bad)
+
+
+def test_the_check_sees_a_bad_link_or_pointer():
+    page = REPO / "ARCHITECTURE.md"
+    assert broken_references(page, '(docs/failures.md, "One process per folder") [x](docs/stages.md#'
+                                   'prx-data-run-a-whole-pipeline-from-a-manifest) [y](#module-map)') == []
+    assert len(broken_references(page, "[x](docs/nowhere.md)")) == 1
+    assert len(broken_references(page, "[x](docs/stages.md#no-such-section)")) == 1
+    assert len(broken_references(page, "[x](#no-such-section)")) == 1
+    assert len(broken_references(page, '(docs/failures.md, "No such section")')) == 1
+    assert len(broken_references(page, "(docs/failures.md, No such section)")) == 1
+    assert len(broken_references(page, '[failures.md](docs/failures.md), "No such section"')) == 1
+    assert broken_references(page, '(docs/failures.md, "One process\nper folder")') == []
+    assert broken_references(page, "```\n[x](nowhere.md)\n``` `[y](nowhere.md)`") == []
+    assert _slug("`prx-data run`: a whole pipeline from a manifest") == "prx-data-run-a-whole-pipeline-from-a-manifest"
 
 
 def test_nothing_in_the_repository_refers_outside_it():
