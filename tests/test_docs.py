@@ -14,7 +14,7 @@ import pytest
 
 from testing.docs import DOCS, GENERATED, PROGRAMS, REPO, parser_for
 
-PAGES = [REPO / "README.md", REPO / "ARCHITECTURE.md", *sorted(DOCS.glob("*.md"))]
+PAGES = [REPO / "README.md", REPO / "ARCHITECTURE.md", REPO / "BENCHMARKS.md", *sorted(DOCS.glob("*.md"))]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"`([^`\n]+)`")
 
