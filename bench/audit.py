@@ -108,7 +108,8 @@ def reduce_memory(captions: int, shard: int = 1000) -> dict:
 
     import numpy as np
 
-    from pipeline.audit.stats import AuditParams, GroupAcc, GroupState
+    from pipeline.audit.figures import GroupAcc
+    from pipeline.audit.state import AuditParams, GroupState
 
     params = AuditParams()
     rng = np.random.default_rng(0)
@@ -158,8 +159,8 @@ def scan_only(folder: str, shards: int, baseline: str | None) -> None:
     captions without a detector: the figures' side-by-side ratio."""
     import importlib.util
 
-    from pipeline.audit import stats
-    from pipeline.audit.stats import from_bytes
+    from pipeline.audit import scan as stats
+    from pipeline.audit.state import from_bytes
     from pipeline.stages.audit import AuditConfig, AuditStage
 
     stage = AuditStage(AuditConfig(dirs=[folder]))

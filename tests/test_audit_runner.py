@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.audit import stats
+from pipeline.audit import figures, scan, sketches, state
 from pipeline.stages.audit import main as audit
 from test_audit import WEB, write_folder
 
@@ -27,15 +27,15 @@ def test_minhash_equals_datasketch():
     sh = rng.integers(0, 2**32, size=sum(lens), dtype=np.uint64)
     sh[:3] = [0, 2**32 - 1, 2**31]
     owner = np.repeat(np.arange(len(lens)), lens)
-    sig, keys = stats.minhash_signatures(sh, owner, len(lens), 64, (5, 11))
+    sig, keys = sketches.minhash_signatures(sh, owner, len(lens), 64, (5, 11))
     for c in range(len(lens)):
         m = MinHash(num_perm=64, scheme="legacy", hashfunc=lambda x: int(x))
         m.update_batch(sh[owner == c].tolist())
         assert np.array_equal(sig[c], m.hashvalues)
-    assert np.array_equal(keys, stats.band_keys(sig, 5, 11))
+    assert np.array_equal(keys, sketches.band_keys(sig, 5, 11))
     for num_perm, seed in ((64, 1), (32, 1), (128, 7)):   # drawn without datasketch: its own permutations
         want = MinHash(num_perm=num_perm, seed=seed, scheme="legacy").permutations
-        assert all(np.array_equal(x, y) for x, y in zip(stats.permutations(num_perm, seed), want))
+        assert all(np.array_equal(x, y) for x, y in zip(sketches.permutations(num_perm, seed), want))
 
 
 def test_distinct_words_per_caption():
@@ -44,17 +44,17 @@ def test_distinct_words_per_caption():
     ids = rng.integers(0, 12, size=int(lens.sum())).astype(np.uint64)
     starts = np.r_[0, np.cumsum(lens)[:-1]]
     want = [len(set(ids[s:s + n].tolist())) for s, n in zip(starts, lens)]
-    assert stats._distinct_per_caption(ids, starts, lens).tolist() == want
+    assert scan._distinct_per_caption(ids, starts, lens).tolist() == want
 
 
 def test_workers_use_the_bands_the_driver_computed():
     """Workers take (bands, rows) from the driver: a scan never imports datasketch (nor its scipy.integrate)."""
-    code = ("import sys; from pipeline.audit import stats; stats.remember_bands(0.8, 64, (5, 12)); "
-            "g = stats.scan_group(['a red car on the road', 'a blue car'], stats.AuditParams()); "
+    code = ("import sys; from pipeline.audit import scan, sketches, state; sketches.remember_bands(0.8, 64, (5, 12)); "
+            "g = scan.scan_group(['a red car on the road', 'a blue car'], state.AuditParams()); "
             "assert g.arrays['bands'].shape == (2, 5); "
             "assert not {'datasketch', 'scipy.integrate'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
-    assert stats.lsh_bands(0.8, 64) == (5, 11)   # what datasketch chooses (the driver passes it on)
+    assert sketches.lsh_bands(0.8, 64) == (5, 11)   # what datasketch chooses (the driver passes it on)
 
 
 WORDS = ("a the red small old dog cat car street house tree woman man child sits runs near under beside on "
@@ -74,7 +74,7 @@ def _golden_texts() -> list[str]:
     return texts + texts[:40]
 
 
-def _digest(state: stats.GroupState) -> str:
+def _digest(state: state.GroupState) -> str:
     """A state's digest, independent of the partial-state format (the JSON of every field, as the .npz meta held
     them when the digests below were taken)."""
     d = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "arrays"}
@@ -97,9 +97,9 @@ def test_scan_states_equal_the_previous_implementation():
         return ("en", 0.8) if len(text) > 30 else (("de", 0.4) if len(text) > 10 else (None, 0.0))
 
     texts = _golden_texts()
-    s = stats.scan_group(texts, stats.AuditParams(language_sample=0), detect=detect)
+    s = scan.scan_group(texts, state.AuditParams(language_sample=0), detect=detect)
     assert _digest(s) == "44d22f9cfe25aeb1e2653993452207d77ae3c7c0ddc16bb37536cee6f68973a0"
-    s = stats.scan_group(texts, stats.AuditParams(language_sample=0, shingle=5, num_perm=32, loop_repeats=2))
+    s = scan.scan_group(texts, state.AuditParams(language_sample=0, shingle=5, num_perm=32, loop_repeats=2))
     assert _digest(s) == "7819871315fd330bad63d65188a02071d6a85e6820c986c0494552f59a053f4e"
 
 
@@ -108,7 +108,7 @@ def test_fast_word_path_equals_the_word_regex():
     alphabet = list("abcz09_ -'.,!?;:()\"/\t\n") + ["’", "é", "ß", "—"]
     for _ in range(3000):
         text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 30))))
-        assert stats.words_of(text) == stats.WORD_RE.findall(text.lower()), repr(text)
+        assert scan.words_of(text) == scan.WORD_RE.findall(text.lower()), repr(text)
 
 
 def test_hist_quantile_is_numpy_percentile():
@@ -118,24 +118,24 @@ def test_hist_quantile_is_numpy_percentile():
     keys = np.array(sorted(c), dtype=float)
     counts = np.array([c[k] for k in sorted(c)])
     for q in (0.05, 0.5, 0.95, 0.0, 1.0):
-        assert stats.hist_quantile(keys, counts, q) == pytest.approx(np.percentile(values, 100 * q))
+        assert figures.hist_quantile(keys, counts, q) == pytest.approx(np.percentile(values, 100 * q))
 
 
 def test_distinct_switches_to_hll_beyond_cap():
-    d = stats.Distinct(cap=1000)
+    d = sketches.Distinct(cap=1000)
     rng = np.random.default_rng(2)
     for _ in range(20):
         d.add(np.unique(rng.integers(0, 2**63, size=5000, dtype=np.uint64)))
     value, exact = d.count()
     assert not exact and value == pytest.approx(100_000, rel=0.03)
-    small = stats.Distinct(cap=1000)
+    small = sketches.Distinct(cap=1000)
     small.add(np.array([1, 2, 3], dtype=np.uint64))
     small.add(np.array([3, 4], dtype=np.uint64))
     assert small.count() == (4.0, True)
 
 
 def test_misra_gries_keeps_heavy_items():
-    top = stats.TopCounts(capacity=3)
+    top = sketches.TopCounts(capacity=3)
     top.update({"a": 10, "b": 5, "c": 1, "d": 1, "e": 1})
     top.update({"a": 5, "f": 2})
     assert top.top(1)[0][0] == "a" and top.error > 0
@@ -144,28 +144,28 @@ def test_misra_gries_keeps_heavy_items():
 
 def test_partial_state_roundtrip_without_pickle():
     clip = [{"clip:x": 0.3}, {"clip:x": 0.3}, {"clip:x": 1e30}]   # a huge score: beyond int64 once scaled
-    g = stats.scan_group(["a red car", "", "very very very good"], stats.AuditParams(), clip=clip)
-    data = stats.to_bytes({'["*", "s", "v"]': g}, {"dataset": "d"})
+    g = scan.scan_group(["a red car", "", "very very very good"], state.AuditParams(), clip=clip)
+    data = state.to_bytes({'["*", "s", "v"]': g}, {"dataset": "d"})
     from safetensors.numpy import load
     assert set(load(data)) == {"meta", *(f"g0_{n}" for n in ("uniq1", "uniq2", "uniq3", "dups", "bands"))}
-    back, extra = stats.from_bytes(data)
+    back, extra = state.from_bytes(data)
     h = back['["*", "s", "v"]']
     assert extra == {"dataset": "d"} and h.words == Counter({3: 1, 4: 1}) and h.loops == 1
     assert h.clip == {"clip:x": Counter({3000: 2, round(1e30 * 10_000): 1})}
     assert all(np.array_equal(h.arrays[k], g.arrays[k]) for k in g.arrays)
     with pytest.raises(Exception):
-        stats.from_bytes(data[:-8])                      # a truncated blob is refused by safetensors
+        state.from_bytes(data[:-8])                      # a truncated blob is refused by safetensors
 
 
 def test_merged_clip_counts_equal_counter_sums():
     """GroupAcc sums the shards' CLIP histograms in numpy (IntHist): the same counts as Counter.update, huge
     keys included, across the consolidations."""
     rng = np.random.default_rng(3)
-    params = stats.AuditParams()
-    acc, want = stats.GroupAcc(params), Counter()
+    params = state.AuditParams()
+    acc, want = figures.GroupAcc(params), Counter()
     for i in range(300):
         scores = rng.integers(0, 4000, size=500).tolist() + ([10**30] if i % 50 == 0 else [])
-        g = stats.GroupState(clip={"clip:a": Counter(scores)}, arrays=stats._empty_arrays(params))
+        g = state.GroupState(clip={"clip:a": Counter(scores)}, arrays=scan._empty_arrays(params))
         acc.add(g)
         want.update(scores)
     assert acc.clip_counts() == {"clip:a": want}
@@ -199,14 +199,14 @@ def test_lazy_hll_equals_hll_of_everything_added():
     """The registers built at the switch from the exact set equal feeding every batch to the HLL as it came."""
     rng = np.random.default_rng(5)
     batches = [np.unique(rng.integers(0, 2**63, size=3000, dtype=np.uint64)) for _ in range(10)]
-    d = stats.Distinct(cap=5000)
+    d = sketches.Distinct(cap=5000)
     for b in batches:
         d.add(b)
-    eager = np.zeros(1 << stats.HLL_P, dtype=np.uint8)
+    eager = np.zeros(1 << sketches.HLL_P, dtype=np.uint8)
     for b in batches:
-        np.maximum(eager, stats.hll_registers(b), out=eager)
+        np.maximum(eager, sketches.hll_registers(b), out=eager)
     value, exact = d.count()
-    assert not exact and np.array_equal(d.reg, eager) and value == stats.hll_estimate(eager)
+    assert not exact and np.array_equal(d.reg, eager) and value == sketches.hll_estimate(eager)
 
 
 def test_language_memo_keeps_counts():
@@ -218,10 +218,10 @@ def test_language_memo_keeps_counts():
         return ("fr", 0.9) if "maison" in text else ("en", 0.9)
 
     texts = ["a cat on a mat", " a cat on a mat ", "une maison", "a dog", "une maison"]
-    s = stats.scan_group(texts, stats.AuditParams(language_sample=0), detect=detect)
+    s = scan.scan_group(texts, state.AuditParams(language_sample=0), detect=detect)
     assert s.language_checked == 5 and s.wrong_language == 2 and s.languages == {"en": 3, "fr": 2}
     assert sorted(calls) == ["a cat on a mat", "a dog", "une maison"]
-    s = stats.scan_group(texts, stats.AuditParams(language_sample=2), detect=detect)
+    s = scan.scan_group(texts, state.AuditParams(language_sample=2), detect=detect)
     assert s.language_checked == 2 and s.languages == {"en": 2}
 
 
@@ -234,19 +234,19 @@ def test_clip_counts_and_provenance_equal_the_per_caption_loop():
     clip = [{"clip:a": v} for v in scores] + [{"clip:b": 0.5, "clip:a": 0.5}] * 3
     shared = {"model": {"id": "Q", "revision": "main"}, "prompt": {"file": "s.txt", "sha256": "0123456789abcdef0"}}
     provs = [shared] * 5 + [None, {"model": "m", "prompt": "p"}] + [dict(shared) for _ in range(4)]
-    s = stats.GroupState()
-    stats._add_clip_provenance(s, clip, provs)
+    s = state.GroupState()
+    scan._add_clip_provenance(s, clip, provs)
     want: dict = {}
     for c in clip:
         for name, v in c.items():
-            want.setdefault(name, Counter())[int(round(v * stats.CLIP_SCALE))] += 1
+            want.setdefault(name, Counter())[int(round(v * state.CLIP_SCALE))] += 1
     assert s.clip == want
     assert s.clip["clip:a"][0] == 2                        # +-0.5 -> 0: half to even
     assert s.clip["clip:a"][round(1e30 * 10_000)] == 1     # a huge score is kept, as a Python int
     assert s.models == Counter({"Q@main": 9, "(none recorded)": 1, "m": 1})
     assert s.prompts == Counter({"s.txt sha256:0123456789ab": 9, "(none recorded)": 1, "p": 1})
-    s = stats.GroupState()
-    stats._add_clip_provenance(s, [{"clip:a": 0.25}, {"clip:a": 0.35}, {"clip:a": 0.25}], [])
+    s = state.GroupState()
+    scan._add_clip_provenance(s, [{"clip:a": 0.25}, {"clip:a": 0.35}, {"clip:a": 0.25}], [])
     assert list(s.clip["clip:a"].items()) == [(2500, 2), (3500, 1)]      # keys in order of first appearance
 
 
@@ -254,12 +254,12 @@ def test_refusal_regex_lookahead_holds_for_every_pattern():
     """REFUSAL_RE skips positions not starting i/a/n/u: true only while every pattern starts so."""
     import re
 
-    for p in stats.REFUSAL_PATTERNS:
+    for p in scan.REFUSAL_PATTERNS:
         assert re.match(r"\\b[iaun]", p), p
-    plain = re.compile("|".join(f"(?:{p})" for p in stats.REFUSAL_PATTERNS))
+    plain = re.compile("|".join(f"(?:{p})" for p in scan.REFUSAL_PATTERNS))
     texts = [t.lower() for t in SPECIAL] + ["no image was provided", "unable to view the image", "i apologise"]
     assert [plain.search(t) and plain.search(t).group(0) for t in texts] == \
-        [stats.REFUSAL_RE.search(t) and stats.REFUSAL_RE.search(t).group(0) for t in texts]
+        [scan.REFUSAL_RE.search(t) and scan.REFUSAL_RE.search(t).group(0) for t in texts]
 
 
 def test_refusal_prefilter_passes_every_pattern():
@@ -271,10 +271,10 @@ def test_refusal_prefilter_passes_every_pattern():
                 "i don't see an image", "i do not have any image", "no image was provided", "no image is shared",
                 "unable to open the image"]
     for text in one_each:
-        assert stats.REFUSAL_RE.search(text), text
-        assert stats.may_refuse(text), text
-        assert stats.may_refuse(f"well, {text}, sadly")
-    assert not stats.may_refuse("a red car parked near a small house at sunset")
+        assert scan.REFUSAL_RE.search(text), text
+        assert scan.may_refuse(text), text
+        assert scan.may_refuse(f"well, {text}, sadly")
+    assert not scan.may_refuse("a red car parked near a small house at sunset")
 
 
 def test_near_duplicate_clusters_link_captions_sharing_any_bucket():
@@ -293,5 +293,5 @@ def test_near_duplicate_clusters_link_captions_sharing_any_bucket():
             for b in range(a + 1, n):
                 if (keys[a] == keys[b]).any():
                     parent[root(a)] = root(b)
-        assert stats.near_duplicate_clusters(keys) == len({root(i) for i in range(n)}), (n, spread)
-    assert stats.near_duplicate_clusters(np.zeros((0, 4), dtype=np.uint64)) == 0
+        assert sketches.near_duplicate_clusters(keys) == len({root(i) for i in range(n)}), (n, spread)
+    assert sketches.near_duplicate_clusters(np.zeros((0, 4), dtype=np.uint64)) == 0

@@ -23,7 +23,7 @@ _S61, _S30, _S27, _S31, _ONE = np.uint64(61), np.uint64(30), np.uint64(27), np.u
 
 @njit(cache=True, nogil=True)
 def _combine(a, b):
-    """stats.combine of two uint64 values: splitmix64 of a * GOLDEN + b."""
+    """sketches.combine of two uint64 values: splitmix64 of a * GOLDEN + b."""
     z = a * _GOLDEN + b
     z ^= z >> _S30
     z *= _MIX1
@@ -37,7 +37,7 @@ def _combine(a, b):
 def minhash_bands(h, starts, a, b, rows, sig, keys):
     """For caption c (shingles h[starts[c]:starts[c + 1]], every caption has one): sig[c, j] = min over its
     shingles of ((a[j] * x + b[j]) mod 2^64 mod (2^61 - 1)) & (2^32 - 1), datasketch's legacy MinHash; then
-    keys[c, band] = combine over the band's `rows` signature values, starting from band + 1 (stats.band_keys)."""
+    keys[c, band] = combine over the band's `rows` signature values, starting from band + 1 (sketches.band_keys)."""
     n, k, total = starts.shape[0], a.shape[0], h.shape[0]
     for c in range(n):
         hi = starts[c + 1] if c + 1 < n else total

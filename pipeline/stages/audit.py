@@ -27,8 +27,10 @@ from typing import Any
 from contract import fs
 from pipeline.audit import gate as gate_mod
 from pipeline.audit.funnel import funnel
-from pipeline.audit.stats import (AuditParams, GroupAcc, float_edges, from_bytes, int_edges, load_kernels, remember_bands,
-                                  scan_group, to_bytes)
+from pipeline.audit.figures import GroupAcc, float_edges, int_edges
+from pipeline.audit.scan import load_kernels, scan_group
+from pipeline.audit.sketches import remember_bands
+from pipeline.audit.state import AuditParams, from_bytes, to_bytes
 from contract.config import CommonConfig, add_arguments, build_config, config_hash, option
 from contract.lock import exclusive
 from contract.shards import BadMember, MemberCaps, Problem, list_shards, read_shard, shard_index
@@ -38,7 +40,7 @@ DIMENSIONS = ("dataset", "source", "variant")
 ALL = "*"
 
 
-_P = AuditParams  # the figures' parameters and their defaults live once, in pipeline/audit/stats.py
+_P = AuditParams  # the figures' parameters and their defaults live once, in pipeline/audit/state.py
 
 
 @dataclass
