@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from captioners.refusals import find_refusal
+
 REFUSAL = "caption_refusal"
 TRUNCATED = "caption_truncated"
 REPETITION = "caption_repetition"
@@ -104,17 +106,10 @@ def check_template(text: str, finish_reason: str, cfg: CheckConfig) -> Failure |
     return None
 
 
-_REFUSAL = re.compile(
-    r"\b(i'?m sorry|i am sorry|i apologi[sz]e|i can(?:no|')t|i cannot|i am unable|i'?m unable|i'?m not able|"
-    r"as an ai|as a language model|unable to (?:see|view|describe|identify|process|determine)|"
-    r"(?:there is|there's) no image|no image (?:was|is) (?:provided|attached|shown)|"
-    r"cannot (?:see|view|describe|identify) (?:the|this|an) image|(?:image|picture) is (?:not|un)available|"
-    r"i do not see|i don'?t see an image)\b", re.I)
-
-
 def check_refusal(text: str, finish_reason: str, cfg: CheckConfig) -> Failure | None:
-    m = _REFUSAL.search(text)
-    return Failure(REFUSAL, f"matched {m.group(0)!r}") if m else None
+    """A refusal as captioners.refusals defines it (the audit counts the same ones)."""
+    phrase = find_refusal(text)
+    return Failure(REFUSAL, f"matched {phrase!r}") if phrase else None
 
 
 def check_repetition(text: str, finish_reason: str, cfg: CheckConfig) -> Failure | None:

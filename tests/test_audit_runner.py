@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from captioners import checks, refusals
 from pipeline.audit import figures, scan, sketches, state
 from pipeline.stages.audit import main as audit
 from test_audit import WEB, write_folder
@@ -250,16 +251,26 @@ def test_clip_counts_and_provenance_equal_the_per_caption_loop():
     assert list(s.clip["clip:a"].items()) == [(2500, 2), (3500, 1)]      # keys in order of first appearance
 
 
+def _first_letters(pattern: str) -> set[str]:
+    """The letters a pattern's matches can start with: after \\b, one letter or its first group's alternatives."""
+    body = pattern.removeprefix(r"\b")
+    if body.startswith("(?:"):
+        return {alt[0] for alt in body[3:body.index(")")].split("|")}
+    return {body[0]}
+
+
 def test_refusal_regex_lookahead_holds_for_every_pattern():
-    """REFUSAL_RE skips positions not starting i/a/n/u: true only while every pattern starts so."""
+    """REFUSAL_RE skips positions not starting with one of FIRST_LETTERS: true only while every pattern starts so."""
     import re
 
-    for p in scan.REFUSAL_PATTERNS:
-        assert re.match(r"\\b[iaun]", p), p
-    plain = re.compile("|".join(f"(?:{p})" for p in scan.REFUSAL_PATTERNS))
-    texts = [t.lower() for t in SPECIAL] + ["no image was provided", "unable to view the image", "i apologise"]
+    for p in refusals.REFUSAL_PATTERNS:
+        first = _first_letters(p)
+        assert all(c.isalpha() for c in first) and first <= set(refusals.FIRST_LETTERS), (p, first)
+    plain = re.compile("|".join(f"(?:{p})" for p in refusals.REFUSAL_PATTERNS))
+    texts = [t.lower() for t in SPECIAL] + ["no image was provided", "unable to view the image", "i apologise",
+                                             "the picture is unavailable", "there's no image", "cannot see this image"]
     assert [plain.search(t) and plain.search(t).group(0) for t in texts] == \
-        [scan.REFUSAL_RE.search(t) and scan.REFUSAL_RE.search(t).group(0) for t in texts]
+        [refusals.REFUSAL_RE.search(t) and refusals.REFUSAL_RE.search(t).group(0) for t in texts]
 
 
 def test_refusal_prefilter_passes_every_pattern():
@@ -268,13 +279,46 @@ def test_refusal_prefilter_passes_every_pattern():
     one_each = ["i'm sorry", "im sorry", "i am sorry", "i apologize", "i apologise", "i can't help",
                 "i cannot assist", "i can not provide", "i am unable to describe", "i'm unable to see",
                 "i am not able to view", "i'm not able to caption", "as an ai", "as a language model",
-                "i don't see an image", "i do not have any image", "no image was provided", "no image is shared",
-                "unable to open the image"]
+                "i don't see an image", "i dont see the image", "i do not have any image", "no image was provided",
+                "no image is shared", "no image has been shown", "unable to open the image",
+                "cannot identify this image", "there is no image", "there's no image", "image is not available",
+                "picture is unavailable"]
     for text in one_each:
-        assert scan.REFUSAL_RE.search(text), text
-        assert scan.may_refuse(text), text
-        assert scan.may_refuse(f"well, {text}, sadly")
-    assert not scan.may_refuse("a red car parked near a small house at sunset")
+        assert refusals.REFUSAL_RE.search(text), text
+        assert refusals.may_refuse(text), text
+        assert refusals.may_refuse(f"well, {text}, sadly")
+    assert not refusals.may_refuse("a red car parked near a small house at sunset")
+
+
+# One definition (captioners.refusals): what the recaption check rejects as a refusal, the audit counts as one.
+REFUSED = [
+    "I'm sorry, but I cannot describe this image for you.",
+    "I’m sorry, I can’t help with that image.",
+    "As an AI, I am unable to see images but a cat may be there.",
+    "I apologise, but no image was attached to your message.",
+    "Unfortunately I am unable to view the image you sent.",
+    "It seems there is no image in your message.",
+    "I don't see an image here; please upload one.",
+    "The picture is unavailable, so no caption can be written.",
+    "No image has been uploaded yet.",
+    "Sorry, cannot describe this image.",
+]
+NOT_REFUSED = [
+    "A tabby cat sits on a wooden table near a bright window.",
+    "A neon sign reading I can't wait hangs above a busy bar.",
+    "A woman holds a poster that says I cannot stop dancing.",
+    "A billboard advertises new apartments available now.",
+    "A man is unable to reach the top shelf in a small kitchen.",
+    "Tickets are not available at the door, says a handwritten sign.",
+]
+
+
+@pytest.mark.parametrize("text, refused", [(t, True) for t in REFUSED] + [(t, False) for t in NOT_REFUSED])
+def test_the_recaption_check_and_the_audit_agree_on_refusals(text, refused):
+    only_refusal = checks.CheckConfig(skip=frozenset(checks.CHECK_NAMES) - {"refusal"})
+    failure = checks.run_checks(text, "stop", only_refusal)
+    assert (failure.reason if failure else None) == (checks.REFUSAL if refused else None), text
+    assert scan.scan_group([text], state.AuditParams()).refusals == int(refused), text
 
 
 def test_near_duplicate_clusters_link_captions_sharing_any_bucket():

@@ -16,7 +16,7 @@ Definitions (the README's audit section repeats them; tests check each on hand-c
   datasketch's optimal bands for `near_threshold`; captions sharing a bucket are linked, count = captions
   minus connected clusters (exact duplicates included).
 - loops: a word n-gram (1 <= n <= loop_max_n) repeated `loop_repeats` times back to back.
-- refusals: REFUSAL_PATTERNS anywhere in the caption.
+- refusals: captioners.refusals (REFUSAL_PATTERNS anywhere in the caption), the recaption check's definition.
 - wrong language: the `language_detector` of filters.language (fastText lid.176 by default, or lingua) says a
   language other than `language` with confidence >= language_min_confidence; lower confidence or no language
   is `undetermined`. Every non-empty caption is checked unless `language_sample` > 0.

@@ -10,35 +10,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from captioners.refusals import REFUSAL_RE, may_refuse, normalise
 from pipeline.audit.sketches import TopCounts, combine, minhash_signatures, text_hashes, unique, word_ids
 from pipeline.audit.state import CLIP_SCALE, AuditParams, GroupState
 
 
 WORD_RE = re.compile(r"\w+(?:['’\-]\w+)*")
 SPACE_RE = re.compile(r"\s+")
-REFUSAL_PATTERNS = [
-    r"\bi'?m sorry\b",
-    r"\bi am sorry\b",
-    r"\bi apologi[sz]e\b",
-    r"\bi(?: can't| cannot| can not| am unable to|'m unable to| am not able to|'m not able to) "
-    r"(?:help|assist|provide|describe|identify|see|view|process|comply|fulfil|fulfill|determine|access|caption)",
-    r"\bas an ai\b",
-    r"\bas a language model\b",
-    r"\bi do(?:n't| not) (?:see|have) (?:an|any|the) image",
-    r"\bno image (?:was|is|has been) (?:provided|attached|uploaded|shared)",
-    r"\bunable to (?:view|see|process|describe|open) (?:the|this|an|any) image",
-]
-# every pattern starts with a word starting i, a, n or u: the lookahead lets the regex skip other positions
-REFUSAL_RE = re.compile("(?=[iaun])(?:" + "|".join(f"(?:{p})" for p in REFUSAL_PATTERNS) + ")")
-
-
-def may_refuse(lowered: str) -> bool:
-    """False when no REFUSAL_PATTERNS can match the lower-cased caption (’ as '): every match holds one of
-    these (a test checks each pattern); six substring searches instead of the regex for almost every caption."""
-    return "i " in lowered or "i'" in lowered or "m sorry" in lowered or "as a" in lowered \
-        or "no image" in lowered or "unable to" in lowered
-
-
 _LANGUAGE_CACHE: dict[Any, dict[str, str]] = {}
 _LANGUAGE_CACHE_SIZE = 100_000
 
@@ -158,7 +136,7 @@ def _caption_figures(s: GroupState, texts: list[str], lowered: list[str], word_l
         top = TopCounts(params.openings_capacity)
         top.update(s.openings)
         s.openings, s.openings_error = top.counts, top.error
-    maybe = [t for t in [t.replace("’", "'") for t in lowered] if may_refuse(t)]
+    maybe = [t for t in map(normalise, lowered) if may_refuse(t)]
     hits = [m.group(0) for m in map(REFUSAL_RE.search, maybe) if m]
     s.refusals = len(hits)
     s.refusal_examples.update(hits)
