@@ -4,7 +4,7 @@ the training step with and without the device-side changes.
     .venv/bin/python bench/train.py                       # CPU: everything below, defaults
     .venv/bin/python bench/train.py --workers 0,1,2,4 --batches 40 --shuffle-buffer 256
 
-Data (trainer/synthetic.py: the encode stage's layout, seeded random tensors, real sizes): per sample latent
+Data (testing/synthetic.py: the encode stage's layout, seeded random tensors, real sizes): per sample latent
 moments 16 x 32 x 32 float32 (FLUX.1's VAE at 256 px) and three caption variants of 200, 40 and 20 tokens,
 2304 wide, BF16 (T5Gemma-2B): 1.33 MB a sample.
 
@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 
 def real_data(work: str, shards: int, per_shard: int) -> str:
-    from trainer.synthetic import write_encoded_folder
+    from testing.synthetic import write_encoded_folder
 
     folder = os.path.join(work, f"real-{shards}x{per_shard}")
     if not os.path.exists(os.path.join(folder, "_stage.json")):
@@ -72,7 +72,7 @@ def mixing(work: str, batches: int, batch: int) -> dict:
     import random
 
     from trainer.data import MixtureLoader, consecutive_overlap, same_shard_rate
-    from trainer.synthetic import write_encoded_folder
+    from testing.synthetic import write_encoded_folder
 
     small = dict(latent_shape=(4, 4, 4), text_dim=8, tokens={"long": 4})
     folders = {}

@@ -3,7 +3,7 @@ checksums.json (and that every file parses), falls back to the newest intact one
 and refuses with one line when none is intact, when --steps is not beyond the run's step, or when another process
 holds the run folder. A fine-tune from a damaged parent is one line naming the file.
 
-Data: a synthetic encoded folder (trainer/synthetic.py) and the tiny model, so each run takes about a second."""
+Data: a synthetic encoded folder (testing/synthetic.py) and the tiny model, so each run takes about a second."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from trainer import checkpoint
-from trainer.synthetic import write_encoded_folder
+from testing.synthetic import write_encoded_folder
 
 SMALL = dict(latent_shape=(4, 4, 4), text_dim=8, tokens={"long": 6, "short": 3})
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"

@@ -199,7 +199,7 @@ def test_inspect_of_a_folder_that_is_none_is_one_line_exit_2(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- prx-train
 def test_train_names_the_damaged_shard(tmp_path, capsys):
     from trainer.cli import main as prx_train
-    from trainer.synthetic import write_encoded_folder
+    from testing.synthetic import write_encoded_folder
 
     folder = write_encoded_folder(str(tmp_path / "enc"), 1, 8, source="web", latent_shape=(4, 4, 4), text_dim=8,
                                   tokens={"long": 6, "short": 3})

@@ -1,6 +1,6 @@
 """The trainer's data path: shuffling quality, workers, exact resume, `--resume RUN`, uneven shards, DDP errors.
 
-Data: synthetic encoded folders (trainer/synthetic.py: the encode stage's layout, seeded random tensors at
+Data: synthetic encoded folders (testing/synthetic.py: the encode stage's layout, seeded random tensors at
 small sizes) so every test stays fast; the layout and reader are the real ones.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from trainer.batches import LoaderFeed, LoaderSettings
 from trainer.config import Mixture, Source
 from trainer.data import (MixtureLoader, SourceStream, consecutive_overlap, expected_same_shard_rate, open_sources,
                           same_shard_rate)
-from trainer.synthetic import encoder_record, write_encoded_folder
+from testing.synthetic import encoder_record, write_encoded_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(latent_shape=(4, 4, 4), text_dim=8, tokens={"long": 6, "short": 3})
