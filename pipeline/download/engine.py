@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from contract import fs
 from pipeline.download import net
+from pipeline.download.sample import content_key
 from contract.images import ImageRejected, check_size, decode_image, probe_image
 
 ROW_COL = "prx_row"  # the position of the URL in its chunk, carried through img2dataset as an extra column
@@ -62,8 +63,6 @@ class Fetched:
 
 
 def _marker(exc: ImageRejected, data: bytes) -> str:
-    from pipeline.stages.ingest import content_key
-
     key = content_key(data)[0] if data else ""
     return f"[prx:{exc.reason}:{key}] {exc.detail}"
 

@@ -23,11 +23,11 @@ from typing import Any
 from contract import fs, ledger
 from contract.config import CommonConfig, option
 from pipeline.download import engine, net
+from pipeline.download.sample import content_key, decode_caption
 from pipeline.download.urllist import FORMATS, UrlListError, UrlRow, read_rows
 from contract.images import DEFAULT_MAX_PIXELS, ImageRejected, probe_image
 from contract.shards import MemberCaps, Problem, ShardWriter, dumps_json, read_shard, shard_done, shard_name
 from pipeline.stage import Stage, PrxError, Task
-from pipeline.stages.ingest import content_key, decode_caption
 
 ledger.register_reasons({
     "incomplete_body": (ledger.FAILED, "connection closed before the announced Content-Length arrived"),

@@ -8,7 +8,6 @@ named by the format detected from the bytes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from typing import Any, Iterator
 from contract import fs, ledger, shards
 from contract.config import CommonConfig, option
 from contract.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from pipeline.download.sample import content_key, decode_caption
 from pipeline.runner import cached
 from contract.shards import BadMember, MemberCaps, Problem, ShardWriter, dumps_json, parse_json, read_shard
 from pipeline.stage import Stage, PrxError, Task
@@ -53,32 +53,6 @@ class Item:
     orig_key: str | None = None
     url: str | None = None
     problem: Problem | None = None
-
-
-def content_key(data: bytes) -> tuple[str, str]:
-    """(`__key__`, full sha256): the key is the first 32 hex digits of the sha256 of the image bytes."""
-    digest = hashlib.sha256(data).hexdigest()
-    return digest[:32], digest
-
-
-def decode_caption(raw: bytes | str | None) -> tuple[str, str]:
-    """Caption bytes -> (text, note). Non-UTF-8 text is decoded as cp1252 or latin-1 and the note says so."""
-    if raw is None:
-        return "", ""
-    if isinstance(raw, str):
-        return raw, ""
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        return raw.decode("utf-8"), ""
-    except UnicodeDecodeError:
-        pass
-    for enc in ("cp1252", "latin-1"):
-        try:
-            return raw.decode(enc), f"caption not UTF-8; decoded as {enc}"
-        except UnicodeDecodeError:
-            continue
-    return raw.decode("utf-8", errors="replace"), "caption not UTF-8; undecodable bytes replaced"
 
 
 def detect_kind(cfg: IngestConfig) -> str:
