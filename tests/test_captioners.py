@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from captioners import checks, prompts, sampling
-from captioners.base import DEFAULT_MAX_PIXELS, Request
+from captioners.base import Request
 from captioners.fake import FakeBackend
 from filters.language import detect_language
 
@@ -24,8 +24,18 @@ def good_long(seed=0) -> str:
     return FakeBackend().caption(Request(Image.new("RGB", (8, 8), (30, 90, 200)), "p", 400, seed, variant="long"))
 
 
-def test_default_pixel_budget_is_1024_vision_tokens():
-    assert DEFAULT_MAX_PIXELS == 1024 * 28 * 28
+def test_default_pixel_budget_is_1024_vision_tokens(tiny_model):
+    """With the default budget the captioner's preprocessing brings a 1200 x 1000 photo (1,530 vision tokens of
+    28 x 28 px) down to at most 1024 vision tokens, keeping most of them; a 280 x 196 one (70) stays whole."""
+    from captioners.hf import TransformersBackend
+
+    backend = TransformersBackend(tiny_model("tiny-qwen2-vl"), batch_size=2)
+    big, small = Image.new("RGB", (1200, 1000), (200, 40, 40)), Image.new("RGB", (280, 196), (40, 200, 40))
+    grids = backend.encode([Request(big, "Describe this image.", 4, seed=0),
+                            Request(small, "Describe this image.", 4, seed=1)])["image_grid_thw"]
+    big_tokens, small_tokens = (int(np.prod(thw)) // 4 for thw in grids.tolist())  # 2 x 2 patches merge into one
+    assert 0.9 * 1024 < big_tokens <= 1024
+    assert small_tokens == 280 * 196 // (28 * 28)
 
 
 def test_good_captions_pass():

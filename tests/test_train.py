@@ -297,11 +297,52 @@ def test_mixture_resolution_must_match_the_encoding(encoded):
         open_sources(Mixture([Source("a", encoded["a"], 1.0)], {}, resolution=256))
 
 
-def test_x_prediction_and_shift_train(encoded, tmp_path):
+def expected_first_loss(cfg: TrainConfig, spec) -> float:
+    """Step 1's loss of a run, from the formulas written out here: the run's first batch, the init weights
+    (seeded), and its draws from torch.Generator(seed * 1000) (rank 0): z ~ N(0, 1), u ~ U[0, 1), pick ~ U[0, 1)
+    per sample, then eps. t = s sigmoid(z) / (1 + (s - 1) sigmoid(z)), or 1e-3 + (1 - 1e-3) u where
+    pick < uniform_fraction. Caption dropout 1: every sample sees the empty prompt. Loss per sample, mean over
+    C x H x W: v-prediction |F - (eps - x0)|^2; x-prediction |x0 - F|^2 / max(t, t_min)^2."""
+    from trainer.data import pad_embedding
+    from trainer.model import build_model
+    from trainer.train import loader_settings
+
+    assert cfg.caption_dropout == 1.0 and cfg.logit_mean == 0.0 and cfg.logit_std == 1.0
+    x0 = loader_settings(cfg, 0).loader(spec).next_batch().x0
+    b, s = x0.shape[0], cfg.shift
+    g = torch.Generator().manual_seed(cfg.seed * 1000)
+    z, u, pick = torch.randn(b, generator=g), torch.rand(b, generator=g), torch.rand(b, generator=g)
+    t = torch.where(pick < cfg.uniform_fraction, 1e-3 + (1 - 1e-3) * u,
+                    s * torch.sigmoid(z) / (1 + (s - 1) * torch.sigmoid(z)))
+    eps = torch.randn(x0.shape, generator=g)
+    emb, mask, _ = pad_embedding(spec.empty_prompt, cfg.text_max_length)
+    tb = t.view(-1, 1, 1, 1)
+    model = build_model(cfg.model, spec.latent_channels, spec.text_dim, seed=cfg.seed)
+    with torch.no_grad():
+        out = model(hidden_states=(1 - tb) * x0 + tb * eps, timestep=t, return_dict=False,
+                    encoder_hidden_states=emb.float().expand(b, -1, -1), attention_mask=mask.expand(b, -1))[0]
+    if cfg.prediction == "x":
+        per_sample = (x0 - out).pow(2).flatten(1).mean(1) / t.clamp(min=cfg.x_pred_t_min) ** 2
+    else:
+        per_sample = (out - (eps - x0)).pow(2).flatten(1).mean(1)
+    return float(per_sample.mean())
+
+
+def test_x_prediction_and_shift_change_the_loss_as_their_formulas_say(encoded, tmp_path):
+    """Step 1's loss (the init weights: no update yet) under v-prediction without shift and x-prediction
+    with shift 3 is, in each run, the value the formulas give; and the two differ."""
+    from trainer.config import load_mixture
     from trainer.train import run
 
-    out = run(cfg_for(encoded, tmp_path, steps=3, prediction="x", shift=3.0, caption_dropout=1.0))
-    assert len(out["losses"]) == 3 and all(l == l and l < 1e4 for l in out["losses"])
+    got, want = {}, {}
+    for prediction, shift in (("v", 1.0), ("x", 3.0)):
+        cfg = cfg_for(encoded, tmp_path, steps=1, prediction=prediction, shift=shift, caption_dropout=1.0,
+                      out=str(tmp_path / prediction))
+        got[prediction] = float(run(cfg)["losses"][0])
+        want[prediction] = expected_first_loss(cfg, open_sources(load_mixture(cfg)))
+    assert abs(want["x"] - want["v"]) > 0.01 * want["v"], want
+    for prediction in got:
+        assert got[prediction] == pytest.approx(want[prediction], rel=1e-4), (prediction, got, want)
 
 
 def test_no_usable_caption_variant_stops_instead_of_spinning(encoded, tmp_path):

@@ -18,6 +18,7 @@ logging values kept on the device, and one rank's data error stopping every rank
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from contract.errors import PrxError
+from trainer.config import TrainConfig
 from trainer.data import Batch, DataError, DataSpec, MixtureLoader
 from trainer.metrics import BIN_NAMES, TIMESTEP_BINS
 from trainer.objective import caption_dropout
@@ -39,17 +41,23 @@ class LoaderFailure:
 
 @dataclass
 class LoaderSettings:
+    """What a rank's batches depend on: `MixtureLoader`'s arguments, named as TrainConfig's options (whose
+    defaults these are: they are written there only)."""
     batch_size: int
-    seed: int = 0
+    seed: int = TrainConfig.seed
     rank: int = 0
-    text_max_length: int = 256
-    open_shards: int = 8
-    shuffle_buffer: int = 2048
+    text_max_length: int = TrainConfig.text_max_length
+    open_shards: int = TrainConfig.open_shards
+    shuffle_buffer: int = TrainConfig.shuffle_buffer
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, **given: int) -> LoaderSettings:
+        """The config's values of the fields named alike; `given` (rank, or another batch size or seed) wins."""
+        named = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)}
+        return cls(**{**named, **given})
 
     def loader(self, spec: DataSpec) -> MixtureLoader:
-        return MixtureLoader(spec, self.batch_size, seed=self.seed, rank=self.rank,
-                             text_max_length=self.text_max_length, open_shards=self.open_shards,
-                             shuffle_buffer=self.shuffle_buffer)
+        return MixtureLoader(spec, **dataclasses.asdict(self))
 
 
 class PlanStream(IterableDataset):

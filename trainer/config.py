@@ -1,12 +1,14 @@
 """`prx-train` options: one dataclass, read through the project's one config loader (contract.config).
 
-Defaults are PRX's baseline recipe; `manifests/train/base.yaml` spells them out. A YAML file may name a
+Defaults are PRX's baseline recipe; `manifests/train/base.yaml` spells them out, and adds the recipe's encoders,
+captions and run length (steps, log and checkpoint cadence), which the defaults leave open. A YAML file may name a
 `base:` file it overlays (path relative to itself), so an ablation overlay is a few lines that change one
 thing (`manifests/ablations/*.yaml`). Order: defaults < base file(s) < `--config` file < command line.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -125,8 +127,8 @@ class TrainConfig:
             raise ConfigError("--loader-workers must be 0 or more")
         if self.shift <= 0:
             raise ConfigError("--shift must be positive")
-        if any(w < 0 for w in self.caption.values()) or (self.caption and sum(self.caption.values()) <= 0):
-            raise ConfigError(f"--caption weights must be >= 0 with a positive sum, got {self.caption}")
+        if self.caption:
+            check_weights(self.caption, "--caption weights")
         if self.metrics_every and (not self.metrics_real or self.metrics_every % self.checkpoint_every):
             raise ConfigError("--metrics-every N needs --metrics-real DIR and N a multiple of --checkpoint-every "
                               f"({self.checkpoint_every}): metrics are computed on the saved checkpoint")
@@ -309,12 +311,17 @@ def load_mixture(cfg: TrainConfig) -> Mixture:
             sources.append(Source(name, folder, 1.0))
     if not sources:
         raise ConfigError("no data: pass --shards ENCODED_DIR or --mix MIXTURE.yaml")
-    if any(s.weight < 0 for s in sources) or sum(s.weight for s in sources) <= 0:
-        raise ConfigError(f"source weights must be >= 0 with a positive sum: {[(s.name, s.weight) for s in sources]}")
+    check_weights({s.name: s.weight for s in sources}, "source weights")
     if cfg.caption:
         captions = dict(cfg.caption)
     if not captions:
         captions = {"long": 1.0}  # PRX's baseline: the long recaption only
-    if any(w < 0 for w in captions.values()) or (captions and sum(captions.values()) <= 0):
-        raise ConfigError(f"caption weights must be >= 0 with a positive sum: {captions}")
-    return Mixture(sources, captions, resolution)
+    return Mixture(sources, check_weights(captions, "caption weights"), resolution)
+
+
+def check_weights(weights: dict[str, float], what: str) -> dict[str, float]:
+    """The one rule for the weights a draw picks by (caption variants, sources): each finite and >= 0, and a
+    positive sum. Returns `weights`; a ConfigError naming `what` otherwise."""
+    if any(not math.isfinite(w) or w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ConfigError(f"{what} must be finite and >= 0 with a positive sum, got {weights}")
+    return weights

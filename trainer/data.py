@@ -52,6 +52,7 @@ from contract import encoded
 from contract.errors import PrxError
 from contract.ledger import read_stage_json
 from contract.shards import BadMember, Problem, Sample, list_shards, read_shard
+from trainer.config import TrainConfig  # the loader's defaults are the trainer's options'
 
 
 class DataError(RuntimeError):
@@ -448,8 +449,9 @@ class MixtureLoader:
 
     MAX_SKIPPED = 10_000  # consecutive draws with none of the asked caption variants: stop instead of spinning
 
-    def __init__(self, spec: DataSpec, batch_size: int, seed: int = 0, rank: int = 0, text_max_length: int = 256,
-                 open_shards: int = 8, shuffle_buffer: int = 2048, max_wait_batches: int = 64):
+    def __init__(self, spec: DataSpec, batch_size: int, seed: int = TrainConfig.seed, rank: int = 0,
+                 text_max_length: int = TrainConfig.text_max_length, open_shards: int = TrainConfig.open_shards,
+                 shuffle_buffer: int = TrainConfig.shuffle_buffer, max_wait_batches: int = 64):
         self.spec, self.batch_size, self.seed, self.rank = spec, batch_size, seed, rank
         self.text_max_length = text_max_length
         self.max_wait = max_wait_batches * batch_size

@@ -155,8 +155,8 @@ def _agreed(exc: Exception, world: int) -> Exception:
 
 
 def loader_settings(cfg: TrainConfig, rank: int, batch_size: int | None = None, seed: int | None = None):
-    return LoaderSettings(batch_size or cfg.batch_size, cfg.seed if seed is None else seed, rank, cfg.text_max_length,
-                          cfg.open_shards, cfg.shuffle_buffer)
+    return LoaderSettings.of(cfg, rank=rank, batch_size=batch_size or cfg.batch_size,
+                             seed=cfg.seed if seed is None else seed)
 
 
 def make_eval_batch(spec: DataSpec, cfg: TrainConfig, oc: ObjectiveConfig):
