@@ -14,11 +14,17 @@ for the same model: `clip:ViT-B-32:laion2b_s34b_b79k`, `clip:hf-hub:org/repo`, `
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from contract.config import option
+from contract.errors import PrxError
+from contract.ledger import REJECTED
+from filters.base import ScoreBatch, ScoreFilter
 
 LOCAL_PREFIX, HUB_PREFIX = "local-dir:", "hf-hub:"
 
@@ -34,6 +40,18 @@ class ClipSpec:
     def provenance(self) -> dict:
         return {"name": self.name, "open_clip": self.model_name, "pretrained": self.pretrained,
                 "revision": self.revision, "score": self.score_name}
+
+    def embed_dim(self) -> int | None:
+        """Width of the image embeddings, from open_clip's config (None when the config does not say)."""
+        import open_clip
+
+        if self.model_name.startswith(LOCAL_PREFIX):
+            with open(self.model_name[len(LOCAL_PREFIX):] + "/open_clip_config.json") as fh:
+                return json.load(fh)["model_cfg"].get("embed_dim")
+        if self.model_name.startswith(HUB_PREFIX):
+            return None
+        config = open_clip.get_model_config(self.model_name)
+        return config.get("embed_dim") if config else None
 
     def model_spec(self):
         """The hub repo (or folder) open_clip loads, as a contract.models.ModelSpec for error messages."""
@@ -156,14 +174,34 @@ def clip_scores(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
     return np.einsum("nd,nd->n", image_emb.astype(np.float32), text_emb.astype(np.float32))
 
 
-def keep_top_threshold(scores: np.ndarray, fraction: float) -> tuple[int, float | None]:
-    """(how many to keep, score of the last kept) for keeping the top `fraction`: ceil(fraction * n)."""
-    import math
+@dataclass
+class ClipScore(ScoreFilter):
+    """The image-caption cosine of the --clip-model: scored whenever there is one; --min-clip-score rejects in
+    the reduce, --keep-top keeps a global top fraction of what every other check and dedup left."""
 
-    n = len(scores)
-    if n == 0:
-        return 0, None
-    k = min(n, max(0, math.ceil(fraction * n - 1e-9)))
-    if k == 0:
-        return 0, None
-    return k, float(np.sort(scores)[::-1][k - 1])
+    name = "clip"
+    reason = "clip_below_threshold"
+    reasons = {reason: (REJECTED, "CLIP image-text cosine below --min-clip-score, or outside the --keep-top "
+                                  "fraction (detail: score vs threshold)")}
+    threshold_option = "min_clip_score"
+    top_option = "keep_top"
+    min_clip_score: float | None = option(None, help="reject image-text cosine below this")
+    keep_top: float | None = option(None, help="keep this fraction (0-1] of the samples left after every other "
+                                               "check and dedup, by CLIP score: one global threshold")
+
+    def score_name(self) -> str | None:
+        return self.ctx.clip.score_name if self.ctx.clip is not None else None
+
+    def score(self, batch: ScoreBatch) -> np.ndarray:
+        return clip_scores(batch.image_emb, batch.clip.encode_texts(batch.texts))
+
+    def clip_flags(self) -> list[str]:
+        return [flag for flag, value in (("--min-clip-score", self.min_clip_score), ("--keep-top", self.keep_top))
+                if value is not None]
+
+    def validate(self) -> None:
+        if self.keep_top is not None and not 0 < self.keep_top <= 1:
+            raise PrxError("--keep-top is a fraction in (0, 1]")
+
+    def plan(self) -> dict:
+        return {} if self.min_clip_score is None else {"min_clip_score": self.min_clip_score}

@@ -1,6 +1,6 @@
-"""Image checks: min side, max aspect ratio, min/max pixels, file size, near-blank.
+"""Image checks: min side, max aspect ratio, min/max pixels, file size, near-blank; one `Check` each.
 
-Each check is a small function returning a `Judgement`; `ImageChecks.run` applies the configured ones.
+Each check is a small function returning a `Judgement`, and a filter class declaring its options and reason.
 Sizes are after EXIF orientation (the decoder's). Near-blank is judged on a 64 px grayscale thumbnail: the
 standard deviation of its pixel values (0..255); a flat image (a blank page, a solid placeholder, a
 one-colour error GIF) has a spread close to 0.
@@ -11,17 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from filters.base import Judgement, failed, passed
-
-REASONS = {
-    "image_too_small": "shorter image side below --min-side (detail: side vs minimum)",
-    "aspect_ratio_too_large": "long side / short side above --max-aspect-ratio",
-    "too_few_pixels": "width x height below --min-pixels",
-    "too_many_pixels": "width x height above --max-pixels (decoded; --max-image-pixels refuses before decoding)",
-    "file_too_small": "image member smaller than --min-file-bytes",
-    "file_too_large": "image member larger than --max-file-bytes",
-    "near_blank": "pixel standard deviation of a grayscale thumbnail below --min-pixel-std (blank or flat image)",
-}
+from contract.config import option
+from contract.ledger import REJECTED
+from filters.base import Check, Judgement, View, failed, passed
 
 
 def min_side(width: int, height: int, minimum: int) -> Judgement:
@@ -69,39 +61,77 @@ def near_blank(image, min_std: float) -> Judgement:
 
 
 @dataclass
-class ImageChecks:
-    """The configured image checks; a threshold of None (or 0 for min_side) turns a check off."""
+class MinSide(Check):
+    name = "min_side"
+    needs = "size"
+    reasons = {"image_too_small": (REJECTED, "shorter image side below --min-side (detail: side vs minimum)")}
+    min_side: int = option(0, help="reject images whose shorter side is below this (0: off)", minimum=0)
 
-    min_side: int = 0
-    max_aspect_ratio: float | None = None
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    min_file_bytes: int | None = None
-    max_file_bytes: int | None = None
-    min_pixel_std: float | None = None
+    def active(self) -> bool:
+        return bool(self.min_side)
 
-    @property
-    def needs_pixels(self) -> bool:
+    def judge(self, view: View) -> Judgement:
+        return min_side(view.width, view.height, self.min_side)
+
+
+@dataclass
+class AspectRatio(Check):
+    name = "aspect_ratio"
+    needs = "size"
+    reasons = {"aspect_ratio_too_large": (REJECTED, "long side / short side above --max-aspect-ratio")}
+    max_aspect_ratio: float | None = option(None, help="reject long/short side ratios above this")
+
+    def active(self) -> bool:
+        return bool(self.max_aspect_ratio)
+
+    def judge(self, view: View) -> Judgement:
+        return aspect_ratio(view.width, view.height, self.max_aspect_ratio)
+
+
+@dataclass
+class Pixels(Check):
+    name = "pixels"
+    needs = "size"
+    reasons = {"too_few_pixels": (REJECTED, "width x height below --min-pixels"),
+               "too_many_pixels": (REJECTED, "width x height above --max-pixels (decoded; --max-image-pixels "
+                                             "refuses before decoding)")}
+    min_pixels: int | None = option(None, help="reject width x height below this", minimum=0)
+    max_pixels: int | None = option(None, help="reject width x height above this", minimum=0)
+
+    def active(self) -> bool:
+        return self.min_pixels is not None or self.max_pixels is not None
+
+    def judge(self, view: View) -> Judgement:
+        return pixels(view.width, view.height, self.min_pixels, self.max_pixels)
+
+
+@dataclass
+class FileSize(Check):
+    name = "file_size"
+    needs = "size"
+    reasons = {"file_too_small": (REJECTED, "image member smaller than --min-file-bytes"),
+               "file_too_large": (REJECTED, "image member larger than --max-file-bytes")}
+    min_file_bytes: int | None = option(None, help="reject image members smaller than this", minimum=0)
+    max_file_bytes: int | None = option(None, help="reject image members larger than this", minimum=0)
+
+    def active(self) -> bool:
+        return self.min_file_bytes is not None or self.max_file_bytes is not None
+
+    def judge(self, view: View) -> Judgement:
+        return file_size(view.nbytes, self.min_file_bytes, self.max_file_bytes)
+
+
+@dataclass
+class NearBlank(Check):
+    name = "near_blank"
+    needs = "pixels"
+    reasons = {"near_blank": (REJECTED, "pixel standard deviation of a grayscale thumbnail below --min-pixel-std "
+                                        "(blank or flat image)")}
+    min_pixel_std: float | None = option(None, help="near-blank: reject if a grayscale thumbnail's pixel std "
+                                                    "(0-255) is below this (e.g. 4)")
+
+    def active(self) -> bool:
         return self.min_pixel_std is not None
 
-    @property
-    def active(self) -> bool:
-        return bool(self.min_side or self.max_aspect_ratio or self.min_pixels is not None
-                    or self.max_pixels is not None or self.min_file_bytes is not None
-                    or self.max_file_bytes is not None or self.min_pixel_std is not None)
-
-    def run(self, width: int, height: int, nbytes: int, image=None) -> list[Judgement]:
-        out = []
-        if self.min_side:
-            out.append(min_side(width, height, self.min_side))
-        if self.max_aspect_ratio:
-            out.append(aspect_ratio(width, height, self.max_aspect_ratio))
-        if self.min_pixels is not None or self.max_pixels is not None:
-            out.append(pixels(width, height, self.min_pixels, self.max_pixels))
-        if self.min_file_bytes is not None or self.max_file_bytes is not None:
-            out.append(file_size(nbytes, self.min_file_bytes, self.max_file_bytes))
-        if self.min_pixel_std is not None:
-            if image is None:
-                raise ValueError("near-blank check needs the decoded image")
-            out.append(near_blank(image, self.min_pixel_std))
-        return out
+    def judge(self, view: View) -> Judgement:
+        return near_blank(view.image, self.min_pixel_std)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import re
 
+from dataclasses import dataclass
+
 import numpy as np
 
-REASONS = {
-    "aesthetic_below_threshold": "LAION aesthetic score below --min-aesthetic (head named in the score name)",
-    "nsfw_above_threshold": "LAION NSFW probability above --max-nsfw",
-}
-
+from contract.config import option
+from contract.errors import PrxError
+from contract.ledger import REJECTED
+from filters.base import ScoreBatch, ScoreFilter
 
 class HeadError(ValueError):
     """Missing or unusable head weights; the message says what to pass."""
@@ -68,6 +69,11 @@ def locate(weights: str, flag: str = "the weights flag") -> str:
         raise HeadError(str(exc)) from exc
 
 
+def head_name(kind: str, weights: str) -> str:
+    """The score name of a head: its kind and weights file (`aesthetic:sac+logos+ava1-l14-linearMSE.pth`)."""
+    return f"{kind}:{os.path.basename(weights)}"
+
+
 class LinearHead:
     """A stack of Linear layers (numpy float32 on CPU: these heads are tiny) applied to embeddings."""
 
@@ -105,7 +111,7 @@ class LinearHead:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}:{os.path.basename(self.source)}"
+        return head_name(self.kind, self.source)
 
     def check_dim(self, dim: int | None) -> None:
         if dim is not None and dim != self.in_dim:
@@ -125,8 +131,72 @@ class LinearHead:
         return x.astype(np.float64)
 
 
-def load_head(weights: str | None, kind: str, flag: str) -> LinearHead:
+def load_head(weights: str | None, kind: str, flag: str, threshold_flag: str) -> LinearHead:
     if not weights:
-        raise HeadError(f"--{'min-aesthetic' if kind == 'aesthetic' else 'max-nsfw'} needs {flag} "
-                        "(a local .safetensors/.pth file or a hub id ORG/REPO/FILE); prx ships no head weights")
+        raise HeadError(f"{threshold_flag} needs {flag} (a local .safetensors/.pth file or a hub id ORG/REPO/FILE); "
+                        "prx ships no head weights")
     return LinearHead(weights, kind, flag)
+
+
+class _Head(ScoreFilter):
+    """A LAION head on the CLIP image embeddings: scored whenever its weights are given, thresholded when its
+    threshold is; a threshold without weights, or weights for another embedding width, is an error."""
+
+    weights_option = ""
+
+    @property
+    def weights(self) -> str | None:
+        return getattr(self, self.weights_option)
+
+    def head(self) -> LinearHead:
+        weights, flag = self.weights, _flag(self.weights_option)
+        return self.ctx.cached(("laion-head", self.name, weights), lambda: LinearHead(weights, self.name, flag))
+
+    def score_name(self) -> str | None:
+        return head_name(self.name, self.weights) if self.weights else None
+
+    def score(self, batch: ScoreBatch) -> np.ndarray:
+        return self.head()(batch.image_emb)
+
+    def clip_flags(self) -> list[str]:
+        return [] if self.threshold() is None else [_flag(self.threshold_option)]
+
+    def validate(self) -> None:
+        try:
+            if self.threshold() is not None:
+                load_head(self.weights, self.name, _flag(self.weights_option), _flag(self.threshold_option))
+            if self.weights and self.ctx.clip is not None:
+                self.head().check_dim(self.ctx.clip.embed_dim())
+        except (HeadError, FileNotFoundError) as exc:
+            raise PrxError(str(exc)) from exc
+
+    def provenance(self) -> dict:
+        if not self.weights:
+            return {}
+        h = self.head()
+        return {self.name: {"weights": h.source, "score": h.name, "layers": [list(w.shape) for w, _ in h.layers],
+                            "activation": h.activation, "output": h.output}}
+
+
+def _flag(option_name: str) -> str:
+    return "--" + option_name.replace("_", "-")
+
+
+@dataclass
+class AestheticHead(_Head):
+    name = "aesthetic"
+    reason = "aesthetic_below_threshold"
+    reasons = {reason: (REJECTED, "LAION aesthetic score below --min-aesthetic (head named in the score name)")}
+    weights_option, threshold_option, direction = "aesthetic_weights", "min_aesthetic", "min"
+    aesthetic_weights: str | None = option(None, help="LAION aesthetic head: .safetensors/.pth or ORG/REPO/FILE")
+    min_aesthetic: float | None = option(None, help="reject aesthetic scores below this (needs --aesthetic-weights)")
+
+
+@dataclass
+class NsfwHead(_Head):
+    name = "nsfw"
+    reason = "nsfw_above_threshold"
+    reasons = {reason: (REJECTED, "LAION NSFW probability above --max-nsfw")}
+    weights_option, threshold_option, direction = "nsfw_weights", "max_nsfw", "max"
+    nsfw_weights: str | None = option(None, help="NSFW head: .safetensors/.pth or ORG/REPO/FILE")
+    max_nsfw: float | None = option(None, help="reject NSFW scores above this (needs --nsfw-weights)")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from filters import dedup as dd
+from filters.base import View
 
 
 def _pairs(gen) -> set[tuple[int, int]]:
@@ -106,6 +107,12 @@ def test_image_checks_units():
     assert ic.near_blank(Image.new("RGB", (80, 80), "white"), 2).reason == "near_blank"
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))
     assert ic.near_blank(noise, 2).passed
+    # as filters: off by default, judging a view
+    view = View("k", {}, "", nbytes=10, width=100, height=50)
+    assert not ic.MinSide().active() and ic.MinSide(min_side=64).active()
+    assert ic.MinSide(min_side=64).judge(view).reason == "image_too_small"
+    assert ic.FileSize(min_file_bytes=100).judge(view).reason == "file_too_small"
+    assert ic.Pixels(max_pixels=6000).judge(view).passed
 
 
 def test_text_checks_and_language():
@@ -118,17 +125,22 @@ def test_text_checks_and_language():
     assert code == "de" and 0 < conf <= 1
     assert detect_language("") == (None, 0.0)
     assert detect_language("12345 !!! ...") == (None, 0.0)
-    checks = tc.TextChecks(reject_empty=True, min_words=3, languages=["en"])
-    assert [j.reason for j in checks.run("   ")[0]] == ["caption_empty"]
-    assert "caption_too_short" in [j.reason for j in checks.run("red bike")[0]]
-    judgements, code = checks.run("A red bicycle leaning against a brick wall.")
-    assert all(j.passed for j in judgements) and code == "en"
+    length = tc.CaptionLength(reject_empty_caption=True, min_caption_words=3)
+    empty = length.judge(View("k", {}, "   "))
+    assert empty.reason == "caption_empty" and empty.final   # the caption checks after it skip the sample
+    assert "caption_too_short" in [j.reason for j in length.judge(View("k", {}, "red bike"))]
+    assert not tc.CaptionLength().active() and not tc.Language().active()
+    j = tc.Language(languages=["en"]).judge(View("k", {}, "A red bicycle leaning against a brick wall."))
+    assert j.passed and j.facts == {"language": "en"}
+    j = tc.Language(languages=["en"]).judge(View("k", {}, "Ein rotes Fahrrad lehnt an einer alten Mauer."))
+    assert j.reason == "caption_language" and j.facts == {"language": "de"}
 
 
 def test_head_errors(tmp_path):
     from filters import laion_heads as lh
 
     with pytest.raises(lh.HeadError, match="--aesthetic-weights"):
-        lh.load_head(None, "aesthetic", "--aesthetic-weights")
+        lh.load_head(None, "aesthetic", "--aesthetic-weights", "--min-aesthetic")
     with pytest.raises(lh.HeadError, match="not found"):
-        lh.load_head(str(tmp_path / "missing.safetensors"), "aesthetic", "--aesthetic-weights")
+        lh.load_head(str(tmp_path / "missing.safetensors"), "aesthetic", "--aesthetic-weights",
+                     "--min-aesthetic")

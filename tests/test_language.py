@@ -11,7 +11,8 @@ import pytest
 
 from captioners import checks
 from filters import language
-from filters.text_checks import TextChecks
+from filters.base import View
+from filters.text_checks import Language
 from pipeline.stages.audit import main as audit
 from test_audit import write_folder
 
@@ -112,7 +113,8 @@ def test_audit_filter_and_recaption_agree(detector, tmp_path, capsys):
     assert f"language: {detector} (" in capsys.readouterr().out   # the terminal table says which detector
     audited = report["groups"][0]["figures"]["wrong_language"]["languages"]
 
-    filtered = [TextChecks(languages=["en"], language_detector=detector).run(text)[1] for text in AGREE]
+    filtered = [Language(languages=["en"], language_detector=detector).judge(View("k", {}, text)).facts.get("language")
+                for text in AGREE]
     cfg = checks.CheckConfig(language="en", language_detector=detector)
     detect = lambda text: language.detect_language(text, detector=detector)  # noqa: E731 - what recaption passes
     failures = [checks.check_language(text, "stop", cfg, detect) for text in AGREE]

@@ -1,22 +1,26 @@
-"""`prx-data filter`: CLIP score, image and caption checks, aesthetic/NSFW heads and dedup across shards.
+"""`prx-data filter`: runs the filters of the registry (`filters/__init__.py`), then dedup across shards.
 
-A GlobalStage, because `--keep-top` and cross-shard dedup need every shard:
-  scan   (per shard, `_map/NNNNNN.parquet`): decode, image and caption checks, pHash, CLIP image/text
-         embeddings and scores (stored scores of the same model reused unless --rescore), head scores.
+The filters are plug-ins (filters/base.py): each declares its options (the flags below, in registry order, between
+the stage's own and dedup's), its reason codes, and either a per-sample `judge` (a `Check`) or a batched `score`
+with a threshold and maybe a top fraction (a `ScoreFilter`). A GlobalStage, because `--keep-top` and cross-shard
+dedup need every shard:
+  scan   (per shard, `_map/NNNNNN.parquet`): caption checks, decode, size and pixel checks, pHash, the CLIP image
+         embeddings and every score (stored scores of the same name reused unless --rescore).
   reduce (once): score thresholds, dedup (exact -> perceptual -> semantic, connected components, documented
-         keeper), then --keep-top over what is left; writes `_decisions/NNNNNN.parquet` (the rejected keys of
-         each shard with reason and detail) and a small plan (thresholds, counts, decision digests).
-  apply  (per shard): kept samples get `json.scores` and `json.filter {verdict, reasons, ...}`; every sample
-         gets a ledger row with its scores; `--write-rejected DIR` keeps the rejected ones as shards.
-The filters themselves live in `filters/` and know nothing of shards.
+         keeper), then the top fractions over what is left; writes `_decisions/NNNNNN.parquet` (the rejected keys
+         of each shard with reason and detail) and a small plan (thresholds, counts, decision digests).
+  apply  (per shard): kept samples get `json.scores` and `json.filter {verdict, reasons, checks, facts...}`;
+         every sample gets a ledger row with its scores; `--write-rejected DIR` keeps the rejected ones as shards.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import posixpath
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,64 +29,43 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from filters import dedup as dd
-from filters import image_checks as ic
-from filters import laion_heads as lh
-from filters import text_checks as tc
-from filters.clip import ClipSpec, clip_scores, load_clip, resolve_clip
+import filters
 from contract import fs, ledger
 from contract.config import CommonConfig, option
 from contract.images import DEFAULT_MAX_PIXELS, ImageRejected
-from pipeline.runner import cached, worker_device
 from contract.shards import BadMember, Problem, Sample, ShardWriter, dumps_json, shard_name
-from pipeline.stage import GlobalStage, Result, PrxError, Task, keep, reject
+from filters import dedup as dd
+from filters.base import Check, Context, Filter, Judgement, ScoreBatch, ScoreFilter, View, keep_top_threshold
+from filters.clip import ClipSpec, load_clip, resolve_clip
+from pipeline.runner import cached, worker_device
+from pipeline.stage import GlobalStage, PrxError, Result, Task, keep, reject
 
-ledger.register_reasons({code: (ledger.REJECTED, text) for code, text in {
-    **ic.REASONS, **tc.REASONS, **lh.REASONS, **dd.REASONS,
-    "clip_below_threshold": "CLIP image-text cosine below --min-clip-score, or outside the --keep-top fraction "
-                            "(detail: score vs threshold)",
-}.items()})
-
+FILTERS: list[type[Filter]] = filters.load()
 DEDUP_KINDS = ("exact", "perceptual", "semantic")
+KEEPER_SCORE = "clip"   # the score (by filter name) dedup's keeper rule ranks by, after size
+
+ledger.register_reasons({code: (ledger.REJECTED, text) for code, text in dd.REASONS.items()})
+for _cls in FILTERS:
+    ledger.register_reasons(_cls.reasons)
 
 
 @dataclass
-class FilterConfig(CommonConfig):
-    # CLIP
+class StageOptions:
+    """The stage's own options, before the filters'."""
+
     clip_model: str | None = option(None, help="open_clip NAME:PRETRAINED, an alias from manifests/models.yaml, "
                                                "hf-hub:ORG/REPO or a local open_clip folder")
-    min_clip_score: float | None = option(None, help="reject image-text cosine below this")
-    keep_top: float | None = option(None, help="keep this fraction (0-1] of the samples left after every other "
-                                               "check and dedup, by CLIP score: one global threshold")
     rescore: bool = option(False, help="recompute scores already stored in json.scores for the same model")
     batch_size: int = option(64, runtime=True, help="images per model batch", minimum=1)
     decode_threads: int = option(4, runtime=True, help="CPU threads decoding and preprocessing images", minimum=1)
-    # image checks
-    min_side: int = option(0, help="reject images whose shorter side is below this (0: off)", minimum=0)
-    max_aspect_ratio: float | None = option(None, help="reject long/short side ratios above this")
-    min_pixels: int | None = option(None, help="reject width x height below this", minimum=0)
-    max_pixels: int | None = option(None, help="reject width x height above this", minimum=0)
-    min_file_bytes: int | None = option(None, help="reject image members smaller than this", minimum=0)
-    max_file_bytes: int | None = option(None, help="reject image members larger than this", minimum=0)
-    min_pixel_std: float | None = option(None, help="near-blank: reject if a grayscale thumbnail's pixel std "
-                                                    "(0-255) is below this (e.g. 4)")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="refuse to decode images whose header declares more",
                                    minimum=1)
-    # caption checks (the source caption, `txt`)
-    reject_empty_caption: bool = option(False, help="reject empty or whitespace-only captions")
-    min_caption_words: int = option(0, help="reject captions with fewer words", minimum=0)
-    min_caption_chars: int = option(0, help="reject captions with fewer characters", minimum=0)
-    languages: list[str] = option(default_factory=list, help="keep captions in these languages (comma-separated "
-                                                             "ISO 639-1 codes, e.g. en,de; offline detector)")
-    min_language_confidence: float = option(0.0, help="detector confidence the caption's language needs")
-    language_detector: str = option("fasttext", help="language identification for --languages: fasttext "
-                                                     "(lid.176, default) or lingua")
-    # LAION heads
-    aesthetic_weights: str | None = option(None, help="LAION aesthetic head: .safetensors/.pth or ORG/REPO/FILE")
-    min_aesthetic: float | None = option(None, help="reject aesthetic scores below this (needs --aesthetic-weights)")
-    nsfw_weights: str | None = option(None, help="NSFW head: .safetensors/.pth or ORG/REPO/FILE")
-    max_nsfw: float | None = option(None, help="reject NSFW scores above this (needs --nsfw-weights)")
-    # dedup
+
+
+@dataclass
+class DedupOptions:
+    """Dedup's options and the rejected-samples folder, after the filters'."""
+
     dedup: list[str] = option(default_factory=list, help="comma-separated: exact (sha256), perceptual (pHash), "
                                                          "semantic (CLIP image embeddings); across all shards")
     phash_distance: int = option(6, help="perceptual: max Hamming distance between 64-bit pHashes", minimum=0)
@@ -91,12 +74,51 @@ class FilterConfig(CommonConfig):
     write_rejected: str | None = option(None, help="also write rejected samples as shards into this folder")
 
 
+def config_class(name: str, parts: list[type]) -> type:
+    """One config dataclass (CommonConfig first) with the option fields of `parts`, in order; an option
+    declared twice is an error naming both declarers."""
+    fields, owner = [], {f.name: "CommonConfig" for f in dataclasses.fields(CommonConfig)}
+    for part in parts:
+        hints = typing.get_type_hints(part)
+        for f in dataclasses.fields(part):
+            if f.name in owner:
+                raise TypeError(f"option {f.name!r} is declared by both {owner[f.name]} and {part.__name__}")
+            owner[f.name] = part.__name__
+            fields.append((f.name, hints[f.name], dataclasses.field(
+                default=f.default, default_factory=f.default_factory, metadata=f.metadata)))
+    cls = dataclasses.make_dataclass(name, fields, bases=(CommonConfig,))
+    cls.__module__ = __name__   # pickled by name to the workers
+    return cls
+
+
+FilterConfig = config_class("FilterConfig", [StageOptions, *FILTERS, DedupOptions])
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def _record(rec: dict, judgements: Judgement | list[Judgement]) -> bool:
+    """Judgements into the sample's record; True when one of them is a final failure."""
+    for j in [judgements] if isinstance(judgements, Judgement) else judgements:
+        rec["checks"][j.check] = j.score
+        rec["facts"].update(j.facts)
+        if not j.passed:
+            rec["reasons"].append((j.reason, j.detail))
+            if j.final:
+                return True
+    return False
+
+
+def _run_checks(checks: list[Check], view: View, rec: dict) -> None:
+    for check in checks:
+        if _record(rec, check.judge(view)):
+            return
+
+
 class FilterStage(GlobalStage):
-    """Filter shards by CLIP score, image and caption checks, LAION heads and dedup; every rejection in the ledger."""
+    """Filter shards by the registered filters (CLIP score, image and caption checks, LAION heads...) and dedup;
+    every rejection in the ledger."""
 
     name = "filter"
     help = "CLIP score, image/caption checks, aesthetic/NSFW heads, exact/perceptual/semantic dedup"
@@ -107,51 +129,38 @@ class FilterStage(GlobalStage):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._clip_spec: ClipSpec | None = None
-        self._heads: dict[str, lh.LinearHead] = {}
+        self._built: list[Filter] | None = None
         self._partial: dict[str, dict] | None = None
-        self._decisions: dict[str, tuple[str, str]] | None = None
+        self._decisions: dict[str, tuple[str, str, list]] | None = None
         self._rejected_writer: ShardWriter | None = None
         self._rejected_json: dict[str, bytes] = {}
 
     # ------------------------------------------------------------------------------ config
-    @property
-    def image_checks(self) -> ic.ImageChecks:
-        c = self.cfg
-        return ic.ImageChecks(c.min_side, c.max_aspect_ratio, c.min_pixels, c.max_pixels, c.min_file_bytes,
-                              c.max_file_bytes, c.min_pixel_std)
-
-    @property
-    def text_checks(self) -> tc.TextChecks:
-        c = self.cfg
-        return tc.TextChecks(c.reject_empty_caption, c.min_caption_words, c.min_caption_chars, list(c.languages),
-                             c.min_language_confidence, c.language_detector)
-
     @property
     def clip_spec(self) -> ClipSpec | None:
         if self._clip_spec is None and self.cfg.clip_model:
             self._clip_spec = resolve_clip(self.cfg.clip_model)
         return self._clip_spec
 
-    def head(self, kind: str) -> lh.LinearHead | None:
-        weights = self.cfg.aesthetic_weights if kind == "aesthetic" else self.cfg.nsfw_weights
-        if not weights:
-            return None
-        if kind not in self._heads:
-            flag = f"--{kind}-weights"
-            self._heads[kind] = cached(("laion-head", kind, weights), lambda: lh.LinearHead(weights, kind, flag))
-        return self._heads[kind]
+    @property
+    def built(self) -> list[Filter]:
+        """Every registered filter with this run's options, active or not."""
+        if self._built is None:
+            ctx = Context(self.clip_spec, cached)
+            self._built = [cls.build(self.cfg, ctx) for cls in FILTERS]
+        return self._built
+
+    def checks(self, *needs: str) -> list[Check]:
+        return [f for f in self.built if isinstance(f, Check) and f.needs in needs and f.active()]
+
+    @property
+    def scorers(self) -> list[ScoreFilter]:
+        return [f for f in self.built if isinstance(f, ScoreFilter) and f.active()]
 
     @property
     def score_names(self) -> dict[str, str]:
-        """role -> score name, for the scores this run produces."""
-        out = {}
-        if self.clip_spec:
-            out["clip"] = self.clip_spec.score_name
-        for kind in ("aesthetic", "nsfw"):
-            h = self.head(kind)
-            if h is not None:
-                out[kind] = h.name
-        return out
+        """filter name -> score name, for the scores this run produces."""
+        return {f.name: f.score_name() for f in self.scorers}
 
     def output_folders(self) -> list[str]:
         return super().output_folders() + ([self.cfg.write_rejected] if self.cfg.write_rejected else [])
@@ -161,74 +170,27 @@ class FilterStage(GlobalStage):
         bad = sorted(set(c.dedup) - set(DEDUP_KINDS))
         if bad:
             raise PrxError(f"--dedup: unknown kind(s) {bad}; use {','.join(DEDUP_KINDS)}")
-        needs_clip = [flag for flag, on in (("--min-clip-score", c.min_clip_score is not None),
-                                            ("--keep-top", c.keep_top is not None),
-                                            ("--dedup semantic", "semantic" in c.dedup),
-                                            ("--min-aesthetic", c.min_aesthetic is not None),
-                                            ("--max-nsfw", c.max_nsfw is not None)) if on]
+        try:
+            built = self.built   # resolves --clip-model
+        except (ValueError, FileNotFoundError) as exc:
+            raise PrxError(str(exc)) from exc
+        needs_clip = [flag for f in built for flag in f.clip_flags()]
+        if "semantic" in c.dedup:
+            needs_clip.append("--dedup semantic")
         if needs_clip and not c.clip_model:
             raise PrxError(f"{', '.join(needs_clip)} need(s) --clip-model (e.g. ViT-B-32:laion2b_s34b_b79k)")
-        if c.keep_top is not None and not 0 < c.keep_top <= 1:
-            raise PrxError("--keep-top is a fraction in (0, 1]")
         if not 0 <= c.phash_distance <= 32:
             raise PrxError("--phash-distance must be in 0..32 bits")
-        if c.batch_size < 1 or c.decode_threads < 1:
-            raise PrxError("--batch-size and --decode-threads must be at least 1")
         if c.semantic_probes < 1:  # 0 probes would compare nothing: semantic dedup silently off
             raise PrxError("--semantic-probes must be at least 1")
-        try:
-            if c.min_aesthetic is not None:
-                lh.load_head(c.aesthetic_weights, "aesthetic", "--aesthetic-weights")
-            if c.max_nsfw is not None:
-                lh.load_head(c.nsfw_weights, "nsfw", "--nsfw-weights")
-            spec = self.clip_spec
-        except (lh.HeadError, ValueError, FileNotFoundError) as exc:
-            raise PrxError(str(exc)) from exc
-        if c.languages:
-            from filters import language as lang
-
-            try:
-                lang.check_detector(c.language_detector)
-            except lang.UnknownDetector as exc:
-                raise PrxError(f"--language-detector: {exc}") from None
-            if not lang.language_available(c.language_detector):
-                raise PrxError(f"--languages: the {c.language_detector} detector cannot load (a dependency: "
-                                 "reinstall prx)")
-            known = lang.supported_languages(c.language_detector)
-            unknown = [code for code in c.languages if code.lower() not in known]
-            if unknown:  # else every caption would be rejected as caption_language
-                raise PrxError(f"--languages: unknown language code(s) {unknown} for --language-detector "
-                                 f"{c.language_detector}; use two-letter codes like en,de")
-        if spec is not None and (self.head("aesthetic") or self.head("nsfw")):
-            import open_clip
-
-            try:
-                dim = open_clip.get_model_config(spec.model_name) if not spec.model_name.startswith(
-                    ("local-dir:", "hf-hub:")) else None
-                dim = dim.get("embed_dim") if dim else None
-                if spec.model_name.startswith("local-dir:"):
-                    with open(spec.model_name[len("local-dir:"):] + "/open_clip_config.json") as fh:
-                        dim = json.load(fh)["model_cfg"].get("embed_dim")
-                for kind in ("aesthetic", "nsfw"):
-                    h = self.head(kind)
-                    if h is not None:
-                        h.check_dim(dim)
-            except lh.HeadError as exc:
-                raise PrxError(str(exc)) from exc
+        for f in built:
+            f.validate()
 
     def provenance(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.clip_spec:
-            out["clip"] = self.clip_spec.provenance()
-        for kind in ("aesthetic", "nsfw"):
-            h = self.head(kind)
-            if h is not None:
-                out[kind] = {"weights": h.source, "score": h.name, "layers": [list(w.shape) for w, _ in h.layers],
-                             "activation": h.activation, "output": h.output}
-        if self.cfg.languages:
-            from filters.language import detector_provenance
-
-            out["language"] = detector_provenance(self.cfg.language_detector)
+        out: dict[str, Any] = {"clip": self.clip_spec.provenance()} if self.clip_spec else {}
+        for f in self.built:
+            if f.active():
+                out.update(f.provenance())
         if "perceptual" in self.cfg.dedup:
             from importlib import metadata
 
@@ -258,226 +220,190 @@ class FilterStage(GlobalStage):
 
     def _scan_batch(self, samples: list[Sample], task: Task, pool) -> list[dict]:
         start = time.perf_counter()
-        cfg, names = self.cfg, self.score_names
-        checks, texts = self.image_checks, self.text_checks
-        recs = []
-        for s in samples:
-            rec = {"key": s.key, "shard": task.index, "sha256": "", "width": 0, "height": 0, "nbytes": 0,
-                   "reasons": [], "scores": {}, "phash": None, "emb": None, "language": None, "checks": {},
-                   "computed": []}
-            try:
-                meta = s.meta()
-            except BadMember as exc:
-                rec["reasons"].append(("bad_member", str(exc)))
-                meta = {}
-            rec["meta"] = meta
-            stored = meta.get("scores") if isinstance(meta.get("scores"), dict) else {}
-            for role, name in names.items():
-                if name in stored and not cfg.rescore and isinstance(stored[name], (int, float)):
-                    rec["scores"][name] = float(stored[name])
-            image_name = s.image_member
-            data = s.members.get(image_name, b"") if image_name else b""
-            rec["nbytes"] = len(data)
-            rec["sha256"] = str(meta.get("sha256") or (hashlib.sha256(data).hexdigest() if data else ""))
-            recs.append(rec)
-
-        # caption checks first: cheap, and a rejected caption needs no pixels
+        names = self.score_names
+        recs = [self._new_record(s, task, names.values()) for s in samples]
+        captions = self.checks("caption")   # cheap, and a rejected caption needs no model
         for s, rec in zip(samples, recs):
-            if rec["reasons"] or not texts.active:
-                continue
-            judgements, code = texts.run(s.text("txt") or "")
-            rec["language"] = code
-            for j in judgements:
-                rec["checks"][j.check] = j.score
-                if not j.passed:
-                    rec["reasons"].append((j.reason, j.detail))
-
-        need_emb = "semantic" in cfg.dedup or any(
-            names.get(role) and any(names[role] not in r["scores"] for r in recs) for role in names)
-        need_pixels = checks.needs_pixels or "perceptual" in cfg.dedup or need_emb
+            if captions and not rec["reasons"]:
+                _run_checks(captions, View(s.key, rec["meta"], s.text("txt") or "", rec["nbytes"]), rec)
+        need_emb = "semantic" in self.cfg.dedup or any(n not in r["scores"] for n in names.values() for r in recs)
         model = self._model() if need_emb and self.clip_spec else None
-
-        def decode(pair):
-            s, rec = pair
-            if rec["reasons"] and not checks.active:
-                return None
-            width, height = rec["meta"].get("width"), rec["meta"].get("height")
-            image = None
-            if need_pixels or not (isinstance(width, int) and isinstance(height, int)):
-                try:
-                    image, info = s.image(cfg.max_image_pixels)
-                except ImageRejected as exc:
-                    return exc
-                width, height = info.width, info.height
-            out = {"width": width, "height": height}
-            if image is not None:
-                if "perceptual" in cfg.dedup:
-                    out["phash"] = dd.to_signed(dd.phash(image))
-                if model is not None:
-                    out["tensor"] = model.image_tensor(image)
-                out["image"] = image
-            return out
-
-        tensors: list = [None] * len(recs)
-        for i, (rec, res) in enumerate(zip(recs, pool.map(decode, zip(samples, recs)))):
-            if res is None:
-                continue
-            if isinstance(res, ImageRejected):
-                rec["reasons"].insert(0, (res.reason, res.detail))
-                continue
-            rec["width"], rec["height"] = res["width"], res["height"]
-            rec["phash"] = res.get("phash")
-            tensors[i] = res.get("tensor")
-            if checks.active:
-                for j in checks.run(res["width"], res["height"], rec["nbytes"], res.get("image")):
-                    rec["checks"][j.check] = j.score
-                    if not j.passed:
-                        rec["reasons"].append((j.reason, j.detail))
-
-        # model scores for the samples still in the running
-        todo = [i for i, r in enumerate(recs) if not r["reasons"] and tensors[i] is not None]
-        if model is not None and todo:
-            emb = model.encode_images([tensors[i] for i in todo])
-            clip_name = names.get("clip")
-            need_text = [k for k, i in enumerate(todo) if clip_name not in recs[i]["scores"]]
-            if need_text:
-                t_emb = model.encode_texts([samples[todo[k]].text("txt") or "" for k in need_text])
-                sc = clip_scores(emb[need_text], t_emb)
-                for k, v in zip(need_text, sc):
-                    recs[todo[k]]["scores"][clip_name] = float(v)
-                    recs[todo[k]]["computed"].append(clip_name)
-            for kind in ("aesthetic", "nsfw"):
-                h = self.head(kind)
-                if h is None:
-                    continue
-                need = [k for k, i in enumerate(todo) if h.name not in recs[i]["scores"]]
-                if need:
-                    values = h(emb[need])
-                    for k, v in zip(need, values):
-                        recs[todo[k]]["scores"][h.name] = float(v)
-                        recs[todo[k]]["computed"].append(h.name)
-            if "semantic" in cfg.dedup:
-                for k, i in enumerate(todo):
-                    recs[i]["emb"] = emb[k].astype(np.float32)
+        tensors = self._decode_and_check(samples, recs, pool, model, need_emb)
+        self._score(samples, recs, tensors, model)
         per = (time.perf_counter() - start) / max(len(samples), 1)
         for rec in recs:
             rec["seconds"] = per
             rec.pop("meta", None)
         return recs
 
+    def _new_record(self, s: Sample, task: Task, score_names) -> dict:
+        """The sample's scan record: its json, the stored scores it may reuse, its image bytes' size and digest."""
+        rec = {"key": s.key, "shard": task.index, "sha256": "", "width": 0, "height": 0, "nbytes": 0,
+               "reasons": [], "scores": {}, "phash": None, "emb": None, "facts": {}, "checks": {}, "computed": []}
+        try:
+            meta = s.meta()
+        except BadMember as exc:
+            rec["reasons"].append(("bad_member", str(exc)))
+            meta = {}
+        rec["meta"] = meta
+        stored = meta.get("scores") if isinstance(meta.get("scores"), dict) else {}
+        for name in score_names:
+            if name in stored and not self.cfg.rescore and isinstance(stored[name], (int, float)):
+                rec["scores"][name] = float(stored[name])
+        data = s.members.get(s.image_member, b"") if s.image_member else b""
+        rec["nbytes"] = len(data)
+        rec["sha256"] = str(meta.get("sha256") or (hashlib.sha256(data).hexdigest() if data else ""))
+        return rec
+
+    def _decode_and_check(self, samples, recs, pool, model, need_emb: bool) -> list:
+        """Decode (in threads) what needs decoding, run the size and pixel checks; the model's input tensors."""
+        image_checks = self.checks("size", "pixels")
+        need_pixels = (any(c.needs == "pixels" for c in image_checks) or "perceptual" in self.cfg.dedup
+                       or need_emb)
+
+        def decode(s: Sample, rec: dict):
+            if rec["reasons"] and not image_checks:
+                return None
+            return self._decode(s, rec["meta"], need_pixels, model)
+
+        tensors: list = [None] * len(recs)
+        for i, (s, rec, res) in enumerate(zip(samples, recs, pool.map(decode, samples, recs))):
+            if res is None:
+                continue
+            if isinstance(res, ImageRejected):
+                rec["reasons"].insert(0, (res.reason, res.detail))
+                continue
+            rec["width"], rec["height"], rec["phash"] = res["width"], res["height"], res.get("phash")
+            tensors[i] = res.get("tensor")
+            if image_checks:
+                view = View(s.key, rec["meta"], s.text("txt") or "", rec["nbytes"], res["width"], res["height"],
+                            res.get("image"))
+                _run_checks(image_checks, view, rec)
+        return tensors
+
+    def _decode(self, s: Sample, meta: dict, need_pixels: bool, model) -> dict | ImageRejected:
+        width, height = meta.get("width"), meta.get("height")
+        image = None
+        if need_pixels or not (isinstance(width, int) and isinstance(height, int)):
+            try:
+                image, info = s.image(self.cfg.max_image_pixels)
+            except ImageRejected as exc:
+                return exc
+            width, height = info.width, info.height
+        out = {"width": width, "height": height}
+        if image is not None:
+            if "perceptual" in self.cfg.dedup:
+                out["phash"] = dd.to_signed(dd.phash(image))
+            if model is not None:
+                out["tensor"] = model.image_tensor(image)
+            out["image"] = image
+        return out
+
+    def _score(self, samples: list[Sample], recs: list[dict], tensors: list, model) -> None:
+        """Every active score on the samples still in the running (scores already there are kept)."""
+        todo = [i for i, r in enumerate(recs) if not r["reasons"] and tensors[i] is not None]
+        if model is None or not todo:
+            return
+        batch = ScoreBatch(model.encode_images([tensors[i] for i in todo]), [samples[i] for i in todo], model)
+        for f in self.scorers:
+            name = f.score_name()
+            need = [k for k, i in enumerate(todo) if name not in recs[i]["scores"]]
+            if need:
+                for k, value in zip(need, f.score(batch.subset(need))):
+                    recs[todo[k]]["scores"][name] = float(value)
+                    recs[todo[k]]["computed"].append(name)
+        if "semantic" in self.cfg.dedup:
+            for k, i in enumerate(todo):
+                recs[i]["emb"] = batch.image_emb[k].astype(np.float32)
+
     # ------------------------------------------------------------------------------ reduce
     def reduce(self, partial_paths: list[str]) -> dict[str, Any]:
-        cfg, names = self.cfg, self.score_names
         tables = [fs.read_parquet(fs.read_bytes(p)) for p in partial_paths]
-        table = pa.concat_tables(tables) if tables else _records_table([])
-        n = table.num_rows
-        keys = table.column("key").to_pylist()
-        shards = np.asarray(table.column("shard").to_pylist(), dtype=np.int64)
-        pixels = (np.asarray(table.column("width").to_pylist(), dtype=np.float64)
-                  * np.asarray(table.column("height").to_pylist(), dtype=np.float64))
-        reasons: list[list] = [json.loads(r) for r in table.column("reasons").to_pylist()]
-        scores = [dict(s) for s in table.column("scores").to_pylist()]
+        scan = _Scan(pa.concat_tables(tables) if tables else _records_table([]))
+        plan: dict[str, Any] = {"samples": scan.n, "score_names": self.score_names}
+        eligible = np.array([not r for r in scan.reasons], dtype=bool)
+        for f in self.scorers:
+            if f.threshold() is not None:
+                self._threshold(f, scan, eligible)
+        plan["dedup"] = {kind: self._dedup(kind, scan, eligible) for kind in DEDUP_KINDS if kind in self.cfg.dedup}
+        for f in self.scorers:
+            if f.top_fraction() is not None:
+                plan[f.top_option] = self._keep_top(f, scan, eligible)
+            plan.update(f.plan())
+        counts, plan["decisions"] = self._write_decisions(partial_paths, scan)
+        plan["rejected_by_reason"] = dict(sorted(counts.items()))
+        plan["kept"] = int(scan.n - sum(counts.values()))
+        plan["scores_computed"] = int(sum(len(c) for c in scan.computed))
+        plan["scores_reused"] = int(sum(len(s) for s in scan.scores) - plan["scores_computed"])
+        return plan
 
-        def score_array(name):
-            return np.array([s.get(name, np.nan) for s in scores], dtype=np.float64)
+    @staticmethod
+    def _threshold(f: ScoreFilter, scan: "_Scan", eligible: np.ndarray) -> None:
+        values = scan.score_array(f.score_name())
+        for i in np.flatnonzero(eligible):
+            v = values[i]
+            detail = "score missing" if np.isnan(v) else f.rejects(v)
+            if detail:
+                scan.reasons[i].append([f.reason, detail])
+                eligible[i] = False
 
-        plan: dict[str, Any] = {"samples": n, "score_names": names}
-        eligible = np.array([not r for r in reasons], dtype=bool)
+    def _dedup(self, kind: str, scan: "_Scan", eligible: np.ndarray) -> dict[str, int]:
+        """One dedup kind over what is still eligible; the kept member of each group by dd.keepers."""
+        idx = np.flatnonzero(eligible)
+        if len(idx) < 2:
+            return {"groups": 0, "rejected": 0}
+        cfg = self.cfg
+        if kind == "exact":
+            pairs = [dd.exact_pairs([scan.digests[i] for i in idx])]
+        elif kind == "perceptual":
+            pairs = dd.hamming_pairs(np.array([scan.phashes[i] for i in idx], dtype=np.int64), cfg.phash_distance)
+        else:
+            emb = np.stack([np.asarray(scan.emb[int(i)].as_py(), dtype=np.float32) for i in idx])
+            pairs = dd.semantic_pairs(emb, cfg.semantic_threshold, probes=cfg.semantic_probes)
+        labels = dd.components(len(idx), pairs)
+        rank = self.score_names.get(KEEPER_SCORE)
+        kept = dd.keepers(labels, scan.pixels[idx], None if rank is None else scan.score_array(rank)[idx],
+                          scan.shards[idx], [scan.keys[i] for i in idx])
+        sizes = np.bincount(labels, minlength=len(idx))
+        n_rej = 0
+        for local, keeper in enumerate(kept.tolist()):
+            if keeper == local:
+                continue
+            i, k = idx[local], idx[keeper]
+            scan.reasons[i].append([f"duplicate_{kind}", json.dumps({
+                "kept_key": scan.keys[k], "kept_shard": int(scan.shards[k]), "group_size": int(sizes[labels[local]])})])
+            eligible[i] = False
+            n_rej += 1
+        return {"groups": int((sizes > 1).sum()), "rejected": n_rej}
 
-        # per-sample score thresholds
-        clip = score_array(names["clip"]) if "clip" in names else None
-        thresholds = []
-        if cfg.min_clip_score is not None:
-            thresholds.append(("clip_below_threshold", clip, lambda v: v < cfg.min_clip_score,
-                               lambda v: f"{names['clip']} {v:.4f} < {cfg.min_clip_score:g}"))
-        if cfg.min_aesthetic is not None:
-            a = score_array(names["aesthetic"])
-            thresholds.append(("aesthetic_below_threshold", a, lambda v: v < cfg.min_aesthetic,
-                               lambda v: f"{names['aesthetic']} {v:.4f} < {cfg.min_aesthetic:g}"))
-        if cfg.max_nsfw is not None:
-            z = score_array(names["nsfw"])
-            thresholds.append(("nsfw_above_threshold", z, lambda v: v > cfg.max_nsfw,
-                               lambda v: f"{names['nsfw']} {v:.4f} > {cfg.max_nsfw:g}"))
-        for code, values, bad, detail in thresholds:
-            for i in np.flatnonzero(eligible):
-                v = values[i]
-                if np.isnan(v) or bad(v):
-                    reasons[i].append([code, detail(v) if not np.isnan(v) else "score missing"])
-                    eligible[i] = False
+    @staticmethod
+    def _keep_top(f: ScoreFilter, scan: "_Scan", eligible: np.ndarray) -> dict[str, Any]:
+        """Keep the top fraction by `f`'s score of what is left: one global threshold; ties by shard, then key."""
+        fraction, name, values = f.top_fraction(), f.score_name(), scan.score_array(f.score_name())
+        idx = np.flatnonzero(eligible)
+        k, threshold = keep_top_threshold(values[idx], fraction)
+        key_rank = {key: r for r, key in enumerate(sorted(scan.keys))}
+        order = sorted(idx.tolist(), key=lambda i: (-values[i], scan.shards[i], key_rank[scan.keys[i]]))
+        for i in order[k:]:
+            tie = ", tie broken by shard and key)" if threshold is not None and values[i] >= threshold else ")"
+            scan.reasons[i].append([f.reason, f"{name} {values[i]:.4f} outside the top {fraction:g} "
+                                              f"(kept {k} of {len(idx)}; threshold {threshold:.4f}" + tie])
+            eligible[i] = False
+        return {"fraction": fraction, "candidates": int(len(idx)), "kept": int(k), "threshold": threshold}
 
-        # dedup, each kind over what is still eligible
-        groups = {}
-        if cfg.dedup:
-            digests = table.column("sha256").to_pylist()
-            phashes = table.column("phash").to_pylist()
-            emb_col = table.column("emb")
-            for kind in DEDUP_KINDS:
-                if kind not in cfg.dedup:
-                    continue
-                idx = np.flatnonzero(eligible)
-                if len(idx) < 2:
-                    groups[kind] = {"groups": 0, "rejected": 0}
-                    continue
-                if kind == "exact":
-                    pairs = [dd.exact_pairs([digests[i] for i in idx])]
-                    code = "duplicate_exact"
-                elif kind == "perceptual":
-                    h = np.array([phashes[i] for i in idx], dtype=np.int64)
-                    pairs = dd.hamming_pairs(h, cfg.phash_distance)
-                    code = "duplicate_perceptual"
-                else:
-                    emb = np.stack([np.asarray(emb_col[int(i)].as_py(), dtype=np.float32) for i in idx])
-                    pairs = dd.semantic_pairs(emb, cfg.semantic_threshold, probes=cfg.semantic_probes)
-                    code = "duplicate_semantic"
-                labels = dd.components(len(idx), pairs)
-                kept = dd.keepers(labels, pixels[idx], None if clip is None else clip[idx], shards[idx],
-                                  [keys[i] for i in idx])
-                sizes = np.bincount(labels, minlength=len(idx))
-                n_groups, n_rej = int((sizes > 1).sum()), 0
-                for local, keeper in enumerate(kept.tolist()):
-                    if keeper == local:
-                        continue
-                    i, k = idx[local], idx[keeper]
-                    reasons[i].append([code, json.dumps({"kept_key": keys[k], "kept_shard": int(shards[k]),
-                                                         "group_size": int(sizes[labels[local]])})])
-                    eligible[i] = False
-                    n_rej += 1
-                groups[kind] = {"groups": n_groups, "rejected": n_rej}
-        plan["dedup"] = groups
-
-        # keep the top fraction by CLIP score of what is left: one global threshold
-        if cfg.keep_top is not None:
-            idx = np.flatnonzero(eligible)
-            from filters.clip import keep_top_threshold
-
-            k, threshold = keep_top_threshold(clip[idx], cfg.keep_top)
-            key_rank = {key: r for r, key in enumerate(sorted(keys))}
-            order = sorted(idx.tolist(), key=lambda i: (-clip[i], shards[i], key_rank[keys[i]]))
-            for rank, i in enumerate(order):
-                if rank >= k:
-                    reasons[i].append(["clip_below_threshold",
-                                       f"{names['clip']} {clip[i]:.4f} outside the top {cfg.keep_top:g} "
-                                       f"(kept {k} of {len(idx)}; threshold {threshold:.4f}"
-                                       + (", tie broken by shard and key)" if threshold is not None
-                                          and clip[i] >= threshold else ")")])
-                    eligible[i] = False
-            plan["keep_top"] = {"fraction": cfg.keep_top, "candidates": int(len(idx)), "kept": int(k),
-                                "threshold": threshold}
-        if cfg.min_clip_score is not None:
-            plan["min_clip_score"] = cfg.min_clip_score
-
-        # decisions per shard
-        by_shard: dict[int, list[tuple[str, str, str]]] = {}
+    def _write_decisions(self, partial_paths: list[str], scan: "_Scan") -> tuple[dict[str, int], dict[str, str]]:
+        """`_decisions/NNNNNN.parquet` per shard (first reason, detail with the others, all reasons);
+        (rejections per first reason, digest per decisions file)."""
+        by_shard: dict[int, list[tuple[str, str, str, str]]] = {}
         counts: dict[str, int] = {}
-        for i in range(n):
-            if reasons[i]:
-                code, detail = reasons[i][0]
-                if len(reasons[i]) > 1:
-                    also = ", ".join(r[0] for r in reasons[i][1:])
-                    detail = f"{detail} (also: {also})"
-                by_shard.setdefault(int(shards[i]), []).append((keys[i], code, detail, json.dumps(reasons[i])))
+        for i, reasons in enumerate(scan.reasons):
+            if reasons:
+                code, detail = reasons[0]
+                if len(reasons) > 1:
+                    detail = f"{detail} (also: {', '.join(r[0] for r in reasons[1:])})"
+                by_shard.setdefault(int(scan.shards[i]), []).append((scan.keys[i], code, detail, json.dumps(reasons)))
                 counts[code] = counts.get(code, 0) + 1
-        digests_out = {}
+        digests = {}
         for p in partial_paths:
             index = int(posixpath.basename(str(p).replace("\\", "/")).split(".")[0])
             rows = by_shard.get(index, [])
@@ -485,15 +411,9 @@ class FilterStage(GlobalStage):
                           "detail": [r[2] for r in rows], "all_reasons": [r[3] for r in rows]})
             buf = io.BytesIO()
             pq.write_table(t, buf, compression="zstd")
-            fs.write_bytes_atomic(fs.join(cfg.out, "_decisions", shard_name(index, "parquet")), buf.getvalue())
-            digests_out[shard_name(index, "parquet")] = _digest(buf.getvalue())
-        computed = table.column("computed").to_pylist()
-        plan["rejected_by_reason"] = dict(sorted(counts.items()))
-        plan["kept"] = int(n - sum(counts.values()))
-        plan["scores_computed"] = int(sum(len(c) for c in computed))
-        plan["scores_reused"] = int(sum(len(s) for s in scores) - plan["scores_computed"])
-        plan["decisions"] = digests_out
-        return plan
+            fs.write_bytes_atomic(fs.join(self.cfg.out, "_decisions", shard_name(index, "parquet")), buf.getvalue())
+            digests[shard_name(index, "parquet")] = _digest(buf.getvalue())
+        return counts, digests
 
     # ------------------------------------------------------------------------------ apply
     def _load_shard_state(self, task: Task) -> None:
@@ -524,13 +444,9 @@ class FilterStage(GlobalStage):
                 raise RuntimeError(f"filter: sample {s.key} of shard {task.index} missing from its scan partial; "
                                    "delete the output folder's _map and _plan.json and rerun")
             scores = dict(rec["scores"] or [])
-            checks = json.loads(rec["checks"])
             decision = self._decisions.get(s.key)
             if decision is None:
-                meta = s.meta()
-                meta["scores"] = {**(meta.get("scores") if isinstance(meta.get("scores"), dict) else {}), **scores}
-                meta["filter"] = self._filter_section("kept", [], rec, checks)
-                result = keep(s, meta, scores=scores)
+                result = keep(s, self._annotated(s.meta(), scores, "kept", [], rec), scores=scores)
             else:
                 code, detail, all_reasons = decision
                 result = reject(s, code, detail, scores=scores)
@@ -539,24 +455,23 @@ class FilterStage(GlobalStage):
                         meta = s.meta()
                     except BadMember:
                         meta = {}
-                    meta["scores"] = {**(meta.get("scores") if isinstance(meta.get("scores"), dict) else {}),
-                                      **scores}
-                    meta["filter"] = self._filter_section("rejected", all_reasons, rec, checks)
-                    self._rejected_json[s.key] = dumps_json(meta)
+                    self._rejected_json[s.key] = dumps_json(self._annotated(meta, scores, "rejected", all_reasons, rec))
             # the scan did the work: its time per sample goes into the ledger (apply's time is added on top)
             result.row.seconds = float(rec["seconds"] or 0.0)
             results.append(result)
         return results
 
     @staticmethod
-    def _filter_section(verdict: str, reasons: list, rec: dict, checks: dict) -> dict:
-        out: dict[str, Any] = {"verdict": verdict,
-                               "reasons": [{"reason": r[0], "detail": r[1]} for r in reasons]}
+    def _annotated(meta: dict, scores: dict, verdict: str, reasons: list, rec: dict) -> dict:
+        """`meta` with this run's scores added to json.scores and the verdict in json.filter."""
+        meta["scores"] = {**(meta.get("scores") if isinstance(meta.get("scores"), dict) else {}), **scores}
+        section: dict[str, Any] = {"verdict": verdict, "reasons": [{"reason": r[0], "detail": r[1]} for r in reasons]}
+        checks = json.loads(rec["checks"])
         if checks:
-            out["checks"] = checks
-        if rec.get("language"):
-            out["language"] = rec["language"]
-        return out
+            section["checks"] = checks
+        section.update({k: v for k, v in _facts(rec).items() if v})
+        meta["filter"] = section
+        return meta
 
     def _write(self, results: list[Result], writer: ShardWriter) -> None:
         GlobalStage._write(results, writer)
@@ -573,6 +488,33 @@ class FilterStage(GlobalStage):
             rw.add_row(r.row)
 
 
+def _facts(rec: dict) -> dict:
+    """What the checks found (json.filter beside checks); scan partials written before facts held `language`."""
+    if "facts" in rec:
+        return json.loads(rec["facts"])
+    return {"language": rec.get("language")}
+
+
+class _Scan:
+    """The concatenated scan partials as the reduce reads them; `reasons` grow as the reduce rejects."""
+
+    def __init__(self, table: pa.Table):
+        self.table, self.n = table, table.num_rows
+        self.keys = table.column("key").to_pylist()
+        self.shards = np.asarray(table.column("shard").to_pylist(), dtype=np.int64)
+        self.pixels = (np.asarray(table.column("width").to_pylist(), dtype=np.float64)
+                       * np.asarray(table.column("height").to_pylist(), dtype=np.float64))
+        self.reasons: list[list] = [json.loads(r) for r in table.column("reasons").to_pylist()]
+        self.scores = [dict(s) for s in table.column("scores").to_pylist()]
+        self.computed = table.column("computed").to_pylist()
+        self.digests = table.column("sha256").to_pylist()
+        self.phashes = table.column("phash").to_pylist()
+        self.emb = table.column("emb")
+
+    def score_array(self, name: str) -> np.ndarray:
+        return np.array([s.get(name, np.nan) for s in self.scores], dtype=np.float64)
+
+
 def _records_table(records: list[dict]) -> pa.Table:
     return pa.table({
         "key": pa.array([r["key"] for r in records], pa.string()),
@@ -586,7 +528,7 @@ def _records_table(records: list[dict]) -> pa.Table:
         "phash": pa.array([r["phash"] for r in records], pa.int64()),
         "emb": pa.array([None if r["emb"] is None else r["emb"].tolist() for r in records],
                         pa.list_(pa.float32())),
-        "language": pa.array([r["language"] for r in records], pa.string()),
+        "facts": pa.array([json.dumps(r["facts"]) for r in records], pa.string()),
         "checks": pa.array([json.dumps(r["checks"]) for r in records], pa.string()),
         "computed": pa.array([r["computed"] for r in records], pa.list_(pa.string())),
         "seconds": pa.array([float(r.get("seconds", 0.0)) for r in records], pa.float64()),
