@@ -112,7 +112,7 @@ def test_muon_with_no_2d_block_weight_is_refused():
 
 # ------------------------------------------------------------------------------------------- REPA
 def test_repa_loss_is_minus_weight_at_equal_features_and_reaches_only_early_blocks():
-    from trainer import repa
+    from trainer.algorithms import repa
 
     den = Denoiser(tiny(), repa_block=0, repa_dim=24)
     x = tiny_inputs()
@@ -154,7 +154,7 @@ def test_repa_burnin_leaves_the_flow_loss_alone(data, tmp_path):
 
 # ------------------------------------------------------------------------------------------- TREAD / SPRINT
 def test_tread_off_or_eval_is_the_plain_model_bit_for_bit():
-    from trainer import routing
+    from trainer.algorithms import routing
 
     model = tiny()
     x = tiny_inputs()
@@ -171,7 +171,7 @@ def test_tread_off_or_eval_is_the_plain_model_bit_for_bit():
 
 @pytest.mark.parametrize("n", [2, 3, 5, 16, 64])
 def test_routed_counts_follow_the_formula(n):
-    from trainer import routing
+    from trainer.algorithms import routing
 
     for ratio in (0.01, 0.25, 0.5, 0.75, 0.99):
         routed = min(max(round(n * ratio), 1), n - 1)
@@ -227,7 +227,7 @@ def test_routed_flops_count_blocks_at_the_kept_length():
 
 # ------------------------------------------------------------------------------------------- EMA
 def test_ema_after_k_updates_is_the_closed_form():
-    from trainer.ema import EMA
+    from trainer.algorithms.ema import EMA
 
     lin = torch.nn.Linear(3, 2)
     w = [lin.weight.detach().clone()]

@@ -2,10 +2,12 @@
 
 RUN/checkpoints/step-00001000/
     transformer/                 diffusers `save_pretrained` folder (config.json + safetensors): loads in PRXPipeline
-    transformer_ema/             the EMA weights, same format (only when --ema-decay > 0)
+    transformer_ema/             the EMA weights, same format (only when --ema-decay > 0): an algorithm's state
+                                 keys `transformer.*` go to transformer_<algorithm>/ (trainer/algorithms/base.py)
     aux.safetensors              auxiliary modules, never inside transformer/: `repa_projector.*` (REPA, training
-                                 only), `sprint_fusion.*` (SPRINT: part of the model at inference too), and their
-                                 EMA as `ema.sprint_fusion.*` (only when a run has such modules)
+                                 only), `sprint_fusion.*` (SPRINT: part of the model at inference too), and the
+                                 algorithms' other state as `<algorithm>.<key>`, e.g. the EMA of the auxiliary
+                                 modules as `ema.sprint_fusion.*` (only when a run has any of them)
     optimizer.safetensors        each optimizer's state tensors under its own prefix:
                                  {adamw|muon}.state.{param index}.{exp_avg|exp_avg_sq|step|momentum_buffer}
     optimizer.json               {adamw|muon: param groups and non-tensor state}
@@ -291,40 +293,83 @@ def write_rank_files(tmp: str, rank: int, generator: torch.Generator, loader_sta
         json.dump(loader_state, fh)
 
 
-def aux_tensors(denoiser, ema=None) -> dict[str, torch.Tensor]:
-    """The auxiliary modules' state (`{module}.{name}`) and their EMA (`ema.{module}.{name}`)."""
-    out = {k: v.detach().cpu().contiguous() for k, v in denoiser.aux.state_dict().items()} if denoiser else {}
-    if ema is not None:
-        out.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.tensors("aux.").items()})
-    return out
+def aux_tensors(denoiser) -> dict[str, torch.Tensor]:
+    """The auxiliary modules' state, `{module}.{name}`."""
+    return {k: v.detach().cpu().contiguous() for k, v in denoiser.aux.state_dict().items()} if denoiser else {}
 
 
-def load_aux(path: str, denoiser, ema=None) -> None:
-    """Restore the auxiliary modules (and their EMA) from `path/aux.safetensors`; both sides must agree."""
-    file = os.path.join(path, "aux.safetensors")
-    tensors = _read_tensors(file) if os.path.exists(file) else {}
-    have = {k.split(".", 1)[0] for k in tensors if not k.startswith("ema.")}
+def load_aux(path: str, denoiser, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore the auxiliary modules from aux.safetensors' `tensors` (the algorithms' state left out); both sides
+    must agree."""
+    have = {k.split(".", 1)[0] for k in tensors}
     want = set(denoiser.aux.keys()) if denoiser is not None else set()
     if have != want:
         raise ValueError(f"{path} has auxiliary modules {sorted(have) or 'none'}, this run builds {sorted(want) or 'none'}"
                          ": resume with the same --repa-weight / --routing as the run that wrote it")
     if want:
-        denoiser.aux.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("ema.")}, strict=True)
-    if ema is not None:
-        ema.load({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}, prefix="aux.")
+        denoiser.aux.load_state_dict(tensors, strict=True)
+
+
+WEIGHTS_KEY = "transformer."  # an algorithm's state key naming a transformer weight (-> transformer_<name>/)
+
+
+def algorithm_files(algorithms) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The algorithms' checkpoint state (trainer/algorithms/base.py): ({folder: transformer weights},
+    {`<name>.<key>`: tensor for aux.safetensors})."""
+    folders, aux = {}, {}
+    for algo in algorithms:
+        state = algo.state_dict()
+        weights = {k[len(WEIGHTS_KEY):]: v for k, v in state.items() if k.startswith(WEIGHTS_KEY)}
+        if weights:
+            folders[f"transformer_{algo.name}"] = weights
+        aux.update({f"{algo.name}.{k}": v.detach().cpu().contiguous() for k, v in state.items()
+                    if not k.startswith(WEIGHTS_KEY)})
+    return folders, aux
+
+
+def _save_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], folder: str) -> None:
+    """`model` with `weights` swapped in, written with its own save_pretrained (then the live weights back)."""
+    params = dict(model.named_parameters())
+    live = {n: params[n].detach().clone() for n in weights}
+    with torch.no_grad():
+        try:
+            for n, t in weights.items():
+                params[n].copy_(t)
+            model.save_pretrained(folder, safe_serialization=True)
+        finally:
+            for n, t in live.items():
+                params[n].copy_(t)
+
+
+def load_algorithm(path: str, algo, aux: dict[str, torch.Tensor]) -> None:
+    """Restore one algorithm's state from checkpoint `path` (its `transformer_<name>/` and `<name>.*` in aux)."""
+    want = set(algo.state_dict())
+    got = {k[len(algo.name) + 1:]: v for k, v in aux.items() if k.startswith(algo.name + ".")}
+    folder = f"transformer_{algo.name}"
+    if any(k.startswith(WEIGHTS_KEY) for k in want):
+        if not os.path.isdir(os.path.join(path, folder)):
+            raise ValueError(f"{path} has no {folder}/: it was written without {algo.name}; resume with the same "
+                             "options as the run that wrote it")
+        got.update({WEIGHTS_KEY + k: v for k, v in read_weights(path, folder).items() if WEIGHTS_KEY + k in want})
+    if set(got) != want:
+        raise ValueError(f"{path} holds {algo.name} state {sorted(got)[:3]}, this run keeps {sorted(want)[:3]}: "
+                         "resume with the same options as the run that wrote it")
+    algo.load_state_dict(got)
 
 
 def write_main(tmp: str, model: torch.nn.Module, optimizer, state: dict[str, Any], denoiser=None,
-               ema=None) -> None:
-    """Rank 0's part: weights (raw, EMA, auxiliary), optimizer, state.json (written last)."""
+               algorithms=()) -> None:
+    """Rank 0's part: weights (raw, the algorithms' transformer_<name>/, auxiliary modules and the algorithms'
+    other state), optimizer, state.json (written last)."""
     os.makedirs(tmp, exist_ok=True)
     model.save_pretrained(os.path.join(tmp, "transformer"), safe_serialization=True)
-    if ema is not None:
-        with ema.applied(denoiser):
-            model.save_pretrained(os.path.join(tmp, "transformer_ema"), safe_serialization=True)
-    aux = aux_tensors(denoiser, ema)
+    folders, algo_aux = algorithm_files(algorithms)
+    for folder, weights in folders.items():
+        _save_weights(model, weights, os.path.join(tmp, folder))
+    aux = {**aux_tensors(denoiser), **algo_aux}
     if aux:
-        save_file(aux, os.path.join(tmp, "aux.safetensors"), metadata={"modules": ",".join(denoiser.aux.keys())})
+        modules = ",".join(denoiser.aux.keys()) if denoiser is not None else ""
+        save_file(aux, os.path.join(tmp, "aux.safetensors"), metadata={"modules": modules})
     tensors, meta = optimizer_tensors(optimizer)
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
     with open(os.path.join(tmp, "optimizer.json"), "w") as fh:
@@ -378,17 +423,17 @@ def load_weights(model: torch.nn.Module, path: str, sub: str = "transformer") ->
 
 
 def load(path: str, rank: int, model: torch.nn.Module, optimizer, generator: torch.Generator, denoiser=None,
-         ema=None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore model (+ auxiliary modules, EMA), optimizer and RNG in place; returns (state.json, this rank's
-    loader state)."""
+         algorithms=()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore model (+ auxiliary modules, the algorithms' state), optimizer and RNG in place; returns
+    (state.json, this rank's loader state)."""
     state = _read_json(os.path.join(path, "state.json"))
     load_weights(model, path)
-    load_aux(path, denoiser, ema)
-    if ema is not None:
-        if not os.path.isdir(os.path.join(path, "transformer_ema")):
-            raise ValueError(f"{path} has no transformer_ema/: it was written without --ema-decay; resume with the "
-                             "same --ema-decay as the run that wrote it")
-        ema.load(read_weights(path, "transformer_ema"), prefix="transformer.")
+    file = os.path.join(path, "aux.safetensors")
+    aux = _read_tensors(file) if os.path.exists(file) else {}
+    owned = tuple(f"{a.name}." for a in algorithms)
+    load_aux(path, denoiser, {k: v for k, v in aux.items() if not k.startswith(owned)})
+    for algo in algorithms:
+        load_algorithm(path, algo, aux)
     meta = _read_json(os.path.join(path, "optimizer.json"))
     load_optimizer(optimizer, _read_tensors(os.path.join(path, "optimizer.safetensors")), meta)
     rng_path = os.path.join(path, f"rng-rank{rank}.safetensors")

@@ -66,7 +66,7 @@ class TrainConfig:
     warmup_steps: int = option(1000, help="linear warmup steps, then constant")
     grad_clip: float = option(0.2, help="clip the global gradient norm to this (0 = off)")
     seed: int = option(0, help="seed of the model init, data order, mixture draws, noise and timesteps")
-    # --- PRX ablations (one module each in trainer/: optim, repa, routing, ema; docs/ablations.md)
+    # --- PRX ablations: Muon in trainer/optim.py; the training algorithms in trainer/algorithms/ (docs/ablations.md)
     optimizer: str = option("adamw", choices=["adamw", "muon"],
                             help="adamw; muon = torch.optim.Muon for the 2-D weights of the blocks, AdamW for the rest")
     muon_momentum: float = option(0.95, help="Muon momentum")
@@ -135,7 +135,7 @@ class TrainConfig:
         self._check_ablations()
 
     def _check_ablations(self):
-        """PRX ablation keys; checks that need the model (block indices vs depth) run in trainer.ablations."""
+        """PRX ablation keys; checks that need the model (block indices vs depth) run in the algorithms' build."""
         if self.routing != "none" and self.route_ratio is None:
             self.route_ratio = {"tread": 0.5, "sprint": 0.75}[self.routing]
         if self.route_ratio is not None and not 0.0 < self.route_ratio < 1.0:

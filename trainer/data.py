@@ -170,6 +170,37 @@ def open_sources(mixture, vae: str | None = None, text_encoder: str | None = Non
                     vae_info, te_info, with_repa)
 
 
+CAPTION_PROBE = 64  # samples of a source's first shard looked at for the asked caption variants
+
+
+def check_captions(spec: DataSpec) -> None:
+    """Every source has the asked caption variants (PRX's baseline: long only), judged from the first samples
+    of its first shard: a source never recaptioned stops here, not after thousands of skipped draws."""
+    wanted = {v for v, w in spec.captions.items() if w > 0}
+    for src in spec.sources:
+        found, probed = _probe_captions(src.shards[0], wanted)
+        if probed and not found:
+            raise PrxError(
+                f"source {src.name!r} ({src.folder}) has no {'/'.join(sorted(wanted))} caption embeddings (none in "
+                f"the first {probed} samples of {os.path.basename(src.shards[0])}); PRX's baseline trains on long "
+                "recaptions: run `prx-data recaption` on its input and re-encode it, or choose the variants it has "
+                "with --caption (e.g. --caption original=1)")
+
+
+def _probe_captions(shard: str, wanted: set[str]) -> tuple[bool, int]:
+    """(a sample with one of `wanted` was seen, samples looked at) over the first CAPTION_PROBE samples."""
+    probed = 0
+    for item in read_shard(shard):
+        if isinstance(item, Problem):
+            continue
+        if set(encoded.available_variants(item)) & wanted:
+            return True, probed + 1
+        probed += 1
+        if probed >= CAPTION_PROBE:
+            break
+    return False, probed
+
+
 def audit_source_name(folder: str, shards: list[str] | None = None) -> str | None:
     """What `prx-data audit` calls the source of `folder`: the json `source` of its first sample (written by
     `prx-data ingest --source`, default the ingest input folder's name), else the ingest run's record."""

@@ -106,38 +106,51 @@ def train_flops_per_sample(cfg: dict[str, Any], height: int, width: int, text_le
 
 # ------------------------------------------------------------------------------------------- denoiser + aux
 class Denoiser(torch.nn.Module):
-    """The PRXTransformer2DModel plus the ablations' auxiliary modules, as one module (so DDP reduces the
-    auxiliary gradients too). Called like the transformer (`return_dict=False`), plus:
+    """The PRXTransformer2DModel plus the training algorithms' auxiliary modules, as one module (so DDP reduces
+    the auxiliary gradients too). Called like the transformer (`return_dict=False`), plus:
 
     - `repa_features` (B x N x D): also return the per-sample REPA cosine of block `repa_block`'s output;
     - `route_seed`: the seed of this forward's TREAD/SPRINT route (training only).
 
     `transformer` is saved with `save_pretrained`; `aux` (`repa_projector`, `sprint_fusion`) goes to
-    `aux.safetensors`. Without routing and fusion the forward is the transformer's own.
+    `aux.safetensors`. Without routing and fusion the forward is the transformer's own. The algorithms
+    (trainer/algorithms/) set it up in their `build` through `set_routing` and `add_repa`; the constructor's
+    arguments do the same in one call.
     """
 
     def __init__(self, transformer, routing: str = "none", route_start: int = 0, route_end: int = 0,
                  route_ratio: float = 0.0, repa_block: int | None = None, repa_dim: int | None = None,
                  seed: int = 0):
         super().__init__()
-        from trainer import repa, routing as routing_mod
-
         self.transformer = transformer
         self.aux = torch.nn.ModuleDict()
-        self.routing, self.route_start, self.route_end = routing, route_start, route_end
-        self.route_ratio = float(route_ratio or 0.0)
-        hidden = transformer.config.hidden_size
-        if routing == "sprint":
-            self.aux["sprint_fusion"] = routing_mod.SprintFusion(hidden, seed=seed + 1)
-        self.repa_block = repa_block
-        self.repa_hook = None
+        self.routing, self.route_start, self.route_end, self.route_ratio = "none", 0, 0, 0.0
+        self.repa_block, self.repa_hook = None, None
+        if routing != "none":
+            self.set_routing(routing, route_start, route_end, route_ratio, seed)
         if repa_block is not None:
-            self.aux["repa_projector"] = repa.RepaProjector(hidden, int(repa_dim), seed=seed + 2)
-            self.repa_hook = repa.RepaHook(transformer.blocks[repa_block])
+            self.add_repa(repa_block, repa_dim, seed)
 
     @property
     def config(self):
         return self.transformer.config
+
+    def set_routing(self, routing: str, start: int, end: int, ratio: float, seed: int = 0) -> None:
+        """TREAD or SPRINT over blocks start .. end - 1; SPRINT adds its fusion layer (seeded by seed + 1)."""
+        from trainer.algorithms import routing as routing_mod
+
+        self.routing, self.route_start, self.route_end = routing, start, end
+        self.route_ratio = float(ratio or 0.0)
+        if routing == "sprint":
+            self.aux["sprint_fusion"] = routing_mod.SprintFusion(self.config.hidden_size, seed=seed + 1)
+
+    def add_repa(self, block: int, dim: int, seed: int = 0) -> None:
+        """REPA's projector (hidden -> dim, seeded by seed + 2) and the hook that reads block `block`'s output."""
+        from trainer.algorithms import repa
+
+        self.repa_block = block
+        self.aux["repa_projector"] = repa.RepaProjector(self.config.hidden_size, int(dim), seed=seed + 2)
+        self.repa_hook = repa.RepaHook(self.transformer.blocks[block])
 
     def stop_repa(self) -> None:
         """REPA burn-in over: remove the hook and freeze the projector (it keeps its weights)."""
@@ -148,7 +161,7 @@ class Denoiser(torch.nn.Module):
 
     def route(self, hidden_states: torch.Tensor, seed: int | None):
         """This forward's Route, or None when the plain forward applies (no routing, eval mode, ratio 0)."""
-        from trainer import routing as routing_mod
+        from trainer.algorithms import routing as routing_mod
 
         if self.routing == "none":
             return None
@@ -165,7 +178,7 @@ class Denoiser(torch.nn.Module):
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, attention_mask=None, return_dict=False,
                 repa_features=None, route_seed=None):
-        from trainer import repa, routing as routing_mod
+        from trainer.algorithms import repa, routing as routing_mod
 
         route = self.route(hidden_states, route_seed)
         want_repa = repa_features is not None and self.repa_hook is not None

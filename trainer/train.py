@@ -8,22 +8,25 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import shutil
 import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from contract.config import ConfigError, config_hash, content_fields, save_yaml
 from contract.lock import LockHeld, exclusive
-from trainer import ablations, checkpoint, metrics
+from trainer import algorithms, checkpoint, metrics
+from trainer.algorithms import Algorithm
 from trainer.batches import LoaderFeed, LoaderSettings, RankAgreement, StepStats, device_inputs
 from trainer.config import TrainConfig, absolute_paths, load_mixture, refuse_unsafe, unsafe_changes
-from trainer.data import DataSpec, open_sources, pad_embedding
-from trainer.model import build_model, check_weights_dtype, count_parameters, train_flops_per_sample
-from trainer.objective import ObjectiveConfig, caption_dropout, draw_noise, losses as step_losses, per_sample_loss
+from trainer.data import DataSpec, check_captions, open_sources, pad_embedding
+from trainer.model import Denoiser, build_model, check_weights_dtype, count_parameters, train_flops_per_sample
+from trainer.objective import ObjectiveConfig, draw_noise, losses as step_losses, per_sample_loss
 from trainer.optim import build_optimizer, clip_grad, lr_at, set_lr
 
 log = logging.getLogger("prx.train")
@@ -128,7 +131,6 @@ def _pick_intact(run_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
 def _check_resume(cfg: TrainConfig, path: str, world: int) -> None:
     """The run can continue from checkpoint `path` with these flags: same processes, only safe flags changed,
     --steps beyond the checkpoint's step."""
-    ablations.check_resume(cfg, path)
     with open(os.path.join(path, "state.json")) as fh:
         state = json.load(fh)
     if state.get("world_size", 1) != world:
@@ -179,7 +181,8 @@ def eval_loss(model, batch, eps, t, oc: ObjectiveConfig, device, amp) -> float:
 
 # ------------------------------------------------------------------------------------------- run
 def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Train; returns {"losses": [...], "eval": [(step, loss)], "counts": {...}, "run_dir": ...}.
+    """Train; returns {"losses": [...], "eval": [(step, loss)], "eval_<algorithm>": [...], "counts": {...},
+    "run_dir": ..., "model", "denoiser", "algorithms": {name: algorithm}, "ema": the EMA or None}.
     `on_step(step, values)` gets the step's loss and grad norm as device tensors (float() them to read)."""
     rank, world, local_rank = dist_env()
     device = pick_device(cfg, local_rank)
@@ -187,22 +190,105 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     cfg = absolute_paths(cfg)
     run_dir = _resolve_run_dir(cfg)
-    mixture = load_mixture(cfg)
-    spec = open_sources(mixture, cfg.vae, cfg.text_encoder, rank, world,  # refuse bad data before writing anything
-                        with_repa=cfg.repa_weight > 0)
+    algos = algorithms.active(cfg, rank, device)
+    needs = {k: v for a in algos for k, v in a.data_needs().items()}
+    spec = open_sources(load_mixture(cfg), cfg.vae, cfg.text_encoder, rank, world, **needs)
+    check_captions(spec)  # refuse bad data before writing anything
     with _run_lock(run_dir, rank, world):
         resume_from = _resume_point(cfg, rank, world)  # refuses before anything is written
-        return _train(cfg, on_step, spec, device, run_dir, resume_from)
+        os.makedirs(run_dir, exist_ok=True)
+        _setup_logging(run_dir, rank)
+        r = _setup(cfg, spec, device, run_dir, resume_from, algos)
+        try:
+            for step in range(r.start, cfg.steps):
+                _train_step(r, step)
+                _after_step(r, step + 1, on_step)
+        finally:
+            r.feed.close()
+            if r.tb is not None:
+                r.tb.close()
+        return _finish(r)
 
 
-def _train(cfg: TrainConfig, on_step, spec: DataSpec, device: torch.device, run_dir: str,
-           resume_from: str | None) -> dict[str, Any]:
+@dataclass
+class Run:
+    """Everything one training process holds between steps."""
+    cfg: TrainConfig
+    spec: DataSpec
+    device: torch.device
+    run_dir: str
+    rank: int
+    world: int
+    oc: ObjectiveConfig
+    amp: torch.dtype | None
+    model: torch.nn.Module                  # the PRXTransformer2DModel (transformer/ in checkpoints)
+    denoiser: Denoiser                      # the model + the algorithms' auxiliary modules
+    train_model: torch.nn.Module            # the denoiser as trained: compiled and/or DDP-wrapped
+    algos: list[Algorithm]
+    optimizer: Any
+    generator: torch.Generator
+    feed: LoaderFeed
+    chash: str
+    start: int
+    empty: tuple[torch.Tensor, torch.Tensor]  # the empty prompt (caption dropout), padded, on the device
+    meter: metrics.Meter
+    tb: Any
+    eval_set: tuple | None
+    agree: RankAgreement
+    stats: StepStats
+    logs: "Means" = field(default_factory=lambda: Means())
+    clock: "Throughput" = field(default_factory=lambda: Throughput())
+    losses: list[float] = field(default_factory=list)
+    evals: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # "" = the live weights
+    lr: float = 0.0
+    step_loss: torch.Tensor | None = None
+    drained: int = 0
+    samples: int = 0
+    flops: float = 0.0
+
+
+def _setup(cfg: TrainConfig, spec: DataSpec, device: torch.device, run_dir: str, resume_from: str | None,
+           algos: list[Algorithm]) -> Run:
+    """The model and the algorithms (built, resumed, started), the optimizer, the loader at its position."""
     rank, world, local_rank = dist_env()
-    os.makedirs(run_dir, exist_ok=True)
-    _setup_logging(run_dir, rank)
-    oc = ObjectiveConfig.from_train_config(cfg)
-    amp = autocast_dtype(cfg, device)
+    model, den, parent = _build_model(cfg, spec, device, algos)
+    optimizer = build_optimizer(den, cfg)  # AdamW, or Muon + AdamW: an optimizer, not an algorithm
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    start, loader_state = 0, None
+    if resume_from:
+        state, loader_state = checkpoint.load(resume_from, rank, model, optimizer, generator, den, algos)
+        start = int(state["step"])
+        log.info("resumed from %s at step %d", resume_from, start)
+    for a in algos:
+        a.start(start)
+    chash = config_hash(cfg, {"sources": [(s.name, s.folder, s.weight) for s in spec.sources], "world_size": world})
+    if rank == 0:
+        _write_run_records(run_dir, cfg, spec, world, chash, parent)
+    oc, peak = ObjectiveConfig.from_train_config(cfg), metrics.device_peak_flops(device, cfg.peak_tflops)
+    empty_emb, empty_mask, _ = pad_embedding(spec.empty_prompt, cfg.text_max_length)
+    r = Run(cfg=cfg, spec=spec, device=device, run_dir=run_dir, rank=rank, world=world, oc=oc,
+            amp=autocast_dtype(cfg, device), model=model, denoiser=den, algos=algos, optimizer=optimizer,
+            train_model=_wrap(cfg, den, algos, device, local_rank), generator=generator, chash=chash, start=start,
+            drained=start, empty=(empty_emb.to(device), empty_mask.to(device)),
+            feed=LoaderFeed(spec, loader_settings(cfg, rank), loader_state, workers=cfg.loader_workers,
+                            prefetch=cfg.prefetch, pin_memory=device.type == "cuda"),
+            agree=RankAgreement(rank, world), stats=StepStats(device),
+            eval_set=make_eval_batch(spec, cfg, oc) if cfg.eval_every > 0 else None,
+            tb=_tensorboard(run_dir) if (cfg.tensorboard and rank == 0) else None,
+            # the meter sees every rank's FLOPs (flops * world), so MFU divides by every rank's peak
+            meter=metrics.Meter(cfg.rate_window, peak * world if peak else None))
+    log.info("model %s: %.1fM parameters, device %s, autocast %s, peak %s, world %d, batch %d x accum %d, loader "
+             "workers %d, algorithms %s", cfg.model, count_parameters(model) / 1e6, device, r.amp,
+             "n/a" if peak is None else f"{peak / 1e12:.0f} TFLOP/s", world,
+             cfg.batch_size, cfg.grad_accum, cfg.loader_workers, ",".join(a.name for a in algos) or "none")
+    if r.eval_set is not None and start == 0:
+        _evaluate(r, 0, variants=False)
+    r.meter.restart_clock()
+    return r
 
+
+def _build_model(cfg: TrainConfig, spec: DataSpec, device: torch.device, algos: list[Algorithm]):
+    """(transformer, denoiser with the algorithms' modules, fine-tune parent record or None), on the device."""
     model = build_model(cfg.model, spec.latent_channels, spec.text_dim, seed=cfg.seed)
     if cfg.weights_dtype == "bf16":
         model = model.to(torch.bfloat16)
@@ -210,143 +296,203 @@ def _train(cfg: TrainConfig, on_step, spec: DataSpec, device: torch.device, run_
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.to(device).train()
-    # PRX ablations: checks before step 1, auxiliary modules (REPA projector, SPRINT fusion), fine-tune start, EMA
-    abl = ablations.build(cfg, model, spec, device, log)
-    optimizer = build_optimizer(abl.denoiser, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    den = Denoiser(model)
+    for a in algos:
+        a.build(den, spec)  # refuses bad input before step 1; adds auxiliary modules and hooks
+    den.aux.to(device=device, dtype=next(model.parameters()).dtype)
+    parent = None
+    if cfg.init_from and not cfg.resume:  # fine-tune start: the parent's weights (and SPRINT fusion)
+        parent = checkpoint.load_parent(cfg.init_from, cfg.init_weights, den, spec.vae, spec.text_encoder)
+        log.info("fine-tune start from %s (step %s, %s weights)", parent["init_from"], parent["step"],
+                 parent["weights"])
+    return model, den, parent
 
-    chash = config_hash(cfg, {"sources": [(s.name, s.folder, s.weight) for s in spec.sources],
-                              "world_size": world})
-    start, loader_state = 0, None
-    if resume_from:
-        state, loader_state = checkpoint.load(resume_from, rank, model, optimizer, generator, abl.denoiser, abl.ema)
-        start = int(state["step"])
-        if rank == 0:
-            log.info("resumed from %s at step %d", resume_from, start)
-    ablations.start(abl, cfg, start)
-    if rank == 0:
-        _write_run_records(run_dir, cfg, spec, world, chash, abl.parent)
 
-    train_model = abl.denoiser
-    if cfg.compile:
-        train_model = torch.compile(model)
-    if world > 1:
+def _wrap(cfg: TrainConfig, den: Denoiser, algos: list[Algorithm], device: torch.device, local_rank: int):
+    """The module the step calls: the denoiser, compiled (--compile) and DDP-wrapped (torchrun)."""
+    train_model = torch.compile(den.transformer) if cfg.compile else den
+    if dist_env()[1] > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(train_model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                              find_unused_parameters=bool(abl.repa_on and cfg.repa_until_step))
+                                              find_unused_parameters=any(a.unused_parameters for a in algos))
+    return train_model
 
-    empty_emb, empty_mask, _ = pad_embedding(spec.empty_prompt, cfg.text_max_length)
-    empty_emb, empty_mask = empty_emb.to(device), empty_mask.to(device)
-    peak = metrics.device_peak_flops(device, cfg.peak_tflops)
-    # the meter sees every rank's FLOPs (flops * world below), so MFU divides by every rank's peak
-    meter = metrics.Meter(cfg.rate_window, peak * world if peak else None)
-    mcfg = dict(model.config)
-    tb = _tensorboard(run_dir) if (cfg.tensorboard and rank == 0) else None
-    eval_set = make_eval_batch(spec, cfg, oc) if cfg.eval_every > 0 else None
-    if rank == 0:
-        log.info("model %s: %.1fM parameters, device %s, autocast %s, peak %s, world %d, batch %d x accum %d, "
-                 "loader workers %d", cfg.model, count_parameters(model) / 1e6, device, amp, "n/a" if peak is None
-                 else f"{peak / 1e12:.0f} TFLOP/s", world, cfg.batch_size, cfg.grad_accum, cfg.loader_workers)
 
-    feed = LoaderFeed(spec, loader_settings(cfg, rank), loader_state, workers=cfg.loader_workers,
-                      prefetch=cfg.prefetch, pin_memory=device.type == "cuda")
-    agree = RankAgreement(rank, world)
-    stats = StepStats(device)
-    losses: list[float] = []
-    evals: list[tuple[int, float]] = []
-    evals_ema: list[tuple[int, float]] = []
-    if eval_set is not None and start == 0:
-        evals.append((0, eval_loss(abl.denoiser, *eval_set, oc, device, amp)))
-    extras: dict[str, torch.Tensor] = {}  # ablation logs (flow/REPA loss, REPA cosine), summed until logged
-    step, drained = start, start
-    meter.restart_clock()
-    try:
-        for step in range(start, cfg.steps):
-            lr = lr_at(step, cfg.lr, cfg.warmup_steps)
-            set_lr(optimizer, lr)
-            n_samples, flops = 0, 0.0
-            for micro in range(cfg.grad_accum):
-                batch = agree.fetch(feed.next)
-                eps, t = draw_noise(batch.x0.shape, oc, generator)
-                x0, emb, mask = device_inputs(batch, device, empty_emb, empty_mask, oc.caption_dropout, generator)
-                sync = world == 1 or micro == cfg.grad_accum - 1
-                ctx = nullcontext() if sync else train_model.no_sync()
-                repa_in = batch.repa.to(device, non_blocking=True) if abl.repa_on else None
-                with ctx:
-                    out = step_losses(train_model, x0, eps.to(device, non_blocking=True), t.to(device), emb, mask,
-                                      oc, amp, repa_features=repa_in,
-                                      route_seed=ablations.route_seed(cfg, step, rank, micro))
-                    per = out.flow
-                    loss, parts = ablations.total_loss(abl, cfg, out)
-                    (loss / cfg.grad_accum).backward()
-                for k, v in parts.items():
-                    extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum
-                stats.add_micro(per, t, cfg.grad_accum, loss)
-                n_samples += len(batch)
-                h, w = batch.x0.shape[-2:]
-                flops += len(batch) * train_flops_per_sample(
-                    mcfg, h, w, cfg.text_max_length, ablations.flops_route(cfg, batch.x0.shape, mcfg["patch_size"]),
-                    fusion=cfg.routing == "sprint")
-            grad_norm = clip_grad(abl.denoiser, cfg.grad_clip, as_tensor=True)  # aux modules (REPA, SPRINT) included
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = stats.end_step(grad_norm)
-            done = step + 1
-            ablations.after_step(abl, cfg, done, n_samples * world, cfg.grad_accum, log if rank == 0 else None)
-            meter.tick(cfg.grad_accum, n_samples * world, flops * world)
-            if eval_set is not None and done % cfg.eval_every == 0:
-                evals.append((done, eval_loss(abl.denoiser, *eval_set, oc, device, amp)))
-                if abl.ema is not None:
-                    with abl.ema.applied(abl.denoiser):
-                        evals_ema.append((done, eval_loss(abl.denoiser, *eval_set, oc, device, amp)))
-            log_now = done % cfg.log_every == 0 or done == cfg.steps
-            if log_now or done % cfg.checkpoint_every == 0:
-                # the only host sync of the step: values since the last one (raises on a non-finite loss)
-                new, bins, norm = stats.drain(drained)
-                losses.extend(new)
-                meter.record(new, bins, norm)
-                drained = done
-            if rank == 0 and log_now:
-                values = meter.summary(lr)
-                counts = feed.state()["counts"]
-                values.update(ablations.log_values(cfg, extras, batch.x0.shape, mcfg["patch_size"]))
-                log.info(metrics.format_line(done, cfg.steps, values, _count_summary(counts))
-                         + ablations.log_suffix(values))
-                if evals and evals[-1][0] == done:
-                    log.info("step %d eval/loss=%.4f (fixed batch)", done, evals[-1][1])
-                if evals_ema and evals_ema[-1][0] == done:
-                    log.info("step %d eval/loss_ema=%.4f (fixed batch, EMA weights)", done, evals_ema[-1][1])
-                if tb is not None:
-                    _tb_write(tb, done, values, counts, evals)
-                    if evals_ema and evals_ema[-1][0] == done:
-                        tb.add_scalar("eval/loss_ema", evals_ema[-1][1], done)
-            if log_now:
-                meter.reset()
-                extras = {}
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                _save(run_dir, done, rank, world, model, optimizer, generator, feed, cfg, chash, abl)
+# ------------------------------------------------------------------------------------------- one step
+def _train_step(r: Run, step: int) -> None:
+    """Optimizer step `step` (0-based) over grad_accum micro-batches, as in minRF: batch -> noise, t -> model ->
+    loss (+ the algorithms' terms) -> backward; then clip, step, the algorithms' after-step hooks."""
+    cfg = r.cfg
+    r.lr = lr_at(step, cfg.lr, cfg.warmup_steps)
+    set_lr(r.optimizer, r.lr)
+    r.samples, r.flops = 0, 0.0
+    for micro in range(cfg.grad_accum):
+        batch = r.agree.fetch(r.feed.next)
+        eps, t = draw_noise(batch.x0.shape, r.oc, r.generator)
+        x0, emb, mask = device_inputs(batch, r.device, *r.empty, r.oc.caption_dropout, r.generator)
+        kwargs = {k: v for a in r.algos for k, v in a.forward_kwargs(batch, step, micro).items()}
+        with _sync_context(r, micro):
+            out = step_losses(r.train_model, x0, eps.to(r.device, non_blocking=True), t.to(r.device), emb, mask,
+                              r.oc, r.amp, **kwargs)
+            terms = {k: v for a in r.algos for k, v in a.loss_terms(out, batch).items()}
+            loss = sum(terms.values(), out.flow.mean())
+            (loss / cfg.grad_accum).backward()
+        r.stats.add_micro(out.flow, t, cfg.grad_accum, loss)
+        r.logs.add({"flow_loss": out.flow.mean(), **terms,
+                    **{k: v for a in r.algos for k, v in a.log_values(out, batch).items()}}, cfg.grad_accum)
+        _count(r, batch)
+    grad_norm = clip_grad(r.denoiser, cfg.grad_clip, as_tensor=True)  # aux modules (REPA, SPRINT) included
+    r.optimizer.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    for a in r.algos:
+        a.after_optimizer_step(step + 1)
+    r.step_loss = r.stats.end_step(grad_norm)
 
-            # --- evaluation during training (trainer.evaluate: on the checkpoint just saved, EMA when present)
-            if cfg.metrics_every and done % cfg.metrics_every == 0 and rank == 0:
-                from trainer.evaluate import during_training
 
-                log.info("step %d metrics: %s", done, during_training(run_dir, done, cfg.metrics_real, cfg.metrics_n, tb))
-            if on_step is not None:
-                on_step(done, {"loss": step_loss, "grad_norm": stats.grad_norm, "lr": lr})
-    finally:
-        feed.close()
-        if tb is not None:
-            tb.close()
-    counts = feed.state()["counts"]
-    if rank == 0:
-        with open(os.path.join(run_dir, f"counts-rank{rank}.json"), "w") as fh:
+def _sync_context(r: Run, micro: int):
+    """DDP reduces gradients on the last micro-batch of the step only."""
+    return nullcontext() if r.world == 1 or micro == r.cfg.grad_accum - 1 else r.train_model.no_sync()
+
+
+def _count(r: Run, batch) -> None:
+    """Samples and training FLOPs of one micro-batch (the algorithms' routing counted)."""
+    h, w = batch.x0.shape[-2:]
+    extra = {k: v for a in r.algos for k, v in a.flops_kwargs(batch.x0.shape).items()}
+    r.samples += len(batch)
+    r.flops += len(batch) * train_flops_per_sample(dict(r.model.config), h, w, r.cfg.text_max_length, **extra)
+
+
+# ------------------------------------------------------------------------------------------- log, eval, checkpoint
+def _after_step(r: Run, done: int, on_step) -> None:
+    """After optimizer step `done` (1-based): timing, evaluation, log line, checkpoint, metrics, on_step."""
+    cfg = r.cfg
+    r.clock.tick(r.samples * r.world, cfg.grad_accum)
+    r.meter.tick(cfg.grad_accum, r.samples * r.world, r.flops * r.world)
+    if r.eval_set is not None and done % cfg.eval_every == 0:
+        _evaluate(r, done)
+    log_now = done % cfg.log_every == 0 or done == cfg.steps
+    if log_now or done % cfg.checkpoint_every == 0:
+        # the only host sync of the step: values since the last one (raises on a non-finite loss)
+        new, bins, norm = r.stats.drain(r.drained)
+        r.losses.extend(new)
+        r.meter.record(new, bins, norm)
+        r.drained = done
+    if log_now:
+        _log(r, done)
+    if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        _save(r, done)
+    if cfg.metrics_every and done % cfg.metrics_every == 0 and r.rank == 0:
+        from trainer.evaluate import during_training  # on the checkpoint just saved, EMA when present
+
+        log.info("step %d metrics: %s", done, during_training(r.run_dir, done, cfg.metrics_real, cfg.metrics_n, r.tb))
+    if on_step is not None:
+        on_step(done, {"loss": r.step_loss, "grad_norm": r.stats.grad_norm, "lr": r.lr})
+
+
+def _evaluate(r: Run, step: int, variants: bool = True) -> None:
+    """Loss on the fixed batch with the live weights, and with each algorithm's eval weights (EMA)."""
+    r.evals.setdefault("", []).append((step, eval_loss(r.denoiser, *r.eval_set, r.oc, r.device, r.amp)))
+    for a in r.algos if variants else ():
+        swapped = a.eval_weights()
+        if swapped is not None:
+            with swapped:
+                r.evals.setdefault(a.name, []).append(
+                    (step, eval_loss(r.denoiser, *r.eval_set, r.oc, r.device, r.amp)))
+
+
+def _log(r: Run, done: int) -> None:
+    """The log line (rank 0): loss, bins, rates, data counts, the flow loss and the algorithms' values."""
+    if r.rank == 0:
+        values = {**r.meter.summary(r.lr), **r.logs.means()}
+        counts = r.feed.state()["counts"]
+        extra = " ".join(f"{k}={_fmt(v)}" for k, v in r.logs.means().items())
+        log.info(metrics.format_line(done, r.cfg.steps, values, _count_summary(counts)) + f" | {extra}")
+        now = {name: e[-1][1] for name, e in r.evals.items() if e and e[-1][0] == done}
+        for name, loss in now.items():
+            log.info("step %d eval/%s=%.4f (fixed batch%s)", done, _eval_key(name), loss,
+                     f", {name} weights" if name else "")
+        if r.tb is not None:
+            _tb_write(r.tb, done, values, counts, {_eval_key(n): v for n, v in now.items()})
+    r.meter.reset()
+    r.logs = Means()
+
+
+def _eval_key(name: str) -> str:
+    return f"loss_{name}" if name else "loss"
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.4f}"
+
+
+class Means:
+    """Named values summed per micro-batch on the device (no host sync), averaged over steps at the log line."""
+
+    def __init__(self):
+        self.sums: dict[str, Any] = {}
+        self.steps = 0.0
+
+    def add(self, values: dict[str, Any], grad_accum: int) -> None:
+        self.steps += 1.0 / grad_accum
+        for k, v in values.items():
+            v = v.detach() if torch.is_tensor(v) else v
+            self.sums[k] = self.sums.get(k, 0.0) + v / grad_accum
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / (self.steps or 1.0) for k, v in self.sums.items()}
+
+
+class Throughput:
+    """Samples and batches per second over the steps of this process after its first (warm-up, compilation),
+    checkpoints written after a step not counted."""
+
+    def __init__(self):
+        self.t0 = self.t_end = 0.0
+        self.steps = self.samples = self.batches = 0
+
+    def tick(self, samples: int, batches: int) -> None:
+        if self.steps == 0:
+            self.t0, self.steps = time.perf_counter(), 1
+            return
+        self.steps += 1
+        self.samples += samples
+        self.batches += batches
+        self.t_end = time.perf_counter()
+
+    def rates(self) -> dict[str, Any]:
+        secs = self.t_end - self.t0 if self.t_end else 0.0
+        return {"samples_per_s": self.samples / secs if secs > 0 and self.samples else None,
+                "batches_per_s": self.batches / secs if secs > 0 and self.batches else None,
+                "timed_steps": max(0, self.steps - 1)}
+
+
+def _finish(r: Run) -> dict[str, Any]:
+    """counts-rank0.json and RUN/summary.json (rank 0); the run's result."""
+    counts = r.feed.state()["counts"]
+    if r.rank == 0:
+        with open(os.path.join(r.run_dir, f"counts-rank{r.rank}.json"), "w") as fh:
             json.dump(counts, fh, indent=2)
-        log.info("done: %d steps; realised counts %s", cfg.steps, json.dumps(counts))
-        ablations.write_summary(abl, run_dir, device, {"steps": cfg.steps, "start_step": start,
-                                                       "final_loss": losses[-1] if losses else None})
-    return {"losses": losses, "eval": evals, "eval_ema": evals_ema, "counts": counts, "run_dir": run_dir,
-            "start_step": start, "model": model, "denoiser": abl.denoiser, "ema": abl.ema}
+        log.info("done: %d steps; realised counts %s", r.cfg.steps, json.dumps(counts))
+        _write_summary(r)
+    by_name = {a.name: a for a in r.algos}
+    evals = {"eval_ema": [], **{f"eval_{name}": e for name, e in r.evals.items() if name}}
+    return {"losses": r.losses, "eval": r.evals.get("", []), **evals, "counts": counts, "run_dir": r.run_dir,
+            "start_step": r.start, "model": r.model, "denoiser": r.denoiser, "algorithms": by_name,
+            "ema": by_name["ema"].ema if "ema" in by_name else None}
+
+
+def _write_summary(r: Run) -> None:
+    """RUN/summary.json: mean samples/s and batches/s (after the first step), peak memory, the algorithms."""
+    if r.device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(r.device), "cuda_max_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss_process"
+    out = {**r.clock.rates(), "peak_memory_bytes": int(peak), "peak_memory_kind": kind, "steps": r.cfg.steps,
+           "start_step": r.start, "final_loss": r.losses[-1] if r.losses else None,
+           "algorithms": {a.name: a.summary() for a in r.algos}}
+    with open(os.path.join(r.run_dir, "summary.json"), "w") as fh:
+        json.dump(out, fh, indent=2, default=str)
 
 
 def _write_run_records(run_dir: str, cfg: TrainConfig, spec: DataSpec, world: int, chash: str,
@@ -378,22 +524,21 @@ def _count_summary(counts: dict) -> dict[str, str]:
     return out
 
 
-def _save(run_dir, step, rank, world, model, optimizer, generator, feed, cfg, chash, abl=None):
-    tmp = checkpoint.tmp_dir(run_dir, step)
-    if rank == 0:
+def _save(r: Run, step: int) -> None:
+    tmp = checkpoint.tmp_dir(r.run_dir, step)
+    if r.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left there
         os.makedirs(tmp, exist_ok=True)
-    _barrier(world)
-    checkpoint.write_rank_files(tmp, rank, generator, feed.state())
-    _barrier(world)
-    if rank == 0:
-        checkpoint.write_main(tmp, model, optimizer, {"step": step, "world_size": world, "config_hash": chash,
-                                                      "config": json.loads(json.dumps(content_fields(cfg), default=str)),
-                                                      "time": time.time()},
-                              abl.denoiser if abl else None, abl.ema if abl else None)
-        path = checkpoint.publish(run_dir, step, cfg.keep_checkpoints)
+    _barrier(r.world)
+    checkpoint.write_rank_files(tmp, r.rank, r.generator, r.feed.state())
+    _barrier(r.world)
+    if r.rank == 0:
+        checkpoint.write_main(tmp, r.model, r.optimizer, {
+            "step": step, "world_size": r.world, "config_hash": r.chash, "time": time.time(),
+            "config": json.loads(json.dumps(content_fields(r.cfg), default=str))}, r.denoiser, r.algos)
+        path = checkpoint.publish(r.run_dir, step, r.cfg.keep_checkpoints)
         log.info("saved %s", path)
-    _barrier(world)
+    _barrier(r.world)
 
 
 def _tensorboard(run_dir: str):
@@ -405,7 +550,7 @@ def _tensorboard(run_dir: str):
     return SummaryWriter(os.path.join(run_dir, "tb"))
 
 
-def _tb_write(tb, step: int, values: dict, counts: dict, evals: list):
+def _tb_write(tb, step: int, values: dict, counts: dict, evals: dict[str, float]):
     for k, v in values.items():
         if v is not None:
             tb.add_scalar(f"train/{k}", v, step)
@@ -413,8 +558,8 @@ def _tb_write(tb, step: int, values: dict, counts: dict, evals: list):
         total = sum(counts[kind].values()) or 1
         for name, n in counts[kind].items():
             tb.add_scalar(f"data/{kind}/{name}", n / total, step)
-    if evals and evals[-1][0] == step:
-        tb.add_scalar("eval/loss", evals[-1][1], step)
+    for k, v in evals.items():
+        tb.add_scalar(f"eval/{k}", v, step)
 
 
 def _setup_logging(run_dir: str, rank: int):

@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from trainer.algorithms.base import Algorithm
+
 
 class EMA:
     def __init__(self, module: nn.Module, decay: float, every: int = 1, skip: tuple[str, ...] = ()):
@@ -64,3 +66,37 @@ class EMA:
             if key not in self.shadow:
                 raise ValueError(f"EMA state has {key!r}, which the model does not have")
             self.shadow[key].copy_(t)
+
+
+# ------------------------------------------------------------------------------------------- the algorithm
+class Ema(Algorithm):
+    """`--ema-decay D` (> 0): the shadow of every trainable parameter of the denoiser except the REPA projector
+    (training only), updated after every `ema_every`-th optimizer step; evaluated as eval/loss_ema and saved as
+    transformer_ema/ (+ ema.sprint_fusion.* in aux.safetensors)."""
+    name, keys = "ema", ("ema_decay", "ema_every")
+    SKIP = ("aux.repa_projector",)
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return cfg.ema_decay > 0
+
+    def build(self, denoiser, spec) -> None:
+        self.denoiser = denoiser
+        self.ema = EMA(denoiser, self.cfg.ema_decay, self.cfg.ema_every, skip=self.SKIP)
+
+    def start(self, step: int) -> None:
+        if step == 0:  # a fresh run: the shadow starts from the weights of step 0 (a fine-tune parent's included)
+            self.ema = EMA(self.denoiser, self.cfg.ema_decay, self.cfg.ema_every, skip=self.SKIP)
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.ema.maybe_update(self.denoiser, step)
+
+    def eval_weights(self):
+        return self.ema.applied(self.denoiser)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """transformer.* (-> transformer_ema/) and the auxiliary modules' shadow without its `aux.` prefix."""
+        return {(n if n.startswith("transformer.") else n[len("aux."):]): s for n, s in self.ema.shadow.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.ema.load({(n if n.startswith("transformer.") else "aux." + n): t for n, t in tensors.items()})

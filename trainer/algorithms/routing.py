@@ -16,6 +16,9 @@ The route is drawn on the CPU from a generator seeded by (seed, step, rank, micr
 blocks, so gradient checkpointing recomputes the blocks on the same tokens. `routed_forward` is the
 diffusers forward written out with the model's own submodules (no library method is patched); with nothing
 routed and no fusion it equals `PRXTransformer2DModel.forward` bit for bit (tested).
+
+The training algorithms are trainer/algorithms/tread.py and sprint.py; this module is what the denoiser
+(trainer.model.Denoiser) runs.
 """
 from __future__ import annotations
 
@@ -138,3 +141,4 @@ def check_blocks(routing: str, start: int, end: int, depth: int) -> None:
     if not 0 <= start < end <= depth:
         raise ValueError(f"--route-start {start} / --route-end {end} are outside the model's {depth} blocks: "
                          f"need 0 <= route_start < route_end <= {depth}")
+

@@ -11,12 +11,17 @@
 
 Burn-in (`repa_until_step`, PRX: REPA helps early and was reported to hurt after ~200k steps): after that
 step the hook is removed, the projector is frozen and the loss is the flow loss alone.
+
+`Repa` is the training algorithm (trainer/algorithms/base.py); the projector and the hook live on the
+denoiser (`Denoiser.add_repa`), which returns the cosine beside its prediction.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from trainer.algorithms.base import Algorithm, log
 
 
 class RepaProjector(nn.Sequential):
@@ -88,3 +93,57 @@ def check_sources(infos: list[dict], latent_downsample: int | None, patch_size: 
 def check_block(block: int, depth: int) -> None:
     if not 0 <= block < depth:
         raise ValueError(f"--repa-block {block} is outside the model's {depth} blocks (0 .. {depth - 1})")
+
+
+# ------------------------------------------------------------------------------------------- the algorithm
+class Repa(Algorithm):
+    """`--repa-weight W` (> 0): loss += -W x mean cos(proj(h_block), stored features), until `repa_until_step`."""
+    name, keys = "repa", ("repa_weight", "repa_block", "repa_until_step")
+
+    def __init__(self, cfg, rank: int = 0, device: torch.device = torch.device("cpu")):
+        super().__init__(cfg, rank, device)
+        self.on = True
+
+    @property
+    def unused_parameters(self) -> bool:
+        return self.on and bool(self.cfg.repa_until_step)  # the projector stops getting gradients at the burn-in
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return cfg.repa_weight > 0
+
+    def data_needs(self) -> dict:
+        return {"with_repa": True}
+
+    def build(self, denoiser, spec) -> None:
+        check_block(self.cfg.repa_block, len(denoiser.transformer.blocks))
+        dim = check_sources([s.info for s in spec.sources], (spec.vae or {}).get("downsample"),
+                            denoiser.config.patch_size)
+        self.denoiser = denoiser
+        denoiser.add_repa(self.cfg.repa_block, dim, seed=self.cfg.seed)
+
+    def start(self, step: int) -> None:
+        if self._burnt_in(step):  # a resume past the burn-in
+            self._stop()
+
+    def forward_kwargs(self, batch, step: int, micro: int) -> dict:
+        return {"repa_features": batch.repa.to(self.device, non_blocking=True)} if self.on else {}
+
+    def loss_terms(self, out, batch) -> dict[str, torch.Tensor]:
+        return {"repa_loss": repa_loss(out.repa_cos, self.cfg.repa_weight)} if out.repa_cos is not None else {}
+
+    def log_values(self, out, batch) -> dict[str, torch.Tensor]:
+        return {"repa_cos": out.repa_cos.detach().mean()} if out.repa_cos is not None else {}
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.on and self._burnt_in(step):
+            self._stop()
+            log.info("step %d: REPA burn-in over (--repa-until-step %d): projector frozen, flow loss only",
+                     step, self.cfg.repa_until_step)
+
+    def _burnt_in(self, step: int) -> bool:
+        return bool(self.cfg.repa_until_step) and step >= self.cfg.repa_until_step
+
+    def _stop(self) -> None:
+        self.denoiser.stop_repa()
+        self.on = False

@@ -1,0 +1,27 @@
+"""The training algorithms (PRX's Composer `Algorithm`s, without Composer): one module each, one line each here.
+
+`REGISTRY` is also the order in which their hooks run (trainer/algorithms/base.py): routing before REPA (the
+aux modules keep the order of older checkpoints: sprint_fusion, then repa_projector), EMA last (it shadows
+every module the others add).
+"""
+from __future__ import annotations
+
+import torch
+
+from trainer.algorithms.base import Algorithm
+from trainer.algorithms.ema import Ema
+from trainer.algorithms.repa import Repa
+from trainer.algorithms.sprint import Sprint
+from trainer.algorithms.tread import Tread
+
+REGISTRY: list[type[Algorithm]] = [
+    Tread,   # routing: tread      (trainer/algorithms/tread.py)
+    Sprint,  # routing: sprint     (trainer/algorithms/sprint.py)
+    Repa,    # repa_weight > 0     (trainer/algorithms/repa.py)
+    Ema,     # ema_decay > 0       (trainer/algorithms/ema.py)
+]
+
+
+def active(cfg, rank: int = 0, device: torch.device = torch.device("cpu")) -> list[Algorithm]:
+    """The algorithms `cfg` switches on, in registry order, for this process (rank, device)."""
+    return [cls(cfg, rank, device) for cls in REGISTRY if cls.enabled(cfg)]
