@@ -41,7 +41,7 @@ REDUCED = dict(hidden_size=256, depth=8, num_heads=4, mlp_ratio=3.5, patch_size=
 
 def build_data(work: str, n: int) -> tuple[str, dict]:
     from pipeline.cli import main as prx_data
-    from pipeline.tiny_models import build
+    from testing.tiny_models import build
 
     enc = os.path.join(work, "enc")
     models = build(os.path.join(work, "tiny"), ["tiny-flux-vae", "tiny-t5gemma", "tiny-dinov2"])

@@ -4,7 +4,7 @@
 
 Inputs: N distinct JPEGs (random crops of scikit-image photos, 240..640 px a side, so decode and crop
 cost is real) with captions of ~30-60 words, ingested by the ingest stage. Models: the seeded tiny
-models (`prx-data dev tiny-models`), on the CPU.
+models (`python -m testing.tiny_models`), on the CPU.
 
 Measured, in one process, warm (models loaded and one warm-up pass run before timing), interleaved, best of\n--repeats for each:
 - bare VAE: `AutoencoderKL.encode` over the stage's own batches of already cropped pixels -> images/s;
@@ -74,7 +74,7 @@ def bench_tiny(args) -> list[tuple[str, str]]:
     from contract.encoders.text import load_text_encoder
     from contract.encoders.vae import load_vae
     from contract.shards import Problem, read_shard
-    from pipeline.tiny_models import build
+    from testing.tiny_models import build
 
     out = os.path.abspath(args.out)
     shutil.rmtree(out, ignore_errors=True)

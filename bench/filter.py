@@ -48,7 +48,7 @@ def make_images(folder: str, n: int, seed: int = 0) -> None:
 
 def make_model(folder: str, name: str) -> str:
     if name == "tiny":
-        from pipeline.tiny_models import build
+        from testing.tiny_models import build
 
         return build(folder, ["tiny-clip"])["tiny-clip"]
     import open_clip

@@ -92,7 +92,7 @@ def timed(ctx: Ctx, fn: Callable[[], None], steps: int) -> float:
 
 
 def _tiny(ctx: Ctx, name: str) -> str:
-    from pipeline.tiny_models import build
+    from testing.tiny_models import build
 
     return build(ctx.tiny_dir, [name])[name]
 

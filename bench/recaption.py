@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/recaption.py --images 16 --batch-sizes 4,16 --pixel-budgets 64,256 --new-tokens 32
 
-Model: the tiny Qwen2-VL (`prx-data dev tiny-models`, built here) unless --model names another folder/alias.
+Model: the tiny Qwen2-VL (`python -m testing.tiny_models`, built here) unless --model names another folder/alias.
 Images: scikit-image / scikit-learn photos, cycled to --images samples in one raw shard (ingest).
 Every generation runs to exactly --new-tokens tokens (EOS ignored), so both sides do the same work.
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     from captioners.hf import TransformersBackend
     from captioners.prompts import load as load_prompt
     from contract.shards import Sample, list_shards, read_shard
-    from pipeline.tiny_models import build
+    from testing.tiny_models import build
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-recaption-")
     os.makedirs(work, exist_ok=True)

@@ -116,7 +116,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline.tiny_models import build
+    from testing.tiny_models import build
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-recaption-backends-")
     os.makedirs(work, exist_ok=True)

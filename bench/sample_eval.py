@@ -36,7 +36,7 @@ def make_run(root: str) -> tuple[str, dict]:
 
     from conftest import photo_arrays
     from pipeline.cli import main as prx_data
-    from pipeline.tiny_models import build
+    from testing.tiny_models import build
     from trainer.config import TrainConfig
     from trainer.train import run
 

@@ -17,6 +17,9 @@ from typing import Callable
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every model is a local folder
 os.environ.setdefault("WANDB_MODE", "disabled")
+# transformers' "Loading weights" / "Writing model shards" bars (a flash per tiny model, torn across the stages'
+# own progress lines): the hub's switch turns them off; prx's progress bars and results stay
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "pipelines" / "demo.yaml"
 TINY_MODELS = ["tiny-clip", "tiny-qwen2-vl", "tiny-flux-vae", "tiny-t5gemma", "tiny-dinov2", "tiny-inception"]
@@ -61,7 +64,7 @@ def prepare(demo: Demo) -> int:
     import pyarrow.parquet as pq
 
     from pipeline.download.serve import ImageServer
-    from pipeline.tiny_models import build
+    from testing.tiny_models import build
 
     folder = demo.path("photos")
     names = write_photos(folder)
@@ -70,7 +73,7 @@ def prepare(demo: Demo) -> int:
     pq.write_table(pa.table({"url": [urls[f"{n}.jpg"] for n in names], "caption": [CAPTIONS[n] for n in names]}),
                    demo.path("urls.parquet"))
     print(f"serving {len(names)} photos at {demo.server.url('/')}; URL list {demo.path('urls.parquet')}")
-    _show("prx-data", ["dev", "tiny-models", demo.path("tiny-models"), "--only", ",".join(TINY_MODELS)])
+    _show("python", ["-m", "testing.tiny_models", demo.path("tiny-models"), "--only", ",".join(TINY_MODELS)])
     build(demo.path("tiny-models"), TINY_MODELS)
     demo.output("URL list", demo.path("urls.parquet"))
     return 0

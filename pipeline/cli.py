@@ -1,4 +1,5 @@
-"""`prx-data`: one subcommand per stage, plus tools to look at what stages wrote.
+"""`prx-data`: one subcommand per stage of the registry (pipeline/stages/__init__.py), plus tools to look at what
+stages wrote.
 
 Every stage subcommand is generated from its config dataclass, so `--help`, the YAML file (`--config`)
 and the saved `_stage.json` always agree.
@@ -7,21 +8,11 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import json
 import os
 import sys
 
-# Stage modules: each defines STAGE (a pipeline.stage.Stage subclass) and may define
-# add_commands(subparsers) for extra commands that belong with it (e.g. download-report).
-STAGE_MODULES = [
-    "pipeline.stages.ingest",
-    "pipeline.stages.download",
-    "pipeline.stages.filter",
-    "pipeline.stages.recaption",
-    "pipeline.stages.encode",
-    "pipeline.stages.audit",  # no STAGE: a report, not shards; registers `audit` via add_commands
-]
+from pipeline.stages import STAGES
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which calls out
 
@@ -71,19 +62,9 @@ def _reasons_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tiny_models_command(args: argparse.Namespace) -> int:
-    from pipeline.tiny_models import build
-
-    paths = build(args.dir, args.only or None, seed=args.seed)
-    if not paths:
-        print("no tiny models are registered")
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return 0
-
-
 def _load_stage_modules():
-    return [importlib.import_module(m) for m in STAGE_MODULES]
+    """Every registered stage's module (pipeline/stages/__init__.py), in registry order."""
+    return [entry.load() for entry in STAGES]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,15 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reasons", help="the ledger's reason codes, as a markdown table")
     p.set_defaults(_func=_reasons_command)
-
-    dev = sub.add_parser("dev", help="developer tools")
-    dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="TOOL")
-    p = dev_sub.add_parser("tiny-models", help="build seeded tiny random models of the real classes into DIR")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
-                   help="comma-separated names (default: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(_func=_tiny_models_command)
     return parser
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import importlib
 import json
 import os
 import shlex
@@ -39,12 +38,25 @@ from contract.config import ConfigError, add_arguments, build_config, content_fi
     read_yaml, to_dict, values_from_mapping
 from contract.errors import PrxError
 from contract.ledger import read_stage_json
+from pipeline.stages import REPORT, STAGES
 
-# Shard stages in pipeline order (same rank: either one); `audit` may come anywhere after the first.
-RANK = {"ingest": 0, "download": 0, "filter": 1, "recaption": 2, "encode": 3}
+# The order rules come from the stage registry (pipeline/stages/__init__.py): shard stages by rank (same rank:
+# either one), reports anywhere after the first. `audit` is the report this module runs.
+ENTRIES = {s.name: s for s in STAGES}
+RANK = {s.name: s.rank for s in STAGES if s.rank is not REPORT}
+FIRST = [name for name, rank in RANK.items() if rank == min(RANK.values())]
 AUDIT = "audit"
-ORDER_TEXT = "ingest or download first, then filter, recaption, encode (each at most once, in that order); " \
-             "audit anywhere after the first"
+
+
+def _order_text() -> str:
+    """The order rules in words: "ingest or download first, then filter, recaption, encode (...); audit ..."."""
+    later = [" or ".join(n for n, r in RANK.items() if r == rank) for rank in sorted(set(RANK.values()))][1:]
+    reports = ", ".join(s.name for s in STAGES if s.rank is REPORT)
+    return (" or ".join(FIRST) + f" first, then {', '.join(later)} (each at most once, in that order); "
+            f"{reports} anywhere after the first")
+
+
+ORDER_TEXT = _order_text()
 RUN_SET = ("out", "executor", "scheduler", "workers", "progress", "overwrite", "config", "limit")  # run flags
 TOP_KEYS = ("name", "root", "stages")
 RUN_FILE = "_run.json"
@@ -93,7 +105,7 @@ class ManifestError(ConfigError):
 # ------------------------------------------------------------------------------------ reading the manifest
 def stage_class(name: str):
     """The Stage class of a shard stage (None for audit, which is a report)."""
-    return getattr(importlib.import_module(f"pipeline.stages.{name}"), "STAGE", None)
+    return getattr(ENTRIES[name].load(), "STAGE", None)
 
 
 def config_class(name: str) -> type:
@@ -119,13 +131,13 @@ def load_manifest(path: str) -> dict[str, Any]:
 
 
 def _entry(path: str, i: int, entry: Any) -> tuple[str, dict]:
-    valid = ", ".join([*RANK, AUDIT])
+    valid = ", ".join(ENTRIES)
     if isinstance(entry, str):
         entry = {entry: {}}
     if not isinstance(entry, dict) or len(entry) != 1:
         raise ManifestError(f"{path}: stage {i}: expected one `STAGE: {{options}}` mapping; stages: {valid}")
     (name, options), = entry.items()
-    if name not in RANK and name != AUDIT:
+    if name not in ENTRIES:
         raise ManifestError(f"{path}: stage {i}: unknown stage {name!r}; valid stages: {valid}")
     if options is None:
         options = {}
@@ -135,12 +147,12 @@ def _entry(path: str, i: int, entry: Any) -> tuple[str, dict]:
 
 
 def check_order(path: str, names: list[str]) -> None:
-    if names[0] not in ("ingest", "download"):
-        raise ManifestError(f"{path}: stage 1 is {names[0]!r}; a pipeline starts with ingest or download "
+    if names[0] not in FIRST:
+        raise ManifestError(f"{path}: stage 1 is {names[0]!r}; a pipeline starts with {' or '.join(FIRST)} "
                             f"({ORDER_TEXT})")
     last = -1
     for i, name in enumerate(names, 1):
-        if name == AUDIT:
+        if name not in RANK:   # a report
             continue
         if RANK[name] <= last:
             raise ManifestError(f"{path}: stage {i} ({name}) is out of order; {ORDER_TEXT}")

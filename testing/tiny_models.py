@@ -1,21 +1,71 @@
-"""Every seeded tiny random model of the real classes, in one place: `prx-data dev tiny-models DIR`.
+"""Every seeded tiny random model of the real classes, in one place: `python -m testing.tiny_models DIR`.
 
-Tests, the demo and the CPU benchmarks build these folders (nothing here is committed output) and load them
-through the same alias/path loader and `from_pretrained` path as the real models. Each builder is registered
-by name with `pipeline.tiny_models.register`; this module is listed in `pipeline.tiny_models.BUILDER_MODULES`.
-It imports filters, captioners and the trainer, so it is testing support, outside every layer.
+Tests (`tests/conftest.py`'s `tiny_model`), the demo and the CPU benchmarks build these folders with `build`
+(nothing here is committed output; everything is rebuilt from a seed) and load them through the same
+alias/path loader (`contract.models.resolve`) and `from_pretrained` path as the real models. A builder is a
+function `(folder, seed)` registered by name with `@register`. This module imports filters, captioners and
+the trainer, so it is testing support, outside every layer: no package imports it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
+from typing import Callable
 
-from pipeline.tiny_models import register
+# name -> builder(folder, seed). Builders write a folder loadable like the real model's hub repo.
+BUILDERS: dict[str, Callable[[str, int], None]] = {}
 
+
+def register(name: str):
+    def deco(fn: Callable[[str, int], None]):
+        BUILDERS[name] = fn
+        return fn
+    return deco
+
+
+def build(folder: str, names: list[str] | None = None, seed: int = 0) -> dict[str, str]:
+    """Build the named tiny models (all by default) into folder/NAME; returns name -> path."""
+    names = names or sorted(BUILDERS)
+    unknown = set(names) - set(BUILDERS)
+    if unknown:
+        raise KeyError(f"unknown tiny model(s) {sorted(unknown)}; known: {sorted(BUILDERS)}")
+    out = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.exists(os.path.join(path, ".complete")):
+            os.makedirs(path, exist_ok=True)
+            BUILDERS[name](path, seed)
+            open(os.path.join(path, ".complete"), "w").close()
+        out[name] = path
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m testing.tiny_models",
+                                description="build seeded tiny random models of the real classes into DIR")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="comma-separated names (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        paths = build(args.dir, args.only, seed=args.seed)
+    except KeyError as exc:
+        print(f"python -m testing.tiny_models: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
 
 
 # ------------------------------------------------ open_clip (the filter stage)
-# The seeded tiny open_clip model (`prx-data dev tiny-models DIR --only tiny-clip`).
+# The seeded tiny open_clip model (`python -m testing.tiny_models DIR --only tiny-clip`).
 #
 # A real `open_clip.CLIP` (ViT image tower, transformer text tower with the stock BPE tokenizer) with a few
 # thousand-wide layers cut to 32, saved the way open_clip's `local-dir:` schema reads a folder:
@@ -53,7 +103,7 @@ def build_tiny_clip(folder: str, seed: int) -> None:
 
 
 # ------------------------------------------------ FLUX.1 VAE, T5Gemma, DINOv2 (the encode stage)
-# Tiny seeded random models of the encode stage's real classes (`prx-data dev tiny-models`).
+# Tiny seeded random models of the encode stage's real classes (`python -m testing.tiny_models DIR`).
 #
 # - `tiny-flux-vae`: diffusers `AutoencoderKL` with FLUX.1's layout (4 levels = 8x downsampling, 16 latent
 #   channels, no quant convs, FLUX.1's scaling_factor 0.3611 and shift_factor 0.1159), narrow channels.
@@ -186,7 +236,7 @@ def build_tiny_dinov2(folder: str, seed: int = 0) -> None:
 
 
 # ------------------------------------------------ Qwen2-VL (the recaption stage)
-# The tiny Qwen2-VL for tests and CPU benchmarks: `prx-data dev tiny-models DIR --only tiny-qwen2-vl`.
+# The tiny Qwen2-VL for tests and CPU benchmarks: `python -m testing.tiny_models DIR --only tiny-qwen2-vl`.
 #
 # Real classes, random weights, seeded: `Qwen2VLForConditionalGeneration` with a tiny config, a
 # `Qwen2VLProcessor` made of `Qwen2VLImageProcessor` and a byte-level BPE tokenizer trained here, offline, on a
@@ -303,7 +353,7 @@ def save_tiny_qwen2_vl(folder: str, seed: int, builder: str, text: dict, vision:
 
 
 # ------------------------------------------------ PRX denoiser (the trainer)
-# `tiny-prx`: a seeded tiny PRXTransformer2DModel (the trainer's `tiny` preset) for `prx-data dev tiny-models`.
+# `tiny-prx`: a seeded tiny PRXTransformer2DModel (the trainer's `tiny` preset) for `python -m testing.tiny_models`.
 #
 # Its input widths match the other tiny models: 16 latent channels (tiny-flux-vae, like FLUX.1's VAE) and
 # 32-wide text embeddings (tiny-t5gemma). `prx-train --model DIR` loads it through from_pretrained.
@@ -383,3 +433,7 @@ def build_tiny_inception(folder: str, seed: int) -> None:
 
     os.makedirs(folder, exist_ok=True)
     torch.save(inception_state_dict(seed), os.path.join(folder, INCEPTION_FILE))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -51,8 +51,8 @@ def tiny_models_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_models_dir):
-    """tiny_model("name") -> folder of the seeded tiny model, built through `prx-data dev tiny-models`'s code."""
-    from pipeline.tiny_models import build
+    """tiny_model("name") -> folder of the seeded tiny model (testing/tiny_models.py builds it)."""
+    from testing.tiny_models import build
 
     def get(name: str) -> str:
         return build(tiny_models_dir, [name], seed=0)[name]
