@@ -1,4 +1,5 @@
-"""The layering rule (ARCHITECTURE.md), checked over every import statement, function-level ones included.
+"""The layering rule (ARCHITECTURE.md), checked over every import: statements (function-level ones included) and
+string imports (`importlib.import_module("m")`, `__import__("m")`; see `_string_imports`).
 
 - The contract modules import only the contract.
 - `filters/` and `captioners/` import only their own package and the contract; so does `trainer/`.
@@ -30,7 +31,7 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path, known: set[str]) -> set[str]:
-    """Project modules imported anywhere in the file (`from contract import fs` is contract.fs)."""
+    """Project modules imported anywhere in the file (`from contract import fs` is contract.fs), strings included."""
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -39,7 +40,52 @@ def _imports(path: Path, known: set[str]) -> set[str]:
             for a in node.names:
                 full = f"{node.module}.{a.name}"
                 out.add(full if full in known else node.module)
+        else:
+            out.update(_string_imports(node, known))
     return {m for m in out if m.split(".")[0] in PACKAGES + OUTSIDE}
+
+
+STRING_IMPORTERS = ("import_module", "__import__")
+
+
+def _string_imports(node: ast.AST, known: set[str]) -> set[str]:
+    """Modules a string names for import:
+
+    - `importlib.import_module(ARG)` / `__import__(ARG)`: a literal ARG is that module; an f-string or a `+`
+      concatenation counts as its literal prefix up to the last dot (`f"pipeline.stages.{name}"` is
+      pipeline.stages, `"testing." + name` is testing), so a dynamic import into a forbidden package is caught;
+    - any other string equal to a dotted project module (`["testing.tiny_models"]`, a list imported later).
+    A name built wholly at run time (`import_module(name)`) is beyond a parser; the second rule covers lists."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value:
+        return {node.value} if node.value in known else set()
+    if not isinstance(node, ast.Call) or not node.args:
+        return set()
+    func = node.func
+    if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)) not in STRING_IMPORTERS:
+        return set()
+    text, whole = _literal_prefix(node.args[0])
+    module = text if whole else text.rpartition(".")[0]
+    return {module} if module else set()
+
+
+def _literal_prefix(node: ast.AST) -> tuple[str, bool]:
+    """(the text a string expression starts with, whether that is all of it)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value, True
+    if isinstance(node, ast.JoinedStr):
+        text = ""
+        for part in node.values:
+            if not isinstance(part, ast.Constant):
+                return text, False
+            text += part.value
+        return text, True
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, whole = _literal_prefix(node.left)
+        if not whole:
+            return left, False
+        right, whole = _literal_prefix(node.right)
+        return left + right, whole
+    return "", False
 
 
 @functools.lru_cache(maxsize=1)   # parsed once for every test here (read only)
@@ -107,3 +153,31 @@ def test_the_rule_sees_violations():
     """The checks above would catch a violation: the parser finds function-level imports."""
     path = REPO / "pipeline" / "stages" / "audit.py"
     assert "pipeline.runner" in _imports(path, set(_modules()))  # imported inside a function there
+
+
+def test_the_rule_sees_string_imports(tmp_path):
+    """String imports count: a literal, the literal prefix of an f-string or a concatenation, a module in a list."""
+    path = tmp_path / "strings.py"
+    path.write_text("import importlib\n"
+                    "MODULES = ['testing.docs']\n"
+                    "def load(name):\n"
+                    "    importlib.import_module('testing.tiny_models')\n"
+                    "    __import__('demo.main')\n"
+                    "    importlib.import_module(f'trainer.algorithms.{name}')\n"
+                    "    importlib.import_module('bench.' + name)\n"
+                    "    importlib.import_module(name)\n")
+    found = _imports(path, set(_modules()))
+    assert found == {"testing.docs", "testing.tiny_models", "demo.main", "trainer.algorithms", "bench"}
+
+
+def test_every_stage_module_has_one_registry_line_naming_its_stage():
+    """Adding a stage is a module in pipeline/stages/ and a line in its registry; neither goes without the other."""
+    from pipeline.stages import REPORT, STAGES
+
+    names = [e.name for e in STAGES]
+    files = sorted(p.stem for p in (REPO / "pipeline" / "stages").glob("*.py") if p.stem != "__init__")
+    assert sorted(names) == files and len(set(names)) == len(names), f"registry {names} vs modules {files}"
+    for entry in STAGES:
+        stage = getattr(entry.load(), "STAGE", None)
+        assert (stage is None) == (entry.rank is REPORT), f"{entry.name}: a STAGE exactly when it is no REPORT"
+        assert stage is None or stage.name == entry.name, f"{entry.name}: its STAGE is named {stage.name!r}"
