@@ -249,3 +249,27 @@ def test_filter_golden(golden_in, tmp_path, tiny_model, run):
     assert rejected == {stem for stem, reason in VERDICTS[run].items() if reason}
     got = observed(golden_in, tmp_path, out, rej, model)
     assert got == GOLDEN[run]
+
+
+def test_resume_from_scan_partials_written_before_facts(golden_in, tmp_path, tiny_model):
+    """A folder whose scan ran before checks reported facts (its `_map` partials hold a `language` column, not
+    `facts`) resumes to the same bytes: json.filter.language comes from that column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model = tiny_model("tiny-clip")
+    out, rej = tmp_path / "out", tmp_path / "rejected"
+    argv = ["filter", "--in", str(golden_in / "raw"), "--out", str(out), "--write-rejected", str(rej),
+            *_run_a(golden_in, model), *COMMON]
+    assert main(argv) == 0
+    for path in sorted((out / "_map").glob("*.parquet")):
+        table = pq.read_table(path)
+        at = table.column_names.index("facts")
+        language = [json.loads(f).get("language") for f in table.column("facts").to_pylist()]
+        pq.write_table(table.remove_column(at).add_column(at, "language", pa.array(language, pa.string())), path)
+    for name in ("000001.tar", "000001.parquet"):
+        (out / name).unlink()
+    assert main(argv) == 0
+    assert _sha(out / "000001.tar") == GOLDEN["a"]["tars"]["000001.tar"]
+    assert _sha(rej / "000001.tar") == GOLDEN["a"]["rejected_tars"]["000001.tar"]
+    assert json.loads((out / "_stage.json").read_text())["counts"]["shards_resumed"] == 1
