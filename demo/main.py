@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # transformers' "Loading weights" / "Writing model shards" bars (a flash per tiny model, torn across the stages'
 # own progress lines): the hub's switch turns them off; prx's progress bars and results stay
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# diffusers' PRXPipeline derives from diffusers' own deprecated LoraLoaderMixin: nothing prx or its user can change
+warnings.filterwarnings("ignore", message="`LoraLoaderMixin` is deprecated", category=FutureWarning)
 
 MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "pipelines" / "demo.yaml"
 TINY_MODELS = ["tiny-clip", "tiny-qwen2-vl", "tiny-flux-vae", "tiny-t5gemma", "tiny-dinov2", "tiny-inception"]
@@ -51,6 +54,11 @@ class Demo:
 
     def output(self, what: str, path: str, real: str = "") -> None:
         self.outputs.append(Output(what, path, real))
+
+
+def _cores() -> int:
+    """CPU cores this process may run on (what torch's DataLoader compares its workers with)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _show(prog: str, argv: list[str]) -> None:
@@ -124,10 +132,13 @@ def pipeline(demo: Demo) -> int:
 def train(demo: Demo) -> int:
     """A few steps of the tiny PRX denoiser on the encoded shards, long and short captions mixed."""
     from trainer.cli import main as prx_train
+    from trainer.config import TrainConfig
 
+    # no more loader workers than cores (torch warns about more, and they would only wait)
+    workers = min(TrainConfig.loader_workers, _cores())
     argv = ["--shards", demo.path("04-encode"), "--model", "tiny", "--steps", "4", "--batch-size", "2",
             "--caption", "long=0.5,short=0.5", "--warmup-steps", "2", "--log-every", "1",
-            "--checkpoint-every", "4", "--out", demo.path("train-run")]
+            "--checkpoint-every", "4", "--loader-workers", str(workers), "--out", demo.path("train-run")]
     _show("prx-train", argv)
     rc = prx_train(argv)
     demo.output("training run (logs, TensorBoard)", demo.path("train-run"),
