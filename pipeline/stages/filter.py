@@ -44,9 +44,9 @@ FILTERS: list[type[Filter]] = filters.load()
 DEDUP_KINDS = ("exact", "perceptual", "semantic")
 KEEPER_SCORE = "clip"   # the score (by filter name) dedup's keeper rule ranks by, after size
 
-ledger.register_reasons({code: (ledger.REJECTED, text) for code, text in dd.REASONS.items()})
 for _cls in FILTERS:
     ledger.register_reasons(_cls.reasons)
+ledger.register_reasons({code: (ledger.REJECTED, text) for code, text in dd.REASONS.items()})
 
 
 @dataclass
