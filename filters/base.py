@@ -86,7 +86,7 @@ class Filter:
     def build(cls, cfg: Any, ctx: Context) -> "Filter":
         """This filter with its options read from the stage's config (fields of the same names)."""
         made = cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
-        made.ctx = ctx
+        object.__setattr__(made, "ctx", ctx)   # a frozen filter too
         return made
 
     def active(self) -> bool:
@@ -128,7 +128,7 @@ class ScoreBatch:
 
 class ScoreFilter(Filter):
     reason: ClassVar[str] = ""                   # the code its threshold (and top fraction) rejects with
-    threshold_option: ClassVar[str] = ""         # the option holding the threshold (None: score only)
+    threshold_option: ClassVar[str] = ""         # the option holding the threshold ("": score only)
     direction: ClassVar[str] = "min"             # "min": reject below the threshold; "max": reject above
     top_option: ClassVar[str | None] = None      # the option holding a global top fraction, if any
 
@@ -143,7 +143,7 @@ class ScoreFilter(Filter):
         return self.score_name() is not None
 
     def threshold(self) -> float | None:
-        return getattr(self, self.threshold_option)
+        return getattr(self, self.threshold_option) if self.threshold_option else None
 
     def top_fraction(self) -> float | None:
         return getattr(self, self.top_option) if self.top_option else None
