@@ -11,6 +11,10 @@ with the ledger reason the downloader must give it.
 from __future__ import annotations
 
 import io
+import select
+import socket
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,7 +23,7 @@ from PIL import Image
 
 from pipeline.download.serve import ImageServer, Route
 
-__all__ = ["ImageServer", "Route", "loopback_server", "encode", "noise", "Case", "hostile_cases"]
+__all__ = ["ImageServer", "Route", "loopback_server", "encode", "noise", "Case", "hostile_cases", "trickle_server"]
 
 
 def encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
@@ -42,6 +46,69 @@ def loopback_server(host: str = "127.0.0.1", delay: float = 0.0):
         srv.stop()
 
 
+@contextmanager
+def trickle_server(answer: bytes, interval: float):
+    """A slow-loris server on loopback: each connection's request is read, then `answer` (status line, headers
+    and body) is sent one byte every `interval` seconds, so no single read waits long. Yields the server;
+    `srv.url(path)` names it and `srv.connections` records each connection as {"bytes_sent", "seconds"
+    (from its first byte to its end), "cut" (True: the client closed it before the whole answer was sent)}."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+    connections: list[dict] = []
+
+    def answer_one(conn: socket.socket) -> None:
+        record = {"bytes_sent": 0, "seconds": 0.0, "cut": False}
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+            connections.append(record)
+            start = time.monotonic()
+            for i in range(len(answer)):
+                try:
+                    conn.sendall(answer[i:i + 1])
+                    record["bytes_sent"] = i + 1
+                    # the client's close (FIN or RST) makes the socket readable: it has stopped listening
+                    if select.select([conn], [], [], interval)[0] and not conn.recv(1):
+                        record["cut"] = True
+                        break
+                except OSError:
+                    record["cut"] = True
+                    break
+                if stop.is_set():
+                    break
+            record["seconds"] = time.monotonic() - start
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            threading.Thread(target=answer_one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, name="trickle-server", daemon=True)
+    thread.start()
+
+    class _Server:
+        def url(self, path: str) -> str:
+            return f"http://127.0.0.1:{port}{path}"
+
+    srv = _Server()
+    srv.connections = connections
+    try:
+        yield srv
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
 @dataclass
 class Case:
     name: str
@@ -52,7 +119,7 @@ class Case:
 
 
 def hostile_cases(photos: dict[str, np.ndarray], slow_seconds: float) -> list[Case]:
-    """One route per behaviour of issue 3's list; distinct image bytes so nothing is a duplicate."""
+    """One route per hostile answer a download meets; distinct image bytes so nothing is a duplicate."""
     names = sorted(photos)
     small = {n: np.ascontiguousarray(photos[n][::4, ::4]) for n in names}
     jpeg, png, webp = (encode(small[names[0]], "JPEG", quality=90), encode(small[names[1]], "PNG"),

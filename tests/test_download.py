@@ -5,11 +5,15 @@ import hashlib
 import json
 import socket
 import tarfile
+import threading
+import time
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from http_server import Route, encode, hostile_cases, loopback_server, noise
+from http_server import Route, encode, hostile_cases, loopback_server, noise, trickle_server
 
 from contract import ledger
 from pipeline.cli import main as prx_data
@@ -397,7 +401,36 @@ def test_compressed_list_suffix_is_case_insensitive(tmp_path):
     assert [r.url for r in read_rows(str(path))] == ["http://a.example/1.jpg", "http://a.example/2.jpg"]
 
 
-def test_image_server_stops_without_starting():
+def test_image_server_that_never_started_stops_at_once():
     from pipeline.download.serve import ImageServer
 
-    ImageServer().stop()  # used to wait forever in shutdown()
+    stopper = threading.Thread(target=ImageServer().stop, daemon=True)
+    stopper.start()
+    stopper.join(10)
+    assert not stopper.is_alive(), "stop() of a server that never started waits for a loop that never ran"
+
+
+# ------------------------------------------------------------------------------ a slow-loris server
+def test_a_server_that_trickles_bytes_is_cut_off_at_the_url_deadline(tmp_path, photos):
+    """A server that sends its answer one byte every 0.2 s never trips the 1 s socket timeout (--timeout): the
+    2 s --url-deadline cuts it off. Its URL gets a `timeout` row naming the deadline, the other URL is kept,
+    and the run ends long before the trickle would have."""
+    body = encode(np.ascontiguousarray(photos["astronaut"][::8, ::8]), "JPEG", quality=80)
+    answer = b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    trickle_seconds = len(answer) * 0.2
+    assert trickle_seconds > 300
+    with trickle_server(answer, interval=0.2) as slow, loopback_server() as srv:
+        urls = [slow.url("/loris.jpg"), srv.add("/fine.png", Route(body=encode(noise(24, 24, 3), "PNG")))]
+        start = time.monotonic()
+        table = download(write_list(tmp_path / "u.parquet", urls), tmp_path / "raw", "--allow-private-network",
+                         "--timeout", "1", "--url-deadline", "2")
+        took = time.monotonic() - start
+        connections = list(slow.connections)
+    (conn,) = connections   # asked once: a timeout is not retried within the run
+    assert conn["cut"] and conn["bytes_sent"] < len(answer)
+    assert 1.5 < conn["seconds"] < 2 + 1.5, conn   # cut at the 2 s deadline, not at the 1 s socket timeout
+    rows = rows_by_url(table)
+    assert rows[urls[0]]["outcome"] == ledger.FAILED and rows[urls[0]]["reason"] == "timeout"
+    assert "--url-deadline 2" in rows[urls[0]]["detail"], rows[urls[0]]
+    assert rows[urls[1]]["outcome"] == ledger.KEPT
+    assert took < 60, f"the run took {took:.0f} s; the trickle alone would take {trickle_seconds:.0f} s"
