@@ -1,4 +1,4 @@
-"""Issue 28 (items 5 and 12): a damaged tar is verified, named and seen.
+"""A damaged tar is verified, named and seen.
 
 A zeroed header (or a zeroed page) mid-archive reads, to `tarfile`, as the end-of-archive marker: reading stops
 early and "cleanly". A finished shard is checked against its ledger before a rerun trusts it; an input shard's
@@ -129,7 +129,8 @@ def test_a_zeroed_header_in_an_input_shard_gives_rows_for_the_lost_keys(raw, tmp
 
 
 def test_data_after_the_end_marker_is_one_row_naming_the_byte(tmp_path):
-    """Two tars concatenated: the second one's samples are no longer silently dropped."""
+    """Two tars concatenated: the first one's samples are read and each key of the second gets a `truncated_tar`
+    row; data after the end marker without a member header is one row naming the byte it starts at."""
     from contract.shards import ShardWriter
 
     for i, keys in enumerate((["a", "b"], ["c", "d"])):
@@ -168,8 +169,8 @@ def test_audit_shows_and_gates_unreadable_samples(raw, tmp_path, capsys):
 
 
 def test_inspect_names_the_damage_without_a_traceback(raw, tmp_path, capsys):
-    """A first header of garbage (tarfile cannot open the shard: a ReadError traceback before) and a zeroed
-    one (tarfile sees an empty archive): each shard counted as far as it reads, and named."""
+    """A first header of garbage (tarfile cannot open the shard) and a zeroed one (tarfile sees an empty
+    archive): each shard counted as far as it reads, and named, as a message rather than a traceback."""
     garbled = raw / "000000.tar"
     data = bytearray(garbled.read_bytes())
     data[:512] = b"\x01" * 512

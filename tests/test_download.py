@@ -72,7 +72,7 @@ def resolve(monkeypatch):
     return install
 
 
-# ------------------------------------------------------------------------------ every case of the issue
+# ------------------------------------------------------------------------------ every hostile answer
 def test_every_url_gets_one_row_with_the_right_reason(tmp_path, photos, resolve):
     resolve({})
     cases = hostile_cases(photos, SLOW)
@@ -344,7 +344,7 @@ def test_dask_executor_distributes_shards(tmp_path):
         assert all(m.mtime == 0 for m in tar.getmembers())
 
 
-# ------------------------------------------------------------------------------ review fixes
+# ------------------------------------------------------------------ byte cap, user agent, URL lists, the server
 class _FakeResponse:
     def __init__(self, body: bytes, length: int | None = None):
         self._body, self.headers, self.closed = body, {}, False

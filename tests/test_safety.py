@@ -1,8 +1,8 @@
-"""Issue 14: operator mistakes and hostile data never lose input or stop a stage.
+"""Operator mistakes and hostile data never lose input or stop a stage.
 
-Each test builds the exact hostile input of the issue and asserts the stated outcome: input untouched and
-exit 2 for every overwrite mistake, the neighbouring samples kept for every bad member, damaged outputs
-redone or named, a slow server cut at the deadline, config and model errors as one-line messages.
+Each test builds a hostile input and asserts its outcome: input untouched and exit 2 for every overwrite
+mistake, the neighbouring samples kept for every bad member, damaged outputs redone or named, a server that
+drips its headers cut at the deadline, config and model errors as one-line messages.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _refused(argv, protected, capsys, *needles):
 def test_out_equal_to_input_is_refused_and_input_untouched(raw, capsys, overwrite):
     argv = ["filter", "--in", str(raw), "--out", str(raw), *LOCAL, "--clip-model", "", *overwrite]
     _refused(argv, raw, capsys, "the same as input", "Nothing was changed")
-    # ingest of a folder into itself (it used to delete the shards, then ingest its own _stage.json)
+    # ingest of a folder into itself: refused before anything is deleted (its shards and _stage.json stay)
     _refused(["ingest", "--in", str(raw), "--out", str(raw), *LOCAL, *overwrite], raw, capsys, "the same as input")
 
 
