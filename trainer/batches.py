@@ -41,8 +41,8 @@ class LoaderFailure:
 
 @dataclass
 class LoaderSettings:
-    """What a rank's batches depend on: `MixtureLoader`'s arguments, named as TrainConfig's options (whose
-    defaults these are: they are written there only)."""
+    """What a rank's batches depend on: `MixtureLoader`'s arguments, named as TrainConfig's options, whose
+    defaults these are (the loader's own, written once in trainer/data.py)."""
     batch_size: int
     seed: int = TrainConfig.seed
     rank: int = 0

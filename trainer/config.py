@@ -15,6 +15,7 @@ from typing import Any
 
 from contract.config import ConfigError, build_config, option, read_yaml
 from trainer.objective import ObjectiveConfig as _OBJ  # the objective's defaults live once, there
+from trainer import data as _DATA  # so do the loader's
 
 @dataclass
 class TrainConfig:
@@ -28,10 +29,12 @@ class TrainConfig:
     vae: str | None = option(None, help="VAE the shards must have been encoded with (alias, hub id or folder); "
                                         "default: whatever the first source used, all sources must agree")
     text_encoder: str | None = option(None, help="text encoder the shards must have been encoded with")
-    text_max_length: int = option(256, help="text embeddings are padded (with a mask) to this many tokens")
-    open_shards: int = option(8, help="shards of each source each rank reads at once (interleaved)")
-    shuffle_buffer: int = option(2048, help="samples shuffled together per rank, across the open shards of every "
-                                            "source (split evenly between sources); deterministic from the seed")
+    text_max_length: int = option(_DATA.TEXT_MAX_LENGTH,
+                                  help="text embeddings are padded (with a mask) to this many tokens")
+    open_shards: int = option(_DATA.OPEN_SHARDS, help="shards of each source each rank reads at once (interleaved)")
+    shuffle_buffer: int = option(_DATA.SHUFFLE_BUFFER,
+                                 help="samples shuffled together per rank, across the open shards of every "
+                                      "source (split evenly between sources); deterministic from the seed")
     loader_workers: int = option(4, runtime=True, help="loader worker processes per rank that read and collate "
                                                        "batches (0 = in the training process); the batches are the "
                                                        "same for any number")

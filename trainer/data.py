@@ -52,7 +52,6 @@ from contract import encoded
 from contract.errors import PrxError
 from contract.ledger import read_stage_json
 from contract.shards import BadMember, Problem, Sample, list_shards, read_shard
-from trainer.config import TrainConfig  # the loader's defaults are the trainer's options'
 
 
 class DataError(RuntimeError):
@@ -475,14 +474,20 @@ def collate(items: list[Item], spec: DataSpec, text_max_length: int, seed: int, 
                  repa=torch.stack(repas) if spec.with_repa else None)
 
 
+# The loader's defaults, written once: TrainConfig's options of the same names (and so LoaderSettings) refer to them.
+TEXT_MAX_LENGTH = 256  # text embeddings are padded (with a mask) to this many tokens
+OPEN_SHARDS = 8        # shards of each source a rank reads at once
+SHUFFLE_BUFFER = 2048  # samples shuffled together per rank
+
+
 class MixtureLoader:
     """Plans batches from weighted sources (`next_plan`), collates them (`next_batch` = both), saves `state()`."""
 
     MAX_SKIPPED = 10_000  # consecutive draws with none of the asked caption variants: stop instead of spinning
 
-    def __init__(self, spec: DataSpec, batch_size: int, seed: int = TrainConfig.seed, rank: int = 0,
-                 text_max_length: int = TrainConfig.text_max_length, open_shards: int = TrainConfig.open_shards,
-                 shuffle_buffer: int = TrainConfig.shuffle_buffer, max_wait_batches: int = 64):
+    def __init__(self, spec: DataSpec, batch_size: int, seed: int = 0, rank: int = 0,
+                 text_max_length: int = TEXT_MAX_LENGTH, open_shards: int = OPEN_SHARDS,
+                 shuffle_buffer: int = SHUFFLE_BUFFER, max_wait_batches: int = 64):
         self.spec, self.batch_size, self.seed, self.rank = spec, batch_size, seed, rank
         self.text_max_length = text_max_length
         self.max_wait = max_wait_batches * batch_size
