@@ -89,7 +89,7 @@ def test_muon_split_and_one_step_equals_reference_pair():
     rp = dict(ref.named_parameters())
     ref_muon = torch.optim.Muon([rp[n] for n in expect], lr=1e-3, weight_decay=0.0, momentum=0.95, nesterov=True,
                                 ns_steps=5, adjust_lr_fn="match_rms_adamw")
-    ref_adamw = torch.optim.AdamW([rp[n] for n in adamw], lr=1e-3, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
+    ref_adamw = torch.optim.AdamW([rp[n] for n in adamw], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     for module in (den, ref):
         module(**tiny_inputs())[0].square().mean().backward()
     opt.step()
@@ -199,7 +199,7 @@ def test_routed_blocks_see_the_kept_tokens_and_checkpointing_matches(method):
         return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
     loss, grads = loss_and_grads(den)
-    assert seen == [4, 16]
+    assert seen == [4, 4]  # (0, 1): blocks 0 and 1 routed, the tokens rejoin after block 1
     for h in hooks:
         h.remove()
     ckpt = copy.deepcopy(den)

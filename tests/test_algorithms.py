@@ -1,6 +1,8 @@
 """The one shape of every training algorithm (trainer/algorithms/base.py): a toy algorithm registered in one
 line reaches the loss, runs once per optimizer step, appears in RUN/summary.json and keeps its state across a
 checkpoint; SPRINT + EMA + the toy together resume bit for bit with the checkpoint keys older runs wrote.
+Then the algorithms as PRX's code has them (Photoroom/PRX prx/algorithm, prx/training): where routed tokens
+rejoin, SPRINT's mask token, Muon's AdamW epsilon, what --compile compiles.
 
 Data: a synthetic encoded folder (testing/synthetic.py) and the tiny model, so each run takes about a second."""
 from __future__ import annotations
@@ -16,6 +18,7 @@ from testing.synthetic import write_encoded_folder
 from trainer import algorithms
 from trainer.algorithms.base import Algorithm
 from trainer.config import TrainConfig
+from trainer.model import Denoiser, model_config
 
 TERM = 0.25
 
@@ -139,3 +142,82 @@ def test_sprint_ema_and_toy_resume_bit_for_bit_with_the_old_key_names(shards, tm
     ema_weights = load_file(ckpt / "transformer_ema" / "diffusion_pytorch_model.safetensors")
     for n, t in ema_weights.items():
         assert torch.equal(t, full["ema"].shadow["transformer." + n]), n
+
+
+# ------------------------------------------------------------------------------------------- as in PRX's code
+def prx_model(depth: int = 2, seed: int = 0):
+    """A tiny PRXTransformer2DModel with every weight perturbed (a fresh one's blocks start as the identity)."""
+    from diffusers import PRXTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        model = PRXTransformer2DModel(**dict(model_config("tiny", 16, 32), depth=depth))
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def inputs(b=2, h=8, w=8):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(b, 16, h, w, generator=g), timestep=torch.rand(b, generator=g),
+                encoder_hidden_states=torch.randn(b, 5, 32, generator=g),
+                attention_mask=torch.ones(b, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("method", ["tread", "sprint"])
+def test_tokens_rejoin_after_block_route_end_as_in_prx(method):
+    """PRX rejoins the routed tokens in a post-hook on blocks[route_end]: its (2, 12) routes blocks 2..12 of 16;
+    here (1, 2) of 4 blocks routes blocks 1 and 2, and route_end must be a block of the model."""
+    from trainer.algorithms import routing
+
+    den = Denoiser(prx_model(depth=4), method, 1, 2, 0.75).train()
+    seen = []
+    for b in den.transformer.blocks:
+        b.register_forward_hook(lambda m, a, o: seen.append(o.shape[1]))
+    den(**inputs(), route_seed=3)  # 16 tokens: 12 routed, 4 kept
+    assert seen == [16, 4, 4, 16]
+    routing.check_blocks(method, 1, 3, 4)
+    with pytest.raises(ValueError, match="route_end <= 3"):
+        routing.check_blocks(method, 1, 4, 4)
+
+
+def test_sprint_mask_token_is_a_learnable_parameter_starting_at_zero():
+    """PRX's SPRINT (learnable_mask: true): the dropped positions hold a zero-initialised trained parameter."""
+    den = Denoiser(prx_model(), "sprint", 0, 1, 0.75).train()
+    mask = den.aux["sprint_fusion"].mask_token
+    assert isinstance(mask, torch.nn.Parameter) and mask.shape == (64,) and not mask.any()
+    assert dict(den.named_parameters())["aux.sprint_fusion.mask_token"] is mask
+    den(**inputs(), route_seed=3)[0].square().mean().backward()
+    assert mask.grad is not None and mask.grad.abs().sum() > 0
+
+
+def test_muon_adamw_half_uses_prx_epsilon():
+    """PRX's optimizer/muon.yaml gives its Adam group eps 1e-8; the AdamW baseline (adamw.yaml) keeps 1e-15."""
+    from trainer.optim import build_optimizer
+
+    den = Denoiser(prx_model())
+    muon = build_optimizer(den, TrainConfig(model="tiny", optimizer="muon"))
+    assert muon.members["adamw"].defaults["eps"] == 1e-8
+    assert build_optimizer(den, TrainConfig(model="tiny")).members["adamw"].defaults["eps"] == 1e-15
+
+
+def test_compile_compiles_the_denoiser_with_its_algorithms(shards, tmp_path, monkeypatch):
+    """--compile compiles what PRX compiles, its denoiser with the algorithms' modules and hooks; compiling the
+    bare transformer made `tread.yaml --compile` a TypeError (it takes no route seed). Traced by dynamo and
+    AOTAutograd (backend aot_eager: inductor's code generation takes minutes on a CPU), same losses as eager."""
+    from trainer.train import run
+
+    compiled_modules, compile = [], torch.compile
+
+    def aot_eager(module, **kw):
+        compiled_modules.append(module)
+        return compile(module, backend="aot_eager", **kw)
+
+    kw = dict(steps=2, grad_accum=1, checkpoint_every=1000, routing="sprint", ema_decay=0.5, ema_every=1)
+    eager = run(cfg_for(shards, str(tmp_path / "eager"), **kw))
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    compiled = run(cfg_for(shards, str(tmp_path / "compiled"), compile=True, **kw))
+    assert [type(m) for m in compiled_modules] == [Denoiser] and compiled_modules[0] is compiled["denoiser"]
+    assert len(compiled["losses"]) == 2
+    for a, b in zip(compiled["losses"], eager["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (a, b)

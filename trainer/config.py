@@ -54,7 +54,7 @@ class TrainConfig:
     x_pred_t_min: float = option(_OBJ.x_pred_t_min, help="clamp of t in the x-prediction velocity (x_t - x)/max(t, t_min)")
     logit_mean: float = option(_OBJ.logit_mean, help="timestep sampling: t = sigmoid(N(logit_mean, logit_std))")
     logit_std: float = option(_OBJ.logit_std, help="timestep sampling: std of the logit-normal")
-    uniform_fraction: float = option(_OBJ.uniform_fraction, help="fraction of timesteps drawn uniformly on [0, 1] instead")
+    uniform_fraction: float = option(_OBJ.uniform_fraction, help="fraction of timesteps drawn uniformly on [1e-3, 1) instead")
     shift: float = option(_OBJ.shift, help="timestep shift s: t' = s t / (1 + (s - 1) t); 1 = none")
     caption_dropout: float = option(_OBJ.caption_dropout, help="probability of training on the empty prompt (its embedding and mask)")
     # --- optimisation
@@ -84,7 +84,8 @@ class TrainConfig:
     routing: str = option("none", choices=["none", "tread", "sprint"],
                           help="token routing during training: TREAD (tokens skip blocks) or SPRINT (sparse middle + fusion)")
     route_start: int = option(2, help="first routed block (0-based)")
-    route_end: int = option(12, help="routed blocks are route_start .. route_end - 1; tokens rejoin at route_end")
+    route_end: int = option(12, help="last routed block: routed blocks are route_start .. route_end (PRX: 2 .. 12), "
+                                     "tokens rejoin after it")
     route_ratio: float | None = option(None, help="fraction of image tokens routed past the blocks, in (0, 1) "
                                                   "(default 0.5 for tread, 0.75 for sprint)")
     ema_decay: float = option(0.0, help="EMA of the weights, constant decay in [0, 1) (0 = off; PRX: 0.999)")
@@ -146,7 +147,7 @@ class TrainConfig:
                               "e.g. 0.5 (TREAD) or 0.75 (SPRINT)")
         if self.routing != "none" and not 0 <= self.route_start < self.route_end:
             raise ConfigError(f"--route-start {self.route_start} / --route-end {self.route_end}: need "
-                              "0 <= route_start < route_end (routed blocks are route_start .. route_end - 1)")
+                              "0 <= route_start < route_end (routed blocks are route_start .. route_end)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema-decay {self.ema_decay} must be in [0, 1), e.g. 0.999 (0 = no EMA)")
         if self.ema_every < 1 or self.muon_ns_steps < 1:

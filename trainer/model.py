@@ -198,6 +198,6 @@ class Denoiser(torch.nn.Module):
         if not want_repa:
             return (out,)
         features = repa_features.to(hidden.device)
-        if route is not None and route.keep is not None and route.start <= self.repa_block < route.end:
+        if route is not None and route.keep is not None and route.start <= self.repa_block <= route.end:
             features = routing_mod.gather_tokens(features, route.keep)  # the block saw the kept tokens only
         return out, repa.cosine_per_sample(self.aux["repa_projector"](hidden), features)

@@ -6,8 +6,10 @@ run needs only the step to restore the schedule.
 
 Muon ablation (`--optimizer muon`, PRX: FID 18.2 -> 15.5): PRX's split, every 2-D weight whose name
 contains `blocks` goes to `torch.optim.Muon`, every other parameter (embeddings, final layer, norms,
-auxiliary modules) to AdamW. Muon's `adjust_lr_fn="match_rms_adamw"` (PRX's `rms_scale: true`) scales each
-matrix's update to AdamW's RMS, so one learning rate and one schedule drive both.
+auxiliary modules) to AdamW with PRX's muon.yaml `adam_config` (eps 1e-8, not the baseline's 1e-15).
+Muon's `adjust_lr_fn="match_rms_adamw"` (PRX's `rms_scale: true`) scales each matrix's update to AdamW's RMS,
+so one learning rate and one schedule drive both. Muon is an optimizer, not a training algorithm
+(trainer/algorithms/): it is chosen here, where the optimizer is built.
 
 The trainer sees one `Optimizers` object (step / zero_grad / param_groups); checkpoints store each member's
 state under its own prefix (`adamw.`, `muon.`).
@@ -64,22 +66,25 @@ def split_muon_parameters(named: Iterable[tuple[str, torch.nn.Parameter]]):
     return muon, adamw, names
 
 
-def _adamw(params: list, cfg) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+MUON_ADAMW_EPS = 1e-8  # PRX's configs/yamls/optimizer/muon.yaml adam_config.eps
+
+
+def _adamw(params: list, cfg, eps: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=eps,
                              weight_decay=cfg.weight_decay, foreach=None)
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> Optimizers:
     """AdamW over every trainable parameter, or PRX's Muon + AdamW split (`cfg.optimizer`)."""
     if getattr(cfg, "optimizer", "adamw") == "adamw":
-        return Optimizers({"adamw": _adamw([p for p in model.parameters() if p.requires_grad], cfg)})
+        return Optimizers({"adamw": _adamw([p for p in model.parameters() if p.requires_grad], cfg, cfg.adam_eps)})
     muon, rest, _ = split_muon_parameters(model.named_parameters())
     members: dict[str, torch.optim.Optimizer] = {
         "muon": torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum,
                                  nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps,
                                  adjust_lr_fn=cfg.muon_adjust_lr)}
     if rest:
-        members["adamw"] = _adamw(rest, cfg)
+        members["adamw"] = _adamw(rest, cfg, MUON_ADAMW_EPS)
     return Optimizers(members)
 
 

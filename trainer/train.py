@@ -309,8 +309,9 @@ def _build_model(cfg: TrainConfig, spec: DataSpec, device: torch.device, algos: 
 
 
 def _wrap(cfg: TrainConfig, den: Denoiser, algos: list[Algorithm], device: torch.device, local_rank: int):
-    """The module the step calls: the denoiser, compiled (--compile) and DDP-wrapped (torchrun)."""
-    train_model = torch.compile(den.transformer) if cfg.compile else den
+    """The module the step calls: the denoiser, compiled (--compile: as PRX compiles its denoiser, with the
+    algorithms' modules and hooks in it) and DDP-wrapped (torchrun)."""
+    train_model = torch.compile(den) if cfg.compile else den
     if dist_env()[1] > 1:
         from torch.nn.parallel import DistributedDataParallel
 

@@ -2,12 +2,13 @@
 
 Both pick, per sample, a random `routed_count(N, ratio) = clamp(round(N x ratio), 1, N - 1)` of the N image
 tokens (Python's round) before block `route_start`; the other tokens, with their rotary rows, run blocks
-`route_start .. route_end - 1`; at `route_end` the full sequence comes back:
+`route_start .. route_end` (both included: PRX's post-hook on `blocks[route_end]`, so its (2, 12) routes blocks
+2..12 of 16); after block `route_end` the full sequence comes back:
 
 - TREAD (Krause et al. 2025): the routed tokens skip those blocks and are put back unchanged (their values
   from before `route_start`). In eval mode nothing is routed: the model is exactly the plain denoiser.
-- SPRINT (Park et al. 2025): the sparse middle's output, with a fixed mask token at the dropped positions,
-  is concatenated with the dense output of block `route_start - 1` and fused by a Linear(2d -> d) before the
+- SPRINT (Park et al. 2025): the sparse middle's output, with a mask token at the dropped positions, is
+  concatenated with the dense output of block `route_start - 1` and fused by a Linear(2d -> d) before the
   remaining blocks. At inference the middle sees every token and the fusion is still applied, so a SPRINT
   run's weights are a PRXTransformer2DModel *plus* `sprint_fusion` (in `aux.safetensors`): they cannot be
   loaded as a plain PRXTransformer2DModel.
@@ -38,7 +39,7 @@ def routed_count(n_tokens: int, ratio: float) -> int:
 @dataclass
 class Route:
     start: int                  # first routed block
-    end: int                    # tokens rejoin before this block
+    end: int                    # last routed block: the tokens rejoin after it
     keep: torch.Tensor | None   # B x K indices (sorted) of the tokens that run the routed blocks; None = all
 
 
@@ -71,14 +72,14 @@ def scatter_tokens(full: torch.Tensor, keep: torch.Tensor, kept: torch.Tensor) -
 class SprintFusion(nn.Module):
     """SPRINT's sparse-dense residual fusion: Linear(concat[sparse deep restored, dense shallow]) -> d.
 
-    Dropped positions of the sparse path hold a fixed mask token (normal, std 0.02; not trained), as in the
-    SPRINT reference code; the linear layer is Xavier-initialised with a zero bias."""
+    Dropped positions of the sparse path hold a mask token, a trained parameter that starts at zero (PRX's
+    `learnable_mask: true`, `sprint_mask_token`); the linear layer is Xavier-initialised with a zero bias."""
 
     def __init__(self, hidden: int, seed: int = 0):
         super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(hidden))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.register_buffer("mask_token", torch.randn(hidden) * 0.02)
             self.linear = nn.Linear(2 * hidden, hidden)
             nn.init.xavier_uniform_(self.linear.weight)
             nn.init.zeros_(self.linear.bias)
@@ -98,8 +99,8 @@ def _block(model, block, img, txt, vec, pe, mask):
 
 def routed_forward(model, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                    attention_mask: torch.Tensor | None, route: Route, fusion: SprintFusion | None = None):
-    """PRXTransformer2DModel.forward with blocks route.start .. route.end - 1 on the kept tokens only
-    (TREAD), or fused back by `fusion` at route.end (SPRINT). Returns the B x C x H x W prediction."""
+    """PRXTransformer2DModel.forward with blocks route.start .. route.end on the kept tokens only, put back
+    after block route.end (TREAD) or fused back there by `fusion` (SPRINT). Returns the B x C x H x W prediction."""
     from diffusers.models.transformers.transformer_prx import get_image_ids, img2seq, seq2img
 
     txt = model.txt_in(encoder_hidden_states)
@@ -112,16 +113,15 @@ def routed_forward(model, hidden_states: torch.Tensor, timestep: torch.Tensor, e
         width = torch.full((bs,), w, device=hidden_states.device, dtype=torch.float32)
         vec = vec + model.resolution_embedder(size, width, dtype=vec.dtype)
     dense, pe_now = img, pe
+    last = min(route.end, len(model.blocks) - 1)
     for i, block in enumerate(model.blocks):
         if i == route.start:
             dense = img
             if route.keep is not None:
                 img, pe_now = gather_tokens(img, route.keep), gather_rotary(pe, route.keep)
-        if i == route.end:
-            img, pe_now = _rejoin(img, dense, route, fusion), pe
         img = _block(model, block, img, txt, vec, pe_now, attention_mask)
-    if route.end >= len(model.blocks):
-        img = _rejoin(img, dense, route, fusion)
+        if i == last:
+            img, pe_now = _rejoin(img, dense, route, fusion), pe
     img = model.final_layer(img, vec)
     return seq2img(img, model.patch_size, hidden_states.shape)
 
@@ -135,10 +135,10 @@ def _rejoin(img: torch.Tensor, dense: torch.Tensor, route: Route, fusion: Sprint
 
 
 def check_blocks(routing: str, start: int, end: int, depth: int) -> None:
-    """Block indices must lie inside the model; SPRINT needs blocks on both sides of the fusion."""
+    """Block indices must lie inside the model (PRX: 0 <= route_start < route_end < depth)."""
     if routing == "none":
         return
-    if not 0 <= start < end <= depth:
+    if not 0 <= start < end < depth:
         raise ValueError(f"--route-start {start} / --route-end {end} are outside the model's {depth} blocks: "
-                         f"need 0 <= route_start < route_end <= {depth}")
+                         f"need 0 <= route_start < route_end <= {depth - 1} (routed blocks route_start .. route_end)")
 

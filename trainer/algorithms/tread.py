@@ -9,7 +9,7 @@ from trainer.data import seed_for
 
 
 class Tread(Algorithm):
-    """A `route_ratio` share of the image tokens skips blocks route_start .. route_end - 1 (training only)."""
+    """A `route_ratio` share of the image tokens skips blocks route_start .. route_end (training only)."""
     name, keys = "tread", ("route_start", "route_end", "route_ratio")
     fusion = False  # SPRINT's fusion layer (trainer/algorithms/sprint.py)
 
@@ -32,7 +32,7 @@ class Tread(Algorithm):
     def flops_kwargs(self, x0_shape) -> dict:
         n = self._tokens(x0_shape)
         routed = routed_count(n, self.cfg.route_ratio)
-        return {"route": (self.cfg.route_start, self.cfg.route_end, n - routed) if routed else None,
+        return {"route": (self.cfg.route_start, self.cfg.route_end + 1, n - routed) if routed else None,
                 "fusion": self.fusion}
 
     def _tokens(self, x0_shape) -> int:
