@@ -1,6 +1,9 @@
 """The training loop: one process or `torchrun` DDP; stdout + TensorBoard logging; exact resume.
 
-`run(cfg)` returns a summary with the loss of every step (tests compare runs step for step).
+`run(cfg)` = `_setup` (model, the training algorithms of trainer/algorithms/ built and started, optimizer,
+checkpoint, loader), then per step `_train_step` (minRF's step plus the algorithms' hooks) and `_after_step`
+(evaluation, log line, checkpoint), then `_finish` (RUN/summary.json). It returns a summary with the loss of
+every step (tests compare runs step for step).
 """
 from __future__ import annotations
 
