@@ -59,50 +59,74 @@ def _ingest(src: Path, out: Path) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ folder inputs
-def test_fifo_in_an_input_folder_is_a_row_not_a_hang(tmp_path):
-    src = _folder(tmp_path)
-    os.mkfifo(src / "pipe.png")
-    rows = _ingest(src, tmp_path / "out")
-    assert rows["pipe.png"]["reason"] == "not_a_regular_file" and "pipe.png is a FIFO" in rows["pipe.png"]["detail"]
-    assert len(rows) == 3
+LONE = b'{"caption": "\\ud800 half a pair"}'
+NOT_UTF8 = b"caf\xe9.png"
 
 
-def test_fifo_sidecar_refuses_its_sample(tmp_path):
-    src = _folder(tmp_path)
-    (src / "third.png").write_bytes(_png(2))
-    os.mkfifo(src / "third.txt")
-    rows = _ingest(src, tmp_path / "out")
-    assert rows["third.png"]["reason"] == "not_a_regular_file"
-    assert "third.txt is a FIFO" in rows["third.png"]["detail"] and rows["third.png"]["key"]
-
-
-def test_symlink_to_dev_zero_is_a_row_and_memory_stays_bounded(tmp_path):
-    src = _folder(tmp_path)
-    os.symlink("/dev/zero", src / "zero.png")
-    outside = tmp_path / "elsewhere.png"
+@pytest.fixture(scope="module")
+def hostile_folder(tmp_path_factory):
+    """One folder holding every hostile entry beside the two good images, ingested once by `prx-data ingest` in a
+    subprocess with bounded memory and time: (ledger rows by input id, seconds the ingest took)."""
+    base = tmp_path_factory.mktemp("hostile")
+    src = _folder(base)
+    os.mkfifo(src / "pipe.png")                                  # a FIFO as an image
+    (src / "fifo-side.png").write_bytes(_png(2))
+    os.mkfifo(src / "fifo-side.txt")                             # a FIFO as a caption sidecar
+    os.symlink("/dev/zero", src / "zero.png")                    # a link to a device
+    outside = base / "elsewhere.png"
     outside.write_bytes(_png(3))
-    os.symlink(outside, src / "linked.png")   # a link to a regular file is read like one
-    rows = _ingest(src, tmp_path / "out")
+    os.symlink(outside, src / "linked.png")                      # a link to a regular file is read like one
+    with open(src / "sparse.png", "wb") as f:                    # 3 GB of nothing: over the image cap
+        f.truncate(3 << 30)
+    (src / "sparse-side.png").write_bytes(_png(9))
+    with open(src / "sparse-side.json", "wb") as f:              # a sidecar over its cap is bad_member, unread
+        f.truncate(3 << 30)
+    with open(os.path.join(os.fsencode(src), NOT_UTF8), "wb") as f:
+        f.write(_png(5))
+    (src / "lone.png").write_bytes(_png(8))
+    (src / "lone.json").write_bytes(LONE)
+    start = time.monotonic()
+    rows = _ingest(src, base / "out")
+    return rows, time.monotonic() - start
+
+
+def test_every_hostile_folder_entry_is_one_row(hostile_folder):
+    rows, _ = hostile_folder
+    assert sorted(rows) == sorted(["good.png", "other.png", "pipe.png", "fifo-side.png", "zero.png", "linked.png",
+                                   "sparse.png", "sparse-side.png", "caf\\xe9.png", "lone.png"])
+
+
+def test_fifo_in_an_input_folder_is_a_row_not_a_hang(hostile_folder):
+    rows, _ = hostile_folder
+    assert rows["pipe.png"]["reason"] == "not_a_regular_file" and "pipe.png is a FIFO" in rows["pipe.png"]["detail"]
+
+
+def test_fifo_sidecar_refuses_its_sample(hostile_folder):
+    rows, _ = hostile_folder
+    assert rows["fifo-side.png"]["reason"] == "not_a_regular_file"
+    assert "fifo-side.txt is a FIFO" in rows["fifo-side.png"]["detail"] and rows["fifo-side.png"]["key"]
+
+
+def test_symlink_to_dev_zero_is_a_row_and_memory_stays_bounded(hostile_folder):
+    rows, _ = hostile_folder
     assert rows["zero.png"]["reason"] == "not_a_regular_file"
     assert "a character device" in rows["zero.png"]["detail"]
     assert rows["linked.png"]["outcome"] == "kept"
 
 
-def test_big_sparse_file_is_refused_by_its_cap_without_reading(tmp_path):
-    src = _folder(tmp_path)
-    with open(src / "sparse.png", "wb") as f:
-        f.truncate(3 << 30)
-    (src / "third.png").write_bytes(_png(2))
-    with open(src / "third.json", "wb") as f:   # a sidecar: JSON over its cap is bad_member, unread as well
-        f.truncate(3 << 30)
-    start = time.monotonic()
-    rows = _ingest(src, tmp_path / "out")
-    assert time.monotonic() - start < 30
+def test_big_sparse_file_is_refused_by_its_cap_without_reading(hostile_folder):
+    rows, seconds = hostile_folder
+    assert seconds < 30
     row = rows["sparse.png"]
     assert (row["outcome"], row["reason"]) == ("rejected", "member_too_large")
     assert "3,221,225,472 bytes" in row["detail"] and "--max-member-bytes-image" in row["detail"]
-    row = rows["third.png"]
-    assert row["reason"] == "bad_member" and "third.json: 3,221,225,472 bytes" in row["detail"]
+    row = rows["sparse-side.png"]
+    assert row["reason"] == "bad_member" and "sparse-side.json: 3,221,225,472 bytes" in row["detail"]
+
+
+def test_file_name_that_is_not_utf8_is_kept_with_an_escaped_input_id(hostile_folder):
+    rows, _ = hostile_folder
+    assert rows["caf\\xe9.png"]["outcome"] == "kept"
 
 
 def test_folder_file_over_its_cap_is_refused(tmp_path):
@@ -116,18 +140,7 @@ def test_folder_file_over_its_cap_is_refused(tmp_path):
     assert rows["good.png"]["outcome"] == "kept"
 
 
-def test_file_name_that_is_not_utf8_is_kept_with_an_escaped_input_id(tmp_path):
-    src = _folder(tmp_path)
-    with open(os.path.join(os.fsencode(src), b"caf\xe9.png"), "wb") as f:
-        f.write(_png(5))
-    rows = _ingest(src, tmp_path / "out")
-    assert rows["caf\\xe9.png"]["outcome"] == "kept"
-
-
 # ------------------------------------------------------------------------------------------ lone surrogates
-LONE = b'{"caption": "\\ud800 half a pair"}'
-
-
 def test_parse_json_refuses_a_lone_surrogate_and_keeps_a_pair():
     with pytest.raises(BadMember, match="lone UTF-16 surrogate"):
         parse_json(LONE)
@@ -137,12 +150,9 @@ def test_parse_json_refuses_a_lone_surrogate_and_keeps_a_pair():
                                                                                    "path": "C:\\ud800"}
 
 
-def test_lone_surrogate_sidecar_and_member_are_rows_in_ingest_and_filter(tmp_path):
-    src = _folder(tmp_path)
-    (src / "third.png").write_bytes(_png(8))
-    (src / "third.json").write_bytes(LONE)
-    rows = _ingest(src, tmp_path / "out-folder")
-    assert rows["third.png"]["reason"] == "bad_member" and "surrogate" in rows["third.png"]["detail"]
+def test_lone_surrogate_sidecar_and_member_are_rows_in_ingest_and_filter(hostile_folder, tmp_path):
+    rows, _ = hostile_folder
+    assert rows["lone.png"]["reason"] == "bad_member" and "surrogate" in rows["lone.png"]["detail"]
 
     shards = tmp_path / "shards"
     w = ShardWriter(str(shards), 0, "ingest")
@@ -223,6 +233,7 @@ def _assert_same_run(a: Path, b: Path):
     assert ta.drop_columns(["seconds"]).to_pylist() == tb.drop_columns(["seconds"]).to_pylist()
 
 
+@pytest.mark.slow  # a Dask cluster on a real tmpfs
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_disk_full_under_dask_on_a_real_small_disk(tmp_path):
     src = _images(tmp_path / "src", 8)
