@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: install test test-vllm demo docs clean
+.PHONY: install test test-fast test-vllm demo docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# everything but the tests marked slow (end-to-end runs, subprocess kills, training to a target): < 3 min on 2 cores
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m demo demo-out

@@ -38,6 +38,40 @@ def photo_arrays() -> dict[str, np.ndarray]:
     return out
 
 
+# Slow tests of modules that mark none themselves yet, by module and test name: a function name marks every
+# parameter of a parametrized test, `name[id]` one. Once a module marks its own (`@pytest.mark.slow` above the
+# test, or `pytest.param(..., marks=pytest.mark.slow)`), its entry goes.
+SLOW_BY_NAME = {
+    "tests/test_ablations.py": ["test_overlays_change_exactly_their_keys_and_each_runs_3_steps",
+                                "test_killed_and_resumed_overlay_matches_uninterrupted"],
+    "tests/test_algorithms.py": ["test_compile_compiles_the_denoiser_with_its_algorithms"],
+    "tests/test_audit_runner.py": ["test_dask_equals_local_and_resume"],
+    "tests/test_filter_plugin.py": ["test_new_filters_are_one_file_and_one_registry_line_each"],
+    "tests/test_language.py": ["test_lingua_agrees_with_fasttext_on_the_labelled_set",
+                               "test_audit_filter_and_recaption_agree[lingua]"],   # the first to load lingua
+    "tests/test_loader.py": ["test_resume_with_only_the_run_folder", "test_data_error_on_one_rank_stops_both"],
+    "tests/test_train.py": ["test_loss_on_fixed_eval_batch_drops", "test_killed_and_resumed_run_matches_uninterrupted"],
+}
+
+
+@pytest.hookimpl(tryfirst=True)   # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(config, items):
+    """Marks SLOW_BY_NAME's tests slow; a name its (collected) module does not define stops the run, so a renamed
+    test cannot silently join `make test-fast`."""
+    modules = {}
+    for item in items:
+        names = SLOW_BY_NAME.get(item.nodeid.split("::")[0])
+        if names is None:
+            continue
+        modules[item.nodeid.split("::")[0]] = item.module
+        if item.name in names or getattr(item, "originalname", item.name) in names:
+            item.add_marker(pytest.mark.slow)
+    missing = [f"{path}::{name}" for path, module in modules.items() for name in SLOW_BY_NAME[path]
+               if not hasattr(module, name.split("[")[0])]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py SLOW_BY_NAME names tests that do not exist: {missing}")
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
     return photo_arrays()
@@ -75,3 +109,37 @@ def write_photo_folder(folder, photos: dict[str, np.ndarray] | None = None):
 def photo_folder(tmp_path, photos):
     """A folder of JPEG photos with .txt captions."""
     return write_photo_folder(tmp_path / "photos", photos)
+
+
+def train_tiny(shards, out, **kw):
+    """A tiny PRX run trained on `shards` into `out` (2 steps on the alt-texts unless kw says otherwise)."""
+    from trainer.config import TrainConfig
+    from trainer.train import run
+
+    # the shards hold only the alt-text (`original`); the baseline trains on `long` recaptions
+    base = dict(shards=[shards], caption={"original": 1.0}, model="tiny", steps=2, batch_size=4, lr=1e-3,
+                warmup_steps=0, out=str(out), log_every=1, checkpoint_every=1000, tensorboard=False, device="cpu",
+                shuffle_buffer=16)   # 7 photos: a 2,048-sample buffer would read each ~300 times before step 1
+    base.update(kw)
+    run(TrainConfig(**base))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def eval_runs(tmp_path_factory, tiny_model):
+    """The bundled photos ingested and encoded at 64 px (tiny VAE, tiny T5Gemma; `noimg` without images) and two
+    tiny runs trained on them for 2 steps (seeds 0 and 1): built once, for prx-sample, prx-eval and prx-export."""
+    from pipeline.cli import main as prx_data
+
+    root = tmp_path_factory.mktemp("eval-data")
+    photos = write_photo_folder(root / "photos")
+    common = ["--executor", "local", "--no-progress"]
+    enc = ["--vae", tiny_model("tiny-flux-vae"), "--text-encoder", tiny_model("tiny-t5gemma"), "--resolution", "64"]
+    assert prx_data(["ingest", "--in", str(photos), "--out", str(root / "raw"), *common]) == 0
+    assert prx_data(["encode", "--in", str(root / "raw"), "--out", str(root / "enc"), *enc, *common]) == 0
+    assert prx_data(["encode", "--in", str(root / "raw"), "--out", str(root / "noimg"), "--drop-images",
+                     *enc, *common]) == 0
+    return {"root": root, "enc": str(root / "enc"), "noimg": str(root / "noimg"),
+            "a": train_tiny(str(root / "enc"), root / "run-a"),
+            "b": train_tiny(str(root / "enc"), root / "run-b", seed=1),
+            "vae": tiny_model("tiny-flux-vae"), "te": tiny_model("tiny-t5gemma")}

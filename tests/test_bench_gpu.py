@@ -6,6 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow   # every section of the GPU benchmark, on the CPU
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
 
 

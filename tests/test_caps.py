@@ -15,7 +15,6 @@ import pytest
 
 from pipeline.cli import main as prx_data
 from contract.config import MAX_CONFIG_BYTES, QUOTE_CHARS
-from test_sample import eval_runs  # noqa: F401  (session fixture: encoded photos + two tiny runs)
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = ["--executor", "local", "--no-progress"]
@@ -194,7 +193,7 @@ def test_a_prompts_file_over_the_cap_is_refused(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- prompt lengths
-def test_long_prompts_are_truncated_to_the_encoder_length_with_a_count(eval_runs, tmp_path, capsys):  # noqa: F811
+def test_long_prompts_are_truncated_to_the_encoder_length_with_a_count(eval_runs, tmp_path, capsys):
     """A prompt over the run's token limit is truncated and counted; a 1 MB one is cut to CHARS_PER_TOKEN x the
     encoder's max length before tokenizing, which keeps the same tokens (the embedding is the uncut one's)."""
     import torch

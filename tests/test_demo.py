@@ -4,11 +4,19 @@ from __future__ import annotations
 import json
 import re
 
-from demo.main import STEPS, main
+import pytest
+
+from demo.main import STEPS, TINY_MODELS, main
+
+pytestmark = pytest.mark.slow   # the whole pipeline, training, sampling, evaluation and export
 
 
-def test_demo_runs_end_to_end_and_every_listed_output_exists(tmp_path, capsys):
+def test_demo_runs_end_to_end_and_every_listed_output_exists(tmp_path, capsys, tiny_model):
     base = tmp_path / "demo"
+    # the session's tiny models (the same builder, the same seed): the demo finds them complete and builds none
+    (base / "tiny-models").mkdir(parents=True)
+    for name in TINY_MODELS:
+        (base / "tiny-models" / name).symlink_to(tiny_model(name), target_is_directory=True)
     assert main([str(base)]) == 0
     out = capsys.readouterr().out
     listing = out.split("Demo outputs", 1)[1]

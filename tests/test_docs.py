@@ -66,6 +66,7 @@ def test_the_docs_hold_commands_of_every_program():
     assert any(c.startswith("prx-data run ") for _, c in commands())
 
 
+@pytest.mark.slow  # a parser built for each of the docs' commands: ~10 s
 def test_every_command_in_the_readme_and_docs_parses():
     bad = [f"{page}: {cmd}\n    {why}" for page, cmd in commands() if (why := _parse(cmd))]
     assert not bad, "commands their parser refuses:\n" + "\n".join(bad)

@@ -329,6 +329,7 @@ def test_limit_and_no_reencoding_by_default(tmp_path, photos):
     assert samples(tmp_path / "raw")[hashlib.sha256(body).hexdigest()[:32]]["jpg"] == body
 
 
+@pytest.mark.slow  # a Dask cluster of worker processes
 def test_dask_executor_distributes_shards(tmp_path):
     with loopback_server() as srv:
         urls = [srv.add(f"/{i}.png", Route(body=encode(noise(16, 16, 60 + i), "PNG"))) for i in range(6)]
@@ -412,8 +413,8 @@ def test_image_server_that_never_started_stops_at_once():
 
 # ------------------------------------------------------------------------------ a slow-loris server
 def test_a_server_that_trickles_bytes_is_cut_off_at_the_url_deadline(tmp_path, photos):
-    """A server that sends its answer one byte every 0.2 s never trips the 1 s socket timeout (--timeout): the
-    2 s --url-deadline cuts it off. Its URL gets a `timeout` row naming the deadline, the other URL is kept,
+    """A server that sends its answer one byte every 0.2 s never trips the 0.5 s socket timeout (--timeout): the
+    1 s --url-deadline cuts it off. Its URL gets a `timeout` row naming the deadline, the other URL is kept,
     and the run ends long before the trickle would have."""
     body = encode(np.ascontiguousarray(photos["astronaut"][::8, ::8]), "JPEG", quality=80)
     answer = b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -423,14 +424,14 @@ def test_a_server_that_trickles_bytes_is_cut_off_at_the_url_deadline(tmp_path, p
         urls = [slow.url("/loris.jpg"), srv.add("/fine.png", Route(body=encode(noise(24, 24, 3), "PNG")))]
         start = time.monotonic()
         table = download(write_list(tmp_path / "u.parquet", urls), tmp_path / "raw", "--allow-private-network",
-                         "--timeout", "1", "--url-deadline", "2")
+                         "--timeout", "0.5", "--url-deadline", "1")
         took = time.monotonic() - start
         connections = list(slow.connections)
     (conn,) = connections   # asked once: a timeout is not retried within the run
     assert conn["cut"] and conn["bytes_sent"] < len(answer)
-    assert 1.5 < conn["seconds"] < 2 + 1.5, conn   # cut at the 2 s deadline, not at the 1 s socket timeout
+    assert 0.75 < conn["seconds"] < 1 + 1.5, conn   # cut at the 1 s deadline: not by the socket timeout, not late
     rows = rows_by_url(table)
     assert rows[urls[0]]["outcome"] == ledger.FAILED and rows[urls[0]]["reason"] == "timeout"
-    assert "--url-deadline 2" in rows[urls[0]]["detail"], rows[urls[0]]
+    assert "--url-deadline 1" in rows[urls[0]]["detail"], rows[urls[0]]
     assert rows[urls[1]]["outcome"] == ledger.KEPT
     assert took < 60, f"the run took {took:.0f} s; the trickle alone would take {trickle_seconds:.0f} s"

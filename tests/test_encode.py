@@ -355,6 +355,7 @@ def test_bad_options_refused(captioned, models, tmp_path, capsys):
     assert _run(*base, "--out", str(tmp_path / "c"), "--variants", "../etc") == 2
 
 
+@pytest.mark.slow  # a Dask cluster of worker processes
 def test_dask_executor_matches_local(enc, captioned, models, tmp_path):
     """The default executor (a Dask LocalCluster, models loaded once per worker) writes the same samples.
 

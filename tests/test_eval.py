@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from test_sample import eval_runs  # noqa: F401  (session fixture: encoded photos + two tiny runs)
 from trainer import scores
 
 
@@ -85,6 +84,7 @@ def _eval_args(runs, run, cache, tiny_model, *extra):
             "--device", "cpu", "--no-progress", *extra]
 
 
+@pytest.mark.slow  # prx-eval end to end, twice, and compare
 def test_prx_eval_end_to_end_cache_and_compare(eval_runs, tiny_model, tmp_path, capsys):
     from trainer.evaluate import main
 

@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 
-from test_sample import eval_runs  # noqa: F401  (session fixture: encoded photos + two tiny runs)
 
 
 @pytest.fixture(scope="module")

@@ -233,6 +233,7 @@ def _cached_pairs(out: Path) -> set[tuple[str, str]]:
     return pairs
 
 
+@pytest.mark.slow  # a stage process killed, then run again
 def test_resume_after_sigkill_regenerates_nothing_finished(raw, tmp_path):
     out = tmp_path / "cap"
     log1, log2 = tmp_path / "run1.log", tmp_path / "run2.log"
@@ -264,6 +265,7 @@ def test_resume_after_sigkill_regenerates_nothing_finished(raw, tmp_path):
     assert proc.wait(timeout=300) == 0 and not log3.exists()
 
 
+@pytest.mark.slow  # a real (tiny) VLM through the stage
 def test_tiny_qwen2_vl_transformers_every_sample_every_variant(raw, tmp_path, tiny_model):
     model = tiny_model("tiny-qwen2-vl")
     cfg = tmp_path / "relaxed.yaml"

@@ -106,6 +106,7 @@ def whole(served, tiny_model, tmp_path_factory):
     return manifest, root
 
 
+@pytest.mark.slow  # the whole pipeline in a fresh process
 def test_counts_funnel_and_a_rerun_rewrites_nothing(whole, capsys):
     manifest, root = whole
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
@@ -138,6 +139,7 @@ def test_counts_funnel_and_a_rerun_rewrites_nothing(whole, capsys):
     assert _snapshot(root) == before, "a rerun of a complete run rewrote files"
 
 
+@pytest.mark.slow  # the whole pipeline, killed and run again
 def test_killed_inside_a_stage_then_rerun_is_byte_identical(whole, tmp_path):
     manifest, whole_root = whole
     root = tmp_path / "run"
@@ -187,6 +189,7 @@ def _tiny_from(manifest: Path):
     return lambda name: paths[name]
 
 
+@pytest.mark.slow  # needs the whole pipeline's run
 def test_dry_run_prints_commands_the_stage_parsers_accept(whole, capsys):
     manifest, root = whole
     capsys.readouterr()

@@ -41,6 +41,7 @@ def _ingest_cmd(src, out, *extra):
             "--executor", "local", "--shard-size", "50", "--no-progress", *extra]
 
 
+@pytest.mark.slow  # two ingest processes of 1,000 images, one killed
 def test_sigkill_and_resume_is_byte_identical(tmp_path):
     """1,000 images in 20 shards of 50, killed with SIGKILL part-way (whatever shard it is writing then), rerun:
     the finished shards are resumed, the rest written, and every tar and ledger equals an uninterrupted run's."""
@@ -112,6 +113,7 @@ def test_limit(tmp_path, photo_folder):
     assert ledger.read_folder(str(out)).num_rows == 3
 
 
+@pytest.mark.slow  # a Dask cluster of worker processes
 def test_dask_executor_matches_local(tmp_path, photo_folder):
     local, dask = tmp_path / "local", tmp_path / "dask"
     common = ["--in", str(photo_folder), "--shard-size", "3", "--no-progress"]

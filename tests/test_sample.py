@@ -1,7 +1,8 @@
 """prx-sample: the sampler against diffusers' PRXPipeline, batching, outputs and refusals; a memorisation check.
 
-The shared fixture `eval_runs` (imported by test_eval.py and test_export.py) encodes the bundled photos at
-64 px with the tiny VAE and tiny T5Gemma through the real stages and trains two tiny runs for a few steps."""
+The session fixture `eval_runs` (conftest.py, shared with test_eval.py, test_export.py and test_caps.py) encodes
+the bundled photos at 64 px with the tiny VAE and tiny T5Gemma through the real stages and trains two tiny runs
+for a few steps."""
 from __future__ import annotations
 
 import json
@@ -9,37 +10,8 @@ import json
 import pytest
 import torch
 
+from conftest import train_tiny
 from pipeline.cli import main as prx_data
-
-
-def _train(shards, out, **kw):
-    from trainer.config import TrainConfig
-    from trainer.train import run
-
-    # the shards hold only the alt-text (`original`); the baseline trains on `long` recaptions
-    base = dict(shards=[shards], caption={"original": 1.0}, model="tiny", steps=2, batch_size=4, lr=1e-3, warmup_steps=0, out=str(out),
-                log_every=1, checkpoint_every=1000, tensorboard=False, device="cpu",
-                shuffle_buffer=16)   # 7 photos: a 2,048-sample buffer would read each ~300 times before step 1
-    base.update(kw)
-    run(TrainConfig(**base))
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def eval_runs(tmp_path_factory, tiny_model):
-    from conftest import write_photo_folder
-
-    root = tmp_path_factory.mktemp("eval-data")
-    photos = write_photo_folder(root / "photos")
-    common = ["--executor", "local", "--no-progress"]
-    enc = ["--vae", tiny_model("tiny-flux-vae"), "--text-encoder", tiny_model("tiny-t5gemma"), "--resolution", "64"]
-    assert prx_data(["ingest", "--in", str(photos), "--out", str(root / "raw"), *common]) == 0
-    assert prx_data(["encode", "--in", str(root / "raw"), "--out", str(root / "enc"), *enc, *common]) == 0
-    assert prx_data(["encode", "--in", str(root / "raw"), "--out", str(root / "noimg"), "--drop-images",
-                     *enc, *common]) == 0
-    return {"root": root, "enc": str(root / "enc"), "noimg": str(root / "noimg"),
-            "a": _train(str(root / "enc"), root / "run-a"), "b": _train(str(root / "enc"), root / "run-b", seed=1),
-            "vae": tiny_model("tiny-flux-vae"), "te": tiny_model("tiny-t5gemma")}
 
 
 def _pipeline(sampler):
@@ -136,6 +108,7 @@ def _wide_tiny_prx(folder) -> str:
     return str(folder)
 
 
+@pytest.mark.slow  # 300 training steps
 def test_memorised_photos_come_back_at_their_captions(eval_runs, tiny_model, tmp_path):
     """A tiny denoiser trained until it memorises the 7 photos gives, at each caption, an image nearer (pixel MSE
     after decoding) to its own photo's decoded latent than to any other's: the sampler integrates the flow the
@@ -157,7 +130,7 @@ def test_memorised_photos_come_back_at_their_captions(eval_runs, tiny_model, tmp
     assert prx_data(["encode", "--in", str(eval_runs["root"] / "raw"), "--out", enc, "--resolution", "64",
                      "--vae", tiny_model("tiny-flux-vae-sharp"), "--text-encoder", eval_runs["te"],
                      "--executor", "local", "--no-progress"]) == 0
-    run = _train(enc, tmp_path / "mem", model=_wide_tiny_prx(tmp_path / "prx-128"), steps=300, batch_size=7,
+    run = train_tiny(enc, tmp_path / "mem", model=_wide_tiny_prx(tmp_path / "prx-128"), steps=300, batch_size=7,
                  lr=3e-3, grad_clip=1.0, caption_dropout=0.0, uniform_fraction=1.0, log_every=100)
     sampler = Sampler(open_run(run))
     samples = sorted((s for sh in list_shards(enc) for s in read_shard(sh)), key=lambda s: s.key)
