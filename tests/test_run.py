@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from contract import ledger
+from contract.shards import list_shards, read_shard
 from pipeline.cli import build_parser
 from pipeline.cli import main as prx_data
 from contract.config import build_config
@@ -159,6 +160,13 @@ def test_killed_inside_a_stage_then_rerun_is_byte_identical(whole, tmp_path):
     doc = json.loads((root / "_run.json").read_text())
     assert [r["action"] for r in doc["stages"]] == ["done", "done", "done", "resumed", "ran"]
     assert _shard_outputs(root) == _shard_outputs(whole_root)
+    # the figures those bytes hold: the same counts per stage as the uninterrupted run, every photo encoded once
+    whole_doc = json.loads((whole_root / "_run.json").read_text())
+    counts = {r["stage"]: (r["in"], r["kept"], r["reasons"]) for r in doc["stages"]}
+    assert counts == {r["stage"]: (r["in"], r["kept"], r["reasons"]) for r in whole_doc["stages"]}
+    assert counts["04-encode"][1] == N_PHOTOS and doc["funnel"] == whole_doc["funnel"]
+    encoded_keys = [s.key for p in list_shards(str(root / "04-encode")) for s in read_shard(p)]
+    assert len(encoded_keys) == len(set(encoded_keys)) == N_PHOTOS
 
     # a middle stage's option changes: refused, nothing touched
     changed = _manifest(manifest.parent, _tiny_from(manifest), **{"min-side": 65})
