@@ -83,10 +83,9 @@ def _stage_argv(stage: str, inp: str, out: str, tiny_model) -> list[str]:
     return argv + extra[stage]
 
 
-# ingest's and audit's checks in make test-fast; every stage's in make test (the same check, ~3 s a stage)
-@pytest.mark.parametrize("stage", ["ingest", pytest.param("filter", marks=pytest.mark.slow),
-                                   pytest.param("recaption", marks=pytest.mark.slow),
-                                   pytest.param("encode", marks=pytest.mark.slow), "audit"])
+# ingest's check in make test-fast; every stage's in make test (~3 s a stage)
+@pytest.mark.parametrize("stage", ["ingest", *(pytest.param(s, marks=pytest.mark.slow)
+                                               for s in ("filter", "recaption", "encode", "audit"))])
 def test_no_spelling_of_the_input_as_out_changes_it(stage, raw, tmp_path, capsys, tiny_model, bind_mount):
     """Property: random spellings of the input (relative, `file:` forms, fsspec chains, links, `..`, bind
     mounts, and folders inside or around it) as --out, with --overwrite: exit 2, every input byte unchanged."""

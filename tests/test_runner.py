@@ -172,6 +172,7 @@ def s3_server():
     server.stop()
 
 
+@pytest.mark.slow  # a moto S3 server, three ingests
 def test_s3_input_and_output(tmp_path, photo_folder, s3_server):
     import fsspec
 
