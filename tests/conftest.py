@@ -50,7 +50,8 @@ SLOW_BY_NAME = {
     "tests/test_language.py": ["test_lingua_agrees_with_fasttext_on_the_labelled_set",
                                "test_audit_filter_and_recaption_agree[lingua]"],   # the first to load lingua
     "tests/test_loader.py": ["test_resume_with_only_the_run_folder", "test_data_error_on_one_rank_stops_both"],
-    "tests/test_train.py": ["test_loss_on_fixed_eval_batch_drops", "test_killed_and_resumed_run_matches_uninterrupted"],
+    "tests/test_train.py": ["test_loss_on_fixed_eval_batch_drops", "test_killed_and_resumed_run_matches_uninterrupted",
+                            "test_cli_overlay_config_tiny_prx_folder_and_outputs"],
 }
 
 

@@ -58,6 +58,7 @@ BOUNDED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # three programs in a memory-bounded subprocess
 def test_an_alias_chain_is_refused_fast_in_bounded_memory(tmp_path, photo_folder):
     """A ~300-byte file whose 9-level alias chain expands to 387 million values: a stage's --config, prx-train's
     --config and a prx-data run manifest each refuse it in a moment, with 512 MiB of address space to spare."""
