@@ -59,7 +59,7 @@ def option(default: Any = dataclasses.MISSING, *, help: str = "", flag: str | No
 
 @dataclasses.dataclass
 class CommonConfig:
-    """Flags every stage has (ARCHITECTURE.md, Stage runner)."""
+    """Flags every stage has (docs/stages.md)."""
 
     input: str | None = option(None, flag="--in", help="input folder of shards (local path or fsspec URL)")
     out: str | None = option(None, runtime=True, help="output folder: one run of one stage")

@@ -1,4 +1,4 @@
-"""Rectified flow, as PRX trains it (ARCHITECTURE.md, Trainer).
+"""Rectified flow, as PRX trains it (docs/training.md).
 
     x_t = (1 - t) x0 + t eps,      target v = eps - x0      (t = 0 data, t = 1 noise; diffusers' convention:
                                                              PRXPipeline passes sigma = t to the model)

@@ -1,4 +1,4 @@
-"""One shard writer and one safe shard reader for the whole project (ARCHITECTURE.md, Shards).
+"""One shard writer and one safe shard reader for the whole project (ARCHITECTURE.md, "Reading safely").
 
 layout.py      shard names (`NNNNNN.tar` beside its `NNNNNN.parquet` ledger), member names `{key}.{member}`
 writer.py      `ShardWriter`: byte-identical tars published atomically, ledger first; a full disk is `OutOfSpace`

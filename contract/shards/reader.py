@@ -1,4 +1,4 @@
-"""The one safe shard reader (ARCHITECTURE.md, Shards): `read_shard`.
+"""The one safe shard reader (ARCHITECTURE.md, "Reading safely"): `read_shard`.
 
 It never decodes anything by itself. webdataset's automatic decoders are deliberately not used:
 they unpickle `.pyd`/`.pickle` members and `torch.load` `.pth` ones. `tarfile` walks the headers (every

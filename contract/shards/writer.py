@@ -1,4 +1,4 @@
-"""The one shard writer (ARCHITECTURE.md, Shards).
+"""The one shard writer (ARCHITECTURE.md, "Reading safely").
 
 POSIX tar in webdataset layout (`{key}.{member}`), members of a sample in sorted order, mtime, uid and gid 0,
 so a rerun over the same input is byte-identical; written under a temporary name and renamed when complete;
