@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -164,10 +165,16 @@ def _parse_weights(text: str) -> dict[str, float]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    """A config class's resolved field types (resolving them per field made every CLI start slow)."""
+    return typing.get_type_hints(cls)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per dataclass field. Defaults are SUPPRESSed so we can tell what the user set."""
     for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
+        tp = _hints(cls)[f.name]
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
@@ -228,7 +235,7 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
 
 
 def _typed(cls: type, name: str, value: Any) -> Any:
-    tp = _base_type(typing.get_type_hints(cls)[name])
+    tp = _base_type(_hints(cls)[name])
     if value is None:
         return None
     origin = typing.get_origin(tp)

@@ -566,6 +566,18 @@ def _tb_write(tb, step: int, values: dict, counts: dict, evals: dict[str, float]
         tb.add_scalar(f"eval/{k}", v, step)
 
 
+class _Stdout(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at each record, not the stream of the first run (which may be closed)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_logging(run_dir: str, rank: int):
     if rank != 0:
         log.setLevel(logging.WARNING)
@@ -573,7 +585,7 @@ def _setup_logging(run_dir: str, rank: int):
     log.setLevel(logging.INFO)
     if not any(getattr(h, "_prx", False) for h in log.handlers):
         fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-        out = logging.StreamHandler(sys.stdout)
+        out = _Stdout()
         out.setFormatter(fmt)
         out._prx = True  # type: ignore[attr-defined]
         log.addHandler(out)
