@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from contract.errors import PrxError
+from trainer.data import TEXT_MAX_LENGTH
 from trainer.sample import RunInfo, model_name, open_run
 
 
@@ -76,7 +77,7 @@ def build_pipeline(info: RunInfo):
     spec = resolve(te_name)
     tok_kwargs = {k: v for k, v in spec.load_kwargs().items() if k != "subfolder"}
     tokenizer = AutoTokenizer.from_pretrained(spec.id, **tok_kwargs)
-    tokenizer.model_max_length = int(info.get("text_max_length", 256))
+    tokenizer.model_max_length = int(info.get("text_max_length", TEXT_MAX_LENGTH))
     kwargs = {"is_encoder_decoder": False} if getattr(load_config(spec), "is_encoder_decoder", False) else {}
     encoder = T5GemmaEncoderModel.from_pretrained(spec.id, **spec.load_kwargs(), dtype=torch.float32, **kwargs)
     vae = from_pretrained(resolve(model_name(info.data["vae"]), "diffusers.AutoencoderKL"), AutoencoderKL)
@@ -108,7 +109,7 @@ def export(source: str, out: str, weights: str | None = None) -> str:
         json.dump({"run": os.path.abspath(info.run_dir), "checkpoint": info.ckpt, "step": info.step,
                    "weights": info.weights, "shift": info.get("shift", 1.0), "cleaning": cleaning,
                    "call_with": {"skip_text_cleaning": cleaning == "basic"},
-                   "text_max_length": info.get("text_max_length", 256)}, fh, indent=2)
+                   "text_max_length": info.get("text_max_length", TEXT_MAX_LENGTH)}, fh, indent=2)
     if cleaning == "basic":
         print("note: the run was encoded with --cleaning basic: call the pipeline with skip_text_cleaning=True",
               file=sys.stderr)

@@ -34,6 +34,7 @@ import yaml
 from contract.config import ConfigError, add_arguments, build_config, check_bounds, option, quote, save_yaml
 from contract.errors import PrxError
 from trainer.checkpoint import CKPT_RE, ckpt_dir, list_checkpoints, verify
+from trainer.data import TEXT_MAX_LENGTH
 from trainer.objective import shift_timesteps, velocity_from_x
 
 RAW, EMA = "transformer", "transformer_ema"
@@ -159,11 +160,11 @@ class Sampler:
         self.model = PRXTransformer2DModel.from_pretrained(run.transformer_dir).float().eval().to(self.device)
         self.model.requires_grad_(False)
         te = run.data["text_encoder"]
-        self.text_encoder = load_text_encoder(model_name(te), max_length=int(te.get("max_length", 256)),
+        self.text_encoder = load_text_encoder(model_name(te), max_length=int(te.get("max_length", TEXT_MAX_LENGTH)),
                                               cleaning=te.get("cleaning", "prx"), device=device)
         self.vae = load_vae(model_name(run.data["vae"]), device=device)
         self.empty = load_empty_prompt(run.empty_prompt_folder)
-        self.text_max_length = int(run.get("text_max_length", 256))
+        self.text_max_length = int(run.get("text_max_length", TEXT_MAX_LENGTH))
         self.prediction = run.get("prediction", "v")
         self.shift = float(run.get("shift", 1.0))
         self.x_pred_t_min = float(run.get("x_pred_t_min", 0.05))
