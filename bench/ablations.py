@@ -10,7 +10,7 @@ features (`--repa-patch-size 2`).
 
 Model (CPU): a reduced PRXTransformer2DModel (hidden 256, depth 8, 4 heads, mlp 3.5, patch 2), saved as a
 folder and given to `--model`. Block indices are scaled from prx-small's 16 blocks to 8: routed blocks
-2..5 (`--route-start 2 --route-end 6`), REPA on block 3.
+2..5 (`--route-start 2 --route-end 5`: tokens rejoin after block route_end, as in PRX), REPA on block 3.
 
 Each ablation is `prx-train --config manifests/ablations/NAME.yaml` (baseline: manifests/train/base.yaml) in
 its own process, one after the other in one invocation; figures come from RUN/summary.json (mean samples/s
@@ -83,7 +83,7 @@ def run_one(name: str, enc: str, models: dict, model: str, work: str, steps: int
             "--vae", models["tiny-flux-vae"], "--text-encoder", models["tiny-t5gemma"], "--steps", str(steps),
             "--batch-size", str(batch), "--warmup-steps", "0", "--out", out, "--log-every", str(steps),
             "--checkpoint-every", str(10 * steps), "--no-tensorboard", "--device", "cpu",
-            "--route-start", "2", "--route-end", "6", "--repa-block", "3"]
+            "--route-start", "2", "--route-end", "5", "--repa-block", "3"]
     subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(out, "summary.json")) as fh:
         return json.load(fh)
