@@ -1,4 +1,4 @@
-"""The PRX ablations (issue 12) on CPU with tiny models: Muon, REPA, TREAD/SPRINT, EMA, fine-tune start,
+"""The PRX ablations on CPU with tiny models: Muon, REPA, TREAD/SPRINT, EMA, fine-tune start,
 the overlays, exact resume of each, and the refusals before step 1.
 
 Data: the bundled photos ingested, recaptioned (fake backend) and encoded by the tiny VAE, tiny T5Gemma and

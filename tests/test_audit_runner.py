@@ -90,7 +90,7 @@ def _digest(state: state.GroupState) -> str:
 
 def test_scan_states_equal_the_previous_implementation():
     """The shard-batched scan (word-hash table, numpy type-token ratios, per-permutation MinHash, fast ASCII
-    words) gives byte-identical partial states to the per-caption loop it replaced (digests from that code):
+    words) gives byte-identical partial states to a per-caption reference loop (digests from that loop):
     partial states written before and after the change merge into the same figures."""
     def detect(text):
         if "maison" in text.lower():

@@ -61,7 +61,7 @@ def test_shard_index_in_a_batch_is_as_mixed_as_the_buffer_allows(sorted_sources)
     # sources within a batch: independent draws by weight (same-source pair rate = sum w^2 = 1/4)
     same_source = sum(sum(c * (c - 1) // 2 for c in [b.sources.count(s) for s in weights]) for b in batches)
     assert abs(same_source / (30 * 32 * 31 / 2) - 0.25) < 0.03
-    # the old behaviour (one shard at a time, shuffled within the shard) is far more correlated: ~1/4
+    # one shard at a time, shuffled within the shard, is far more correlated: ~1/4
     narrow = same_shard_rate(batches_of(spec, 20, open_shards=1, shuffle_buffer=4 * 16, seed=3))
     assert narrow > 0.15
     assert consecutive_overlap(batches) > 0  # reported by bench/train.py next to a uniform draw's

@@ -31,7 +31,7 @@ HUGE = 1 << 62
 UNCAPPED = MemberCaps(HUGE, HUGE, HUGE, HUGE, HUGE)
 
 
-# ------------------------------------------------------------------------------- the old reader (reference)
+# ------------------------------------------------------------------------------- the reference reader --
 def _old_split_name(name):
     if not name or name.startswith("/") or "/" in name or "\\" in name or name in (".", ".."):
         return None
@@ -42,7 +42,7 @@ def _old_split_name(name):
 
 
 def old_read_shard(path):
-    """The reader before issue 15, verbatim (tarfile `r|*` over an fsspec file, every member read)."""
+    """The reference reader: a plain streaming reader (tarfile `r|*` over an fsspec file, every member read)."""
     base = posixpath.basename(str(path))
     seen_keys = set()
     current = None
@@ -187,13 +187,13 @@ def _all_readers(path_local: str, url: str, caps=UNCAPPED):
     return old, indexed, streamed
 
 
-REGION = "is unreadable from byte"   # the rows for what follows a tar's apparent end (issue 28)
+REGION = "is unreadable from byte"   # the rows for what follows a tar's apparent end
 
 
 def _as_old(items: list[tuple], old: list[tuple]) -> tuple[list[tuple], list[tuple]]:
-    """(what the reader gave, what the old reader gave) without what issue 28 added: the truncated_tar rows for
+    """(what the reader gave, what the reference reader gave) without the reader's own truncated_tar rows for
     an unreadable region after the headers' apparent end, and the sample being read when the walk ended there
-    (the old reader yielded it as read, the last thing it yielded; the reader now says it may miss members)."""
+    (the reference reader yields it as read, the last thing it yields; the reader says it may miss members)."""
     cut = {t[1] for t in items if t[0] == "P" and REGION in t[4] and "may be missing members" in t[4]}
     return ([t for t in items if not (t[0] == "P" and REGION in t[4])],
             [t for t in old if not (t[1] in cut and t is old[-1])])
@@ -211,7 +211,7 @@ def _unreadable_after(data: bytes) -> bool | None:
 
 
 def _check_against_old(data: bytes, old, indexed, streamed, what) -> None:
-    """Both paths agree; they give what the old reader gave but for issue 28's rows, which come exactly when
+    """Both paths agree; they give what the reference reader gives but for the truncated_tar rows, which come exactly when
     tarfile's walk ends quietly with anything but zeros after it."""
     assert indexed == streamed, what
     mine, theirs = _as_old(indexed, old)
@@ -292,7 +292,7 @@ def corrupt(data: bytes, rng: np.random.Generator) -> bytes:
     span = int(rng.integers(1, 4))
     for k in range(field, min(field + span, 500)):
         block[k] = FIELD_VALUES[int(rng.integers(len(FIELD_VALUES)))][0]
-    if block[156:157] == b"S":  # a sparse member would make the old reader expand it: not a fair reference
+    if block[156:157] == b"S":  # a sparse member would make the reference reader expand it: not a fair reference
         block[156:157] = b"0"
     out[off:off + 512] = _with_checksum(block)
     return bytes(out)
@@ -300,7 +300,7 @@ def corrupt(data: bytes, rng: np.random.Generator) -> bytes:
 
 @pytest.mark.parametrize("whole", [True, False], ids=["read-whole", "pread"])
 def test_same_as_old_reader_on_random_corruptions(tmp_path, monkeypatch, whole):
-    """A few hundred seeds: identical samples (bytes) and Problems from the old reader, the indexed path
+    """A few hundred seeds: identical samples (bytes) and Problems from the reference reader, the indexed path
     (the shard read whole, or headers and members by pread) and the streaming path; no exception escapes."""
     monkeypatch.setattr(localfile, "WHOLE_SHARD", 16 << 20 if whole else 0)
     bases = list(BASES.values()) + [HOSTILE["duplicates"], HOSTILE["links_devices"]]
@@ -456,7 +456,7 @@ def test_sparse_member_refused_without_expanding(tmp_path, maker):
     data = maker()
     assert len(data) < 25_000
     info = next(iter(tarfile.open(fileobj=io.BytesIO(data))))
-    assert info.issparse() and info.size == 2 << 30  # what the old reader would have expanded
+    assert info.issparse() and info.size == 2 << 30  # what the reference reader would expand
     for path in (_write(tmp_path, "000000.tar", data), _memory(f"sparse-{maker.__name__}/000000.tar", data)):
         peak, items = _peak_mb(lambda: _norm(read_shard(path)))
         assert peak < 200, f"{path}: {peak:.0f} MB"

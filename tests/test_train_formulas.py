@@ -105,7 +105,7 @@ def test_shift_applies_to_the_logit_normal_part_only():
         u = y / (s - (s - 1) * y)
         cdf = 0.9 * _phi(math.log(u / (1 - u))) + 0.1 * (y - 1e-3) / (1 - 1e-3)
         assert abs(float((t <= y).double().mean()) - cdf) < 0.003, (y, cdf)
-    # the old behaviour (shift over the whole mixture) differs measurably at y = 0.1: the uniform part
+    # shifting the whole mixture differs measurably at y = 0.1: the uniform part
     # would contribute 0.1 * u, not 0.1 * y
     u = 0.1 / (s - (s - 1) * 0.1)
     wrong = 0.9 * _phi(math.log(u / (1 - u))) + 0.1 * u
