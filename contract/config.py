@@ -88,8 +88,13 @@ class CommonConfig:
                 raise ConfigError(f"--max-member-bytes-{name} must be a positive number of bytes, got {quote(value)}")
 
 
+def flag_for(option: str) -> str:
+    """The command-line flag of a config option: `min_side` -> `--min-side`."""
+    return "--" + option.replace("_", "-")
+
+
 def _flag_name(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return f.metadata.get("flag") or flag_for(f.name)
 
 
 def _base_type(tp: Any) -> Any:

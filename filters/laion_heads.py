@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from contract.config import option
+from contract.config import flag_for, option
 from contract.errors import PrxError
 from contract.ledger import REJECTED
 from filters.base import ScoreBatch, ScoreFilter
@@ -149,7 +149,7 @@ class _Head(ScoreFilter):
         return getattr(self, self.weights_option)
 
     def head(self) -> LinearHead:
-        weights, flag = self.weights, _flag(self.weights_option)
+        weights, flag = self.weights, flag_for(self.weights_option)
         return self.ctx.cached(("laion-head", self.name, weights), lambda: LinearHead(weights, self.name, flag))
 
     def score_name(self) -> str | None:
@@ -159,12 +159,12 @@ class _Head(ScoreFilter):
         return self.head()(batch.image_emb)
 
     def clip_flags(self) -> list[str]:
-        return [] if self.threshold() is None else [_flag(self.threshold_option)]
+        return [] if self.threshold() is None else [flag_for(self.threshold_option)]
 
     def validate(self) -> None:
         try:
             if self.threshold() is not None:
-                load_head(self.weights, self.name, _flag(self.weights_option), _flag(self.threshold_option))
+                load_head(self.weights, self.name, flag_for(self.weights_option), flag_for(self.threshold_option))
             if self.weights and self.ctx.clip is not None:
                 self.head().check_dim(self.ctx.clip.embed_dim())
         except (HeadError, FileNotFoundError) as exc:
@@ -176,10 +176,6 @@ class _Head(ScoreFilter):
         h = self.head()
         return {self.name: {"weights": h.source, "score": h.name, "layers": [list(w.shape) for w, _ in h.layers],
                             "activation": h.activation, "output": h.output}}
-
-
-def _flag(option_name: str) -> str:
-    return "--" + option_name.replace("_", "-")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contract import fs
-from contract.config import ConfigError, add_arguments, build_config, content_fields, option, option_key, \
+from contract.config import ConfigError, add_arguments, flag_for, build_config, content_fields, option, option_key, \
     read_yaml, to_dict, values_from_mapping
 from contract.errors import PrxError
 from contract.ledger import read_stage_json
@@ -392,7 +392,7 @@ def run_argv(manifest: str, run: RunConfig, **changes: Any) -> str:
         value, default = getattr(values, f.name), f.default
         if value == default or value is None:
             continue
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag") or flag_for(f.name)
         argv += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
     return command_text(argv)
 
