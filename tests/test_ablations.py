@@ -293,7 +293,7 @@ EXPECTED_CHANGES = {
     "ema": {"ema_decay"}, "finetune": {"init_from", "mix", "steps"}, "muon": {"optimizer"},
     "repa-burnin": {"repa_weight", "repa_until_step"}, "repa-dinov2": {"repa_weight"}, "shift-3": {"shift"},
     "sprint": {"routing", "route_ratio"}, "tread": {"routing", "route_ratio"}, "weights-bf16": {"weights_dtype"},
-    "x-prediction": {"prediction"},
+    "x-prediction": {"prediction"}, "contrastive-fm": {"contrastive_weight"}, "min-snr": {"min_snr_gamma"},
 }
 
 
@@ -329,7 +329,8 @@ def test_overlays_change_exactly_their_keys_and_each_runs_3_steps(data, tmp_path
         assert os.path.exists(tmp_path / name / "checkpoints" / "step-00000003" / "state.json"), name
 
 
-@pytest.mark.parametrize("name", ["muon", "repa-dinov2", "repa-burnin", "tread", "sprint", "ema"])
+@pytest.mark.parametrize("name", ["muon", "repa-dinov2", "repa-burnin", "tread", "sprint", "ema", "contrastive-fm",
+                                  "min-snr"])
 def test_killed_and_resumed_overlay_matches_uninterrupted(name, data, tmp_path):
     from safetensors.torch import load_file
 

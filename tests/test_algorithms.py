@@ -221,3 +221,38 @@ def test_compile_compiles_the_denoiser_with_its_algorithms(shards, tmp_path, mon
     assert len(compiled["losses"]) == 2
     for a, b in zip(compiled["losses"], eager["losses"]):
         assert abs(a - b) <= 1e-5 * abs(b), (a, b)
+
+
+# ------------------------------------------------------------------------------------------- loss-shaping algorithms
+def test_contrastive_term_is_the_formula_on_a_hand_built_batch():
+    """PRX's ContrastiveFlowMatching: -lambda x mean((pred - target.roll(1))^2), i.e. sample i against target i-1."""
+    from trainer.algorithms.contrastive import contrastive_term
+
+    pred = torch.tensor([[1.0, 2.0], [3.0, 5.0], [0.0, -1.0]])
+    target = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 4.0]])
+    # rolled targets: [2, 4], [0, 0], [1, 1]; squared errors: 1+4, 9+25, 1+4 -> mean 44 / 6
+    assert contrastive_term(pred, target, 0.05).item() == pytest.approx(-0.05 * 44 / 6)
+    assert contrastive_term(pred[:1], target[:1], 0.05).item() == 0.0  # one sample: no other target
+
+
+def test_min_snr_weights_equal_the_closed_form_at_chosen_t():
+    """w(t) = min(SNR, gamma) t^2 with SNR = ((1 - t) / t)^2: at t = 0.5 SNR is 1 (w = 0.25), at t = 0.1 SNR is
+    81, clipped to 5 (w = 5 x 0.01), at t = 0.9 SNR is 1/81 (w = 0.01); x-prediction scales by max(t, 0.05)^2."""
+    from trainer.algorithms.min_snr import min_snr_weights
+
+    w = min_snr_weights(torch.tensor([0.5, 0.1, 0.9]), 5.0)
+    assert torch.allclose(w, torch.tensor([0.25, 0.05, 0.01]), atol=1e-7)
+    wx = min_snr_weights(torch.tensor([0.01, 0.5]), 5.0, "x", 0.05)
+    assert torch.allclose(wx, torch.tensor([5.0 * 0.05 ** 2, 0.25]), atol=1e-7)
+
+
+def test_min_snr_weights_the_step_loss_and_leaves_the_logged_flow_loss_alone():
+    from trainer.algorithms.min_snr import MinSnr
+    from trainer.objective import Losses
+    from trainer.train import weighted_flow
+
+    out = Losses(flow=torch.tensor([2.0, 4.0]), t=torch.tensor([0.5, 0.9]))
+    algo = MinSnr(TrainConfig(model="tiny", min_snr_gamma=5.0))
+    assert weighted_flow(out, None, [algo]).tolist() == pytest.approx([2.0 * 0.25, 4.0 * 0.01])
+    assert out.flow.tolist() == [2.0, 4.0]
+    assert algo.summary() == {"min_snr_gamma": 5.0}

@@ -90,6 +90,10 @@ class TrainConfig:
                                                   "(default 0.5 for tread, 0.75 for sprint)")
     ema_decay: float = option(0.0, help="EMA of the weights, constant decay in [0, 1) (0 = off; PRX: 0.999)")
     ema_every: int = option(10, help="update the EMA every N optimizer steps")
+    contrastive_weight: float = option(0.0, help="contrastive flow matching (0 = off; PRX: 0.05): loss -= w x "
+                                                 "MSE(prediction, the target rolled by one in the batch)")
+    min_snr_gamma: float = option(0.0, help="Min-SNR loss weighting (0 = off; the usual gamma: 5): the v-space loss "
+                                            "weighted by min(SNR(t), gamma) t^2 (not in PRX)")
     init_from: str | None = option(None, help="fine-tune start: weights only from RUN (latest checkpoint) or a "
                                               "checkpoint folder; step 0, new optimizer")
     init_weights: str = option("raw", choices=["raw", "ema"], help="with --init-from: the parent's raw or EMA weights")
@@ -154,6 +158,8 @@ class TrainConfig:
             raise ConfigError("--ema-every and --muon-ns-steps must be at least 1")
         if self.repa_weight < 0 or self.repa_block < 0 or self.repa_until_step < 0:
             raise ConfigError("--repa-weight, --repa-block and --repa-until-step must be >= 0")
+        if self.contrastive_weight < 0 or self.min_snr_gamma < 0:
+            raise ConfigError("--contrastive-weight and --min-snr-gamma must be >= 0 (0 = off)")
         if not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
             raise ConfigError("--muon-momentum must be in [0, 1) and --muon-weight-decay >= 0")
         if self.init_weights == "ema" and not self.init_from:

@@ -91,6 +91,9 @@ def sample_timesteps(n: int, oc: ObjectiveConfig, generator: torch.Generator | N
 class Losses:
     flow: torch.Tensor                     # B: flow-matching MSE per sample (float32)
     repa_cos: torch.Tensor | None = None   # B: mean REPA cosine per sample, when the model returned one
+    pred: torch.Tensor | None = None       # B x C x H x W: the prediction in v-space (float32), what `flow` compares
+    target: torch.Tensor | None = None     # B x C x H x W: the v-space target
+    t: torch.Tensor | None = None          # B: the timesteps, on the prediction's device
 
 
 def losses(model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor,
@@ -110,8 +113,9 @@ def losses(model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, emb: tor
         pred, target = velocity_from_x(x_t, out, tt, oc.x_pred_t_min), velocity_from_x(x_t, x0, tt, oc.x_pred_t_min)
     else:
         pred, target = out, v
-    flow = ((pred - target.float()) ** 2).flatten(1).mean(1)
-    return Losses(flow, outs[1] if len(outs) > 1 else None)
+    target = target.float()
+    flow = ((pred - target) ** 2).flatten(1).mean(1)
+    return Losses(flow, outs[1] if len(outs) > 1 else None, pred, target, tt)
 
 
 def per_sample_loss(model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,

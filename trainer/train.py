@@ -340,7 +340,7 @@ def _train_step(r: Run, step: int) -> None:
             out = step_losses(r.train_model, x0, eps.to(r.device, non_blocking=True), t.to(r.device), emb, mask,
                               r.oc, r.amp, **kwargs)
             terms = {k: v for a in r.algos for k, v in a.loss_terms(out, batch).items()}
-            loss = sum(terms.values(), out.flow.mean())
+            loss = sum(terms.values(), weighted_flow(out, batch, r.algos).mean())
             (loss / cfg.grad_accum).backward()
         r.stats.add_micro(out.flow, t, cfg.grad_accum, loss)
         r.logs.add({"flow_loss": out.flow.mean(), **terms,
@@ -352,6 +352,16 @@ def _train_step(r: Run, step: int) -> None:
     for a in r.algos:
         a.after_optimizer_step(step + 1)
     r.step_loss = r.stats.end_step(grad_norm)
+
+
+def weighted_flow(out, batch, algos: list[Algorithm]) -> torch.Tensor:
+    """The flow loss per sample times every algorithm's per-sample weight (`loss_weights`; Min-SNR)."""
+    flow = out.flow
+    for a in algos:
+        w = a.loss_weights(out, batch)
+        if w is not None:
+            flow = flow * w
+    return flow
 
 
 def _sync_context(r: Run, micro: int):

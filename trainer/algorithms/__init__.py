@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 from trainer.algorithms.base import Algorithm
+from trainer.algorithms.contrastive import ContrastiveFlowMatching
 from trainer.algorithms.ema import Ema
+from trainer.algorithms.min_snr import MinSnr
 from trainer.algorithms.repa import Repa
 from trainer.algorithms.sprint import Sprint
 from trainer.algorithms.tread import Tread
@@ -18,6 +20,8 @@ REGISTRY: list[type[Algorithm]] = [
     Tread,   # routing: tread      (trainer/algorithms/tread.py)
     Sprint,  # routing: sprint     (trainer/algorithms/sprint.py)
     Repa,    # repa_weight > 0     (trainer/algorithms/repa.py)
+    ContrastiveFlowMatching,  # contrastive_weight > 0  (trainer/algorithms/contrastive.py)
+    MinSnr,  # min_snr_gamma > 0   (trainer/algorithms/min_snr.py)
     Ema,     # ema_decay > 0       (trainer/algorithms/ema.py)
 ]
 

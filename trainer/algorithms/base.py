@@ -6,7 +6,8 @@ trainer/algorithms/, listed once in `REGISTRY` (trainer/algorithms/__init__.py) 
 hooks at fixed points, every one of them explicit in the loop:
 
     setup      data_needs()  ->  build(denoiser, spec)  ->  [optimizer, checkpoint load]  ->  start(step)
-    micro-batch   forward_kwargs(batch, step, micro)  ->  model  ->  loss_terms(out, batch), log_values(out, batch)
+    micro-batch   forward_kwargs(batch, step, micro)  ->  model  ->  loss_weights(out, batch), loss_terms(out, batch),
+               log_values(out, batch)
     step       after_optimizer_step(step)
     log        flops_kwargs(x0_shape) (MFU), log_values (averaged until the log line), eval_weights() (eval/loss_NAME)
     checkpoint state_dict() / load_state_dict(tensors)
@@ -23,6 +24,8 @@ Every hook has a do-nothing default, so an algorithm overrides only what it uses
   weights or a resumed checkpoint are loaded): a resume past REPA's burn-in has no REPA; EMA starts from them.
 - `forward_kwargs`: extra keyword arguments of the denoiser's forward for one micro-batch (the REPA features, the
   TREAD/SPRINT route seed, from (seed, step, rank, micro-batch) so a resume draws the same routes).
+- `loss_weights`: a weight per sample (B) that multiplies the flow loss in the step's loss (Min-SNR), or None;
+  the logged `flow_loss` and the fixed-batch eval loss stay unweighted, so runs with and without it compare.
 - `loss_terms`: named scalar terms added to the flow loss (REPA's `repa_loss`); each is logged under its name.
 - `log_values`: named scalars to log, averaged over the steps since the last log line (REPA's cosine, the routed
   tokens per sample).
@@ -76,6 +79,9 @@ class Algorithm:
 
     def forward_kwargs(self, batch, step: int, micro: int) -> dict[str, Any]:
         return {}
+
+    def loss_weights(self, out, batch) -> torch.Tensor | None:
+        return None
 
     def loss_terms(self, out, batch) -> dict[str, torch.Tensor]:
         return {}
