@@ -17,6 +17,8 @@ times the project's own code path and returns rows (what, figure, note):
              processor's output shape), sampled, a fixed number of new tokens: captions/s, tokens/s.
 - sample:    prx-sample's Euler + CFG loop over `prx-small`, 50 steps, cfg 3.5, prompts batched vs one per call.
 - extractors: prx-eval's Inception-v3 (torch-fidelity), CLIP ViT-L/14-336 (open_clip), DINOv2-L (transformers).
+- fp8:       `prx-train --fp8` (torchao Float8Linear) against BF16 autocast, 300 steps on random data, compiled:
+             ms/step and the loss at the end (a GPU of compute capability >= 8.9 only; a "skipped" row elsewhere).
 Writes OUT/gpu.json and OUT/gpu.md: the device, driver, torch and CUDA versions, the date, every row.
 """
 from __future__ import annotations
@@ -54,11 +56,12 @@ class Shapes:
     vlm_batch: int = 16
     vlm_grid: int = 32           # 32 x 32 patches of 14 px = 448 px -> 256 vision tokens after the 2x2 merge
     new_tokens: int = 128
+    fp8_steps: int = 300         # the FP8 section's training steps (FP8 against BF16 autocast)
 
     @classmethod
     def dry(cls) -> "Shapes":
         return cls(model="tiny", text_dim=32, batch=2, latent=8, text_len=16, steps=2, compile=(False,), image=32,
-                   vlm_batch=2, vlm_grid=4, new_tokens=4)
+                   vlm_batch=2, vlm_grid=4, new_tokens=4, fp8_steps=2)
 
 
 @dataclass
@@ -272,12 +275,58 @@ def section_extractors(ctx: Ctx) -> list[tuple[str, str, str]]:
     return rows
 
 
+def section_fp8(ctx: Ctx) -> list[tuple[str, str, str]]:
+    """`prx-train --fp8` (trainer/algorithms/fp8.py, torchao Float8Linear) against BF16 autocast: the same model,
+    seed and random batches, torch.compile on for both (torchao's FP8 relies on it), `fp8_steps` steps; step time
+    and the mean loss of the last 20 steps. Only on a GPU of compute capability >= 8.9 with torchao installed."""
+    import torch
+
+    from trainer.algorithms import fp8
+    from trainer.model import build_model
+    from trainer.objective import ObjectiveConfig, draw_noise, per_sample_loss
+
+    try:
+        fp8.check_device(torch.device(ctx.device))
+        import torchao  # noqa: F401
+    except (ValueError, ImportError) as exc:
+        return [("fp8 vs bf16 training", "skipped", str(exc).splitlines()[0])]
+    s, rows = ctx.shapes, []
+    for use_fp8 in (False, True):
+        torch.manual_seed(0)
+        model = build_model(s.model, 16, s.text_dim).to(ctx.device).train()
+        if use_fp8:
+            fp8.convert(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
+        net, gen, losses = torch.compile(model), torch.Generator().manual_seed(0), []
+        mask = torch.ones(s.batch, s.text_len, dtype=torch.bool, device=ctx.device)
+
+        def step():
+            x0 = torch.randn(s.batch, 16, s.latent, s.latent, generator=gen)
+            eps, t = draw_noise(x0.shape, ObjectiveConfig(), gen)
+            emb = torch.randn(s.batch, s.text_len, s.text_dim, generator=gen)
+            loss = per_sample_loss(net, x0.to(ctx.device), eps.to(ctx.device), t.to(ctx.device),
+                                   emb.to(ctx.device, torch.bfloat16), mask, ObjectiveConfig(), torch.bfloat16).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+
+        sec = timed(ctx, step, s.fp8_steps)
+        tail = torch.stack(losses[-20:]).float().mean().item()
+        rows.append((f"train {s.model}, {'FP8 (torchao)' if use_fp8 else 'BF16 autocast'}",
+                     f"{1000 * sec:.1f} ms/step", f"batch {s.batch}, {s.fp8_steps} steps, last-20 loss {tail:.4f}"))
+        del model, opt, net
+    return rows
+
+
 SECTIONS: dict[str, Callable[[Ctx], list[tuple[str, str, str]]]] = {
     "train": section_train,
     "encode": section_encode,
     "recaption": section_recaption,
     "sample": section_sample,
     "extractors": section_extractors,
+    "fp8": section_fp8,
 }
 
 

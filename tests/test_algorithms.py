@@ -256,3 +256,18 @@ def test_min_snr_weights_the_step_loss_and_leaves_the_logged_flow_loss_alone():
     assert weighted_flow(out, None, [algo]).tolist() == pytest.approx([2.0 * 0.25, 4.0 * 0.01])
     assert out.flow.tolist() == [2.0, 4.0]
     assert algo.summary() == {"min_snr_gamma": 5.0}
+
+
+def test_fp8_converts_prx_layers_by_their_diffusers_names_and_refuses_a_cpu():
+    """PRX's FP8.yaml filter (gate/up/down_proj, img_qkv_proj, txt_kv_proj, attn_out) names, in diffusers'
+    PRXTransformer2DModel, six Linears per block and nothing outside the blocks."""
+    from trainer.algorithms import fp8
+
+    model = prx_model(depth=3)
+    picked = [fqn for fqn, m in model.named_modules() if fp8.wanted(m, fqn)]
+    assert len(picked) == 3 * 6 and all(f.startswith("blocks.") for f in picked)
+    assert {f.split(".", 2)[2] for f in picked} == {"gate_proj", "up_proj", "down_proj",
+                                                    "attention.img_qkv_proj", "attention.txt_kv_proj",
+                                                    "attention.to_out.0"}
+    with pytest.raises(ValueError, match="Hopper"):
+        fp8.check_device(torch.device("cpu"))

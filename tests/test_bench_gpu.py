@@ -21,9 +21,10 @@ def test_gpu_benchmark_dry_run_writes_every_section(tmp_path, capsys):
     assert gpu.main(["--dry-run", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "gpu.json").read_text())
     assert doc["dry_run"] and set(doc["sections"]) == set(gpu.SECTIONS) == {"train", "encode", "recaption", "sample",
-                                                                         "extractors"}
+                                                                         "extractors", "fp8"}
     for name, sec in doc["sections"].items():
         assert "error" not in sec and sec["rows"], name
     assert {"date", "device", "torch"} <= set(doc["machine"])
+    assert doc["sections"]["fp8"]["rows"][0][1] == "skipped"  # on a CPU: the row says why
     page = (tmp_path / "gpu.md").read_text()
     assert "--dry-run" in page and page.count("| train |") >= 2

@@ -44,6 +44,8 @@ class TrainConfig:
                                           "tiny, or a folder holding a PRXTransformer2DModel")
     weights_dtype: str = option("fp32", choices=["fp32", "bf16"],
                                 help="dtype of the trainable weights; bf16 is the BF16-storage ablation")
+    fp8: bool = option(False, help="FP8 training (torchao Float8Linear for the projection layers, as PRX's "
+                                   "tao_fp8.py); NVIDIA GPUs of compute capability >= 8.9 (Hopper) only")
     autocast: str = option("auto", choices=["auto", "bf16", "none"],
                            help="compute dtype: auto = BF16 autocast on CUDA, none on CPU")
     compile: bool = option(False, runtime=True, help="torch.compile the denoiser")

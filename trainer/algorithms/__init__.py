@@ -11,12 +11,14 @@ import torch
 from trainer.algorithms.base import Algorithm
 from trainer.algorithms.contrastive import ContrastiveFlowMatching
 from trainer.algorithms.ema import Ema
+from trainer.algorithms.fp8 import Fp8
 from trainer.algorithms.min_snr import MinSnr
 from trainer.algorithms.repa import Repa
 from trainer.algorithms.sprint import Sprint
 from trainer.algorithms.tread import Tread
 
 REGISTRY: list[type[Algorithm]] = [
+    Fp8,     # fp8                 (trainer/algorithms/fp8.py): converts the Linears before the others hook blocks
     Tread,   # routing: tread      (trainer/algorithms/tread.py)
     Sprint,  # routing: sprint     (trainer/algorithms/sprint.py)
     Repa,    # repa_weight > 0     (trainer/algorithms/repa.py)
