@@ -258,7 +258,7 @@ def section_extractors(ctx: Ctx) -> list[tuple[str, str, str]]:
     else:
         from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-        clip, dino = "ViT-L-14-336", os.path.join(tmp, "dinov2")
+        clip, dino = "ViT-L-14-336-quickgelu", os.path.join(tmp, "dinov2")
         cfg = Dinov2WithRegistersConfig.from_dict(json.load(open(os.path.join(CONFIGS,
                                                                             "dinov2-with-registers-large.json"))))
         Dinov2WithRegistersModel(cfg).save_pretrained(dino)

@@ -81,7 +81,7 @@ def _eval_args(runs, run, cache, tiny_model, *extra):
     return ["--run", run, "--real", runs["enc"], "--n", "3", "--steps", "2", "--real-cache", str(cache),
             "--clip-model", tiny_model("tiny-clip"), "--dino-model", tiny_model("tiny-dinov2"),
             "--inception-weights", os.path.join(tiny_model("tiny-inception"), "inception.pth"),
-            "--device", "cpu", "--no-progress", *extra]
+            "--device", "cpu", "--no-progress", "--caption", "original", *extra]
 
 
 @pytest.mark.slow  # prx-eval end to end, twice, and compare
@@ -97,6 +97,8 @@ def test_prx_eval_end_to_end_cache_and_compare(eval_runs, tiny_model, tmp_path, 
         assert all(math.isfinite(v) and v >= 0 for v in r["metrics"].values())
     assert not any(doc["real_features_cached"].values())
     assert doc["models"]["clip"]["key"].startswith("open_clip:local:tiny-clip@")
+    assert doc["caption"] == "original" and doc["protocol"]["weights"] == doc["weights"]
+    assert doc["clip_score_text"]["context_tokens"] == 77 and "truncates" in doc["clip_score_text"]["note"]
     # a second run (another model) reuses the cached real features
     assert main(_eval_args(eval_runs, eval_runs["b"], cache, tiny_model, "--metrics", "cmmd,dino_mmd",
                            "--cfg", "2")) == 0
@@ -122,6 +124,7 @@ def test_prx_eval_bad_input(eval_runs, tiny_model, tmp_path, capsys):
 
     cache = tmp_path / "cache"
     base = _eval_args(eval_runs, eval_runs["a"], cache, tiny_model)
+    capsys.readouterr()  # building the tiny models (first use in this process) writes progress bars
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [(["--run", str(empty)], "no checkpoint"),
@@ -154,8 +157,78 @@ def test_metrics_during_training_log_to_tensorboard(eval_runs, tiny_model, tmp_p
 
     tb = Board()
     values = during_training(eval_runs["a"], 2, eval_runs["enc"], 2, tb, clip_model=tiny_model("tiny-clip"),
-                             dino_model=tiny_model("tiny-dinov2"), steps=1, real_cache=str(tmp_path), device="cpu")
+                             dino_model=tiny_model("tiny-dinov2"), steps=1, real_cache=str(tmp_path), device="cpu",
+                             caption="original")
     assert set(values) == {"cmmd", "dino_mmd", "clip_score"}
     assert tb.scalars["eval/cmmd"] == (values["cmmd"], 2) and "eval/dino_mmd" in tb.scalars
     with pytest.raises(ConfigError, match="multiple of --checkpoint-every"):
         TrainConfig(model="tiny", metrics_every=5, metrics_real="x", checkpoint_every=10)
+
+
+# ------------------------------------------------------------------------------------------- comparability
+def _doc(step=2, weights="raw", seeds=(42, 44), clip="open_clip:a", cfg=3.5, cmmd=1.0):
+    return {"step": step, "n": 3, "seeds": list(seeds), "steps": 2, "caption": "short", "real_set_hash": "h",
+            "weights": weights, "models": {"clip": {"key": clip}},
+            "results": [{"cfg": cfg, "metrics": {"cmmd": cmmd}}]}
+
+
+@pytest.mark.parametrize("change", [dict(weights="ema"), dict(seeds=(0, 2)), dict(clip="open_clip:b")])
+def test_metrics_json_never_merges_other_weights_seeds_or_extractors(tmp_path, change):
+    from trainer.evaluate import write_metrics
+
+    write_metrics(str(tmp_path), 2, _doc(cfg=1.0))
+    write_metrics(str(tmp_path), 2, _doc(cfg=2.0))  # same protocol, another guidance scale: one file, both
+    folder = tmp_path / "eval" / "step-00000002"
+    assert [r["cfg"] for r in json.loads((folder / "metrics.json").read_text())["results"]] == [1.0, 2.0]
+    write_metrics(str(tmp_path), 2, _doc(cfg=3.0, **change))
+    now = json.loads((folder / "metrics.json").read_text())
+    assert [r["cfg"] for r in now["results"]] == [3.0]
+    kept = [p for p in folder.iterdir() if p.name.startswith("metrics-")]
+    assert len(kept) == 1 and [r["cfg"] for r in json.loads(kept[0].read_text())["results"]] == [1.0, 2.0]
+
+
+def test_compare_subtracts_only_evaluations_of_one_protocol(tmp_path):
+    from trainer.evaluate import compare, table, write_metrics
+
+    for name, doc in (("base", _doc(cmmd=1.0)), ("same", _doc(cmmd=1.5)), ("ema", _doc(weights="ema", cmmd=0.5))):
+        write_metrics(str(tmp_path / name), 2, doc)
+    out = compare([str(tmp_path / "same"), str(tmp_path / "ema")], baseline=str(tmp_path / "base"))
+    rows = {r["run"]: r for r in out["rows"]}
+    assert rows["same"]["d_cmmd"] == pytest.approx(0.5) and rows["same"]["protocol"] == "same"
+    assert "d_cmmd" not in rows["ema"] and rows["ema"]["protocol"] == "differs: weights"
+    text = table(out)
+    assert "weights" in text and "differs: weights" in text
+
+
+def test_fid_prx_images_are_truncated_as_prx_and_the_others_rounded():
+    """PRX's callback: clamp(x * 255, 0, 255).to(uint8) on [0, 1] images truncates; diffusers' postprocess rounds.
+    Pixel values chosen where they differ: 100.7 / 255 -> 100 truncated, 101 rounded."""
+    import torch
+
+    from trainer.evaluate import EvalConfig, RealSample, generate
+
+    values = torch.tensor([100.7, 0.2, 254.6, 255.0]) / 255 * 2 - 1
+
+    class Fixed:
+        def generate_pixels(self, prompts, seeds, h, w, steps, cfg, batch_size):
+            return values.view(1, 1, 2, 2).expand(len(prompts), 3, 2, 2).clone()
+
+    real = [RealSample("k", "a caption", torch.zeros(3, 2, 2, dtype=torch.uint8), (2, 2))]
+    rounded, truncated = generate(Fixed(), real, 1.0, EvalConfig(fid_prx=True, progress=False))
+    assert rounded[0][0].flatten().tolist() == [101, 0, 255, 255]
+    assert truncated[0][0].flatten().tolist() == [100, 0, 254, 255]
+    assert generate(Fixed(), real, 1.0, EvalConfig(progress=False))[1] is None
+
+
+def test_cmmd_clip_is_openais_with_quickgelu():
+    """OpenAI's CLIP was trained with QuickGELU; open_clip builds GELU for plain names unless told."""
+    import open_clip
+
+    from trainer.extractors import open_clip_kwargs, resolve_open_clip
+
+    arch, tag, _ = resolve_open_clip("clip-vit-l-14-336")  # CMMD's model, the prx-eval default
+    assert tag == "openai" and open_clip.get_model_config(arch)["quick_gelu"] is True
+    arch, tag, _ = resolve_open_clip("ViT-B-32:openai")  # any OpenAI-tagged name, built the way ClipExtractor does
+    model = open_clip.create_model(arch, pretrained=None, **open_clip_kwargs(tag))
+    acts = {type(m).__name__ for m in model.modules() if "GELU" in type(m).__name__}
+    assert acts == {"QuickGELU"}

@@ -32,6 +32,11 @@ from trainer import scores
 from trainer.sample import MAX_SEED, MAX_STEPS, check_cfg
 
 METRICS = ("fid", "cmmd", "dino_mmd", "clip_score")
+EVAL_CAPTION = "short"  # PRX's eval_unsplash.yaml prompts with caption_llm_s, its short LLM caption
+# What makes two evaluations comparable (besides the guidance scale, which pairs rows): metrics.json never merges,
+# and `prx-eval compare` never subtracts, evaluations that differ in any of these.
+PROTOCOL = ("n", "seeds", "steps", "caption", "real_set_hash", "weights")
+EXTRACTOR_OF = {"fid": "inception", "fid_prx": "inception", "cmmd": "clip", "clip_score": "clip", "dino_mmd": "dino"}
 EXTRACTOR_OF = {"fid": "inception", "cmmd": "clip", "clip_score": "clip", "dino_mmd": "dino"}
 
 
@@ -39,7 +44,9 @@ EXTRACTOR_OF = {"fid": "inception", "cmmd": "clip", "clip_score": "clip", "dino_
 class EvalConfig:
     run: str | None = option(None, help="run folder (prx-train --out)")
     real: str | None = option(None, help="shard folder with images and captions (the reference set)")
-    caption: str = option("original", help="caption variant the images are generated at (original = txt)")
+    caption: str = option(EVAL_CAPTION, help="caption variant the images are generated at: PRX evaluates at its "
+                                             "short LLM caption (eval_unsplash.yaml: caption_llm_s), so every arm is "
+                                             "prompted alike; long, or original = the alt-text txt")
     n: int = option(10000, minimum=1, help="samples: the first n of --real by key")
     metrics: list[str] = option(default_factory=lambda: list(METRICS), help="comma-separated: " + ",".join(METRICS))
     cfg: list[float] = option(default_factory=lambda: [3.5], help="guidance scale(s), comma-separated (>= 1)")
@@ -52,7 +59,8 @@ class EvalConfig:
                                                       "needed for fid")
     clip_model: str = option("clip-vit-l-14-336", help="open_clip model for cmmd and clip_score (alias or folder)")
     dino_model: str = option("dinov2", help="DINOv2 model for dino_mmd (alias, hub id or folder)")
-    fid_prx: bool = option(False, help="also report fid_prx: FID on uint8-wrapped images, as PRX's published code")
+    fid_prx: bool = option(False, help="also report fid_prx: FID as PRX's published code computes it (generated "
+                                       "images truncated to uint8, then wrapped by FrechetInceptionDistance(normalize=True))")
     batch_size: int = option(16, runtime=True, minimum=1, help="images per sampler batch (x2 with guidance)")
     device: str = option("auto", runtime=True, help="auto (cuda if available), cpu, cuda")
     progress: bool = option(True, runtime=True, help="progress bar with images/s")
@@ -113,8 +121,10 @@ def load_real(folder: str, caption: str, n: int, resolution: int) -> tuple[list[
     usable = [s for s in with_images if member in s.members]
     if with_images and not usable:
         found = sorted({m for s in with_images[:50] for m in s.members if m == "txt" or m.startswith("caption_")})
-        raise PrxError(f"--caption {caption}: no sample of {folder} has {member}; caption members there: "
-                         f"{', '.join(found) or 'none'}")
+        variants = ["original" if m == "txt" else m[len("caption_"):-len(".txt")] for m in found]
+        hint = f"pass --caption {' or '.join(variants)}" if variants else "recaption it (prx-data recaption)"
+        raise PrxError(f"--caption {caption}: no sample of {folder} has {member} (caption members there: "
+                         f"{', '.join(found) or 'none'}); {hint}")
     if n > len(usable):
         raise PrxError(f"--n {n}: {folder} has only {len(usable)} samples with an image and the {caption} "
                          f"caption; pass --n {len(usable)} or less")
@@ -189,34 +199,40 @@ def cached_real_features(cache: str, real_hash: str, extractor, images: list, wr
 
 
 # ------------------------------------------------------------------------------------------- evaluate
-def generate(sampler, real: list[RealSample], cfg_scale: float, cfg: EvalConfig) -> list:
-    """One image per real sample, at its caption and size, from seed + i; progress bar with images/s."""
+def generate(sampler, real: list[RealSample], cfg_scale: float, cfg: EvalConfig) -> tuple[list, list | None]:
+    """One image per real sample, at its caption and size, from seed + i; progress bar with images/s.
+
+    Returns the uint8 images rounded (diffusers' postprocess: fid, cmmd, dino_mmd, clip_score) and, with
+    --fid-prx, the same images truncated to uint8 as PRX's callback does (else None)."""
     from tqdm import tqdm
+
+    from contract.encoders.vae import to_uint8, to_uint8_truncated
 
     by_size: dict[tuple, list[int]] = {}
     for i, r in enumerate(real):
         by_size.setdefault(r.size, []).append(i)
-    out = [None] * len(real)
+    out, trunc = [None] * len(real), [None] * len(real)
     bar = tqdm(total=len(real), desc=f"sampling cfg {cfg_scale}", unit="img", disable=not cfg.progress)
     for (h, w), idx in by_size.items():
         for j in range(0, len(idx), cfg.batch_size):
             chunk = idx[j:j + cfg.batch_size]
-            imgs = sampler.generate([real[i].caption for i in chunk], [cfg.seed + i for i in chunk], h, w,
-                                    cfg.steps, cfg_scale, batch_size=cfg.batch_size)
-            for i, im in zip(chunk, imgs):
-                out[i] = im
+            pixels = sampler.generate_pixels([real[i].caption for i in chunk], [cfg.seed + i for i in chunk], h, w,
+                                             cfg.steps, cfg_scale, batch_size=cfg.batch_size)
+            for i, im, tr in zip(chunk, to_uint8(pixels), to_uint8_truncated(pixels)):
+                out[i], trunc[i] = im, tr
             bar.update(len(chunk))
     bar.close()
-    return out
+    return out, (trunc if cfg.fid_prx else None)
 
 
-def score(cfg: EvalConfig, extractors: dict, real_feats: dict, gen: list, captions: list[str]) -> dict[str, float]:
+def score(cfg: EvalConfig, extractors: dict, real_feats: dict, gen: list, captions: list[str],
+          gen_truncated: list | None = None) -> dict[str, float]:
     values: dict[str, float] = {}
     if "fid" in cfg.metrics:
         values["fid"] = scores.fid_from_features(real_feats["inception"], features(extractors["inception"], gen))
         if cfg.fid_prx:
             values["fid_prx"] = scores.fid_from_features(real_feats["inception_prx"],
-                                                         features(extractors["inception"], gen, wrap=True))
+                                                         features(extractors["inception"], gen_truncated, wrap=True))
     clip_gen = features(extractors["clip"], gen) if "clip" in extractors else None
     if "cmmd" in cfg.metrics:
         values["cmmd"] = scores.mmd(real_feats["clip"], clip_gen)
@@ -225,6 +241,17 @@ def score(cfg: EvalConfig, extractors: dict, real_feats: dict, gen: list, captio
     if "dino_mmd" in cfg.metrics:
         values["dino_mmd"] = scores.mmd(real_feats["dino"], features(extractors["dino"], gen))
     return values
+
+
+def clip_text_note(cfg: EvalConfig, extractors: dict, captions: list[str]) -> dict[str, Any]:
+    """The CLIP score reads at most the CLIP tokenizer's context (77 tokens for OpenAI's CLIP): open_clip truncates
+    longer captions, so a ~160-word caption is scored on its first ~60 words. Stated in metrics.json."""
+    if "clip_score" not in cfg.metrics:
+        return {}
+    clip = extractors["clip"]
+    return {"clip_score_text": {"context_tokens": clip.context_length,
+                                "captions_truncated": clip.count_truncated(captions),
+                                "note": f"open_clip truncates captions at {clip.context_length} tokens"}}
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -249,14 +276,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     results = []
     for g in cfg.cfg:
         start = time.perf_counter()
-        gen = generate(sampler, real, g, cfg)
+        gen, gen_truncated = generate(sampler, real, g, cfg)
         seconds = time.perf_counter() - start
-        values = score(cfg, extractors, real_feats, gen, [r.caption for r in real])
+        values = score(cfg, extractors, real_feats, gen, [r.caption for r in real], gen_truncated)
         results.append({"cfg": g, "metrics": values, "sampling_images_per_s": len(gen) / max(seconds, 1e-9)})
     doc = {"run": os.path.abspath(info.run_dir), "step": info.step, "checkpoint": info.ckpt, "weights": info.weights,
            "n": cfg.n, "seeds": [cfg.seed, cfg.seed + cfg.n - 1], "steps": cfg.steps, "caption": cfg.caption,
            "real": os.path.abspath(cfg.real), "real_set_hash": real_hash, "real_features_cached": cached,
-           "captions_truncated": truncated,
+           "captions_truncated": truncated, **clip_text_note(cfg, extractors, [r.caption for r in real]),
            "shift": sampler.shift, "prediction": sampler.prediction, "results": results,
            "models": {k: v.info() for k, v in extractors.items()},
            "denoiser": {"text_encoder": info.data.get("text_encoder", {}).get("id"),
@@ -265,18 +292,40 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return doc
 
 
+def protocol(doc: dict) -> dict[str, Any]:
+    """The evaluation protocol of a metrics.json document: PROTOCOL's fields and each extractor's key."""
+    return {**{k: doc.get(k) for k in PROTOCOL},
+            "extractors": {k: v.get("key") for k, v in sorted(doc.get("models", {}).items())}}
+
+
+def protocol_differences(a: dict, b: dict) -> list[str]:
+    """What makes two evaluations incomparable: PROTOCOL fields, and extractors both used with different keys."""
+    pa, pb = protocol(a), protocol(b)
+    ea, eb = pa["extractors"], pb["extractors"]
+    return [k for k in PROTOCOL if pa[k] != pb[k]] + [f"{n} extractor" for n in sorted(set(ea) & set(eb))
+                                                      if ea[n] != eb[n]]
+
+
 def write_metrics(run_dir: str, step: int, doc: dict) -> str:
-    """RUN/eval/step-NNNNNNNN/metrics.json; results at other cfg values already there are kept."""
+    """RUN/eval/step-NNNNNNNN/metrics.json. Results at other guidance scales of the same protocol are kept in it;
+    a file of another protocol (n, seeds, sampler steps, caption, real set, weights, extractors) is never merged:
+    it is kept beside, as metrics-<its protocol hash>.json, and the new evaluation becomes metrics.json."""
     folder = os.path.join(run_dir, "eval", f"step-{step:08d}")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "metrics.json")
+    doc["protocol"] = protocol(doc)
     if os.path.isfile(path):
         with open(path) as fh:
             old = json.load(fh)
-        if old.get("real_set_hash") == doc["real_set_hash"] and old.get("steps") == doc["steps"]:
+        if not protocol_differences(old, doc):
+            doc["models"] = {**old.get("models", {}), **doc["models"]}
+            doc["protocol"] = protocol(doc)
             new_cfgs = {r["cfg"] for r in doc["results"]}
             doc["results"] = [r for r in old.get("results", []) if r["cfg"] not in new_cfgs] + doc["results"]
             doc["results"].sort(key=lambda r: r["cfg"])
+        else:
+            digest = hashlib.sha256(json.dumps(protocol(old), sort_keys=True).encode()).hexdigest()[:12]
+            os.replace(path, os.path.join(folder, f"metrics-{digest}.json"))
     with open(path + ".tmp", "w") as fh:
         json.dump(doc, fh, indent=2)
     os.replace(path + ".tmp", path)
@@ -339,32 +388,43 @@ def training_facts(run_dir: str, step: int) -> dict[str, Any]:
 
 
 def compare(runs: list[str], baseline: str | None = None) -> dict[str, Any]:
-    """Rows (one per run and cfg, latest evaluation), deltas to the baseline, and each run's history."""
+    """Rows (one per run and cfg, latest evaluation), deltas to the baseline, and each run's history.
+
+    Only evaluations of one protocol (PROTOCOL: n, seeds, sampler steps, caption, real set, weights, extractors)
+    are compared: a row whose protocol differs from the reference (the baseline, else the first run) gets no
+    deltas and is marked `differs: <fields>` in the `protocol` column."""
     runs = list(runs) + ([baseline] if baseline and baseline not in runs else [])
-    rows, history = [], {}
+    rows, history, docs_by_run = [], {}, {}
     for run in runs:
         docs = run_evaluations(run)
         if not docs:
             raise PrxError(f"{run}: no evaluation in {run}/eval; run prx-eval --run {run} --real DIR first")
         name = os.path.basename(os.path.abspath(run))
-        history[name] = [{"step": d["step"], "cfg": r["cfg"], **r["metrics"]} for d in docs for r in d["results"]]
-        last = docs[-1]
+        last = docs_by_run[name] = docs[-1]
+        history[name] = [{"step": d["step"], "cfg": r["cfg"], **r["metrics"]} for d in docs
+                         if not protocol_differences(d, last) for r in d["results"]]
         for r in last["results"]:
             rows.append({"run": name, "path": os.path.abspath(run), "step": last["step"], "cfg": r["cfg"],
-                         "n": last["n"], **{m: r["metrics"].get(m) for m in ("fid", "fid_prx", *METRICS[1:])},
+                         "n": last["n"], "weights": last.get("weights"), "caption": last.get("caption"),
+                         **{m: r["metrics"].get(m) for m in ("fid", "fid_prx", *METRICS[1:])},
                          **training_facts(run, last["step"])})
+    ref_name = os.path.basename(os.path.abspath(baseline or runs[0]))
+    for r in rows:
+        differs = protocol_differences(docs_by_run[ref_name], docs_by_run[r["run"]])
+        r["protocol"] = f"differs: {', '.join(differs)}" if differs else "same"
     if baseline:
-        base_name = os.path.basename(os.path.abspath(baseline))
-        base = {r["cfg"]: r for r in rows if r["run"] == base_name}
+        base = {r["cfg"]: r for r in rows if r["run"] == ref_name}
         for r in rows:
             b = base.get(r["cfg"])
             for m in METRICS:
-                if b is not None and r.get(m) is not None and b.get(m) is not None:
+                if b is not None and r["protocol"] == "same" and r.get(m) is not None and b.get(m) is not None:
                     r[f"d_{m}"] = r[m] - b[m]
-    return {"baseline": baseline, "rows": rows, "history": history}
+    return {"baseline": baseline, "reference_protocol": protocol(docs_by_run[ref_name]), "rows": rows,
+            "history": history}
 
 
-COLUMNS = [("run", "run"), ("step", "step"), ("cfg", "cfg"), ("fid", "FID"), ("d_fid", "dFID"), ("cmmd", "CMMD"),
+COLUMNS = [("run", "run"), ("step", "step"), ("cfg", "cfg"), ("n", "n"), ("weights", "weights"),
+           ("protocol", "protocol"), ("fid", "FID"), ("d_fid", "dFID"), ("cmmd", "CMMD"),
            ("d_cmmd", "dCMMD"), ("dino_mmd", "DINO-MMD"), ("d_dino_mmd", "dDINO"), ("clip_score", "CLIP"),
            ("d_clip_score", "dCLIP"), ("samples_seen", "samples seen"), ("train_samples_per_s", "train samples/s")]
 

@@ -157,6 +157,12 @@ def resolve_open_clip(name: str) -> tuple[str, str | None, str]:
     return arch, tag or None, f"open_clip:{arch}:{tag}"
 
 
+def open_clip_kwargs(tag: str | None) -> dict:
+    """OpenAI's CLIP weights were trained with QuickGELU: open_clip builds plain GELU unless told (it only warns),
+    which changes every feature; CMMD's reference (google-research/cmmd) runs OpenAI's model as trained."""
+    return {"force_quick_gelu": True} if tag == "openai" else {}
+
+
 class ClipExtractor(Extractor):
     metric = "cmmd"
 
@@ -165,7 +171,8 @@ class ClipExtractor(Extractor):
 
         arch, tag, self.key = resolve_open_clip(name)
         try:
-            model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag, device=device)
+            model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag, device=device,
+                                                                              **open_clip_kwargs(tag))
         except Exception as exc:  # noqa: BLE001 - missing weights offline, unknown tag: one clear line
             raise PrxError(f"--clip-model {name}: cannot load ({type(exc).__name__}: {str(exc)[:200]}); pass "
                              "--clip-model with a local open_clip folder or a cached alias") from None
@@ -181,6 +188,17 @@ class ClipExtractor(Extractor):
         pil = [Image.fromarray(im.permute(1, 2, 0).cpu().numpy()) for im in images]
         batch = torch.stack([self.preprocess(p) for p in pil]).to(self.device)
         return self.model.encode_image(batch, normalize=True)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", 77))
+
+    def count_truncated(self, texts: list[str]) -> int:
+        """Captions longer than the text tower's context (start and end tokens included), which it truncates."""
+        if hasattr(self.tokenizer, "encode"):  # open_clip's SimpleTokenizer: ids without start/end
+            return sum(len(self.tokenizer.encode(t)) + 2 > self.context_length for t in texts)
+        hf = self.tokenizer.tokenizer  # open_clip's HFTokenizer wraps a Hugging Face tokenizer
+        return sum(len(hf(t)["input_ids"]) > self.context_length for t in texts)
 
     def text(self, texts: list[str]) -> np.ndarray:
         import torch

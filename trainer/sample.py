@@ -231,9 +231,14 @@ class Sampler:
 
     def generate(self, prompts: list[str], seeds: list[int], height: int, width: int, steps: int = 50,
                  cfg: float = 3.5, negative_prompt: str | None = None, batch_size: int = 8) -> torch.Tensor:
-        """uint8 N x 3 x H x W images; CFG batches of `batch_size` prompts."""
+        """uint8 N x 3 x H x W images (rounded, as diffusers' postprocess); CFG batches of `batch_size` prompts."""
         from contract.encoders.vae import to_uint8
 
+        return to_uint8(self.generate_pixels(prompts, seeds, height, width, steps, cfg, negative_prompt, batch_size))
+
+    def generate_pixels(self, prompts: list[str], seeds: list[int], height: int, width: int, steps: int = 50,
+                        cfg: float = 3.5, negative_prompt: str | None = None, batch_size: int = 8) -> torch.Tensor:
+        """float32 N x 3 x H x W decoded images in [-1, 1] (before any quantisation); see `generate`."""
         check_size(height, width, self.multiple)
         down = int(self.vae.info.get("downsample", 8))
         shape = (int(self.model.config.in_channels), height // down, width // down)
@@ -246,7 +251,7 @@ class Sampler:
             else:
                 u_emb, u_mask = self.pad([self.empty] * len(chunk))
             latents = self.denoise(initial_noise(shape, chunk_seeds), emb, mask, u_emb, u_mask, steps, cfg)
-            out.append(to_uint8(self.vae.decode(latents)))
+            out.append(self.vae.decode(latents))
         return torch.cat(out)
 
 

@@ -94,6 +94,14 @@ def to_uint8(pixels):
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def to_uint8_truncated(pixels):
+    """float B x 3 x H x W in [-1, 1] -> uint8 by truncation, as PRX's metric callback does
+    (`torch.clamp(images * 255.0, 0, 255).to(torch.uint8)` on images in [0, 1])."""
+    import torch
+
+    return torch.clamp((pixels.float().clamp(-1, 1) + 1) / 2 * 255.0, 0, 255).to(torch.uint8)
+
+
 def load_vae(name: str, device: str = "cpu", bf16: bool = False) -> VAE:
     import torch
 
