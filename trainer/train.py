@@ -61,6 +61,16 @@ def _barrier(world: int):
         torch.distributed.barrier()
 
 
+def preflight(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu")):
+    """The run's algorithms and its data, checked (encoders, captions, what the algorithms need) before anything
+    is written: (algorithms, DataSpec). prx-study calls it for every run before the first one trains."""
+    algos = algorithms.active(cfg, rank, device)
+    needs = {k: v for a in algos for k, v in a.data_needs().items()}
+    spec = open_sources(load_mixture(cfg), cfg.vae, cfg.text_encoder, rank, world, **needs)
+    check_captions(spec)
+    return algos, spec
+
+
 def _resolve_run_dir(cfg: TrainConfig) -> str:
     if cfg.resume:
         if not os.path.isdir(cfg.resume):
@@ -193,10 +203,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     cfg = absolute_paths(cfg)
     run_dir = _resolve_run_dir(cfg)
-    algos = algorithms.active(cfg, rank, device)
-    needs = {k: v for a in algos for k, v in a.data_needs().items()}
-    spec = open_sources(load_mixture(cfg), cfg.vae, cfg.text_encoder, rank, world, **needs)
-    check_captions(spec)  # refuse bad data before writing anything
+    algos, spec = preflight(cfg, rank, world, device)
     with _run_lock(run_dir, rank, world):
         resume_from = _resume_point(cfg, rank, world)  # refuses before anything is written
         os.makedirs(run_dir, exist_ok=True)
