@@ -4,6 +4,8 @@ string imports (`importlib.import_module("m")`, `__import__("m")`; see `_string_
 - The contract modules import only the contract.
 - `filters/` and `captioners/` import only their own package and the contract; so does `trainer/`.
 - `pipeline/` never imports `trainer/`; no package imports the demo, testing support, benchmarks or tests.
+- `study/` (prx-study, the driver above the trainer) imports itself, the contract and `trainer/`; no package
+  imports `study/`.
 - No import cycles between modules.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import functools
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("contract", "pipeline", "filters", "captioners", "trainer")
+PACKAGES = ("contract", "pipeline", "filters", "captioners", "trainer", "study")
 OUTSIDE = ("demo", "testing", "bench", "tests")
 # contract/ is the data contract, encoders/ included (VAE, text encoder, buckets, REPA teacher): it decides how
 # latents and embeddings are made, and the sampler and evaluation must make them exactly as encode did.
@@ -181,3 +183,15 @@ def test_every_stage_module_has_one_registry_line_naming_its_stage():
         stage = getattr(entry.load(), "STAGE", None)
         assert (stage is None) == (entry.rank is REPORT), f"{entry.name}: a STAGE exactly when it is no REPORT"
         assert stage is None or stage.name == entry.name, f"{entry.name}: its STAGE is named {stage.name!r}"
+
+
+def test_study_drives_the_trainer_and_nothing_imports_the_study():
+    bad = {}
+    for m, deps in _graph().items():
+        top = m.split(".")[0]
+        allowed = ("study", "trainer") + CONTRACT if top == "study" else None
+        wrong = sorted(d for d in deps if (allowed and not _within(d, allowed)) or (top != "study" and
+                                                                                    _within(d, ("study",))))
+        if wrong:
+            bad[m] = wrong
+    assert not bad, f"study layering: {bad}"
