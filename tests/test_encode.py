@@ -374,3 +374,27 @@ def test_dask_executor_matches_local(enc, captioned, models, tmp_path):
         for v in encoded.available_variants(s):
             torch.testing.assert_close(encoded.read_embedding(s, v).float(),
                                        encoded.read_embedding(local[k], v).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_pixel_space_stores_the_crop_losslessly(captioned, models, tmp_path):
+    """`--vae none`: no VAE; every kept sample holds its bucket crop as lossless WebP, byte-equal to the crop
+    of the source image, and the folder's record names pixel space (3 channels, no compression)."""
+    import numpy as np
+
+    from contract.encoders import pixels as px
+
+    out = str(tmp_path / "enc-pixels")
+    assert _run("encode", "--in", captioned["captioned"], "--out", out, "--vae", "none",
+                "--text-encoder", models["text"], "--buckets", "ar", "--variants", "original") == 0
+    vae = encoded.encoded_info(out)["vae"]
+    assert (vae["class"], vae["latent_channels"], vae["downsample"]) == ("none", 3, 1)
+    source = {s.key: s for s in _samples(captioned["captioned"])}
+    kept = _samples(out)
+    assert len(kept) == captioned["n_photos"]
+    for s in kept:
+        assert "latent.safetensors" not in s.members
+        crop, expected = _crop(source[s.key], buckets="ar")
+        stored = px.decode_image(s.members["pixels.webp"])
+        assert stored.shape == (*crop.size, 3) and np.array_equal(stored, expected)
+        e = s.meta()["encoders"]
+        assert e["latent"]["shape"] == [3, *crop.size] and e["vae"]["dtype"] == "uint8"

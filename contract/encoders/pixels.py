@@ -12,6 +12,7 @@ bytes.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,13 @@ def pixel_info() -> dict[str, Any]:
     return {"name": PIXEL_SPACE, "id": None, "revision": None, "class": PIXEL_SPACE,
             "scaling_factor": 1.0, "shift_factor": 0.0, "latent_channels": 3, "downsample": 1,
             "normalisation": "x / 127.5 - 1", "storage": "webp-lossless", "dtype": "uint8"}
+
+
+@dataclass
+class PixelSpace:
+    """Pixel space where the encode stage holds a VAE: nothing to load, the crop itself is stored."""
+    info: dict[str, Any] = field(default_factory=pixel_info)
+    bf16: bool = False
 
 
 def encode_image(rgb: np.ndarray) -> bytes:

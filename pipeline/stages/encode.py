@@ -4,7 +4,8 @@ The trainer must not pay for the VAE or the text encoder per step. Each kept sam
 `latent.safetensors` (`mean`, `logvar`, float32 C x h x w), one `emb_{variant}.safetensors` per caption
 variant (`hidden`, bfloat16 L x D, real tokens only), optionally `repa.safetensors` (`features`), and a
 `json.encoders` section naming every encoder; the folder gets `_empty_prompt.safetensors` once. Read it
-back with `contract.encoded`.
+back with `contract.encoded`. `--vae none` is pixel space: `pixels.webp` (the crop itself, lossless;
+contract/encoders/pixels.py) instead of `latent.safetensors`.
 
 Work per batch: decode, crop and clean captions in CPU threads (the next batch is prepared while the
 current one is encoded), then batched VAE / teacher forwards per bucket size and text-encoder forwards
@@ -20,6 +21,7 @@ from contract.config import CommonConfig, option
 from contract.encoded import (EMPTY_PROMPT_FILE, LATENT_MEMBER, ORIGINAL, REPA_MEMBER, caption_member,
                               check_variant_name, embedding_member, variant_of_member)
 from contract.encoders import buckets as bk
+from contract.encoders.pixels import PIXELS_MEMBER, PixelSpace, encode_image, is_pixel_space, pixel_info
 from contract.images import DEFAULT_MAX_PIXELS, ImageRejected
 from pipeline.runner import cached, worker_device
 from contract.shards import BadMember, Sample, ShardWriter, dumps_json
@@ -37,7 +39,8 @@ ledger.register_reasons({
 @dataclass
 class EncodeConfig(CommonConfig):
     vae: str = option("flux1", help="VAE: alias from manifests/models.yaml, hub id or folder "
-                                    "(a diffusers AutoencoderKL; FLUX.2's VAE is not supported yet)")
+                                    "(a diffusers AutoencoderKL; FLUX.2's VAE is not supported yet), or none: "
+                                    "pixel space, the crop itself stored losslessly")
     text_encoder: str = option("t5gemma-2b", help="text encoder: alias, hub id or folder (t5gemma-2b is gated: "
                                                   "accept its licence on the hub and set HF_TOKEN)")
     resolution: int = option(256, help="square side, or the diffusers PRX bin set with --buckets ar (256/512/1024)")
@@ -122,7 +125,7 @@ class EncodeStage(MapStage):
             from contract.encoders import vae as vae_mod
 
             cfg = self.cfg
-            vinfo = vae_mod.vae_info(vae_mod.vae_spec(cfg.vae))
+            vinfo = pixel_info() if is_pixel_space(cfg.vae) else vae_mod.vae_info(vae_mod.vae_spec(cfg.vae))
             from contract.models import resolve
 
             tinfo = text_mod.text_info(resolve(cfg.text_encoder), cfg.max_length, cfg.cleaning)
@@ -150,7 +153,7 @@ class EncodeStage(MapStage):
             from contract.encoders.text import load_text_encoder
             from contract.encoders.vae import load_vae
 
-            vae = load_vae(cfg.vae, device, bf16)
+            vae = PixelSpace() if is_pixel_space(cfg.vae) else load_vae(cfg.vae, device, bf16)
             text = load_text_encoder(cfg.text_encoder, cfg.max_length, cfg.cleaning, device, bf16)
             teacher = (load_teacher(cfg.repa, cfg.repa_patch_size, vae.info["downsample"], device, bf16)
                        if cfg.repa else None)
@@ -241,7 +244,6 @@ class EncodeStage(MapStage):
         return full_tokens
 
     def encode_batch(self, prepared: list[Prepared], vae, text, teacher) -> list[Result]:
-        import torch
         from safetensors.torch import save
 
         full_tokens = self._drop_zero_token_captions(prepared, text)
@@ -257,9 +259,10 @@ class EncodeStage(MapStage):
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s:s + self.batch_size]
                 pixels = bk.to_tensor([prepared[i].pixels for i in chunk])
-                mean, logvar = vae.encode(pixels)
-                for j, i in enumerate(chunk):
-                    latents[i] = (mean[j].contiguous(), logvar[j].contiguous())
+                if not isinstance(vae, PixelSpace):
+                    mean, logvar = vae.encode(pixels)
+                    for j, i in enumerate(chunk):
+                        latents[i] = (mean[j].contiguous(), logvar[j].contiguous())
                 if teacher is not None:
                     f = teacher.features(pixels)
                     for j, i in enumerate(chunk):
@@ -282,14 +285,14 @@ class EncodeStage(MapStage):
             if p.done is not None:
                 results.append(p.done)
                 continue
-            mean, logvar = latents[i]
-            if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
-                results.append(reject(p.sample, "nonfinite_latent", f"crop {p.crop.box} at {p.crop.size}"))
+            image = self.image_members(p, latents.get(i))
+            if not isinstance(image, tuple):
+                results.append(image)
                 continue
-            members = {LATENT_MEMBER: save({"mean": mean, "logvar": logvar})}
+            members, shape = image
             enc: dict[str, Any] = {
-                "vae": {**vrec, "dtype": "float32", "compute": compute},
-                "latent": {**p.crop.meta(), "buckets": self.cfg.buckets, "shape": list(mean.shape)},
+                "vae": {**vrec, "dtype": vae.info["dtype"], "compute": compute},
+                "latent": {**p.crop.meta(), "buckets": self.cfg.buckets, "shape": shape},
                 "text_encoder": {**trec, "compute": compute},
                 "captions": {},
             }
@@ -311,12 +314,26 @@ class EncodeStage(MapStage):
             meta = dict(p.meta)
             meta["encoders"] = enc
             drop = tuple(m for m in p.sample.members
-                         if m in (LATENT_MEMBER, REPA_MEMBER) or variant_of_member(m) is not None)
+                         if m in (LATENT_MEMBER, PIXELS_MEMBER, REPA_MEMBER) or variant_of_member(m) is not None)
             if self.cfg.drop_images and p.sample.image_member:
                 drop += (p.sample.image_member,)
             members["json"] = dumps_json(meta)
             results.append(keep(p.sample, members=members, detail=self._missing_detail(p), drop=drop))
         return results
+
+    @staticmethod
+    def image_members(p: Prepared, latent) -> tuple[dict[str, bytes], list[int]] | Result:
+        """The image in the encoded space, with its shape: the VAE posterior, or in pixel space (no latent)
+        the crop itself; a `nonfinite_latent` row for a posterior with NaN or infinite values."""
+        import torch
+        from safetensors.torch import save
+
+        if latent is None:
+            return {PIXELS_MEMBER: encode_image(p.pixels)}, [3, *p.crop.size]
+        mean, logvar = latent
+        if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
+            return reject(p.sample, "nonfinite_latent", f"crop {p.crop.box} at {p.crop.size}")
+        return {LATENT_MEMBER: save({"mean": mean, "logvar": logvar})}, list(mean.shape)
 
 
 STAGE = EncodeStage
