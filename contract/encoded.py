@@ -3,7 +3,8 @@
 The trainer reads latents and text embeddings only through this module, so the layout of an encoded
 folder is decided in one place (ARCHITECTURE.md, Members):
 
-- `latent.safetensors`: `mean`, `logvar` (float32, C x h x w) of the VAE posterior of the crop;
+- `latent.safetensors`: `mean`, `logvar` (float32, C x h x w) of the VAE posterior of the crop; or, in pixel
+  space (`--vae none`), `pixels.webp`: the crop itself, lossless (contract/encoders/pixels.py);
 - `emb_{variant}.safetensors`: `hidden` (bfloat16, L x D, unpadded: L is the caption's token count);
 - `repa.safetensors` (optional): `features` (bfloat16, N x D; N = the denoiser's token grid, row-major);
 - `_empty_prompt.safetensors` at the folder root: `hidden` of the empty caption, for caption dropout;
@@ -32,7 +33,8 @@ ORIGINAL = "original"  # the variant held in the `txt` member
 _VARIANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 __all__ = [
-    "EncoderMismatch", "encoded_info", "check_encoders", "load_empty_prompt", "read_latent", "read_embedding",
+    "EncoderMismatch", "encoded_info", "check_encoders", "load_empty_prompt", "read_latent", "read_image",
+    "read_embedding",
     "available_variants", "read_repa", "encoder_meta", "caption_member", "embedding_member", "variant_of_member",
     "is_encoded_folder", "scale_latent", "unscale_latent", "sample_posterior", "LATENT_MEMBER", "REPA_MEMBER",
     "EMPTY_PROMPT_FILE", "ORIGINAL", "BadMember",
@@ -182,6 +184,19 @@ def read_latent(sample: Sample):
     if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
         raise BadMember(f"{LATENT_MEMBER}: non-finite values")
     return mean, logvar
+
+
+def read_image(sample: Sample):
+    """The sample's image in its encoded space: (mean, logvar) of the VAE posterior, or in pixel space
+    (pixels, None) with the crop as float32 3 x H x W in [-1, 1]."""
+    from contract.encoders.pixels import PIXELS_MEMBER, read_pixels
+
+    if PIXELS_MEMBER not in sample.members:
+        return read_latent(sample)
+    try:
+        return read_pixels(sample.members[PIXELS_MEMBER]), None
+    except Exception as exc:  # noqa: BLE001 - any decode failure is a bad member
+        raise BadMember(f"{PIXELS_MEMBER}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def read_embedding(sample: Sample, variant: str):

@@ -398,3 +398,6 @@ def test_pixel_space_stores_the_crop_losslessly(captioned, models, tmp_path):
         assert stored.shape == (*crop.size, 3) and np.array_equal(stored, expected)
         e = s.meta()["encoders"]
         assert e["latent"]["shape"] == [3, *crop.size] and e["vae"]["dtype"] == "uint8"
+        x, none = encoded.read_image(s)  # what the trainer's loader trains on
+        ref = torch.from_numpy(expected.astype("float32")).permute(2, 0, 1) / 127.5 - 1.0
+        assert none is None and torch.equal(x, ref)

@@ -444,7 +444,7 @@ def collate(items: list[Item], spec: DataSpec, text_max_length: int, seed: int, 
     means, logvars, toks, index, lengths, repas = [], [], [], [], [], []
     for b, it in enumerate(items):
         try:
-            mean, logvar = encoded.read_latent(it.sample)
+            mean, logvar = encoded.read_image(it.sample)
             emb = encoded.read_embedding(it.sample, it.variant)
             repa = encoded.read_repa(it.sample) if spec.with_repa else None
         except BadMember as exc:
@@ -464,10 +464,12 @@ def collate(items: list[Item], spec: DataSpec, text_max_length: int, seed: int, 
         toks.append(emb[:n])
         index.append(torch.arange(n) + b * text_max_length)
         lengths.append(n)
-    # latents drawn from the stored moments, one call per batch, seeded by the batch's first draw
-    g = torch.Generator().manual_seed(seed_for(seed, "posterior", rank, items[0].draw))
-    x0 = encoded.sample_posterior(torch.stack(means), torch.stack(logvars), generator=g)
-    x0 = encoded.scale_latent(x0, spec.vae).float()
+    if logvars[0] is None:  # pixel space: the stored crop itself, in [-1, 1]
+        x0 = torch.stack(means)
+    else:  # latents drawn from the stored moments, one call per batch, seeded by the batch's first draw
+        g = torch.Generator().manual_seed(seed_for(seed, "posterior", rank, items[0].draw))
+        x0 = encoded.sample_posterior(torch.stack(means), torch.stack(logvars), generator=g)
+        x0 = encoded.scale_latent(x0, spec.vae).float()
     return Batch(x0, torch.cat(toks), torch.cat(index), torch.tensor(lengths, dtype=torch.int64), text_max_length,
                  [it.source for it in items], [it.variant for it in items], [it.sample.key for it in items],
                  [os.path.basename(it.sample.shard) for it in items], [it.draw for it in items],
@@ -527,7 +529,7 @@ class MixtureLoader:
             shape = (enc.get("latent") or {}).get("shape")
             tokens = ((enc.get("captions") or {}).get(variant) or {}).get("tokens")
             if not (isinstance(shape, list) and len(shape) == 3):
-                shape = list(encoded.read_latent(sample)[0].shape)
+                shape = list(encoded.read_image(sample)[0].shape)
         except BadMember as exc:
             raise DataError(f"bad shard {sample.shard} (source {stream.src.name!r}): sample {sample.key}: {exc}. "
                             "Fix or remove the shard (re-run `prx-data encode` for it) and resume") from None
