@@ -40,9 +40,29 @@ def test_trainer_reads_pixels_and_trains_x_prediction(pixel_shards, tmp_path):
     # values are k / 127.5 - 1 for integers k: the stored bytes, not a VAE's floats
     k = (batch.x0 + 1) * 127.5
     assert torch.allclose(k, k.round(), atol=1e-4)
-    cfg = TrainConfig(shards=[pixel_shards["folder"]], model="tiny", steps=3, batch_size=2, lr=1e-3, warmup_steps=0,
-                      out=str(tmp_path / "run"), log_every=1, checkpoint_every=1000, tensorboard=False, device="cpu",
-                      vae="none", text_encoder=pixel_shards["te"], loader_workers=0, shuffle_buffer=16,
+    cfg = TrainConfig(shards=[pixel_shards["folder"]], model="tiny-pixel", steps=3, batch_size=2, lr=1e-3,
+                      warmup_steps=0, out=str(tmp_path / "run"), log_every=1, checkpoint_every=1000, tensorboard=False,
+                      device="cpu", vae="none", text_encoder=pixel_shards["te"], loader_workers=0, shuffle_buffer=16,
                       prediction="x", caption=dict(original=1.0))
     out = run(cfg)
     assert all(math.isfinite(v) for v in out["losses"]), out
+
+
+def test_a_model_whose_patch_does_not_fit_the_pixels_is_refused_before_step_1(pixel_shards, tmp_path):
+    from diffusers import PRXTransformer2DModel
+
+    from contract.errors import PrxError
+    from trainer.config import TrainConfig
+    from trainer.model import PRESETS
+    from trainer.train import run
+
+    folder = tmp_path / "patch64"
+    PRXTransformer2DModel(**dict(PRESETS["tiny"], patch_size=64, in_channels=3, context_in_dim=32)).save_pretrained(
+        folder)
+    cfg = TrainConfig(shards=[pixel_shards["folder"]], model=str(folder), steps=3, batch_size=2,
+                      out=str(tmp_path / "run"), tensorboard=False, device="cpu", vae="none",
+                      text_encoder=pixel_shards["te"], loader_workers=0, caption=dict(original=1.0))
+    with pytest.raises(PrxError, match=r"patch size 64 does not divide the pixel space \(--vae none\) grid "
+                                       r"of bucket\(s\) 32x32"):
+        run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -52,3 +52,26 @@ def test_non_rgb_uint8_is_refused():
         px.encode_image(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError, match="uint8 H x W x 3"):
         px.encode_image(np.zeros((4, 4), np.uint8))
+
+
+def test_a_model_that_does_not_fit_the_space_is_refused():
+    """Channels must be the space's; every bucket's grid (size / downsample) must divide by the patch."""
+    from diffusers.pipelines.prx.pipeline_prx import ASPECT_RATIO_256_BIN
+
+    from contract.errors import PrxError
+    from trainer.model import check_fits
+
+    pixels = px.pixel_info()
+    check_fits(3, 32, pixels, 256, "square")  # 256 = 8 x 32
+    check_fits(16, 2, {"latent_channels": 16, "downsample": 8, "id": "flux1"}, 256, "square")  # 32 x 32 grid
+    with pytest.raises(PrxError, match="takes 16 channels.*pixel space.*--model prx-jit-32-small"):
+        check_fits(16, 2, pixels, 256, "square")
+    with pytest.raises(PrxError, match="patch size 32 does not divide.*240x240"):
+        check_fits(3, 32, pixels, 240, "square")
+    # diffusers' 256 px bins are multiples of 32 a side (PRX's pixel patch fits them), not all of 64
+    assert all(h % 32 == 0 and w % 32 == 0 for h, w in ASPECT_RATIO_256_BIN.values())
+    check_fits(3, 32, pixels, 256, "ar")
+    misfit = [f"{h}x{w}" for h, w in ASPECT_RATIO_256_BIN.values() if h % 64 or w % 64]
+    assert misfit
+    with pytest.raises(PrxError, match=f"patch size 64 does not divide.*{misfit[0]}"):
+        check_fits(3, 64, pixels, 256, "ar")

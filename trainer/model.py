@@ -16,6 +16,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "prx-small": dict(hidden_size=1792, depth=16, num_heads=28, mlp_ratio=3.5, patch_size=2, axes_dim=[32, 32]),
     # Same class, test-sized: head dim 32 = axes 16 + 16.
     "tiny": dict(hidden_size=64, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=2, axes_dim=[16, 16]),
+    # PRX's pixel-space JiT model (prx_jit_32_small): prx-small on 32 x 32 pixel patches through a 256 bottleneck.
+    "prx-jit-32-small": dict(hidden_size=1792, depth=16, num_heads=28, mlp_ratio=3.5, patch_size=32,
+                             axes_dim=[32, 32], bottleneck_size=256),
+    # Same shape, test-sized: 8 x 8 pixel patches through a 32 bottleneck.
+    "tiny-pixel": dict(hidden_size=64, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=8, axes_dim=[16, 16],
+                       bottleneck_size=32),
 }
 
 
@@ -49,6 +55,27 @@ def build_model(name: str, in_channels: int, context_in_dim: int, seed: int = 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return PRXTransformer2DModel(**model_config(name, in_channels, context_in_dim))
+
+
+def check_fits(in_channels: int, patch: int, vae_info: dict[str, Any], resolution: int, buckets: str) -> None:
+    """Refuse, before any step, a denoiser whose channels or patch do not fit the shards' space: its
+    in_channels must be the space's channels, and every bucket's grid (size / downsample) must divide by its
+    patch size."""
+    from contract.encoders import buckets as bk
+    from contract.errors import PrxError
+
+    channels, down = int(vae_info["latent_channels"]), int(vae_info["downsample"])
+    space = ("pixel space (--vae none)" if vae_info.get("class") == "none"
+             else f"the VAE's latents ({vae_info.get('id')})")
+    if in_channels != channels:
+        raise PrxError(f"the model takes {in_channels} channels but the shards hold {space} with "
+                       f"{channels}: use a model built for them (pixel space: --model prx-jit-32-small)")
+    sizes = list(bk.aspect_ratio_bins()[resolution].values()) if buckets == bk.AR else [[resolution, resolution]]
+    bad = [(h, w) for h, w in sizes if (h // down) % patch or (w // down) % patch]
+    if bad:
+        raise PrxError(f"the model's patch size {patch} does not divide the {space} grid of bucket(s) "
+                       f"{', '.join(f'{h}x{w}' for h, w in bad[:4])} (downsample {down}): use a model with a patch "
+                       f"that divides it, or re-encode at a resolution whose grid it divides")
 
 
 def count_parameters(model: torch.nn.Module) -> int:
