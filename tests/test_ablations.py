@@ -294,7 +294,7 @@ EXPECTED_CHANGES = {
     "repa-burnin": {"repa_weight", "repa_until_step"}, "repa-dinov2": {"repa_weight"}, "shift-3": {"shift"},
     "sprint": {"routing", "route_ratio"}, "tread": {"routing", "route_ratio"}, "weights-bf16": {"weights_dtype"},
     "x-prediction": {"prediction"}, "contrastive-fm": {"contrastive_weight"}, "min-snr": {"min_snr_gamma"},
-    "fp8": {"fp8"},
+    "fp8": {"fp8"}, "jit-pixel": {"vae", "model", "prediction", "shift"},
 }
 GPU_ONLY = {"fp8"}  # refused on this CPU before step 1 (test_bad_ablation_input_is_refused_before_step_1)
 
