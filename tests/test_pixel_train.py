@@ -25,12 +25,25 @@ def pixel_shards(tmp_path_factory, tiny_model):
     return {"folder": str(root / "px"), "te": te, "root": root}
 
 
-def test_trainer_reads_pixels_and_trains_x_prediction(pixel_shards, tmp_path):
+@pytest.fixture(scope="module")
+def pixel_run(pixel_shards, tmp_path_factory):
+    """3 x-prediction steps of the tiny pixel model (patch 8, bottleneck 32) on the pixel shards."""
+    from trainer.config import TrainConfig
+    from trainer.train import run
+
+    cfg = TrainConfig(shards=[pixel_shards["folder"]], model="tiny-pixel", steps=3, batch_size=2, lr=1e-3,
+                      warmup_steps=0, out=str(tmp_path_factory.mktemp("pixel-run") / "run"), log_every=1,
+                      checkpoint_every=1000, tensorboard=False, device="cpu", vae="none",
+                      text_encoder=pixel_shards["te"], loader_workers=0, shuffle_buffer=16, prediction="x",
+                      caption=dict(original=1.0))
+    return run(cfg)
+
+
+def test_trainer_reads_pixels_and_trains_x_prediction(pixel_shards, pixel_run):
     """The loader's x0 is the stored crop in [-1, 1] (3 channels, full resolution); 3 steps of x-prediction
     on it give finite losses and a 3-channel denoiser."""
-    from trainer.config import Mixture, Source, TrainConfig
+    from trainer.config import Mixture, Source
     from trainer.data import MixtureLoader, open_sources
-    from trainer.train import run
 
     spec = open_sources(Mixture([Source("p", pixel_shards["folder"], 1.0)], {}))
     assert spec.latent_channels == 3
@@ -40,12 +53,32 @@ def test_trainer_reads_pixels_and_trains_x_prediction(pixel_shards, tmp_path):
     # values are k / 127.5 - 1 for integers k: the stored bytes, not a VAE's floats
     k = (batch.x0 + 1) * 127.5
     assert torch.allclose(k, k.round(), atol=1e-4)
-    cfg = TrainConfig(shards=[pixel_shards["folder"]], model="tiny-pixel", steps=3, batch_size=2, lr=1e-3,
-                      warmup_steps=0, out=str(tmp_path / "run"), log_every=1, checkpoint_every=1000, tensorboard=False,
-                      device="cpu", vae="none", text_encoder=pixel_shards["te"], loader_workers=0, shuffle_buffer=16,
-                      prediction="x", caption=dict(original=1.0))
-    out = run(cfg)
-    assert all(math.isfinite(v) for v in out["losses"]), out
+    assert len(pixel_run["losses"]) == 3 and all(math.isfinite(v) for v in pixel_run["losses"]), pixel_run
+
+
+def test_pixel_sampler_equals_prx_pixel_pipeline(pixel_run):
+    """Same timesteps, noise and embeddings: our Euler + CFG loop on x-predictions gives PRXPixelPipeline's
+    final pixels (its noise_scale set to the run's: the trainer draws unit noise, as PRX's JiT baseline)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, PRXPixelPipeline
+
+    from trainer.sample import Sampler, initial_noise, open_run, timestep_grid
+
+    sampler = Sampler(open_run(pixel_run["run_dir"]))
+    emb, mask = sampler.embed(["a photo of coffee"])
+    u_emb, u_mask = sampler.pad([sampler.empty])
+    noise = initial_noise((3, 32, 32), [3])
+    ours = sampler.denoise(noise, emb, mask, u_emb, u_mask, steps=6, cfg=3.5)
+    pipe = PRXPixelPipeline(transformer=sampler.model, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                            text_encoder=sampler.text_encoder.model.encoder, tokenizer=sampler.text_encoder.tokenizer,
+                            default_sample_size=32, noise_scale=1.0)
+    theirs = pipe(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=u_emb,
+                  negative_prompt_attention_mask=u_mask, latents=noise.clone(), guidance_scale=3.5,
+                  timesteps=(timestep_grid(6, 1.0)[:-1] * 1000).tolist(), height=32, width=32, output_type="pt",
+                  use_resolution_binning=False).images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # prx-sample's pixels: no decoder, the same image clamped to [-1, 1]
+    pixels = sampler.generate_pixels(["a photo of coffee"], [3], 32, 32, steps=6, cfg=3.5)
+    torch.testing.assert_close(pixels, theirs.clamp(-1, 1), atol=1e-5, rtol=1e-5)
 
 
 def test_a_model_whose_patch_does_not_fit_the_pixels_is_refused_before_step_1(pixel_shards, tmp_path):

@@ -154,6 +154,7 @@ class Sampler:
 
         from contract.encoded import load_empty_prompt
         from contract.encoders.text import load_text_encoder
+        from contract.encoders.pixels import PixelSpace, is_pixel_space
         from contract.encoders.vae import load_vae
 
         self.run, self.device = run, torch.device(device)
@@ -162,7 +163,8 @@ class Sampler:
         te = run.data["text_encoder"]
         self.text_encoder = load_text_encoder(model_name(te), max_length=int(te.get("max_length", TEXT_MAX_LENGTH)),
                                               cleaning=te.get("cleaning", "prx"), device=device)
-        self.vae = load_vae(model_name(run.data["vae"]), device=device)
+        self.vae = (PixelSpace() if is_pixel_space(run.data["vae"].get("class"))
+                    else load_vae(model_name(run.data["vae"]), device=device))
         self.empty = load_empty_prompt(run.empty_prompt_folder)
         self.text_max_length = int(run.get("text_max_length", TEXT_MAX_LENGTH))
         self.prediction = run.get("prediction", "v")

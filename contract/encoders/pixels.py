@@ -35,9 +35,15 @@ def pixel_info() -> dict[str, Any]:
 
 @dataclass
 class PixelSpace:
-    """Pixel space where the encode stage holds a VAE: nothing to load, the crop itself is stored."""
+    """Pixel space where the encode stage and the sampler hold a VAE: nothing to load; the crop itself is
+    stored, and the sampler's output is the image (PRXPixelPipeline: no decoder)."""
     info: dict[str, Any] = field(default_factory=pixel_info)
     bf16: bool = False
+
+    @staticmethod
+    def decode(x):
+        """The sampler's output is the image: float32 B x 3 x H x W, clamped to [-1, 1], on the CPU."""
+        return x.float().clamp(-1.0, 1.0).cpu()
 
 
 def encode_image(rgb: np.ndarray) -> bytes:
