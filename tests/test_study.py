@@ -102,3 +102,15 @@ def test_study_end_to_end_submitit_and_killed_driver_give_the_same_report(tmp_pa
     log = (two / "runs" / "baseline-seed0.log").read_text()
     assert log.count("trainer.cli") == 1  # the finished run was not trained again
     assert main(["status", str(two)]) == 0
+
+
+TEMPLATES = {"finetune"}  # overlays that need a parent run: not an arm of a table
+
+
+def test_shipped_studies_load_and_prx_part2_has_every_overlay_as_an_arm():
+    part2 = load(os.path.join(REPO, "manifests", "studies", "prx-part2.yaml"))
+    overlays = {f[:-5] for f in os.listdir(ABLATIONS) if f.endswith(".yaml")} - TEMPLATES
+    assert {os.path.basename(a.overlay)[:-5] for a in part2.arms[1:]} == overlays
+    assert part2.baseline.seeds == [0, 1, 2] and part2.steps == 100000 and part2.eval_steps()[0] == 10000
+    demo = load(os.path.join(REPO, "manifests", "studies", "demo.yaml"))
+    assert len(demo.arms) == 4 and demo.baseline.seeds == [0, 1] and demo.train["model"] == "tiny"
