@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -114,3 +115,16 @@ def test_shipped_studies_load_and_prx_part2_has_every_overlay_as_an_arm():
     assert part2.baseline.seeds == [0, 1, 2] and part2.steps == 100000 and part2.eval_steps()[0] == 10000
     demo = load(os.path.join(REPO, "manifests", "studies", "demo.yaml"))
     assert len(demo.arms) == 4 and demo.baseline.seeds == [0, 1] and demo.train["model"] == "tiny"
+
+
+def test_fid_bootstrap_interval_covers_the_closed_form_between_two_gaussians():
+    from study.bootstrap import fid_interval
+    rng = np.random.default_rng(3)
+    d, n = 4, 2000
+    mu = np.array([1.0, 0.5, 0.0, 0.0])
+    scale = np.array([1.0, 1.0, 2.0, 1.0])  # generated: N(mu, diag(scale^2)); real: N(0, I)
+    real = rng.standard_normal((n, d))
+    gen = mu + scale * rng.standard_normal((n, d))
+    closed = float(mu @ mu + ((scale - 1.0) ** 2).sum())  # |mu|^2 + tr(I + S - 2 S^1/2) for diagonal S
+    low, high = fid_interval(real, gen, resamples=200)
+    assert low < closed < high and high - low < 0.5 * closed
