@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -99,3 +100,28 @@ def test_a_model_whose_patch_does_not_fit_the_pixels_is_refused_before_step_1(pi
                                        r"of bucket\(s\) 32x32"):
         run(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_export_loads_in_prx_pixel_pipeline_with_the_runs_tensors(pixel_shards, pixel_run, tmp_path):
+    """prx-export of a pixel run: PRXPixelPipeline.from_pretrained loads it with every tensor equal to the
+    run's, noise_scale 1.0 (the trainer's unit noise), and it draws the asked size."""
+    from diffusers import PRXPixelPipeline, PRXTransformer2DModel
+    from transformers import T5GemmaEncoderModel
+
+    from trainer.export import main
+
+    out = tmp_path / "pipe"
+    assert main([pixel_run["run_dir"], "--out", str(out)]) == 0
+    pipe = PRXPixelPipeline.from_pretrained(str(out))
+    assert pipe.config.noise_scale == 1.0 and pipe.config.default_sample_size == 32
+    ckpt = os.path.join(pixel_run["run_dir"], "checkpoints", "step-00000003", "transformer")
+    pairs = [(pipe.transformer, PRXTransformer2DModel.from_pretrained(ckpt)),
+             (pipe.text_encoder, T5GemmaEncoderModel.from_pretrained(pixel_shards["te"]).encoder)]
+    for got, want in pairs:
+        g, w = got.state_dict(), want.state_dict()
+        assert g.keys() == w.keys()
+        for k in w:
+            assert torch.equal(g[k], w[k]), k
+    image = pipe("a photo of coffee", guidance_scale=4.0, num_inference_steps=2, height=48, width=32,
+                 use_resolution_binning=False).images[0]
+    assert image.size == (32, 48)

@@ -1,4 +1,5 @@
-"""`prx-export RUN|CKPT --out DIR [--weights ema|raw]`: a folder `PRXPipeline.from_pretrained(DIR)` loads as is.
+"""`prx-export RUN|CKPT --out DIR [--weights ema|raw]`: a folder `PRXPipeline.from_pretrained(DIR)` loads as is
+(`PRXPixelPipeline` for a pixel-space run).
 
 What diffusers 0.42.1 needs, and why each step is here:
 - `model_index.json` names the text encoder `["prx", "T5GemmaEncoder"]` (the class diffusers' PRX pipeline
@@ -9,7 +10,11 @@ What diffusers 0.42.1 needs, and why each step is here:
 - the tokenizer's `model_max_length` is the run's `text_max_length` (PRXPipeline pads prompts to it);
 - `FlowMatchEulerDiscreteScheduler(shift=<the run's shift>)`, the run's VAE, `default_sample_size` = the
   resolution the shards were encoded at.
-Refused with the reason: x-prediction runs (PRXPipeline has no x-to-v step), runs with modules PRXPipeline
+A pixel-space run (`--vae none`) exports as PRXPixelPipeline: no VAE, x-predictions turned into velocities
+with t clamped at 0.05, noise_scale 1.0 (the trainer draws unit noise, as PRX's JiT baseline trains; the
+pipeline's default 2.0 would start from other noise than training saw).
+Refused with the reason: latent x-prediction runs (PRXPipeline has no x-to-v step), pixel runs that are not
+x-prediction with t_min 0.05 (what PRXPixelPipeline assumes), runs with modules PRXPipeline
 cannot hold (SPRINT's fusion layer, a text encoder other than T5Gemma, a VAE other than AutoencoderKL),
 and runs encoded with cleaning `none` (PRXPipeline always cleans prompts).
 """
@@ -26,15 +31,31 @@ from trainer.data import TEXT_MAX_LENGTH
 from trainer.sample import RunInfo, model_name, open_run
 
 
+PIXEL_NOISE_SCALE = 1.0  # the trainer's noise is unit randn (trainer/objective.py draw_noise)
+PIXEL_X_T_MIN = 0.05     # PRXPixelPipeline's clamp of t in its x-to-v step
+
+
+def is_pixel_run(info: RunInfo) -> bool:
+    from contract.encoders.pixels import is_pixel_space
+
+    return is_pixel_space(info.data.get("vae", {}).get("class"))
+
+
 def check_exportable(info: RunInfo) -> None:
-    if info.get("prediction", "v") == "x":
+    if is_pixel_run(info):
+        if info.get("prediction", "v") != "x" or float(info.get("x_pred_t_min", PIXEL_X_T_MIN)) != PIXEL_X_T_MIN:
+            raise PrxError(f"{info.run_dir} is a pixel-space run with prediction {info.get('prediction', 'v')}, "
+                           f"x_pred_t_min {info.get('x_pred_t_min', PIXEL_X_T_MIN)}: PRXPixelPipeline assumes "
+                           f"x-prediction with t clamped at {PIXEL_X_T_MIN}; sample it with prx-sample instead")
+    elif info.get("prediction", "v") == "x":
         raise PrxError(f"{info.run_dir} is an x-prediction run: PRXPipeline treats the model output as a velocity "
                          "and has no x-to-v step, so its images would be wrong; sample it with prx-sample instead")
     te, vae = info.data.get("text_encoder", {}), info.data.get("vae", {})
     if "T5Gemma" not in str(te.get("class", "")):
         raise PrxError(f"{info.run_dir}: text encoder {te.get('id')} ({te.get('class')}) is not T5Gemma; "
                          "PRXPipeline holds a T5GemmaEncoder, so the export is not supported")
-    if str(vae.get("class", "diffusers.AutoencoderKL")).rpartition(".")[2] != "AutoencoderKL":
+    vae_class = str(vae.get("class", "diffusers.AutoencoderKL")).rpartition(".")[2]
+    if not is_pixel_run(info) and vae_class != "AutoencoderKL":
         raise PrxError(f"{info.run_dir}: VAE class {vae.get('class')} is not an AutoencoderKL PRXPipeline decodes")
     if te.get("cleaning") == "none":
         raise PrxError(f"{info.run_dir} was encoded with --cleaning none, but PRXPipeline always cleans prompts "
@@ -65,9 +86,10 @@ def save_text_encoder(model, folder: str) -> None:
 
 
 def build_pipeline(info: RunInfo):
-    """(PRXPipeline of the run's modules, the T5GemmaEncoderModel its text encoder comes from)."""
+    """(PRXPipeline or PRXPixelPipeline of the run's modules, the T5GemmaEncoderModel its text encoder comes from)."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, PRXPipeline, PRXTransformer2DModel
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, PRXPipeline, PRXPixelPipeline,
+                           PRXTransformer2DModel)
     from transformers import AutoTokenizer, T5GemmaEncoderModel
 
     from contract.encoders.text import load_config
@@ -80,11 +102,13 @@ def build_pipeline(info: RunInfo):
     tokenizer.model_max_length = int(info.get("text_max_length", TEXT_MAX_LENGTH))
     kwargs = {"is_encoder_decoder": False} if getattr(load_config(spec), "is_encoder_decoder", False) else {}
     encoder = T5GemmaEncoderModel.from_pretrained(spec.id, **spec.load_kwargs(), dtype=torch.float32, **kwargs)
+    common = dict(transformer=PRXTransformer2DModel.from_pretrained(info.transformer_dir),
+                  scheduler=FlowMatchEulerDiscreteScheduler(shift=float(info.get("shift", 1.0))),
+                  text_encoder=encoder.encoder, tokenizer=tokenizer, default_sample_size=info.resolution())
+    if is_pixel_run(info):
+        return PRXPixelPipeline(**common, noise_scale=PIXEL_NOISE_SCALE), encoder
     vae = from_pretrained(resolve(model_name(info.data["vae"]), "diffusers.AutoencoderKL"), AutoencoderKL)
-    return PRXPipeline(transformer=PRXTransformer2DModel.from_pretrained(info.transformer_dir),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=float(info.get("shift", 1.0))),
-                       text_encoder=encoder.encoder, tokenizer=tokenizer, vae=vae,
-                       default_sample_size=info.resolution()), encoder
+    return PRXPipeline(**common, vae=vae), encoder
 
 
 def export(source: str, out: str, weights: str | None = None) -> str:
