@@ -10,6 +10,8 @@ times the project's own code path and returns rows (what, figure, note):
              (`trainer.objective.per_sample_loss`) + backward + AdamW with PRX's settings, BF16 autocast over
              FP32 weights, torch.compile off and on; samples/s and MFU (`trainer.model.train_flops_per_sample`,
              peak from `trainer.metrics`).
+- train-pixel: the same step in pixel space (`--vae none`): `prx-jit-32-small` (patch 32, bottleneck 256) on
+             3-channel 256 px crops, x-prediction with shift 3 (manifests/ablations/jit-pixel.yaml).
 - encode:    the FLUX.1 VAE (diffusers AutoencoderKL) encode at 256 px and the T5Gemma-2B encoder
              (transformers T5GemmaEncoderModel) at 256 tokens, BF16 autocast: images/s, captions/s.
 - recaption: Qwen2-VL-2B (transformers Qwen2VLForConditionalGeneration.generate, what the transformers
@@ -57,11 +59,13 @@ class Shapes:
     vlm_grid: int = 32           # 32 x 32 patches of 14 px = 448 px -> 256 vision tokens after the 2x2 merge
     new_tokens: int = 128
     fp8_steps: int = 300         # the FP8 section's training steps (FP8 against BF16 autocast)
+    pixel_model: str = "prx-jit-32-small"  # pixel space: PRX's JiT model (trainer/model.py PRESETS)
 
     @classmethod
     def dry(cls) -> "Shapes":
         return cls(model="tiny", text_dim=32, batch=2, latent=8, text_len=16, steps=2, compile=(False,), image=32,
-                   vlm_batch=2, vlm_grid=4, new_tokens=4, fp8_steps=2)
+                   vlm_batch=2, vlm_grid=4, new_tokens=4, fp8_steps=2,
+                   pixel_model="tiny-pixel")
 
 
 @dataclass
@@ -320,8 +324,44 @@ def section_fp8(ctx: Ctx) -> list[tuple[str, str, str]]:
     return rows
 
 
+def section_train_pixel(ctx: Ctx) -> list[tuple[str, str, str]]:
+    """A pixel-space training step (`--vae none`): PRX's JiT model on 3-channel crops at `image` px,
+    x-prediction with shift 3 (the jit-pixel overlay), BF16 autocast over FP32 weights, AdamW, compile off."""
+    import torch
+
+    from trainer.metrics import device_peak_flops
+    from trainer.model import build_model, model_config, train_flops_per_sample
+    from trainer.objective import ObjectiveConfig, draw_noise, per_sample_loss
+
+    s, oc = ctx.shapes, ObjectiveConfig(prediction="x", shift=3.0)
+    flops = train_flops_per_sample(model_config(s.pixel_model, 3, s.text_dim), s.image, s.image, s.text_len)
+    peak = device_peak_flops(torch.device(ctx.device))
+    model = build_model(s.pixel_model, 3, s.text_dim).to(ctx.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(s.batch, 3, s.image, s.image, generator=gen) * 2 - 1
+    eps, t = draw_noise(x0.shape, oc, gen)
+    emb = torch.randn(s.batch, s.text_len, s.text_dim, generator=gen).to(ctx.device, torch.bfloat16)
+    mask = torch.ones(s.batch, s.text_len, dtype=torch.bool, device=ctx.device)
+    x0, eps, t = x0.to(ctx.device), eps.to(ctx.device), t.to(ctx.device)
+    dtype = torch.bfloat16 if ctx.device == "cuda" else None
+
+    def step():
+        per_sample_loss(model, x0, eps, t, emb, mask, oc, dtype).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sps = s.batch / timed(ctx, step, s.steps)
+    mfu = f"MFU {100 * flops * sps / peak:.1f}%" if peak else "MFU n/a (no peak for this device)"
+    return [(f"train {s.pixel_model} (pixel space, x-prediction)", f"{sps:.1f} samples/s",
+             f"batch {s.batch}, {s.image} px, BF16 autocast, compile off; {mfu} (img_in counted as one "
+             "patch -> hidden projection, not through the bottleneck)")]
+
+
 SECTIONS: dict[str, Callable[[Ctx], list[tuple[str, str, str]]]] = {
     "train": section_train,
+    "train-pixel": section_train_pixel,
     "encode": section_encode,
     "recaption": section_recaption,
     "sample": section_sample,
