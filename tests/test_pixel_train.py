@@ -1,6 +1,7 @@
 """Pixel space end to end on the tiny models: `prx-data encode --vae none` -> prx-train (x-prediction)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -80,6 +81,18 @@ def test_pixel_sampler_equals_prx_pixel_pipeline(pixel_run):
     # prx-sample's pixels: no decoder, the same image clamped to [-1, 1]
     pixels = sampler.generate_pixels(["a photo of coffee"], [3], 32, 32, steps=6, cfg=3.5)
     torch.testing.assert_close(pixels, theirs.clamp(-1, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_prx_sample_cli_draws_pixel_images(pixel_run, tmp_path):
+    from PIL import Image
+
+    from trainer.sample import main
+
+    out = tmp_path / "out"
+    assert main(["--run", pixel_run["run_dir"], "--prompt", "a photo of coffee", "--steps", "2", "--height", "48",
+                 "--width", "32", "--out", str(out), "--device", "cpu"]) == 0
+    row = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert Image.open(out / row["file"]).size == (32, 48)
 
 
 def test_a_model_whose_patch_does_not_fit_the_pixels_is_refused_before_step_1(pixel_shards, tmp_path):
