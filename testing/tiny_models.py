@@ -352,6 +352,47 @@ def save_tiny_qwen2_vl(folder: str, seed: int, builder: str, text: dict, vision:
         json.dump({"builder": builder, "seed": seed, "special_token_ids": ids}, fh, indent=1)
 
 
+# ------------------------------------------------ Qwen3-VL and Qwen3 text towers (the encode stage)
+# `tiny-qwen3-vl`: transformers `Qwen3VLForConditionalGeneration` (tiny text and vision configs; the encoder
+# keeps its language model, as PRX's text tower does) with the byte-level Qwen tokenizer above.
+# `tiny-qwen3`: transformers `Qwen3Model` (a Qwen3 language model) with the same tokenizer. Both are 32 wide.
+
+QWEN3_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 512}
+
+
+def _save_qwen_tokenizer(folder: str) -> dict:
+    tokenizer = build_qwen_tokenizer()
+    tokenizer.save_pretrained(folder)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return {"vocab_size": ((len(tokenizer) + 63) // 64) * 64, "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+
+
+@register("tiny-qwen3-vl")
+def build_tiny_qwen3_vl(folder: str, seed: int = 0) -> None:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok = _save_qwen_tokenizer(folder)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    config = Qwen3VLConfig(text_config={**QWEN3_TEXT, **tok, "rope_parameters": rope},
+                           vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                          "out_hidden_size": 32, "patch_size": 16, "num_position_embeddings": 64,
+                                          "deepstack_visual_indexes": [1]},
+                           tie_word_embeddings=True)
+    _seed(seed)
+    Qwen3VLForConditionalGeneration(config).eval().save_pretrained(folder)
+
+
+@register("tiny-qwen3")
+def build_tiny_qwen3(folder: str, seed: int = 0) -> None:
+    from transformers import Qwen3Config, Qwen3Model
+
+    tok = _save_qwen_tokenizer(folder)
+    _seed(seed)
+    Qwen3Model(Qwen3Config(**QWEN3_TEXT, **tok)).eval().save_pretrained(folder)
+
+
 # ------------------------------------------------ PRX denoiser (the trainer)
 # `tiny-prx`: a seeded tiny PRXTransformer2DModel (the trainer's `tiny` preset) for `python -m testing.tiny_models`.
 #

@@ -53,7 +53,8 @@ def check_exportable(info: RunInfo) -> None:
     te, vae = info.data.get("text_encoder", {}), info.data.get("vae", {})
     if "T5Gemma" not in str(te.get("class", "")):
         raise PrxError(f"{info.run_dir}: text encoder {te.get('id')} ({te.get('class')}) is not T5Gemma; "
-                         "PRXPipeline holds a T5GemmaEncoder, so the export is not supported")
+                         "PRXPipeline holds a T5GemmaEncoder, so the export is not supported; sample the run with "
+                         "prx-sample, which encodes prompts with the text encoder its shards name")
     vae_class = str(vae.get("class", "diffusers.AutoencoderKL")).rpartition(".")[2]
     if not is_pixel_run(info) and vae_class != "AutoencoderKL":
         raise PrxError(f"{info.run_dir}: VAE class {vae.get('class')} is not an AutoencoderKL PRXPipeline decodes")

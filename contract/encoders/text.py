@@ -1,5 +1,9 @@
 """The text encoder: T5Gemma-2B's encoder by default, or any Hugging Face encoder by alias or folder.
 
+Qwen3-VL checkpoints (Qwen3-VL-Embedding-2B, Qwen3-VL-8B-Instruct) load as PRX's text tower loads them: the
+whole Qwen3VLForConditionalGeneration, keeping its language model's last hidden state (no prompt template, the
+caption's tokens only); a Qwen3 language model loads as Qwen3Model, also its last hidden state.
+
 Captions are cleaned with diffusers' PRX pipeline's own `TextPreprocessor` (imported, not copied):
 `prx` = `clean_text`, what `PRXPipeline` runs by default (`skip_text_cleaning=False`); `basic` =
 `basic_clean` (`skip_text_cleaning=True`); `none` = the caption as written. Then tokenized (at most
@@ -51,6 +55,8 @@ def encoder_class(spec: ModelSpec, config) -> str:
     mt = getattr(config, "model_type", "")
     if mt == "t5gemma":
         return "transformers.T5GemmaEncoderModel"
+    if mt == "qwen3_vl":  # PRX's text tower: the whole checkpoint, then its language model (language_model)
+        return "transformers.Qwen3VLForConditionalGeneration"
     if mt in ("t5", "mt5", "umt5"):
         return f"transformers.{ {'t5': 'T5', 'mt5': 'MT5', 'umt5': 'UMT5'}[mt]}EncoderModel"
     return "transformers.AutoModel"
@@ -137,6 +143,13 @@ class TextEncoder:
         return [hidden[i, :n].clone() for i, n in enumerate(lengths)]
 
 
+def language_model(model):
+    """A vision-language checkpoint's text backbone (PRX's text tower keeps `model.language_model` of
+    Qwen3VLForConditionalGeneration and discards the vision encoder); any other model as it is."""
+    inner = getattr(model, "model", None)
+    return inner.language_model if hasattr(inner, "language_model") else model
+
+
 def load_text_encoder(name: str, max_length: int = 256, cleaning: str = "prx", device: str = "cpu",
                       bf16: bool = False) -> TextEncoder:
     import torch
@@ -160,6 +173,7 @@ def load_text_encoder(name: str, max_length: int = 256, cleaning: str = "prx", d
     if getattr(config, "is_encoder_decoder", False) and hasattr(model, "get_encoder") \
             and "EncoderModel" not in type(model).__name__:
         model = model.get_encoder()
+    model = language_model(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False).eval().to(device)
