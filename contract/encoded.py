@@ -237,13 +237,49 @@ def sample_posterior(mean, logvar, generator=None):
 
 
 def scale_latent(latent, vae_info: dict[str, Any]):
-    """VAE latent -> the denoiser's space: (x - shift) * scaling (the inverse of PRXPipeline's decode)."""
+    """VAE latent -> the denoiser's space: (x - shift) * scaling (the inverse of PRXPipeline's decode), or for
+    FLUX.2's VAE (normalisation batch_norm_2x2) Flux2Pipeline's 2x2 patchify, (x - bn_mean) / bn_std, unpatchify
+    (the denoiser keeps the VAE's channels and grid, as PRX's prx_flux2)."""
+    if vae_info.get("normalisation") == "batch_norm_2x2":
+        mean, std = _bn_stats(latent, vae_info)
+        return _unpatchify_2x2((_patchify_2x2(latent) - mean) / std)
     return (latent - float(vae_info.get("shift_factor") or 0.0)) * float(vae_info.get("scaling_factor") or 1.0)
 
 
 def unscale_latent(latent, vae_info: dict[str, Any]):
-    """The denoiser's space -> VAE latent: x / scaling + shift (what PRXPipeline does before vae.decode)."""
+    """The denoiser's space -> VAE latent: x / scaling + shift (what PRXPipeline does before vae.decode), or for
+    FLUX.2's VAE patchify, x * bn_std + bn_mean, unpatchify (what Flux2Pipeline does before vae.decode)."""
+    if vae_info.get("normalisation") == "batch_norm_2x2":
+        mean, std = _bn_stats(latent, vae_info)
+        return _unpatchify_2x2(_patchify_2x2(latent) * std + mean)
     return latent / float(vae_info.get("scaling_factor") or 1.0) + float(vae_info.get("shift_factor") or 0.0)
+
+
+def _bn_stats(latent, vae_info: dict[str, Any]):
+    import torch
+
+    def col(key):
+        return torch.tensor(vae_info[key], dtype=latent.dtype, device=latent.device).view(-1, 1, 1)
+
+    return col("bn_mean"), col("bn_std")
+
+
+def _patchify_2x2(z):
+    """[..., C, H, W] -> [..., 4C, H/2, W/2], channel order c*4 + 2*dy + dx (Flux2Pipeline._patchify_latents)."""
+    *lead, c, h, w = z.shape
+    n = len(lead)
+    z = z.reshape(*lead, c, h // 2, 2, w // 2, 2)  # c, y, dy, x, dx
+    z = z.permute(*range(n), n, n + 2, n + 4, n + 1, n + 3)  # c, dy, dx, y, x
+    return z.reshape(*lead, c * 4, h // 2, w // 2)
+
+
+def _unpatchify_2x2(z):
+    """The inverse of `_patchify_2x2` (Flux2Pipeline._unpatchify_latents)."""
+    *lead, c4, h, w = z.shape
+    n = len(lead)
+    z = z.reshape(*lead, c4 // 4, 2, 2, h, w)  # c, dy, dx, y, x
+    z = z.permute(*range(n), n, n + 3, n + 1, n + 4, n + 2)  # c, y, dy, x, dx
+    return z.reshape(*lead, c4 // 4, h * 2, w * 2)
 
 
 def dumps_info(info: dict[str, Any]) -> str:

@@ -178,6 +178,24 @@ def build_tiny_flux_vae_sharp(folder: str, seed: int = 0) -> None:
     vae.save_pretrained(folder)
 
 
+@register("tiny-flux2-vae")
+def build_tiny_flux2_vae(folder: str, seed: int = 0) -> None:
+    """A seeded tiny AutoencoderKLFlux2 (FLUX.2's layout: 32 latent channels, 8x, batch norm over the 2x2
+    patchified latents) whose running mean/var are random, so the normalisation is not the identity."""
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    _seed(seed)
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, latent_channels=32, block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1, norm_num_groups=4, sample_size=64, use_quant_conv=True, use_post_quant_conv=True,
+    ).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(128) * 0.1)
+        vae.bn.running_var.copy_(torch.rand(128) * 0.5 + 0.05)
+    vae.save_pretrained(folder)
+
+
 def build_t5gemma_tokenizer(folder: str, vocab_size: int = 384) -> None:
     """A byte-level BPE tokenizer trained offline on a few sentences, saved as a fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

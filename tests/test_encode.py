@@ -327,16 +327,15 @@ def test_rerun_is_byte_identical_and_resumes(enc, captioned, models, tmp_path):
     assert os.stat(os.path.join(out, "000000.tar")).st_mtime_ns == before
 
 
-def test_flux2_vae_refused(captioned, models, tmp_path, capsys):
-    assert _run("encode", "--in", captioned["captioned"], "--out", str(tmp_path / "x"), "--vae", "flux2",
-                "--text-encoder", models["text"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
-    folder = tmp_path / "flux2-vae"
+def test_other_vae_class_refused(captioned, models, tmp_path, capsys):
+    folder = tmp_path / "tiny-ae"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLFlux2", "latent_channels": 32}))
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny", "latent_channels": 4}))
     assert _run("encode", "--in", captioned["captioned"], "--out", str(tmp_path / "y"), "--vae", str(folder),
                 "--text-encoder", models["text"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "AutoencoderTiny" in err and "AutoencoderKLFlux2" in err
+    assert not (tmp_path / "y").exists() or not any((tmp_path / "y").glob("*.tar"))
 
 
 def test_gated_text_encoder_says_how_to_get_access():

@@ -1,9 +1,9 @@
-"""The VAE: any diffusers `AutoencoderKL` by alias or folder (FLUX.1's by default).
+"""The VAE: a diffusers `AutoencoderKL` (FLUX.1's by default) or `AutoencoderKLFlux2` by alias or folder.
 
 `mean` and `logvar` of the posterior are stored (float32), so the trainer can draw a fresh latent each
-epoch; scaling and shift factors are recorded, not applied (`VAE.decode` applies their inverse, for sampling).
-FLUX.2's VAE (`AutoencoderKLFlux2`, latents normalised by batch-norm statistics, which diffusers' PRX
-pipeline does not decode) is refused.
+epoch; the normalisation into the denoiser's space is recorded, not applied (`contract.encoded.scale_latent`
+applies it, `VAE.decode` its inverse): scaling and shift factors for AutoencoderKL, FLUX.2's batch-norm
+running mean/std over 2x2-patchified latents for AutoencoderKLFlux2 (as diffusers' Flux2Pipeline does).
 """
 from __future__ import annotations
 
@@ -14,11 +14,9 @@ from contract.models import ModelSpec, loading, resolve
 from contract.errors import PrxError
 
 DEFAULT_CLASS = "diffusers.AutoencoderKL"
-UNSUPPORTED = {
-    "AutoencoderKLFlux2": "FLUX.2's VAE (AutoencoderKLFlux2) is not supported yet: its latents are normalised "
-                          "by batch-norm statistics that diffusers' PRX pipeline does not decode. Use a diffusers "
-                          "AutoencoderKL such as --vae flux1.",
-}
+SUPPORTED = ("AutoencoderKL", "AutoencoderKLFlux2")
+UNSUPPORTED: dict[str, str] = {}
+BATCH_NORM_2X2 = "batch_norm_2x2"  # FLUX.2: patchify 2x2, (z - running_mean) / sqrt(running_var + eps)
 
 
 def vae_spec(name: str) -> ModelSpec:
@@ -37,20 +35,50 @@ def load_config(spec: ModelSpec) -> dict[str, Any]:
     cls = cfg.get("_class_name", "AutoencoderKL")
     if cls in UNSUPPORTED:
         raise PrxError(f"--vae {spec.name}: {UNSUPPORTED[cls]}")
-    if cls != "AutoencoderKL":
-        raise PrxError(f"--vae {spec.name} is a {cls}; the encode stage supports diffusers AutoencoderKL VAEs")
+    if cls not in SUPPORTED:
+        raise PrxError(f"--vae {spec.name} is a {cls}; the encode stage supports diffusers "
+                       f"{' and '.join(SUPPORTED)} VAEs")
     return cfg
 
 
 def vae_info(spec: ModelSpec, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
     """What `_stage.json` and every sample's json record about the VAE."""
     cfg = cfg if cfg is not None else load_config(spec)
-    return {**spec.provenance(), "class": "diffusers.AutoencoderKL",
+    cls = cfg.get("_class_name", "AutoencoderKL")
+    info = {**spec.provenance(), "class": f"diffusers.{cls}",
             "scaling_factor": float(cfg.get("scaling_factor") or 1.0),
             "shift_factor": float(cfg.get("shift_factor") or 0.0),
             "latent_channels": int(cfg.get("latent_channels", 4)),
             "downsample": 2 ** (len(cfg.get("block_out_channels", [0])) - 1),
-            "dtype": "float32"}
+            "normalisation": "scale_shift", "dtype": "float32"}
+    if cls == "AutoencoderKLFlux2":
+        info.update(normalisation=BATCH_NORM_2X2, scaling_factor=1.0, shift_factor=0.0,
+                    **batch_norm_stats(spec, float(cfg.get("batch_norm_eps", 1e-4))))
+    return info
+
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def batch_norm_stats(spec: ModelSpec, eps: float) -> dict[str, list[float]]:
+    """FLUX.2's normalisation statistics per patchified channel (4 x latent_channels), as Flux2Pipeline reads
+    them: mean = bn.running_mean, std = sqrt(bn.running_var + batch_norm_eps); read from the weights file
+    alone (two buffers, not the model)."""
+    import os
+
+    import torch
+    from safetensors import safe_open
+
+    with loading(spec, "--vae"):
+        if spec.is_local:
+            path = os.path.join(spec.id, spec.subfolder or "", WEIGHTS_FILE)
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(spec.id, WEIGHTS_FILE, **spec.load_kwargs())
+        with safe_open(path, "pt") as f:
+            mean, var = f.get_tensor("bn.running_mean").double(), f.get_tensor("bn.running_var").double()
+    return {"bn_mean": mean.tolist(), "bn_std": torch.sqrt(var + eps).tolist()}
 
 
 @dataclass
@@ -109,6 +137,7 @@ def load_vae(name: str, device: str = "cpu", bf16: bool = False) -> VAE:
 
     spec = vae_spec(name)
     cfg = load_config(spec)  # refuses other classes, and says how to get access to a gated repo
-    model = from_pretrained(spec, DEFAULT_CLASS, flag="--vae", torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    cls = "diffusers." + cfg.get("_class_name", "AutoencoderKL")
+    model = from_pretrained(spec, cls, flag="--vae", torch_dtype=torch.float32, low_cpu_mem_usage=False)
     model.requires_grad_(False).eval().to(device)
     return VAE(model, spec, vae_info(spec, cfg), device, bf16)
