@@ -27,10 +27,12 @@ def is_pixel_space(vae: str | None) -> bool:
 
 
 def pixel_info() -> dict[str, Any]:
-    """The latent-space record of pixel space (the shape `vae_info` records for a VAE)."""
+    """The latent-space record of pixel space (the keys `vae_info` in contract/encoders/vae.py records for a
+    VAE: class, channels, downsample, normalisation)."""
     return {"name": PIXEL_SPACE, "id": None, "revision": None, "class": PIXEL_SPACE,
             "scaling_factor": 1.0, "shift_factor": 0.0, "latent_channels": 3, "downsample": 1,
-            "normalisation": "x / 127.5 - 1", "storage": "webp-lossless", "dtype": "uint8"}
+            "normalisation": "scale_shift", "pixels": "uint8 / 127.5 - 1", "storage": "webp-lossless",
+            "dtype": "uint8"}  # scale 1, shift 0: the denoiser trains on the [-1, 1] crop as stored
 
 
 @dataclass
