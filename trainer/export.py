@@ -57,7 +57,9 @@ def check_exportable(info: RunInfo) -> None:
                          "prx-sample, which encodes prompts with the text encoder its shards name")
     vae_class = str(vae.get("class", "diffusers.AutoencoderKL")).rpartition(".")[2]
     if not is_pixel_run(info) and vae_class != "AutoencoderKL":
-        raise PrxError(f"{info.run_dir}: VAE class {vae.get('class')} is not an AutoencoderKL PRXPipeline decodes")
+        raise PrxError(f"{info.run_dir}: VAE class {vae.get('class')} is not an AutoencoderKL PRXPipeline decodes "
+                       "(no stock diffusers pipeline decodes a PRX model in this latent space); sample the run "
+                       "with prx-sample, which decodes it")
     if te.get("cleaning") == "none":
         raise PrxError(f"{info.run_dir} was encoded with --cleaning none, but PRXPipeline always cleans prompts "
                          "(clean_text, or basic_clean with skip_text_cleaning=True): its prompts would differ from "
