@@ -190,7 +190,7 @@ def test_the_check_sees_a_bad_link_or_pointer():
 def test_nothing_in_the_repository_refers_outside_it():
     hits = []
     for folder, dirs, files in os.walk(REPO):   # hidden folders (.venv, .git) and outputs are not walked
-        dirs[:] = [d for d in dirs if not (d.startswith(".") or d in ("__pycache__", "demo-out", "build")
+        dirs[:] = [d for d in dirs if not (d.startswith(".") or d in ("__pycache__", "demo-out", "study-demo", "build")
                                            or d.endswith(".egg-info"))]
         for path in (Path(folder) / f for f in files):
             if path.suffix not in (".py", ".md", ".yaml", ".toml", ".txt") or path.name == "test_docs.py":
