@@ -59,3 +59,17 @@ def test_trains_samples_and_export_names_prx_sample(flux2_run):
     with pytest.raises(PrxError, match="prx-sample"):
         export(out["run_dir"], str(target))
     assert not target.exists()
+
+
+def test_mixing_flux1_and_flux2_shards_is_refused(flux2_run, tiny_model):
+    """Sources encoded in different latent spaces cannot be mixed: refused when the sources are opened."""
+    from contract.encoded import EncoderMismatch
+    from trainer.config import Mixture, Source
+    from trainer.data import open_sources
+
+    root = flux2_run["root"]
+    assert prx_data(["encode", "--in", str(root / "raw"), "--out", str(root / "f1"), "--resolution", "32",
+                     "--vae", tiny_model("tiny-flux-vae"), "--text-encoder", tiny_model("tiny-t5gemma"),
+                     "--executor", "local", "--no-progress"]) == 0
+    with pytest.raises(EncoderMismatch, match="different VAEs"):
+        open_sources(Mixture([Source("f2", str(root / "f2"), 1.0), Source("f1", str(root / "f1"), 1.0)], {}))
