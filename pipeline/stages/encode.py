@@ -39,7 +39,7 @@ ledger.register_reasons({
 @dataclass
 class EncodeConfig(CommonConfig):
     vae: str = option("flux1", help="VAE: alias from manifests/models.yaml, hub id or folder "
-                                    "(a diffusers AutoencoderKL; FLUX.2's VAE is not supported yet), or none: "
+                                    "(a diffusers AutoencoderKL or FLUX.2's AutoencoderKLFlux2), or none: "
                                     "pixel space, the crop itself stored losslessly")
     text_encoder: str = option("t5gemma-2b", help="text encoder: alias, hub id or folder (t5gemma-2b is gated: "
                                                   "accept its licence on the hub and set HF_TOKEN)")
