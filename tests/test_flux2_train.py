@@ -73,3 +73,25 @@ def test_mixing_flux1_and_flux2_shards_is_refused(flux2_run, tiny_model):
                      "--executor", "local", "--no-progress"]) == 0
     with pytest.raises(EncoderMismatch, match="different VAEs"):
         open_sources(Mixture([Source("f2", str(root / "f2"), 1.0), Source("f1", str(root / "f1"), 1.0)], {}))
+
+
+def test_sampler_latents_equal_prx_pipeline_in_flux2_space(flux2_run):
+    """Same timesteps (shift 1), noise and embeddings in FLUX.2's 32-channel space: our Euler + CFG loop gives
+    PRXPipeline's final latents (output_type latent; the decode is the one checked above)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline
+
+    from trainer.sample import Sampler, initial_noise, open_run, timestep_grid
+
+    sampler = Sampler(open_run(flux2_run["run"]["run_dir"]))
+    emb, mask = sampler.embed(["a photo of coffee"])
+    u_emb, u_mask = sampler.pad([sampler.empty])
+    noise = initial_noise((32, 4, 4), [3])
+    ours = sampler.denoise(noise, emb, mask, u_emb, u_mask, steps=6, cfg=3.5)
+    pipe = PRXPipeline(transformer=sampler.model, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                       text_encoder=sampler.text_encoder.model.encoder, tokenizer=sampler.text_encoder.tokenizer,
+                       vae=sampler.vae.model, default_sample_size=32)
+    theirs = pipe(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=u_emb,
+                  negative_prompt_attention_mask=u_mask, latents=noise.clone(), guidance_scale=3.5,
+                  timesteps=(timestep_grid(6, 1.0)[:-1] * 1000).tolist(), height=32, width=32, output_type="latent",
+                  use_resolution_binning=False).images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
