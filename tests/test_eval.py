@@ -89,8 +89,14 @@ def test_prx_eval_end_to_end_cache_and_compare(eval_runs, tiny_model, tmp_path, 
     from trainer.evaluate import main
 
     cache = tmp_path / "cache"
-    assert main(_eval_args(eval_runs, eval_runs["a"], cache, tiny_model, "--cfg", "1,2")) == 0
+    assert main(_eval_args(eval_runs, eval_runs["a"], cache, tiny_model, "--cfg", "1,2", "--keep-features")) == 0
     doc = json.loads((Path(eval_runs["a"]) / "eval" / "step-00000002" / "metrics.json").read_text())
+    from safetensors.numpy import load_file
+
+    for r in doc["results"]:  # --keep-features: the Inception features FID was computed from, per cfg
+        kept = load_file(str(Path(eval_runs["a"]) / "eval" / "step-00000002" / r["features"]))
+        assert kept["real"].shape == kept["generated"].shape == (3, 2048)
+        assert scores.fid_from_features(kept["real"], kept["generated"]) == pytest.approx(r["metrics"]["fid"])
     assert doc["n"] == 3 and doc["seeds"] == [42, 44] and [r["cfg"] for r in doc["results"]] == [1.0, 2.0]
     for r in doc["results"]:
         assert set(r["metrics"]) == {"fid", "cmmd", "dino_mmd", "clip_score"}

@@ -4,6 +4,7 @@
     prx-eval --run RUN --real DIR [--caption long] [--n 10000] [--metrics fid,cmmd,dino_mmd,clip_score]
              [--cfg 3.5[,5]] [--steps 50] [--seed 42] [--checkpoint STEP|last] [--real-cache DIR]
              [--inception-weights FILE] [--clip-model ALIAS|DIR] [--dino-model ALIAS|DIR] [--fid-prx]
+             [--keep-features]
     prx-eval compare RUN [RUN ...] [--baseline RUN] [--out DIR]
 
 The real set is the first n samples by key of any shard folder with images and captions (read with the
@@ -61,6 +62,8 @@ class EvalConfig:
     dino_model: str = option("dinov2", help="DINOv2 model for dino_mmd (alias, hub id or folder)")
     fid_prx: bool = option(False, help="also report fid_prx: FID as PRX's published code computes it (generated "
                                        "images truncated to uint8, then wrapped by FrechetInceptionDistance(normalize=True))")
+    keep_features: bool = option(False, runtime=True, help="keep the Inception features of fid (real and generated) "
+                                                           "next to metrics.json, one safetensors file per cfg")
     batch_size: int = option(16, runtime=True, minimum=1, help="images per sampler batch (x2 with guidance)")
     device: str = option("auto", runtime=True, help="auto (cuda if available), cpu, cuda")
     progress: bool = option(True, runtime=True, help="progress bar with images/s")
@@ -226,10 +229,14 @@ def generate(sampler, real: list[RealSample], cfg_scale: float, cfg: EvalConfig)
 
 
 def score(cfg: EvalConfig, extractors: dict, real_feats: dict, gen: list, captions: list[str],
-          gen_truncated: list | None = None) -> dict[str, float]:
+          gen_truncated: list | None = None, kept: dict | None = None) -> dict[str, float]:
+    """The metric values; with `kept`, the generated Inception features go in kept["inception"]."""
     values: dict[str, float] = {}
     if "fid" in cfg.metrics:
-        values["fid"] = scores.fid_from_features(real_feats["inception"], features(extractors["inception"], gen))
+        gen_inception = features(extractors["inception"], gen)
+        values["fid"] = scores.fid_from_features(real_feats["inception"], gen_inception)
+        if kept is not None:
+            kept["inception"] = gen_inception
         if cfg.fid_prx:
             values["fid_prx"] = scores.fid_from_features(real_feats["inception_prx"],
                                                          features(extractors["inception"], gen_truncated, wrap=True))
@@ -278,8 +285,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         start = time.perf_counter()
         gen, gen_truncated = generate(sampler, real, g, cfg)
         seconds = time.perf_counter() - start
-        values = score(cfg, extractors, real_feats, gen, [r.caption for r in real], gen_truncated)
-        results.append({"cfg": g, "metrics": values, "sampling_images_per_s": len(gen) / max(seconds, 1e-9)})
+        kept: dict = {}
+        values = score(cfg, extractors, real_feats, gen, [r.caption for r in real], gen_truncated, kept)
+        results.append({"cfg": g, "metrics": values, "sampling_images_per_s": len(gen) / max(seconds, 1e-9),
+                        "_gen_inception": kept.get("inception")})
     doc = {"run": os.path.abspath(info.run_dir), "step": info.step, "checkpoint": info.ckpt, "weights": info.weights,
            "n": cfg.n, "seeds": [cfg.seed, cfg.seed + cfg.n - 1], "steps": cfg.steps, "caption": cfg.caption,
            "real": os.path.abspath(cfg.real), "real_set_hash": real_hash, "real_features_cached": cached,
@@ -288,8 +297,29 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
            "models": {k: v.info() for k, v in extractors.items()},
            "denoiser": {"text_encoder": info.data.get("text_encoder", {}).get("id"),
                         "vae": info.data.get("vae", {}).get("id")}}
+    keep_features(cfg, info.run_dir, info.step, doc, real_feats.get("inception"))
     write_metrics(info.run_dir, info.step, doc)
     return doc
+
+
+def keep_features(cfg: EvalConfig, run_dir: str, step: int, doc: dict, real_inception) -> None:
+    """With --keep-features and fid: RUN/eval/step-N/inception-<protocol hash>-cfg<g>.safetensors holding float32
+    `real` (n x 2048) and `generated` (n x 2048) pool3 features, named in the result's `features`; the protocol
+    hash keeps files of different protocols apart. Drops the results' in-memory features either way."""
+    from safetensors.numpy import save_file
+
+    folder = os.path.join(run_dir, "eval", f"step-{step:08d}")
+    digest = hashlib.sha256(json.dumps(protocol(doc), sort_keys=True).encode()).hexdigest()[:12]
+    for r in doc["results"]:
+        gen = r.pop("_gen_inception", None)
+        if not cfg.keep_features or gen is None:
+            continue
+        os.makedirs(folder, exist_ok=True)
+        name = f"inception-{digest}-cfg{r['cfg']:g}.safetensors"
+        save_file({"real": np.ascontiguousarray(real_inception, dtype=np.float32),
+                   "generated": np.ascontiguousarray(gen, dtype=np.float32)}, os.path.join(folder, name),
+                  metadata={"protocol": digest, "cfg": f"{r['cfg']:g}", "extractor": "inception"})
+        r["features"] = name
 
 
 def protocol(doc: dict) -> dict[str, Any]:
