@@ -238,3 +238,10 @@ def test_cmmd_clip_is_openais_with_quickgelu():
     model = open_clip.create_model(arch, pretrained=None, **open_clip_kwargs(tag))
     acts = {type(m).__name__ for m in model.modules() if "GELU" in type(m).__name__}
     assert acts == {"QuickGELU"}
+
+
+def test_eval_prompts_default_to_prxs_short_llm_caption():
+    from trainer.evaluate import EvalConfig
+
+    # PRX's eval_unsplash.yaml prompts with caption_llm_s: the short LLM caption, here the `short` variant
+    assert EvalConfig().caption == "short"
