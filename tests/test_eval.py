@@ -105,6 +105,8 @@ def test_prx_eval_end_to_end_cache_and_compare(eval_runs, tiny_model, tmp_path, 
     assert doc["models"]["clip"]["key"].startswith("open_clip:local:tiny-clip@")
     assert doc["caption"] == "original" and doc["protocol"]["weights"] == doc["weights"]
     assert doc["clip_score_text"]["context_tokens"] == 77 and "truncates" in doc["clip_score_text"]["note"]
+    printed = capsys.readouterr().out
+    assert "prompts: the original caption" in printed and "truncates captions at 77 tokens" in printed
     # a second run (another model) reuses the cached real features
     assert main(_eval_args(eval_runs, eval_runs["b"], cache, tiny_model, "--metrics", "cmmd,dino_mmd",
                            "--cfg", "2")) == 0

@@ -554,6 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PrxError, FileNotFoundError, ValueError) as exc:
         print(f"prx-eval: error: {exc}", file=sys.stderr)
         return 2
+    print(f"n {doc['n']}, {doc['weights']} weights, prompts: the {doc['caption']} caption, seeds "
+          f"{doc['seeds'][0]}..{doc['seeds'][1]}, {doc['steps']} steps")
+    if "clip_score_text" in doc:
+        note = doc["clip_score_text"]
+        print(f"clip_score: {note['note']} ({note['captions_truncated']} of {doc['n']} captions truncated)")
     for r in doc["results"]:
         print(f"step {doc['step']} cfg {r['cfg']}: " + " ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items()))
     return 0
