@@ -55,6 +55,8 @@ def eval_argv(study: Study, run: Run, step: int) -> list[str]:
     from contract.config import flag_for
 
     argv = ["--run", run.dir, "--checkpoint", str(step), "--no-progress"]
+    if "fid" in study.eval.get("metrics", ["fid"]) and "keep_features" not in study.eval:
+        argv.append("--keep-features")  # the report's FID bootstrap interval resamples them
     for key, value in study.eval.items():
         if isinstance(value, bool):
             argv.append(flag_for(key) if value else "--no-" + key.replace("_", "-"))

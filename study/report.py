@@ -35,13 +35,30 @@ def _load(path: str) -> dict | None:
 
 
 def run_values(study: Study, run: Run) -> dict[str, Any]:
-    """{'metrics': {step: {cfg: {metric: value}}}, 'summary': summary.json or None} of one run."""
-    out: dict[str, Any] = {"metrics": {}, "summary": _load(os.path.join(run.dir, "summary.json"))}
+    """{'metrics': {step: {cfg: {metric: value}}}, 'features': {step: {cfg: file}}, 'summary': summary.json or
+    None} of one run (`features`: prx-eval --keep-features's Inception features, for FID's bootstrap interval)."""
+    out: dict[str, Any] = {"metrics": {}, "features": {}, "summary": _load(os.path.join(run.dir, "summary.json"))}
     for step in study.eval_steps():
         doc = _load(metrics_path(run, step))
         if doc:
             out["metrics"][step] = {float(r["cfg"]): r["metrics"] for r in doc["results"]}
+            out["features"][step] = {float(r["cfg"]): os.path.join(os.path.dirname(metrics_path(run, step)),
+                                                                   r["features"])
+                                     for r in doc["results"] if r.get("features")}
     return out
+
+
+def fid_interval(values: dict[str, Any], step: int, cfg: float) -> list[float] | None:
+    """FID's bootstrap interval (study/bootstrap.py) from the run's kept Inception features, when it has them."""
+    path = values["features"].get(step, {}).get(cfg)
+    if not path or not os.path.isfile(path):
+        return None
+    from safetensors.numpy import load_file
+
+    from study.bootstrap import fid_interval as interval
+
+    feats = load_file(path)
+    return list(interval(feats["real"], feats["generated"]))
 
 
 def spread(values: list[float]) -> dict[str, float | None]:
@@ -87,7 +104,9 @@ def table(study: Study, runs: list[Run]) -> dict[str, Any]:
                 mean = statistics.fmean(vals)
                 rows.append({"arm": arm, "cfg": cfg, "metric": metric, "value": mean, "seeds": len(vals),
                              "delta": mean - base["mean"], "baseline": base,
-                             "verdict": "baseline" if arm == BASELINE else verdict(metric, mean, base)})
+                             "verdict": "baseline" if arm == BASELINE else verdict(metric, mean, base),
+                             "bootstrap_first_seed": fid_interval(values[arm_runs[0].name], step, cfg)
+                             if metric == "fid" else None})
     return {"study": study.name, "step": step, "rule": RULE, "rows": rows,
             "throughput": throughput(by_arm, values), "runs": values}
 
@@ -117,16 +136,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _interval(row: dict[str, Any]) -> str:
+    got = row.get("bootstrap_first_seed")
+    return "-" if not got else f"{got[0]:.4g}..{got[1]:.4g}"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# Study {doc['study']}: step {doc['step']}", "", f"Verdict rule: {doc['rule']}.", "",
-             "| arm | cfg | metric | value | seeds | delta | baseline mean +- std | baseline min..max | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| arm | cfg | metric | value | seeds | delta | baseline mean +- std | baseline min..max | verdict | "
+             "FID bootstrap 95% (first seed) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         b = r.get("baseline") or {}
         std = "-" if b.get("std") is None else f"{b['std']:.4g}"
         lines.append(f"| {r['arm']} | {r['cfg']} | {r['metric']} | {_fmt(r['value'])} | {r.get('seeds', '-')} | "
                      f"{_fmt(r.get('delta'))} | {_fmt(b.get('mean'))} +- {std} | {_fmt(b.get('min'))}.."
-                     f"{_fmt(b.get('max'))} | {r['verdict']} |")
+                     f"{_fmt(b.get('max'))} | {r['verdict']} | {_interval(r)} |")
     lines += ["", "| arm | batches/s | ratio to baseline | samples/s | peak memory GiB |", "|---|---|---|---|---|"]
     for t in doc["throughput"]:
         lines.append(f"| {t['arm']} | {_fmt(t['batches_per_s'])} | {_fmt(t['ratio'])} | {_fmt(t['samples_per_s'])} "
@@ -186,7 +210,8 @@ def grids(runs: list[Run]) -> list[tuple[str, str]]:
 def html_page(study: Study, runs: list[Run], doc: dict[str, Any]) -> str:
     e = html.escape
     head = ("<th>arm</th><th>cfg</th><th>metric</th><th>value</th><th>seeds</th><th>delta</th>"
-            "<th>baseline mean &plusmn; std</th><th>baseline min..max</th><th>verdict</th>")
+            "<th>baseline mean &plusmn; std</th><th>baseline min..max</th><th>verdict</th>"
+            "<th>FID bootstrap 95% (first seed)</th>")
     cells = []
     for r in doc["rows"]:
         b = r.get("baseline") or {}
@@ -194,7 +219,8 @@ def html_page(study: Study, runs: list[Run], doc: dict[str, Any]) -> str:
         cells.append(f"<tr class='{e(r['verdict'].replace(' ', '-'))}'><td>{e(r['arm'])}</td><td>{r['cfg']}</td>"
                      f"<td>{e(r['metric'])}</td><td>{_fmt(r['value'])}</td><td>{r.get('seeds', '-')}</td>"
                      f"<td>{_fmt(r.get('delta'))}</td><td>{_fmt(b.get('mean'))} &plusmn; {std}</td>"
-                     f"<td>{_fmt(b.get('min'))}..{_fmt(b.get('max'))}</td><td>{e(r['verdict'])}</td></tr>")
+                     f"<td>{_fmt(b.get('min'))}..{_fmt(b.get('max'))}</td><td>{e(r['verdict'])}</td>"
+                     f"<td>{_interval(r)}</td></tr>")
     tput = "".join(f"<tr><td>{e(t['arm'])}</td><td>{_fmt(t['batches_per_s'])}</td><td>{_fmt(t['ratio'])}</td>"
                    f"<td>{_fmt(t['samples_per_s'])}</td><td>{_fmt(t['peak_memory_gib'])}</td></tr>"
                    for t in doc["throughput"])

@@ -128,3 +128,32 @@ def test_fid_bootstrap_interval_covers_the_closed_form_between_two_gaussians():
     closed = float(mu @ mu + ((scale - 1.0) ** 2).sum())  # |mu|^2 + tr(I + S - 2 S^1/2) for diagonal S
     low, high = fid_interval(real, gen, resamples=200)
     assert low < closed < high and high - low < 0.5 * closed
+
+
+def test_report_fid_rows_carry_the_bootstrap_interval_of_the_kept_features(tmp_path):
+    """prx-eval --keep-features names its Inception features per result; the report resamples them."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from study.bootstrap import fid_interval
+    from study.plan import plan
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"shards": "x", "train": {"steps": 2}, "eval": {"real": "r", "metrics": ["fid"]},
+                                    "baseline": {"overlay": os.path.join(REPO, "manifests", "train", "base.yaml"),
+                                                 "seeds": [0, 1]}}))
+    study = load(str(path))
+    rng = np.random.default_rng(0)
+    for i, run in enumerate(plan(study, str(tmp_path / "out"))):
+        folder = os.path.join(run.dir, "eval", "step-00000002")
+        os.makedirs(folder)
+        feats = {"real": rng.normal(size=(40, 4)).astype(np.float32),
+                 "generated": rng.normal(0.5 * i, 1, size=(40, 4)).astype(np.float32)}
+        save_file(feats, os.path.join(folder, "inception-x-cfg3.5.safetensors"))
+        with open(os.path.join(folder, "metrics.json"), "w") as fh:
+            json.dump({"results": [{"cfg": 3.5, "metrics": {"fid": 1.0 + i},
+                                    "features": "inception-x-cfg3.5.safetensors"}]}, fh)
+        if i == 0:
+            expected = list(fid_interval(feats["real"], feats["generated"]))
+    row = next(r for r in report.table(study, plan(study, str(tmp_path / "out")))["rows"] if r["metric"] == "fid")
+    assert row["bootstrap_first_seed"] == expected and row["value"] == 1.5
