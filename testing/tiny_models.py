@@ -196,6 +196,21 @@ def build_tiny_flux2_vae(folder: str, seed: int = 0) -> None:
     vae.save_pretrained(folder)
 
 
+@register("tiny-dc-ae")
+def build_tiny_dc_ae(folder: str, seed: int = 0) -> None:
+    """A seeded tiny AutoencoderDC (DC-AE's classes and layout, ResBlock stages then an EfficientViT stage): 8
+    latent channels, 4x compression (three stages), DC-AE f32c32's scaling factor."""
+    from diffusers import AutoencoderDC
+
+    _seed(seed)
+    blocks = ("ResBlock", "ResBlock", "EfficientViTBlock")
+    AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=8, encoder_block_types=blocks,
+                  decoder_block_types=blocks, encoder_block_out_channels=(8, 16, 16),
+                  decoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1),
+                  decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((), (), (5,)),
+                  decoder_qkv_multiscales=((), (), (5,)), scaling_factor=0.41407).eval().save_pretrained(folder)
+
+
 def build_t5gemma_tokenizer(folder: str, vocab_size: int = 384) -> None:
     """A byte-level BPE tokenizer trained offline on a few sentences, saved as a fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -296,7 +296,7 @@ EXPECTED_CHANGES = {
     "x-prediction": {"prediction"}, "contrastive-fm": {"contrastive_weight"}, "min-snr": {"min_snr_gamma"},
     "fp8": {"fp8"}, "jit-pixel": {"vae", "model", "prediction", "shift"},
     "jit-pixel-1024": {"vae", "model", "prediction", "shift"},
-    "text-qwen3vl": {"text_encoder"}, "vae-flux2": {"vae"}, "vae-repa-e": {"vae"},
+    "text-qwen3vl": {"text_encoder"}, "vae-flux2": {"vae"}, "vae-repa-e": {"vae"}, "vae-dcae": {"vae", "model"},
 }
 GPU_ONLY = {"fp8"}  # refused on this CPU before step 1 (test_bad_ablation_input_is_refused_before_step_1)
 

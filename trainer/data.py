@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from contract import encoded
+from contract.encoders.vae import DETERMINISTIC
 from contract.errors import PrxError
 from contract.ledger import read_stage_json
 from contract.shards import BadMember, Problem, Sample, list_shards, read_shard
@@ -466,6 +467,8 @@ def collate(items: list[Item], spec: DataSpec, text_max_length: int, seed: int, 
         lengths.append(n)
     if logvars[0] is None:  # pixel space: the stored crop itself, in [-1, 1]
         x0 = torch.stack(means)
+    elif spec.vae.get("posterior") == DETERMINISTIC:  # DC-AE: the stored latent itself
+        x0 = encoded.scale_latent(torch.stack(means), spec.vae).float()
     else:  # latents drawn from the stored moments, one call per batch, seeded by the batch's first draw
         g = torch.Generator().manual_seed(seed_for(seed, "posterior", rank, items[0].draw))
         x0 = encoded.sample_posterior(torch.stack(means), torch.stack(logvars), generator=g)

@@ -15,7 +15,7 @@ with t clamped at 0.05, noise_scale 1.0 (the trainer draws unit noise, as PRX's 
 pipeline's default 2.0 would start from other noise than training saw).
 Refused with the reason: latent x-prediction runs (PRXPipeline has no x-to-v step), pixel runs that are not
 x-prediction with t_min 0.05 (what PRXPixelPipeline assumes), runs with modules PRXPipeline
-cannot hold (SPRINT's fusion layer, a text encoder other than T5Gemma, a VAE other than AutoencoderKL),
+cannot hold (SPRINT's fusion layer, a text encoder other than T5Gemma, a VAE other than AutoencoderKL or AutoencoderDC),
 and runs encoded with cleaning `none` (PRXPipeline always cleans prompts).
 """
 from __future__ import annotations
@@ -41,6 +41,8 @@ def is_pixel_run(info: RunInfo) -> bool:
     return is_pixel_space(info.data.get("vae", {}).get("class"))
 
 
+PIPELINE_VAES = ("AutoencoderKL", "AutoencoderDC")  # the VAE classes diffusers' PRXPipeline decodes
+
 def check_exportable(info: RunInfo) -> None:
     if is_pixel_run(info):
         if info.get("prediction", "v") != "x" or float(info.get("x_pred_t_min", PIXEL_X_T_MIN)) != PIXEL_X_T_MIN:
@@ -56,8 +58,9 @@ def check_exportable(info: RunInfo) -> None:
                          "PRXPipeline holds a T5GemmaEncoder, so the export is not supported; sample the run with "
                          "prx-sample, which encodes prompts with the text encoder its shards name")
     vae_class = str(vae.get("class", "diffusers.AutoencoderKL")).rpartition(".")[2]
-    if not is_pixel_run(info) and vae_class != "AutoencoderKL":
-        raise PrxError(f"{info.run_dir}: VAE class {vae.get('class')} is not an AutoencoderKL PRXPipeline decodes "
+    if not is_pixel_run(info) and vae_class not in PIPELINE_VAES:
+        raise PrxError(f"{info.run_dir}: VAE class {vae.get('class')} is not one PRXPipeline decodes "
+                       f"({' or '.join(PIPELINE_VAES)}) "
                        "(no stock diffusers pipeline decodes a PRX model in this latent space); sample the run "
                        "with prx-sample, which decodes it")
     if te.get("cleaning") == "none":
@@ -91,7 +94,7 @@ def save_text_encoder(model, folder: str) -> None:
 def build_pipeline(info: RunInfo):
     """(PRXPipeline or PRXPixelPipeline of the run's modules, the T5GemmaEncoderModel its text encoder comes from)."""
     import torch
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, PRXPipeline, PRXPixelPipeline,
+    from diffusers import (AutoencoderDC, AutoencoderKL, FlowMatchEulerDiscreteScheduler, PRXPipeline, PRXPixelPipeline,
                            PRXTransformer2DModel)
     from transformers import AutoTokenizer, T5GemmaEncoderModel
 
@@ -110,7 +113,9 @@ def build_pipeline(info: RunInfo):
                   text_encoder=encoder.encoder, tokenizer=tokenizer, default_sample_size=info.resolution())
     if is_pixel_run(info):
         return PRXPixelPipeline(**common, noise_scale=PIXEL_NOISE_SCALE), encoder
-    vae = from_pretrained(resolve(model_name(info.data["vae"]), "diffusers.AutoencoderKL"), AutoencoderKL)
+    vae_class = str(info.data["vae"].get("class", "diffusers.AutoencoderKL"))
+    vae = from_pretrained(resolve(model_name(info.data["vae"]), vae_class),
+                          AutoencoderDC if vae_class.endswith("AutoencoderDC") else AutoencoderKL)
     return PRXPipeline(**common, vae=vae), encoder
 
 

@@ -16,6 +16,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "prx-small": dict(hidden_size=1792, depth=16, num_heads=28, mlp_ratio=3.5, patch_size=2, axes_dim=[32, 32]),
     # Same class, test-sized: head dim 32 = axes 16 + 16.
     "tiny": dict(hidden_size=64, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=2, axes_dim=[16, 16]),
+    # PRX's DC-AE model (prx_dcae_small): prx-small with patch 1 on DC-AE's 32-channel, 32x-compressed latents.
+    "prx-dcae-small": dict(hidden_size=1792, depth=16, num_heads=28, mlp_ratio=3.5, patch_size=1, axes_dim=[32, 32]),
     # PRX's pixel-space JiT model (prx_jit_32_small): prx-small on 32 x 32 pixel patches through a 256 bottleneck.
     "prx-jit-32-small": dict(hidden_size=1792, depth=16, num_heads=28, mlp_ratio=3.5, patch_size=32,
                              axes_dim=[32, 32], bottleneck_size=256),
@@ -55,6 +57,20 @@ def build_model(name: str, in_channels: int, context_in_dim: int, seed: int = 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return PRXTransformer2DModel(**model_config(name, in_channels, context_in_dim))
+
+
+SPACE_PRESETS = {"diffusers.AutoencoderDC": "prx-dcae-small", "none": "prx-jit-32-small"}  # PRX's model per space
+
+
+def check_preset_for_space(name: str, vae_info: dict[str, Any]) -> None:
+    """`--model prx-small` on shards of a space PRX trains another variant for (DC-AE: patch 1; pixel space: JiT
+    patch 32 with a bottleneck) stops, naming that preset."""
+    want = SPACE_PRESETS.get(str(vae_info.get("class")))
+    if name == "prx-small" and want:
+        from contract.errors import PrxError
+
+        raise PrxError(f"--model prx-small on {vae_info.get('class')} shards: PRX trains {want} in this space "
+                       f"(pass --model {want}, or a folder with your own configuration)")
 
 
 def check_fits(in_channels: int, patch: int, vae_info: dict[str, Any], resolution: int, buckets: str) -> None:

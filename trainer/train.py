@@ -28,8 +28,8 @@ from trainer.algorithms import Algorithm
 from trainer.batches import LoaderFeed, LoaderSettings, RankAgreement, StepStats, device_inputs
 from trainer.config import TrainConfig, absolute_paths, load_mixture, refuse_unsafe, unsafe_changes
 from trainer.data import DataSpec, check_captions, open_sources, pad_embedding
-from trainer.model import (PRESETS, Denoiser, build_model, check_fits, check_weights_dtype, count_parameters,
-                           train_flops_per_sample)
+from trainer.model import (PRESETS, Denoiser, build_model, check_fits, check_preset_for_space, check_weights_dtype,
+                           count_parameters, train_flops_per_sample)
 from trainer.objective import ObjectiveConfig, draw_noise, losses as step_losses, per_sample_loss
 from trainer.optim import build_optimizer, clip_grad, lr_at, set_lr
 
@@ -306,6 +306,7 @@ def _check_fits(spec: DataSpec, in_channels: int, patch: int) -> None:
 def _build_model(cfg: TrainConfig, spec: DataSpec, device: torch.device, algos: list[Algorithm]):
     """(transformer, denoiser with the algorithms' modules, fine-tune parent record or None), on the device."""
     if cfg.model in PRESETS:  # a preset is refused before it is built; a folder's config once loaded
+        check_preset_for_space(cfg.model, spec.vae)
         _check_fits(spec, spec.latent_channels, PRESETS[cfg.model]["patch_size"])
     model = build_model(cfg.model, spec.latent_channels, spec.text_dim, seed=cfg.seed)
     _check_fits(spec, model.config.in_channels, model.config.patch_size)

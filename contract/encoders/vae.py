@@ -1,7 +1,9 @@
-"""The VAE: a diffusers `AutoencoderKL` (FLUX.1's by default) or `AutoencoderKLFlux2` by alias or folder.
+"""The VAE: a diffusers `AutoencoderKL` (FLUX.1's by default), `AutoencoderKLFlux2` or `AutoencoderDC` (DC-AE,
+as PRX's dc_ae_sana) by alias or folder.
 
 `mean` and `logvar` of the posterior are stored (float32), so the trainer can draw a fresh latent each
-epoch; the normalisation into the denoiser's space is recorded, not applied (`contract.encoded.scale_latent`
+epoch; DC-AE's encoder is deterministic (`posterior: deterministic` in the record): its latent is stored as
+`mean` (with a zero `logvar`) and the trainer uses it as it is; the normalisation into the denoiser's space is recorded, not applied (`contract.encoded.scale_latent`
 applies it, `VAE.decode` its inverse): scaling and shift factors for AutoencoderKL, FLUX.2's batch-norm
 running mean/std over 2x2-patchified latents for AutoencoderKLFlux2 (as diffusers' Flux2Pipeline does).
 """
@@ -14,7 +16,8 @@ from contract.models import ModelSpec, loading, resolve
 from contract.errors import PrxError
 
 DEFAULT_CLASS = "diffusers.AutoencoderKL"
-SUPPORTED = ("AutoencoderKL", "AutoencoderKLFlux2")
+SUPPORTED = ("AutoencoderKL", "AutoencoderKLFlux2", "AutoencoderDC")
+DETERMINISTIC = "deterministic"  # the record's `posterior` for a VAE without a posterior (DC-AE)
 UNSUPPORTED: dict[str, str] = {}
 BATCH_NORM_2X2 = "batch_norm_2x2"  # FLUX.2: patchify 2x2, (z - running_mean) / sqrt(running_var + eps)
 
@@ -54,6 +57,9 @@ def vae_info(spec: ModelSpec, cfg: dict[str, Any] | None = None) -> dict[str, An
     if cls == "AutoencoderKLFlux2":
         info.update(normalisation=BATCH_NORM_2X2, scaling_factor=1.0, shift_factor=0.0,
                     **batch_norm_stats(spec, float(cfg.get("batch_norm_eps", 1e-4))))
+    if cls == "AutoencoderDC":  # its spatial_compression_ratio: 2 ** (encoder stages - 1); no shift
+        info.update(latent_channels=int(cfg.get("latent_channels", 32)), shift_factor=0.0, posterior=DETERMINISTIC,
+                    downsample=2 ** (len(cfg.get("encoder_block_out_channels", [0])) - 1))
     return info
 
 
@@ -96,8 +102,11 @@ class VAE:
         x = pixels.to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
                                                     enabled=self.bf16):
-            dist = self.model.encode(x).latent_dist
-        return dist.mean.float().cpu(), dist.logvar.float().cpu()
+            out = self.model.encode(x)
+        if self.info.get("posterior") == DETERMINISTIC:  # DC-AE: the latent itself
+            latent = out.latent.float().cpu()
+            return latent, torch.zeros_like(latent)
+        return out.latent_dist.mean.float().cpu(), out.latent_dist.logvar.float().cpu()
 
     def decode(self, latents):
         """Denoiser-space latents B x C x h x w -> float32 B x 3 x H x W in [-1, 1] on the CPU.
