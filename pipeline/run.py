@@ -46,14 +46,19 @@ ENTRIES = {s.name: s for s in STAGES}
 RANK = {s.name: s.rank for s in STAGES if s.rank is not REPORT}
 FIRST = [name for name, rank in RANK.items() if rank == min(RANK.values())]
 AUDIT = "audit"
+# The last shard stage may be listed several times in a row, each with its own options and folder, all reading
+# the stage before them: one captioned folder encoded into several latent spaces
+# (manifests/pipelines/example-latent-spaces.yaml). Nothing comes after it, so no later stage is ambiguous.
+FAN_OUT = [name for name, rank in RANK.items() if rank == max(RANK.values())]
 
 
 def _order_text() -> str:
     """The order rules in words: "ingest or download first, then filter, recaption, encode (...); audit ..."."""
     later = [" or ".join(n for n, r in RANK.items() if r == rank) for rank in sorted(set(RANK.values()))][1:]
     reports = ", ".join(s.name for s in STAGES if s.rank is REPORT)
-    return (" or ".join(FIRST) + f" first, then {', '.join(later)} (each at most once, in that order); "
-            f"{reports} anywhere after the first")
+    return (" or ".join(FIRST) + f" first, then {', '.join(later)} (each at most once, in that order, except "
+            f"{' and '.join(FAN_OUT)}, which may be repeated side by side: each reads the same input, e.g. one "
+            f"folder per latent space); {reports} anywhere after the first")
 
 
 ORDER_TEXT = _order_text()
@@ -150,13 +155,13 @@ def check_order(path: str, names: list[str]) -> None:
     if names[0] not in FIRST:
         raise ManifestError(f"{path}: stage 1 is {names[0]!r}; a pipeline starts with {' or '.join(FIRST)} "
                             f"({ORDER_TEXT})")
-    last = -1
+    last, previous = -1, None
     for i, name in enumerate(names, 1):
         if name not in RANK:   # a report
             continue
-        if RANK[name] <= last:
+        if RANK[name] < last or (RANK[name] == last and not (name == previous and name in FAN_OUT)):
             raise ManifestError(f"{path}: stage {i} ({name}) is out of order; {ORDER_TEXT}")
-        last = RANK[name]
+        last, previous = RANK[name], name
 
 
 def _expand(value: Any, root: str) -> Any:
@@ -200,9 +205,10 @@ def _wiring(step: Step, earlier: list[Step], values: dict, run: RunConfig, where
     shard_steps = [s for s in earlier if s.name != AUDIT]
     if step.index == 1:
         wired["limit"] = run.limit
-    elif step.name != AUDIT:
-        wired["input"] = shard_steps[-1].folder
-        step.inputs = [shard_steps[-1].folder]
+    elif step.name != AUDIT:  # the last earlier stage of a lower rank (repeated FAN_OUT stages share it)
+        source = [s for s in shard_steps if RANK[s.name] < RANK[step.name]][-1]
+        wired["input"] = source.folder
+        step.inputs = [source.folder]
     else:
         by_name = {s.name: s.folder for s in shard_steps} | {s.label: s.folder for s in shard_steps}
         dirs = [by_name.get(d, d) for d in values.get("dirs") or []] or [shard_steps[-1].folder]

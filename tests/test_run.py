@@ -252,3 +252,27 @@ def test_bad_manifest_exits_2_before_any_work(tmp_path, served, capsys, stages, 
     assert err.startswith("prx-data run: error: ") and len(err.splitlines()) == 1, err
     assert message in err, err
     assert not root.exists(), "a bad manifest must stop before any work"
+
+
+def test_encode_fans_out_into_several_latent_spaces_from_one_input(tmp_path, monkeypatch):
+    """manifests/pipelines/example-latent-spaces.yaml: the encodes side by side all read 03-recaption; any other
+    stage repeated, or a stage after the fan-out, is out of order."""
+    import pandas as pd
+
+    from pipeline.run import ManifestError, RunConfig, build_steps
+
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({"url": ["http://127.0.0.1:1/a.jpg"], "TEXT": ["a cat"]}).to_parquet("laion-part.parquet")
+    manifest = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "manifests", "pipelines",
+                            "example-latent-spaces.yaml")
+    steps = build_steps(manifest, str(tmp_path / "root"), RunConfig(executor="local"))
+    encodes = [s for s in steps if s.name == "encode"]
+    assert [s.label for s in encodes] == ["04-encode", "05-encode", "06-encode", "07-encode"]
+    assert {s.cfg.input for s in encodes} == {str(tmp_path / "root" / "03-recaption")}
+    assert [s.cfg.vae for s in encodes] == ["flux1", "flux2", "dc-ae", "none"]
+    for stages in ([{"download": {}}, {"filter": {}}, {"filter": {}}], [{"download": {}}, {"encode": {}}, {"filter": {}}]):
+        path = tmp_path / "bad.yaml"
+        stages[0]["download"] = {"urls": "laion-part.parquet"}
+        path.write_text(yaml.safe_dump({"name": "bad", "stages": stages}))
+        with pytest.raises(ManifestError, match=r"stage 3 \(filter\) is out of order"):
+            build_steps(str(path), str(tmp_path / "r2"), RunConfig(executor="local"))

@@ -3,8 +3,8 @@
 A stage is a module `pipeline/stages/NAME.py` that defines STAGE (a `pipeline.stage.Stage` subclass whose
 `name` is NAME; a report such as audit has none) and may define `add_commands(subparsers)` for commands that
 belong with it (e.g. download-report). Its line here gives its name and its rank in a run: a manifest lists
-shard stages by increasing rank (one of each rank at most; stages of the same rank are alternatives) and
-starts with the lowest; a REPORT may come anywhere after the first stage.
+shard stages by increasing rank (one of each rank at most; stages of the same rank are alternatives; the
+last rank's stage may repeat side by side, pipeline/run.py FAN_OUT) and starts with the lowest; a REPORT may come anywhere after the first stage.
 """
 from __future__ import annotations
 
