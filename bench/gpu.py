@@ -14,6 +14,8 @@ times the project's own code path and returns rows (what, figure, note):
              3-channel 256 px crops, x-prediction with shift 3 (manifests/ablations/jit-pixel.yaml).
 - encode:    the FLUX.1 VAE (diffusers AutoencoderKL) encode at 256 px and the T5Gemma-2B encoder
              (transformers T5GemmaEncoderModel) at 256 tokens, BF16 autocast: images/s, captions/s.
+- encode-spaces: FLUX.2's VAE (AutoencoderKLFlux2) and DC-AE f32c32 (AutoencoderDC) through the encode stage's
+             VAE.encode at 256 px: images/s.
 - recaption: Qwen2-VL-2B (transformers Qwen2VLForConditionalGeneration.generate, what the transformers
              backend calls), a batch of images of 256 vision tokens each (synthetic patches of the
              processor's output shape), sampled, a fixed number of new tokens: captions/s, tokens/s.
@@ -176,6 +178,29 @@ def section_encode(ctx: Ctx) -> list[tuple[str, str, str]]:
     return [("encode: FLUX.1 VAE", f"{s.batch / t_vae:.1f} images/s", f"{s.image} px, batch {s.batch}, BF16 autocast"),
             ("encode: T5Gemma-2B encoder", f"{s.batch / t_text:.1f} captions/s",
              f"{s.text_len} tokens, batch {s.batch}, BF16 autocast")]
+
+
+def section_encode_spaces(ctx: Ctx) -> list[tuple[str, str, str]]:
+    """The other latent spaces' encoders through the encode stage's own `VAE.encode` (contract/encoders/vae.py):
+    FLUX.2's AutoencoderKLFlux2 (posterior moments) and DC-AE f32c32 (deterministic latent), BF16 autocast."""
+    import torch
+    from diffusers import AutoencoderDC, AutoencoderKLFlux2
+
+    from contract.encoders.vae import DETERMINISTIC, VAE
+
+    s, rows = ctx.shapes, []
+    for label, cls, config, tiny, extra in (
+            ("FLUX.2 VAE", AutoencoderKLFlux2, "flux2-dev-vae.json", "tiny-flux2-vae", {}),
+            ("DC-AE f32c32", AutoencoderDC, "dc-ae-f32c32-sana.json", "tiny-dc-ae", {"posterior": DETERMINISTIC})):
+        path = os.path.join(_tiny(ctx, tiny), "config.json") if ctx.dry_run else os.path.join(CONFIGS, config)
+        model = cls.from_config(cls.load_config(path)).to(ctx.device).eval().requires_grad_(False)
+        vae = VAE(model, None, extra, ctx.device, ctx.device == "cuda")
+        x = torch.rand(s.batch, 3, s.image, s.image) * 2 - 1
+        sec = timed(ctx, lambda: vae.encode(x), s.steps)
+        rows.append((f"encode: {label}", f"{s.batch / sec:.1f} images/s",
+                     f"{s.image} px, batch {s.batch}, BF16 autocast, the encode stage's VAE.encode"))
+        del model, vae
+    return rows
 
 
 def section_recaption(ctx: Ctx) -> list[tuple[str, str, str]]:
@@ -363,6 +388,7 @@ SECTIONS: dict[str, Callable[[Ctx], list[tuple[str, str, str]]]] = {
     "train": section_train,
     "train-pixel": section_train_pixel,
     "encode": section_encode,
+    "encode-spaces": section_encode_spaces,
     "recaption": section_recaption,
     "sample": section_sample,
     "extractors": section_extractors,
