@@ -122,7 +122,7 @@ def throughput(by_arm: dict[str, list[Run]], values: dict[str, Any]) -> list[dic
     for arm, runs in by_arm.items():
         bps = mean_of(runs, "batches_per_s")
         out.append({"arm": arm, "batches_per_s": bps, "ratio": bps / base if bps and base else None,
-                    "samples_per_s": mean_of(runs, "samples_per_s"),
+                    "samples_per_s": mean_of(runs, "samples_per_s"), "mfu": mean_of(runs, "mfu"),
                     "peak_memory_gib": (mean_of(runs, "peak_memory_bytes") or 0) / 2 ** 30 or None})
     return out
 
@@ -134,6 +134,10 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _mfu(t: dict[str, Any]) -> str:
+    return "n/a" if t.get("mfu") is None else f"{100 * t['mfu']:.1f}%"
 
 
 def _interval(row: dict[str, Any]) -> str:
@@ -151,10 +155,11 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['arm']} | {r['cfg']} | {r['metric']} | {_fmt(r['value'])} | {r.get('seeds', '-')} | "
                      f"{_fmt(r.get('delta'))} | {_fmt(b.get('mean'))} +- {std} | {_fmt(b.get('min'))}.."
                      f"{_fmt(b.get('max'))} | {r['verdict']} | {_interval(r)} |")
-    lines += ["", "| arm | batches/s | ratio to baseline | samples/s | peak memory GiB |", "|---|---|---|---|---|"]
+    lines += ["", "| arm | batches/s | ratio to baseline | samples/s | MFU | peak memory GiB |",
+              "|---|---|---|---|---|---|"]
     for t in doc["throughput"]:
         lines.append(f"| {t['arm']} | {_fmt(t['batches_per_s'])} | {_fmt(t['ratio'])} | {_fmt(t['samples_per_s'])} "
-                     f"| {_fmt(t['peak_memory_gib'])} |")
+                     f"| {_mfu(t)} | {_fmt(t['peak_memory_gib'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,7 +227,7 @@ def html_page(study: Study, runs: list[Run], doc: dict[str, Any]) -> str:
                      f"<td>{_fmt(b.get('min'))}..{_fmt(b.get('max'))}</td><td>{e(r['verdict'])}</td>"
                      f"<td>{_interval(r)}</td></tr>")
     tput = "".join(f"<tr><td>{e(t['arm'])}</td><td>{_fmt(t['batches_per_s'])}</td><td>{_fmt(t['ratio'])}</td>"
-                   f"<td>{_fmt(t['samples_per_s'])}</td><td>{_fmt(t['peak_memory_gib'])}</td></tr>"
+                   f"<td>{_fmt(t['samples_per_s'])}</td><td>{_mfu(t)}</td><td>{_fmt(t['peak_memory_gib'])}</td></tr>"
                    for t in doc["throughput"])
     figs = "".join(f"<img alt='metric over steps' src='data:image/png;base64,{p}'>" for p in plots(study, runs, doc))
     grid = "".join(f"<figure><img alt='{e(a)}' src='data:image/png;base64,{p}'><figcaption>{e(a)}</figcaption>"
@@ -236,7 +241,7 @@ def html_page(study: Study, runs: list[Run], doc: dict[str, Any]) -> str:
             f"<p>Values at step {doc['step']} (the last shared step), mean over each arm's seeds.</p>"
             f"<p><b>Verdict rule:</b> {e(doc['rule'])}.</p><table><tr>{head}</tr>{''.join(cells)}</table>"
             f"<h2>Throughput</h2><table><tr><th>arm</th><th>batches/s</th><th>ratio to baseline</th>"
-            f"<th>samples/s</th><th>peak memory GiB</th></tr>{tput}</table>"
+            f"<th>samples/s</th><th>MFU</th><th>peak memory GiB</th></tr>{tput}</table>"
             f"<h2>Metrics over steps</h2>{figs}<h2>Fixed prompts, last step</h2>{grid}</body></html>")
 
 

@@ -262,6 +262,7 @@ def test_ema_run_writes_transformer_ema_and_eval_loss_ema(data, tmp_path):
         torch.testing.assert_close(p, out["ema"].shadow["transformer." + n], rtol=0, atol=0)
     summary = json.load(open(os.path.join(out["run_dir"], "summary.json")))
     assert summary["samples_per_s"] > 0 and summary["batches_per_s"] > 0 and summary["peak_memory_bytes"] > 0
+    assert summary["mfu"] is None  # a CPU has no known peak: no MFU rather than a made-up one
 
 
 # ------------------------------------------------------------------------------------------- fine-tune start

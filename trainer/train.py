@@ -514,12 +514,13 @@ def _finish(r: Run) -> dict[str, Any]:
 
 
 def _write_summary(r: Run) -> None:
-    """RUN/summary.json: mean samples/s and batches/s (after the first step), peak memory, the algorithms."""
+    """RUN/summary.json: mean samples/s and batches/s (after the first step), MFU, peak memory, the algorithms."""
     if r.device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(r.device), "cuda_max_allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss_process"
-    out = {**r.clock.rates(), "peak_memory_bytes": int(peak), "peak_memory_kind": kind, "steps": r.cfg.steps,
+    out = {**r.clock.rates(), "mfu": r.meter.rates()["mfu"],  # the last rate window's (None without a known peak)
+           "peak_memory_bytes": int(peak), "peak_memory_kind": kind, "steps": r.cfg.steps,
            "start_step": r.start, "final_loss": r.losses[-1] if r.losses else None,
            "algorithms": {a.name: a.summary() for a in r.algos}}
     with open(os.path.join(r.run_dir, "summary.json"), "w") as fh:
