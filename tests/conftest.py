@@ -112,6 +112,46 @@ def photo_folder(tmp_path, photos):
     return write_photo_folder(tmp_path / "photos", photos)
 
 
+def latent_space_run(root, vae: str, te: str) -> dict:
+    """The bundled photos ingested into root/raw, encoded at 32 px with `vae` into root/enc, and a tiny run
+    trained on them for 3 steps (root/run): the end-to-end set-up of each latent space's tests."""
+    from pipeline.cli import main as prx_data
+    from trainer.config import TrainConfig
+    from trainer.train import run
+
+    photos = write_photo_folder(root / "photos")
+    common = ["--executor", "local", "--no-progress"]
+    assert prx_data(["ingest", "--in", str(photos), "--out", str(root / "raw"), "--source", "p", *common]) == 0
+    assert prx_data(["encode", "--in", str(root / "raw"), "--out", str(root / "enc"), "--resolution", "32",
+                     "--vae", vae, "--text-encoder", te, *common]) == 0
+    cfg = TrainConfig(shards=[str(root / "enc")], model="tiny", steps=3, batch_size=2, lr=1e-3, warmup_steps=0,
+                      out=str(root / "run"), log_every=1, checkpoint_every=1000, tensorboard=False, device="cpu",
+                      vae=vae, text_encoder=te, loader_workers=0, shuffle_buffer=16, caption=dict(original=1.0))
+    return {"run": run(cfg), "root": root, "vae": vae, "te": te}
+
+
+def assert_sampler_equals_prx_pipeline(sampler, latent_shape: tuple, size: int) -> None:
+    """Same timesteps (shift 1), noise and embeddings: our Euler + CFG loop gives PRXPipeline's final latents
+    (output_type latent) within 1e-5."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline
+
+    from trainer.sample import initial_noise, timestep_grid
+
+    emb, mask = sampler.embed(["a photo of coffee"])
+    u_emb, u_mask = sampler.pad([sampler.empty])
+    noise = initial_noise(latent_shape, [3])
+    ours = sampler.denoise(noise, emb, mask, u_emb, u_mask, steps=6, cfg=3.5)
+    pipe = PRXPipeline(transformer=sampler.model, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                       text_encoder=sampler.text_encoder.model.encoder, tokenizer=sampler.text_encoder.tokenizer,
+                       vae=sampler.vae.model, default_sample_size=size)
+    theirs = pipe(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=u_emb,
+                  negative_prompt_attention_mask=u_mask, latents=noise.clone(), guidance_scale=3.5,
+                  timesteps=(timestep_grid(6, 1.0)[:-1] * 1000).tolist(), height=size, width=size,
+                  output_type="latent", use_resolution_binning=False).images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 def train_tiny(shards, out, **kw):
     """A tiny PRX run trained on `shards` into `out` (2 steps on the alt-texts unless kw says otherwise)."""
     from trainer.config import TrainConfig

@@ -15,22 +15,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def flux2_run(tmp_path_factory, tiny_model):
-    from conftest import write_photo_folder
+    from conftest import latent_space_run
 
-    from trainer.config import TrainConfig
-    from trainer.train import run
-
-    root = tmp_path_factory.mktemp("flux2-data")
-    photos = write_photo_folder(root / "photos")
-    common = ["--executor", "local", "--no-progress"]
-    te, vae = tiny_model("tiny-t5gemma"), tiny_model("tiny-flux2-vae")
-    assert prx_data(["ingest", "--in", str(photos), "--out", str(root / "raw"), "--source", "p", *common]) == 0
-    assert prx_data(["encode", "--in", str(root / "raw"), "--out", str(root / "f2"), "--resolution", "32",
-                     "--vae", vae, "--text-encoder", te, *common]) == 0
-    cfg = TrainConfig(shards=[str(root / "f2")], model="tiny", steps=3, batch_size=2, lr=1e-3, warmup_steps=0,
-                      out=str(root / "run"), log_every=1, checkpoint_every=1000, tensorboard=False, device="cpu",
-                      vae=vae, text_encoder=te, loader_workers=0, shuffle_buffer=16, caption=dict(original=1.0))
-    return {"run": run(cfg), "root": root, "vae": vae}
+    return latent_space_run(tmp_path_factory.mktemp("flux2-data"), tiny_model("tiny-flux2-vae"),
+                            tiny_model("tiny-t5gemma"))
 
 
 def test_trains_samples_and_export_names_prx_sample(flux2_run):
@@ -72,26 +60,13 @@ def test_mixing_flux1_and_flux2_shards_is_refused(flux2_run, tiny_model):
                      "--vae", tiny_model("tiny-flux-vae"), "--text-encoder", tiny_model("tiny-t5gemma"),
                      "--executor", "local", "--no-progress"]) == 0
     with pytest.raises(EncoderMismatch, match="different VAEs"):
-        open_sources(Mixture([Source("f2", str(root / "f2"), 1.0), Source("f1", str(root / "f1"), 1.0)], {}))
+        open_sources(Mixture([Source("f2", str(root / "enc"), 1.0), Source("f1", str(root / "f1"), 1.0)], {}))
 
 
 def test_sampler_latents_equal_prx_pipeline_in_flux2_space(flux2_run):
-    """Same timesteps (shift 1), noise and embeddings in FLUX.2's 32-channel space: our Euler + CFG loop gives
-    PRXPipeline's final latents (output_type latent; the decode is the one checked above)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline
+    """FLUX.2's 32-channel space: PRXPipeline's final latents (the decode is the one checked above)."""
+    from conftest import assert_sampler_equals_prx_pipeline
 
-    from trainer.sample import Sampler, initial_noise, open_run, timestep_grid
+    from trainer.sample import Sampler, open_run
 
-    sampler = Sampler(open_run(flux2_run["run"]["run_dir"]))
-    emb, mask = sampler.embed(["a photo of coffee"])
-    u_emb, u_mask = sampler.pad([sampler.empty])
-    noise = initial_noise((32, 4, 4), [3])
-    ours = sampler.denoise(noise, emb, mask, u_emb, u_mask, steps=6, cfg=3.5)
-    pipe = PRXPipeline(transformer=sampler.model, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-                       text_encoder=sampler.text_encoder.model.encoder, tokenizer=sampler.text_encoder.tokenizer,
-                       vae=sampler.vae.model, default_sample_size=32)
-    theirs = pipe(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=u_emb,
-                  negative_prompt_attention_mask=u_mask, latents=noise.clone(), guidance_scale=3.5,
-                  timesteps=(timestep_grid(6, 1.0)[:-1] * 1000).tolist(), height=32, width=32, output_type="latent",
-                  use_resolution_binning=False).images
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert_sampler_equals_prx_pipeline(Sampler(open_run(flux2_run["run"]["run_dir"])), (32, 4, 4), 32)
