@@ -221,7 +221,7 @@ def test_repa_features_at_denoiser_grid(enc, loaded):
 
 def test_empty_prompt_once_per_folder(enc, loaded):
     text = loaded[1]
-    path = os.path.join(enc, encoded.EMPTY_PROMPT_FILE)
+    assert os.path.isfile(os.path.join(enc, encoded.EMPTY_PROMPT_FILE))
     empty = encoded.load_empty_prompt(enc)
     assert empty.dtype == torch.bfloat16 and empty.ndim == 2
     assert torch.equal(empty, text.encode([text.clean("")])[0])
