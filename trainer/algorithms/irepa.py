@@ -14,7 +14,6 @@ PRX's configs: weight 0.5, block 7 (iREPA-V2.yaml: DINOv2-L/14 with registers; i
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.algorithms.repa import cosine_per_sample
