@@ -268,6 +268,18 @@ def build_tiny_dinov2(folder: str, seed: int = 0) -> None:
     os.makedirs(folder, exist_ok=True)
 
 
+@register("tiny-dinov3")
+def build_tiny_dinov3(folder: str, seed: int = 0) -> None:
+    """DINOv3-ViT (PRX's REPA-V3 / iREPA-V3 teacher) at test size: 16-pixel patches, 4 register tokens, RoPE."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessor, DINOv3ViTModel
+
+    _seed(seed)
+    cfg = DINOv3ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          patch_size=16, image_size=64, num_register_tokens=4)
+    DINOv3ViTModel(cfg).eval().save_pretrained(folder)
+    DINOv3ViTImageProcessor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+
+
 # ------------------------------------------------ Qwen2-VL (the recaption stage)
 # The tiny Qwen2-VL for tests and CPU benchmarks: `python -m testing.tiny_models DIR --only tiny-qwen2-vl`.
 #

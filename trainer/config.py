@@ -83,6 +83,13 @@ class TrainConfig:
     repa_weight: float = option(0.0, help="REPA loss weight (0 = off): -w x mean cos(proj(h), stored features)")
     repa_block: int = option(7, help="block (0-based) whose output the REPA projector reads")
     repa_until_step: int = option(0, help="stop REPA after this many steps (burn-in; 0 = never)")
+    repa_variant: str = option("repa", choices=["repa", "irepa"],
+                               help="repa: MLP projector; irepa: spatially normalised targets and a spatial "
+                                    "projector (PRX's iREPA)")
+    irepa_projector: str = option("attention", choices=["attention", "conv"],
+                                  help="iREPA's projector: attention (2-D RoPE; PRX's iREPA configs) or a 3x3 conv")
+    repa_encoder: str = option("any", choices=["any", "dinov2", "dinov3"],
+                               help="the teacher the stored REPA features must come from (any = whichever)")
     routing: str = option("none", choices=["none", "tread", "sprint"],
                           help="token routing during training: TREAD (tokens skip blocks) or SPRINT (sparse middle + fusion)")
     route_start: int = option(2, help="first routed block (0-based)")

@@ -187,12 +187,15 @@ class Denoiser(torch.nn.Module):
         if routing == "sprint":
             self.aux["sprint_fusion"] = routing_mod.SprintFusion(self.config.hidden_size, seed=seed + 1)
 
-    def add_repa(self, block: int, dim: int, seed: int = 0) -> None:
-        """REPA's projector (hidden -> dim, seeded by seed + 2) and the hook that reads block `block`'s output."""
-        from trainer.algorithms import repa
+    def add_repa(self, block: int, dim: int, seed: int = 0, projector: str = "mlp") -> None:
+        """REPA's projector (hidden -> dim, seeded by seed + 2: REPA's `mlp`, or iREPA's `attention` / `conv`,
+        trainer/algorithms/irepa.py) and the hook that reads block `block`'s output."""
+        from trainer.algorithms import irepa, repa
 
         self.repa_block = block
-        self.aux["repa_projector"] = repa.RepaProjector(self.config.hidden_size, int(dim), seed=seed + 2)
+        hidden = self.config.hidden_size
+        self.aux["repa_projector"] = (repa.RepaProjector(hidden, int(dim), seed=seed + 2) if projector == "mlp"
+                                      else irepa.build_projector(projector, hidden, int(dim), seed=seed + 2))
         self.repa_hook = repa.RepaHook(self.transformer.blocks[block])
 
     def stop_repa(self) -> None:
@@ -221,7 +224,7 @@ class Denoiser(torch.nn.Module):
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, attention_mask=None, return_dict=False,
                 repa_features=None, route_seed=None):
-        from trainer.algorithms import repa, routing as routing_mod
+        from trainer.algorithms import routing as routing_mod
 
         route = self.route(hidden_states, route_seed)
         want_repa = repa_features is not None and self.repa_hook is not None
@@ -240,7 +243,9 @@ class Denoiser(torch.nn.Module):
             hidden = self.repa_hook.take() if want_repa else None
         if not want_repa:
             return (out,)
-        features = repa_features.to(hidden.device)
-        if route is not None and route.keep is not None and route.start <= self.repa_block <= route.end:
-            features = routing_mod.gather_tokens(features, route.keep)  # the block saw the kept tokens only
-        return out, repa.cosine_per_sample(self.aux["repa_projector"](hidden), features)
+        p = self.config.patch_size
+        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        routed = route is not None and route.keep is not None and route.start <= self.repa_block <= route.end
+        # the block saw the kept tokens only when it is routed
+        return out, self.aux["repa_projector"].cosine(hidden, repa_features.to(hidden.device), grid,
+                                                       route.keep if routed else None)

@@ -1,9 +1,12 @@
-"""REPA teacher features: DINOv2-with-registers patch tokens at the denoiser's token grid.
+"""REPA teacher features: DINOv2-with-registers (`--repa dinov2`) or DINOv3-ViT (`--repa dinov3`, PRX's
+REPA-V3 / iREPA-V3 teacher) patch tokens at the denoiser's token grid.
 
 The denoiser sees the latent (H/8 x W/8 for FLUX.1's VAE) in patches of `patch_size` (2 for PRX), so its
-token grid is (H/16, W/16). The crop is resized to (grid_h * 14, grid_w * 14) for DINOv2's 14-pixel
-patches (224 x 224 for a 256 crop, as in REPA), normalised with the teacher's own processor mean/std, and
-the last hidden state's patch tokens (CLS and register tokens removed) are stored row-major, BF16.
+token grid is (H/16, W/16). The crop is resized to (grid_h * P, grid_w * P) for the teacher's P-pixel
+patches (DINOv2: 14, so 224 x 224 for a 256 crop, as in REPA; DINOv3: 16, so 256 x 256), normalised with the
+teacher's own processor mean/std, and the last hidden state's patch tokens (after the final LayerNorm, PRX's
+`x_norm_patchtokens`; CLS and register tokens removed) are stored row-major, BF16. The shards record the
+teacher's class, so training can require one family (`prx-train --repa-encoder dinov3`).
 """
 from __future__ import annotations
 
@@ -13,6 +16,13 @@ from typing import Any
 from contract.models import ModelSpec, loading, resolve
 
 DEFAULT_CLASS = "transformers.Dinov2WithRegistersModel"
+CLASSES = {"dinov2_with_registers": DEFAULT_CLASS, "dinov3_vit": "transformers.DINOv3ViTModel"}  # by model_type
+
+
+def teacher_class(spec: ModelSpec, config) -> str:
+    """The class that loads the teacher: by its config's model_type (DINOv2 with registers, DINOv3-ViT), else the
+    alias's class."""
+    return CLASSES.get(getattr(config, "model_type", None)) or spec.cls or DEFAULT_CLASS
 
 
 def load_config(spec: ModelSpec):
@@ -24,7 +34,7 @@ def load_config(spec: ModelSpec):
 
 def repa_info(spec: ModelSpec, token_patch: int, downsample: int, config=None) -> dict[str, Any]:
     config = config if config is not None else load_config(spec)
-    return {**spec.provenance(), "class": spec.cls or DEFAULT_CLASS, "hidden_size": int(config.hidden_size),
+    return {**spec.provenance(), "class": teacher_class(spec, config), "hidden_size": int(config.hidden_size),
             "teacher_patch": int(config.patch_size),
             "num_register_tokens": int(getattr(config, "num_register_tokens", 0)),
             "grid": f"latent / {token_patch} (image / {downsample * token_patch})",
@@ -74,7 +84,7 @@ def load_teacher(name: str, token_patch: int, downsample: int, device: str = "cp
     spec = resolve(name, DEFAULT_CLASS)
     config = load_config(spec)
     info = repa_info(spec, token_patch, downsample, config)
-    model = from_pretrained(spec, spec.cls or DEFAULT_CLASS, flag="--repa", dtype=torch.float32)
+    model = from_pretrained(spec, info["class"], flag="--repa", dtype=torch.float32)
     try:
         proc = AutoImageProcessor.from_pretrained(spec.id, **spec.load_kwargs())
         mean, std = proc.image_mean, proc.image_std

@@ -6,8 +6,12 @@
   records while the denoiser asks it to (so a gradient-checkpointing recompute does not overwrite it);
 - `proj` is an MLP hidden -> D -> D -> D with SiLU (D = the teacher's width), an auxiliary module trained with
   the denoiser and saved in `aux.safetensors`, never inside `transformer/`;
-- `features` are the stored `repa.safetensors` of each sample (`prx-data encode --repa dinov2`), N x D on the
-  denoiser's token grid, carried in the batch (`open_sources(..., with_repa=True)` sets `DataSpec.with_repa`; `batch.repa`).
+- `features` are the stored `repa.safetensors` of each sample (`prx-data encode --repa dinov2`, or `dinov3`:
+  PRX's REPA-V3 / iREPA-V3 teacher), N x D on the denoiser's token grid, carried in the batch
+  (`open_sources(..., with_repa=True)` sets `DataSpec.with_repa`; `batch.repa`); `--repa-encoder` requires one
+  teacher family.
+- `--repa-variant irepa` is PRX's iREPA: spatially normalised targets and a spatial projector
+  (trainer/algorithms/irepa.py); everything else here is shared.
 
 Burn-in (`repa_until_step`, PRX: REPA helps early and was reported to hurt after ~200k steps): after that
 step the hook is removed, the projector is frozen and the loss is the flow loss alone.
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.algorithms.base import Algorithm, log
+from trainer.algorithms.routing import gather_tokens
 
 
 class RepaProjector(nn.Sequential):
@@ -31,6 +36,14 @@ class RepaProjector(nn.Sequential):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             super().__init__(nn.Linear(hidden, dim), nn.SiLU(), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def cosine(self, hidden: torch.Tensor, features: torch.Tensor, grid: tuple[int, int],
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+        """B: mean cosine of the projected block output (B x K x hidden; K = the kept tokens when `keep`, B x K
+        indices into the H x W `grid`, says which the block saw) with the teacher features (B x N x D)."""
+        if keep is not None:
+            features = gather_tokens(features, keep)
+        return cosine_per_sample(self(hidden), features)
 
 
 class RepaHook:
@@ -68,13 +81,23 @@ def repa_loss(cos: torch.Tensor, weight: float) -> torch.Tensor:
     return -weight * cos.mean()
 
 
-def check_sources(infos: list[dict], latent_downsample: int | None, patch_size: int) -> int:
-    """Every source has REPA features from one teacher on the denoiser's grid; returns the feature width D."""
+TEACHERS = {"dinov2": "transformers.Dinov2WithRegistersModel", "dinov3": "transformers.DINOv3ViTModel"}
+
+
+def check_sources(infos: list[dict], latent_downsample: int | None, patch_size: int, encoder: str = "any") -> int:
+    """Every source has REPA features from one teacher (of family `encoder` unless "any") on the denoiser's grid;
+    returns the feature width D."""
+    teacher = "dinov2" if encoder == "any" else encoder
     recs = [i.get("repa") for i in infos]
     missing = [i.get("folder") for i, r in zip(infos, recs) if r is None]
     if missing:
         raise ValueError(f"--repa-weight > 0 but {missing[0]} has no stored REPA features: re-encode it with "
-                         "`prx-data encode --repa dinov2` (or pass --repa-weight 0)")
+                         f"`prx-data encode --repa {teacher}` (or pass --repa-weight 0)")
+    for info, rec in zip(infos, recs):
+        if encoder != "any" and rec.get("class") != TEACHERS[encoder]:
+            raise ValueError(f"--repa-encoder {encoder} but {info.get('folder')} holds REPA features of "
+                             f"{rec.get('class')} ({rec.get('id')}): re-encode it with `prx-data encode --repa "
+                             f"{encoder} --repa-patch-size {patch_size}`")
     widths = {int(r["hidden_size"]) for r in recs}
     if len(widths) > 1:
         raise ValueError(f"the sources' REPA features have different widths {sorted(widths)}: encode every source "
@@ -98,7 +121,8 @@ def check_block(block: int, depth: int) -> None:
 # ------------------------------------------------------------------------------------------- the algorithm
 class Repa(Algorithm):
     """`--repa-weight W` (> 0): loss += -W x mean cos(proj(h_block), stored features), until `repa_until_step`."""
-    name, keys = "repa", ("repa_weight", "repa_block", "repa_until_step")
+    name, keys = "repa", ("repa_weight", "repa_block", "repa_until_step", "repa_variant", "irepa_projector",
+                          "repa_encoder")
 
     def __init__(self, cfg, rank: int = 0, device: torch.device = torch.device("cpu")):
         super().__init__(cfg, rank, device)
@@ -117,10 +141,17 @@ class Repa(Algorithm):
 
     def build(self, denoiser, spec) -> None:
         check_block(self.cfg.repa_block, len(denoiser.transformer.blocks))
+        c = self.cfg
         dim = check_sources([s.info for s in spec.sources], (spec.vae or {}).get("downsample"),
-                            denoiser.config.patch_size)
+                            denoiser.config.patch_size, c.repa_encoder)
+        if c.repa_variant == "irepa" and c.irepa_projector == "conv" and c.routing != "none" \
+                and c.route_start <= c.repa_block <= c.route_end:
+            raise ValueError(f"--irepa-projector conv needs every token of block {c.repa_block}, which --routing "
+                             f"{c.routing} routes (blocks {c.route_start}..{c.route_end}): use --irepa-projector "
+                             "attention (PRX's default), or a --repa-block outside the routed blocks")
         self.denoiser = denoiser
-        denoiser.add_repa(self.cfg.repa_block, dim, seed=self.cfg.seed)
+        denoiser.add_repa(c.repa_block, dim, seed=c.seed,
+                          projector=c.irepa_projector if c.repa_variant == "irepa" else "mlp")
 
     def start(self, step: int) -> None:
         if self._burnt_in(step):  # a resume past the burn-in
