@@ -41,7 +41,10 @@ def data(tmp_path_factory, tiny_model):
                      "--repa", dino, "--repa-patch-size", "2", *enc]) == 0
     assert prx_data(["encode", "--in", str(root / "raw"), "--out", str(root / "plain"), "--resolution", "64",
                      "--variants", "original", *enc]) == 0
-    return {"root": root, "rich": str(root / "rich"), "plain": str(root / "plain"), "vae": vae, "te": te}
+    assert prx_data(["encode", "--in", str(root / "cap"), "--out", str(root / "rich3"), "--resolution", "64",
+                     "--variants", "long", "--repa", tiny_model("tiny-dinov3"), "--repa-patch-size", "2", *enc]) == 0
+    return {"root": root, "rich": str(root / "rich"), "plain": str(root / "plain"), "rich3": str(root / "rich3"),
+            "vae": vae, "te": te}
 
 
 def cfg_for(data, tmp_path, **kw) -> TrainConfig:
@@ -298,13 +301,16 @@ EXPECTED_CHANGES = {
     "fp8": {"fp8"}, "jit-pixel": {"vae", "model", "prediction", "shift"},
     "jit-pixel-1024": {"vae", "model", "prediction", "shift"},
     "text-qwen3vl": {"text_encoder"}, "vae-flux2": {"vae"}, "vae-repa-e": {"vae"}, "vae-dcae": {"vae", "model"},
+    "repa-dinov3": {"repa_weight", "repa_encoder"}, "irepa-dinov2": {"repa_weight", "repa_variant", "repa_encoder"},
+    "irepa-dinov3": {"repa_weight", "repa_variant", "repa_encoder"}, "resolution-aware": {"resolution_aware"},
 }
 GPU_ONLY = {"fp8"}  # refused on this CPU before step 1 (test_bad_ablation_input_is_refused_before_step_1)
 
 
 def overlay_cli(name: str, data, out: str, **extra) -> list[str]:
     """The overlay, run on the tiny model over the test shards (what the command line overrides)."""
-    args = ["--config", f"manifests/ablations/{name}.yaml", "--shards", data["rich"], "--mix", "",
+    shards = data["rich3"] if name.endswith("dinov3") else data["rich"]  # DINOv3 teacher features
+    args = ["--config", f"manifests/ablations/{name}.yaml", "--shards", shards, "--mix", "",
             "--model", "tiny", "--vae", data["vae"], "--text-encoder", data["te"], "--steps", "3",
             "--batch-size", "2", "--warmup-steps", "0", "--out", out, "--log-every", "1", "--no-tensorboard",
             "--device", "cpu", "--route-start", "0", "--route-end", "1", "--repa-block", "0", "--ema-every", "1",
@@ -334,8 +340,8 @@ def test_overlays_change_exactly_their_keys_and_each_runs_3_steps(data, tmp_path
         assert os.path.exists(tmp_path / name / "checkpoints" / "step-00000003" / "state.json"), name
 
 
-@pytest.mark.parametrize("name", ["muon", "repa-dinov2", "repa-burnin", "tread", "sprint", "ema", "contrastive-fm",
-                                  "min-snr"])
+@pytest.mark.parametrize("name", ["muon", "repa-dinov2", "repa-burnin", "irepa-dinov3", "tread", "sprint", "ema",
+                                  "contrastive-fm", "min-snr", "resolution-aware"])
 def test_killed_and_resumed_overlay_matches_uninterrupted(name, data, tmp_path):
     from safetensors.torch import load_file
 
@@ -370,7 +376,7 @@ def test_killed_and_resumed_overlay_matches_uninterrupted(name, data, tmp_path):
     assert prefixes == ({"muon", "adamw"} if name == "muon" else {"adamw"})
     aux = set(load_file(ckpt / "aux.safetensors")) if (ckpt / "aux.safetensors").exists() else set()
     assert ({k.split(".")[0] for k in aux} == {"sprint_fusion"}) == (name == "sprint")
-    assert ({k.split(".")[0] for k in aux} == {"repa_projector"}) == name.startswith("repa")
+    assert ({k.split(".")[0] for k in aux} == {"repa_projector"}) == ("repa" in name)
     assert not any("fusion" in k or "projector" in k for k in load_file(ckpt / "transformer" /
                                                                       "diffusion_pytorch_model.safetensors"))
     assert (ckpt / "transformer_ema").is_dir() == (name == "ema")
@@ -391,6 +397,9 @@ def test_bad_ablation_input_is_refused_before_step_1(data, tmp_path, capsys):
     plain = ["--shards", data["plain"], "--caption", "original=1"]
     # REPA without stored features; a source without long captions under the baseline
     assert "prx-data encode --repa" in refused(capsys, overlay_cli("repa-dinov2", data, out) + plain)
+    # iREPA-V3 on DINOv2 features: the DINOv3 features are missing
+    assert "prx-data encode --repa dinov3" in refused(capsys, overlay_cli("irepa-dinov3", data, out)
+                                                      + ["--shards", data["rich"]])
     assert "prx-data recaption" in refused(capsys, overlay_cli("muon", data, out) + ["--shards", data["plain"]])
     # block indices outside the depth, ratio outside (0, 1), decay outside [0, 1)
     assert "outside the model's 2 blocks" in refused(capsys, overlay_cli("tread", data, out, route_end=12))

@@ -78,3 +78,18 @@ def test_refused_exports(eval_runs, exported, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("prx-export: error:") and message in err, (args, err)
     assert os.listdir(exported)  # the refused export into it left it as it was
+
+
+def test_a_run_whose_inference_needs_modules_outside_transformer_is_refused(eval_runs, tmp_path, capsys):
+    """SPRINT's fusion layer runs at inference and lives in aux.safetensors: prx-export and prx-sample refuse the
+    run, naming the algorithm (trainer.algorithms.needed_at_inference), before loading anything."""
+    from conftest import train_tiny
+
+    from trainer.export import main as export_main
+    from trainer.sample import main as sample_main
+
+    run = train_tiny(eval_runs["enc"], tmp_path / "sprint", routing="sprint", route_start=0, route_end=1)
+    assert export_main([run, "--out", str(tmp_path / "out")]) != 0
+    assert "trained with sprint" in capsys.readouterr().err and not os.path.exists(tmp_path / "out")
+    assert sample_main(["--run", run, "--prompt", "a cat", "--out", str(tmp_path / "img")]) != 0
+    assert "trained with sprint" in capsys.readouterr().err

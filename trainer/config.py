@@ -103,6 +103,9 @@ class TrainConfig:
                                                  "MSE(prediction, the target rolled by one in the batch)")
     min_snr_gamma: float = option(0.0, help="Min-SNR loss weighting (0 = off; the usual gamma: 5): the v-space loss "
                                             "weighted by min(SNR(t), gamma) t^2 (not in PRX)")
+    resolution_aware: str = option("none", choices=["none", "vec", "token"],
+                                   help="condition on the latent's (H, W): vec = added to the timestep vector "
+                                        "(diffusers' resolution_embeds); token is PRX's, refused (no pipeline has it)")
     init_from: str | None = option(None, help="fine-tune start: weights only from RUN (latest checkpoint) or a "
                                               "checkpoint folder; step 0, new optimizer")
     init_weights: str = option("raw", choices=["raw", "ema"], help="with --init-from: the parent's raw or EMA weights")
@@ -171,6 +174,11 @@ class TrainConfig:
             raise ConfigError("--contrastive-weight and --min-snr-gamma must be >= 0 (0 = off)")
         if not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
             raise ConfigError("--muon-momentum must be in [0, 1) and --muon-weight-decay >= 0")
+        if self.resolution_aware == "token":
+            raise ConfigError("--resolution-aware token (PRX's configs' mode) prepends two resolution tokens to the "
+                              "text through modules that diffusers' PRXTransformer2DModel lacks, so neither "
+                              "prx-sample, PRXPipeline nor an export could use the model: use --resolution-aware vec "
+                              "(diffusers' resolution_embeds, PRX-7B's mode)")
         if self.init_weights == "ema" and not self.init_from:
             raise ConfigError("--init-weights ema needs --init-from RUN|CHECKPOINT")
 

@@ -33,6 +33,7 @@ import yaml
 
 from contract.config import ConfigError, add_arguments, build_config, check_bounds, option, quote, save_yaml
 from contract.errors import PrxError
+from trainer import algorithms
 from trainer.checkpoint import CKPT_RE, ckpt_dir, list_checkpoints, verify
 from trainer.data import TEXT_MAX_LENGTH
 from trainer.objective import shift_timesteps, velocity_from_x
@@ -103,7 +104,7 @@ def pick_checkpoint(run: str | None, ckpt: str | None, checkpoint: str = "last")
 
 
 def open_run(run: str | None = None, ckpt: str | None = None, weights: str | None = None,
-             checkpoint: str = "last", refuse_sprint: bool = True) -> RunInfo:
+             checkpoint: str = "last", refuse_inference_modules: bool = True) -> RunInfo:
     run_dir, path, step = pick_checkpoint(run, ckpt, checkpoint)
     for name in ("config.yaml", "data.json"):
         if not os.path.isfile(os.path.join(run_dir, name)):
@@ -118,10 +119,11 @@ def open_run(run: str | None = None, ckpt: str | None = None, weights: str | Non
                          "pass --weights raw")
     if weights not in (None, "ema", "raw"):
         raise PrxError(f"--weights {weights}: use ema or raw")
-    if refuse_sprint and config.get("routing") == "sprint":
-        raise PrxError(f"{run_dir} was trained with routing: sprint, which keeps a fusion layer at inference "
-                         "(aux.safetensors) that PRXTransformer2DModel and PRXPipeline do not have; sampling it "
-                         "is not supported")
+    extra = algorithms.needed_at_inference(config) if refuse_inference_modules else []
+    if extra:
+        raise PrxError(f"{run_dir} was trained with {', '.join(extra)}, whose model needs modules outside "
+                       "transformer/ at inference (aux.safetensors) that PRXTransformer2DModel and the stock "
+                       "pipelines do not have: sampling, evaluating or exporting it is not supported")
     chosen = weights or ("ema" if has_ema else "raw")
     verify(path, only=(EMA if chosen == "ema" else RAW,))  # a damaged checkpoint is named, not a traceback
     return RunInfo(run_dir, path, step, chosen, config, data)

@@ -39,6 +39,10 @@ Every hook has a do-nothing default, so an algorithm overrides only what it uses
   as `<name>.<key>` (e.g. ema.sprint_fusion.weight). Modules in `denoiser.aux` are saved by the checkpoint itself.
 - `summary`: the algorithm's parameters for RUN/summary.json (default: the values of its `keys`).
 
+`inference_modules`: True when the algorithm's model needs, at inference, modules that are not in transformer/
+(SPRINT's fusion layer): prx-sample and prx-export refuse its runs (`needed_at_inference`), since neither
+PRXTransformer2DModel nor a stock pipeline has them. Modules used only in training (REPA's projector) do not count.
+
 `unused_parameters`: True when some of its parameters stop getting gradients mid-run (REPA's burn-in freezes
 the projector): DDP then runs with find_unused_parameters. Muon is not an algorithm: it is an optimizer
 (`--optimizer muon`, trainer/optim.py), chosen where the optimizer is built. The fine-tune start (`--init-from`)
@@ -59,6 +63,7 @@ class Algorithm:
     name: str = ""                  # summary.json / checkpoint prefix; unique in the registry
     keys: tuple[str, ...] = ()      # its flat TrainConfig keys (summary.json records their values)
     unused_parameters: bool = False
+    inference_modules: bool = False  # inference needs modules outside transformer/ (prx-sample, prx-export refuse)
 
     def __init__(self, cfg, rank: int = 0, device: torch.device = torch.device("cpu")):
         self.cfg, self.rank, self.device = cfg, rank, device  # this process's rank and device
