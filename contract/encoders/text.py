@@ -6,18 +6,34 @@ caption's tokens only); a Qwen3 language model loads as Qwen3Model, also its las
 
 Captions are cleaned with diffusers' PRX pipeline's own `TextPreprocessor` (imported, not copied):
 `prx` = `clean_text`, what `PRXPipeline` runs by default (`skip_text_cleaning=False`); `basic` =
-`basic_clean` (`skip_text_cleaning=True`); `none` = the caption as written. Then tokenized (at most
-`max_length` tokens, truncating) and encoded; the last hidden states of the real tokens only (no padding)
-are kept in BF16 with their token count.
+`basic_clean` (`skip_text_cleaning=True`); `none` = the caption as written. Without an explicit choice the
+mode is `default_cleaning(name)`: the alias's `cleaning` in manifests/models.yaml (qwen3vl-2b: `basic`, as PRX's
+qwen3vl_2b_256_bf16.yaml sets `skip_text_cleaning: true`), else `prx`. Then tokenized (at most `max_length`
+tokens, truncating) and encoded; the last hidden states of the real tokens only (no padding) are kept in BF16
+with their token count.
+
+Precision, against PRX's text tower (prx/models/text_tower.py): PRX loads the tower with `torch_dtype:
+torch.bfloat16` (configs/yamls/text_tower/qwen3vl_{2b,8b}_256_bf16.yaml, t5gemma2b_256_bf16.yaml) and runs it
+with autocast disabled, so its weights *and* its residual stream are BF16 and its embeddings come out BF16.
+Here the weights load in float32 (the BF16 checkpoints' values, exactly) and, with `bf16` (the encode stage on a
+GPU), run under BF16 autocast: the matmuls see the same BF16 weights, but the residual stream, norms and
+embedding lookup stay float32 until the result is rounded to BF16 for storage. Both store BF16, so the format
+is PRX's; the numbers differ by BF16 rounding noise that accumulates over the layers (on tiny-qwen3-vl, 2
+layers: PRX's BF16 forward is 4.7e-3 from float32 in relative L2, ours 2.7e-3, the BF16 storage alone 1.6e-3).
+This is kept, not aligned, because (1) the sampler encodes prompts in float32 (trainer/sample.py) and the
+stored embeddings should be as near those as BF16 storage allows, (2) the VAE and REPA teacher run the same
+way and each sample records `compute: bfloat16-autocast`. With `bf16` off (the CPU, `--precision float32`)
+the compute is float32, PRX's TextTower default (`torch_dtype=torch.float32`) when a yaml sets none.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from contract.models import ModelSpec, import_class, loading, resolve
+from contract.models import ModelSpec, aliases, import_class, loading, resolve
 from contract.errors import PrxError
 
+DEFAULT_CLEANING = "prx"  # PRX's TextTower default (skip_text_cleaning=False) and PRXPipeline's
 CLEANING = {
     "prx": "diffusers PRXPipeline TextPreprocessor.clean_text (the pipeline default, skip_text_cleaning=False)",
     "basic": "diffusers PRXPipeline TextPreprocessor.basic_clean (skip_text_cleaning=True)",
@@ -36,6 +52,16 @@ def cleaner(mode: str) -> Callable[[str], str]:
     if mode == "basic":
         return pre.basic_clean
     raise ValueError(f"unknown cleaning mode {mode!r}; use {', '.join(CLEANING)}")
+
+
+def default_cleaning(name: str) -> str:
+    """The cleaning `name` is encoded with when none is asked for: its alias's `cleaning` in
+    manifests/models.yaml (the cleaning of PRX's text tower for that model), else DEFAULT_CLEANING."""
+    entry = aliases().get(name)
+    mode = entry.get("cleaning", DEFAULT_CLEANING) if isinstance(entry, dict) else DEFAULT_CLEANING
+    if mode not in CLEANING:
+        raise PrxError(f"manifests/models.yaml: {name}'s cleaning {mode!r} is not one of {', '.join(CLEANING)}")
+    return mode
 
 
 FLAG = "--text-encoder"
@@ -150,11 +176,13 @@ def language_model(model):
     return inner.language_model if hasattr(inner, "language_model") else model
 
 
-def load_text_encoder(name: str, max_length: int = 256, cleaning: str = "prx", device: str = "cpu",
+def load_text_encoder(name: str, max_length: int = 256, cleaning: str | None = None, device: str = "cpu",
                       bf16: bool = False) -> TextEncoder:
+    """`cleaning` None: the model's default (`default_cleaning`)."""
     import torch
     from transformers import AutoTokenizer
 
+    cleaning = cleaning or default_cleaning(name)
     spec = resolve(name)
     config = load_config(spec)
     info = text_info(spec, max_length, cleaning, config)

@@ -50,9 +50,10 @@ class EncodeConfig(CommonConfig):
                                  help="caption variants to encode (original = the txt member, others = "
                                       "caption_{variant}.txt); a sample keeps those it has")
     max_length: int = option(256, help="maximum tokens per caption (longer ones are truncated)", minimum=1)
-    cleaning: str = option("prx", choices=["prx", "basic", "none"],
-                           help="caption cleaning: prx = diffusers PRXPipeline TextPreprocessor.clean_text "
-                                "(its default), basic = basic_clean, none")
+    cleaning: str | None = option(None, choices=["prx", "basic", "none"],
+                                  help="caption cleaning: prx = diffusers PRXPipeline TextPreprocessor.clean_text "
+                                       "(its default), basic = basic_clean, none (default: the text encoder "
+                                       "alias's cleaning in manifests/models.yaml, PRX's for it, else prx)")
     repa: str | None = option(None, help="REPA teacher (e.g. dinov2): store its patch tokens at the denoiser grid")
     repa_patch_size: int = option(2, help="the denoiser's patch size: REPA features at latent / patch size", minimum=1)
     drop_images: bool = option(False, help="do not copy the image member (encoded shards only)")
@@ -62,6 +63,13 @@ class EncodeConfig(CommonConfig):
                                    minimum=1)
     batch_size: int = option(32, runtime=True, help="images (and captions) per encoder forward", minimum=1)
     decode_threads: int = option(4, runtime=True, help="CPU threads that decode, crop and clean captions", minimum=1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cleaning is None:  # the model's own (contract.encoders.text.default_cleaning), recorded as chosen
+            from contract.encoders.text import default_cleaning
+
+            self.cleaning = default_cleaning(self.text_encoder)
 
 
 @dataclass
