@@ -80,16 +80,26 @@ def test_refused_exports(eval_runs, exported, tmp_path, capsys):
     assert os.listdir(exported)  # the refused export into it left it as it was
 
 
-def test_a_run_whose_inference_needs_modules_outside_transformer_is_refused(eval_runs, tmp_path, capsys):
-    """SPRINT's fusion layer runs at inference and lives in aux.safetensors: prx-export and prx-sample refuse the
-    run, naming the algorithm (trainer.algorithms.needed_at_inference), before loading anything."""
+def test_a_run_whose_inference_needs_modules_outside_transformer(eval_runs, tmp_path, capsys):
+    """SPRINT's fusion layer runs at inference and lives in aux.safetensors: prx-export refuses the run, naming the
+    algorithm, before writing anything; prx-sample runs it with the fusion layer loaded (raw and EMA copies)."""
     from conftest import train_tiny
+    from safetensors.torch import load_file
 
     from trainer.export import main as export_main
-    from trainer.sample import main as sample_main
+    from trainer.model import Denoiser
+    from trainer.sample import Sampler, main as sample_main, open_run
 
-    run = train_tiny(eval_runs["enc"], tmp_path / "sprint", routing="sprint", route_start=0, route_end=1)
+    run = train_tiny(eval_runs["enc"], tmp_path / "sprint", routing="sprint", route_start=0, route_end=1,
+                     ema_decay=0.5, ema_every=1)
     assert export_main([run, "--out", str(tmp_path / "out")]) != 0
     assert "trained with sprint" in capsys.readouterr().err and not os.path.exists(tmp_path / "out")
-    assert sample_main(["--run", run, "--prompt", "a cat", "--out", str(tmp_path / "img")]) != 0
-    assert "trained with sprint" in capsys.readouterr().err
+    aux = load_file(os.path.join(run, "checkpoints", "step-00000002", "aux.safetensors"))
+    for weights, prefix in (("raw", ""), ("ema", "ema.")):
+        model = Sampler(open_run(run, weights=weights)).model
+        assert isinstance(model, Denoiser) and model.routing == "sprint" and not model.training
+        for k, v in model.aux.state_dict().items():
+            assert torch.equal(v, aux[prefix + k]), k
+    assert not torch.equal(aux["sprint_fusion.linear.weight"], aux["ema.sprint_fusion.linear.weight"])
+    assert sample_main(["--run", run, "--prompt", "a cat", "--steps", "2", "--out", str(tmp_path / "img")]) == 0
+    assert any(f.endswith(".png") for f in os.listdir(tmp_path / "img"))

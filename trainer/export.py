@@ -27,6 +27,7 @@ import sys
 from typing import Any
 
 from contract.errors import PrxError
+from trainer import algorithms
 from trainer.data import TEXT_MAX_LENGTH
 from trainer.sample import RunInfo, model_name, open_run
 
@@ -44,6 +45,11 @@ def is_pixel_run(info: RunInfo) -> bool:
 PIPELINE_VAES = ("AutoencoderKL", "AutoencoderDC")  # the VAE classes diffusers' PRXPipeline decodes
 
 def check_exportable(info: RunInfo) -> None:
+    extra = [a.name for a in algorithms.needed_at_inference(info.config)]
+    if extra:
+        raise PrxError(f"{info.run_dir} was trained with {', '.join(extra)}, whose model needs modules outside "
+                       "transformer/ at inference (aux.safetensors) that PRXTransformer2DModel and the stock "
+                       "pipelines do not have: the export is not supported; prx-sample and prx-eval run it")
     if is_pixel_run(info):
         if info.get("prediction", "v") != "x" or float(info.get("x_pred_t_min", PIXEL_X_T_MIN)) != PIXEL_X_T_MIN:
             raise PrxError(f"{info.run_dir} is a pixel-space run with prediction {info.get('prediction', 'v')}, "

@@ -104,7 +104,7 @@ def pick_checkpoint(run: str | None, ckpt: str | None, checkpoint: str = "last")
 
 
 def open_run(run: str | None = None, ckpt: str | None = None, weights: str | None = None,
-             checkpoint: str = "last", refuse_inference_modules: bool = True) -> RunInfo:
+             checkpoint: str = "last") -> RunInfo:
     run_dir, path, step = pick_checkpoint(run, ckpt, checkpoint)
     for name in ("config.yaml", "data.json"):
         if not os.path.isfile(os.path.join(run_dir, name)):
@@ -119,13 +119,9 @@ def open_run(run: str | None = None, ckpt: str | None = None, weights: str | Non
                          "pass --weights raw")
     if weights not in (None, "ema", "raw"):
         raise PrxError(f"--weights {weights}: use ema or raw")
-    extra = algorithms.needed_at_inference(config) if refuse_inference_modules else []
-    if extra:
-        raise PrxError(f"{run_dir} was trained with {', '.join(extra)}, whose model needs modules outside "
-                       "transformer/ at inference (aux.safetensors) that PRXTransformer2DModel and the stock "
-                       "pipelines do not have: sampling, evaluating or exporting it is not supported")
     chosen = weights or ("ema" if has_ema else "raw")
-    verify(path, only=(EMA if chosen == "ema" else RAW,))  # a damaged checkpoint is named, not a traceback
+    aux = ("aux.safetensors",) if algorithms.needed_at_inference(config) else ()  # SPRINT's fusion layer
+    verify(path, only=(EMA if chosen == "ema" else RAW, *aux))  # a damaged checkpoint is named, not a traceback
     return RunInfo(run_dir, path, step, chosen, config, data)
 
 
@@ -160,8 +156,11 @@ class Sampler:
         from contract.encoders.vae import load_vae
 
         self.run, self.device = run, torch.device(device)
-        self.model = PRXTransformer2DModel.from_pretrained(run.transformer_dir).float().eval().to(self.device)
-        self.model.requires_grad_(False)
+        model = PRXTransformer2DModel.from_pretrained(run.transformer_dir).float().eval().to(self.device)
+        model.requires_grad_(False)
+        # a SPRINT run's fusion layer (aux.safetensors) is part of its model: then a Denoiser around the transformer
+        self.model = algorithms.inference_model(model, run.config, os.path.join(run.ckpt, "aux.safetensors"),
+                                                run.weights)
         te = run.data["text_encoder"]
         self.text_encoder = load_text_encoder(model_name(te), max_length=int(te.get("max_length", TEXT_MAX_LENGTH)),
                                               cleaning=te.get("cleaning", "prx"), device=device)

@@ -12,7 +12,9 @@ from trainer.algorithms.base import Algorithm
 from trainer.algorithms.contrastive import ContrastiveFlowMatching
 from trainer.algorithms.ema import Ema
 from trainer.algorithms.fp8 import Fp8
+from trainer.algorithms.lpips import Lpips
 from trainer.algorithms.min_snr import MinSnr
+from trainer.algorithms.pdino import PerceptualDino
 from trainer.algorithms.repa import Repa
 from trainer.algorithms.resolution_aware import ResolutionAware
 from trainer.algorithms.sprint import Sprint
@@ -26,6 +28,8 @@ REGISTRY: list[type[Algorithm]] = [
     Repa,    # repa_weight > 0     (trainer/algorithms/repa.py)
     ContrastiveFlowMatching,  # contrastive_weight > 0  (trainer/algorithms/contrastive.py)
     MinSnr,  # min_snr_gamma > 0   (trainer/algorithms/min_snr.py)
+    Lpips,   # lpips_weight > 0    (trainer/algorithms/lpips.py)
+    PerceptualDino,  # pdino_weight > 0  (trainer/algorithms/pdino.py)
     Ema,     # ema_decay > 0       (trainer/algorithms/ema.py)
 ]
 
@@ -35,9 +39,8 @@ def active(cfg, rank: int = 0, device: torch.device = torch.device("cpu")) -> li
     return [cls(cfg, rank, device) for cls in REGISTRY if cls.enabled(cfg)]
 
 
-def needed_at_inference(config: dict) -> list[str]:
-    """The algorithms a run's recorded config (RUN/config.yaml) switches on whose inference needs modules outside
-    transformer/ (`Algorithm.inference_modules`): what prx-sample and prx-export cannot run."""
+def recorded(config: dict):
+    """A run's recorded config (RUN/config.yaml) over TrainConfig's defaults, as the algorithms read it."""
     import dataclasses
     from types import SimpleNamespace
 
@@ -45,5 +48,38 @@ def needed_at_inference(config: dict) -> list[str]:
 
     values = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in config.items() if k in values})
-    cfg = SimpleNamespace(**values)
-    return [cls.name for cls in REGISTRY if cls.inference_modules and cls.enabled(cfg)]
+    return SimpleNamespace(**values)
+
+
+def needed_at_inference(config: dict) -> list[Algorithm]:
+    """The algorithms a run's recorded config switches on whose inference needs modules outside transformer/
+    (`Algorithm.inference_modules`): what no stock pipeline can run."""
+    cfg = recorded(config)
+    return [cls(cfg) for cls in REGISTRY if cls.inference_modules and cls.enabled(cfg)]
+
+
+def inference_model(model, config: dict, aux_file: str, weights: str = "raw"):
+    """The module that samples a run: `model` (a PRXTransformer2DModel) itself, or, when the run's algorithms need
+    modules outside transformer/, a Denoiser with them, loaded from the checkpoint's aux.safetensors (the EMA's
+    `ema.<module>.*` copy for EMA weights)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from trainer.model import Denoiser
+
+    algos = needed_at_inference(config)
+    if not algos:
+        return model
+    den = Denoiser(model)
+    for a in algos:
+        a.build_inference(den)
+    tensors = load_file(aux_file) if os.path.exists(aux_file) else {}
+    prefix = "ema." if weights == "ema" else ""
+    want = den.aux.state_dict()
+    got = {k: tensors[prefix + k] for k in want if prefix + k in tensors}
+    if got.keys() != want.keys():
+        raise ValueError(f"{aux_file}: the modules {', '.join(a.name for a in algos)} needs at inference are missing "
+                         f"({sorted(set(want) - set(got))[:3]})")
+    den.aux.load_state_dict(got, strict=True)
+    return den.to(next(model.parameters()).device).eval().requires_grad_(False)

@@ -40,8 +40,10 @@ Every hook has a do-nothing default, so an algorithm overrides only what it uses
 - `summary`: the algorithm's parameters for RUN/summary.json (default: the values of its `keys`).
 
 `inference_modules`: True when the algorithm's model needs, at inference, modules that are not in transformer/
-(SPRINT's fusion layer): prx-sample and prx-export refuse its runs (`needed_at_inference`), since neither
-PRXTransformer2DModel nor a stock pipeline has them. Modules used only in training (REPA's projector) do not count.
+(SPRINT's fusion layer). prx-sample and prx-eval run such a run through `inference_model` (the transformer in a
+Denoiser with those modules, built by `build_inference` and loaded from aux.safetensors); prx-export refuses it
+(`needed_at_inference`), since no stock pipeline has them. Modules used only in training (REPA's projector) do
+not count.
 
 `unused_parameters`: True when some of its parameters stop getting gradients mid-run (REPA's burn-in freezes
 the projector): DDP then runs with find_unused_parameters. Muon is not an algorithm: it is an optimizer
@@ -81,6 +83,10 @@ class Algorithm:
 
     def start(self, step: int) -> None:
         pass
+
+    def build_inference(self, denoiser) -> None:
+        """(`inference_modules` only) add the modules inference needs to `denoiser`, as `build` does."""
+        raise NotImplementedError
 
     def forward_kwargs(self, batch, step: int, micro: int) -> dict[str, Any]:
         return {}

@@ -23,6 +23,10 @@ class Tread(Algorithm):
         denoiser.set_routing(self.name, c.route_start, c.route_end, c.route_ratio, seed=c.seed)
         self.patch = denoiser.config.patch_size
 
+    def build_inference(self, denoiser) -> None:
+        c = self.cfg
+        denoiser.set_routing(self.name, c.route_start, c.route_end, c.route_ratio, seed=c.seed)
+
     def forward_kwargs(self, batch, step: int, micro: int) -> dict:
         return {"route_seed": seed_for(self.cfg.seed, "route", step, self.rank, micro)}
 
