@@ -1,0 +1,183 @@
+"""Golden outputs of the encode stage and the trainer's loader: what the host-path speed-ups (issue 25) must not
+change. The digests below were produced by the code before those changes; every output byte must stay the same.
+
+The stage runs its own code (`EncodeStage`, `TextEncoder.encode`, `VAE.encode`) with the tiny models' tokenizer
+and records, but with exact stand-in forwards (strided pixels as the posterior, token ids as hidden states), so
+the digests do not depend on a machine's float rounding: they check crops, token ids, truncation, batching and
+serialisation, byte for byte.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from contract import ledger
+from contract.shards import Problem, ShardWriter, read_shard
+from pipeline.cli import main
+
+WORDS = ("red blue green small large wooden stone glass river mountain forest street light shadow morning "
+         "evening quiet busy old new bright dark soft sharp").split()
+
+# sha256 over every output member (key, name, bytes) in shard order, and over the ledger rows (no timings)
+GOLDEN_MEMBERS = "3e059effd9d2e98b08c5a4c199f06840f0128f075360cfab382dc4cab382b428"
+GOLDEN_LEDGER = "124e56d0559734ba32adf3bf8edd19934253dd2a54162fe829d9759db8c77de8"
+GOLDEN_BATCHES = "112ea952ce72cbf365d8ea701fac64963b0f01c865db0a7cb2683348286e2a54"
+
+
+def caption(i: int, words: int) -> str:
+    return f"Photo {i}: " + " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(words)) + "."
+
+
+class StridedVAE(torch.nn.Module):
+    """An exact posterior: every 8th pixel (mean) and the pixels 4 further (logvar), as many channels as the
+    tiny VAE has."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def encode(self, x):
+        rep = -(-self.channels // 3)
+        mean = x[:, :, ::8, ::8].repeat(1, rep, 1, 1)[:, :self.channels].contiguous()
+        logvar = x[:, :, 4::8, 4::8].repeat(1, rep, 1, 1)[:, :self.channels].contiguous()
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, logvar=logvar))
+
+
+class IdsText(torch.nn.Module):
+    """Hidden states that are the token ids (and positions) themselves, exact in BF16."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, input_ids, attention_mask):
+        pos = torch.arange(input_ids.shape[1]).view(1, -1, 1)
+        h = (input_ids.unsqueeze(-1) * 7 + pos * 3 + torch.arange(self.dim).view(1, 1, -1)) % 256
+        return SimpleNamespace(last_hidden_state=(h * attention_mask.unsqueeze(-1)).float())
+
+
+def exact_encode_stage(cfg):
+    from contract.encoders.text import TextEncoder, load_text_encoder
+    from contract.encoders.vae import VAE, load_vae
+    from pipeline.stages.encode import EncodeStage
+
+    class ExactEncode(EncodeStage):
+        def models(self):
+            vae, text = load_vae(cfg.vae), load_text_encoder(cfg.text_encoder, cfg.max_length, cfg.cleaning)
+            channels = int(vae.info["latent_channels"])
+            dim = int(text.info["hidden_size"])
+            return (VAE(StridedVAE(channels), vae.spec, vae.info, "cpu", False),
+                    TextEncoder(IdsText(dim), text.tokenizer, text.spec, text.info, "cpu", False, text.clean), None)
+
+    return ExactEncode(cfg)
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory, photos):
+    """Ingested photos (two shards) with a long and a short caption variant, a sample over max_length, a
+    missing variant, a corrupt image and a caption that cleans to nothing."""
+    base = tmp_path_factory.mktemp("golden")
+    photo_dir = base / "photos"
+    photo_dir.mkdir()
+    for i, (name, arr) in enumerate(sorted(photos.items())):
+        Image.fromarray(arr).save(photo_dir / f"{name}.jpg", quality=90)
+        (photo_dir / f"{name}.txt").write_text(caption(i, 12 + 9 * i))
+    raw = str(base / "raw")
+    assert main(["ingest", "--in", str(photo_dir), "--out", raw, "--executor", "local", "--no-progress",
+                 "--shard-size", "4"]) == 0
+    out = str(base / "captioned")
+    os.makedirs(out)
+    for shard in sorted(p for p in os.listdir(raw) if p.endswith(".tar")):
+        index = int(shard.split(".")[0])
+        writer = ShardWriter(out, index, "recaption")
+        for j, s in enumerate(x for x in read_shard(os.path.join(raw, shard)) if not isinstance(x, Problem)):
+            members = dict(s.members)
+            members["caption_long.txt"] = caption(j + 10 * index, 150 if j % 3 == 0 else 40).encode()
+            if j % 2 == 0:
+                members["caption_short.txt"] = caption(j, 6).encode()
+            if j == 1:
+                members["jpg"] = members["jpg"][: len(members["jpg"]) // 3]
+            if j == 2:
+                members["txt"] = b"  "
+            writer.write(s.key, members)
+            writer.add_row(ledger.row(s.key, s.meta()["input_id"]))
+        writer.close()
+    return out
+
+
+def _local(data: bytes) -> bytes:
+    """The bytes with this session's temporary folder (in the encoders' names and ids) written as <tmp>."""
+    return re.sub(rb"/[^\"]*?/pytest-[0-9]+/", b"<tmp>/", data)
+
+
+def run_encode(src: str, out: str, tiny_model, **extra) -> str:
+    from contract.config import build_config
+    from pipeline.runner import run_stage
+    from pipeline.stages.encode import EncodeConfig
+
+    cfg = build_config(EncodeConfig, {"input": src, "out": out, "executor": "local", "progress": False,
+                                      "vae": tiny_model("tiny-flux-vae"), "text_encoder": tiny_model("tiny-t5gemma"),
+                                      "resolution": 64, "max_length": 48, "batch_size": 3, "decode_threads": 2,
+                                      **extra})
+    run_stage(exact_encode_stage(cfg))
+    return out
+
+
+def member_digest(folder: str) -> str:
+    h = hashlib.sha256()
+    for shard in sorted(p for p in os.listdir(folder) if p.endswith(".tar")):
+        for s in read_shard(os.path.join(folder, shard)):
+            assert not isinstance(s, Problem)
+            for name in sorted(s.members):
+                h.update(f"{shard}/{s.key}.{name}:".encode())
+                h.update(hashlib.sha256(_local(bytes(s.members[name]))).digest())
+    return h.hexdigest()
+
+
+def ledger_digest(folder: str) -> str:
+    rows = ledger.read_folder(folder).to_pylist()
+    keep = [{k: v for k, v in r.items() if k not in ("seconds", "stage_run", "run_id", "written_at")} for r in rows]
+    text = json.dumps(sorted(keep, key=lambda r: (r["shard"], r["key"])), sort_keys=True, default=str)
+    return hashlib.sha256(_local(text.encode())).hexdigest()
+
+
+def batch_digest(folder: str) -> str:
+    from trainer.config import Mixture, Source
+    from trainer.data import MixtureLoader, open_sources
+
+    loader = MixtureLoader(open_sources(Mixture([Source("a", folder, 1.0)], {"long": 1.0, "short": 1.0})), 3,
+                           text_max_length=40, shuffle_buffer=8)
+    h = hashlib.sha256()
+    for _ in range(4):
+        b = loader.next_batch()
+        for t in (b.x0, b.tokens, b.index, b.lengths):
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(json.dumps([b.keys, b.variants, b.draws]).encode())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def encoded(captioned, tiny_model, tmp_path_factory):
+    return run_encode(captioned, str(tmp_path_factory.mktemp("golden-out") / "encoded"), tiny_model)
+
+
+def test_encode_output_bytes_are_the_golden_ones(encoded):
+    assert member_digest(encoded) == GOLDEN_MEMBERS
+
+
+def test_encode_ledger_rows_are_the_golden_ones(encoded):
+    rows = ledger.read_folder(encoded).to_pylist()
+    assert {r["reason"] for r in rows} >= {"", "decode_error"}   # the fixture's corrupt image is there
+    assert ledger_digest(encoded) == GOLDEN_LEDGER
+
+
+def test_loader_batches_are_the_golden_ones(encoded):
+    assert batch_digest(encoded) == GOLDEN_BATCHES
