@@ -303,6 +303,7 @@ EXPECTED_CHANGES = {
     "text-qwen3vl": {"text_encoder"}, "vae-flux2": {"vae"}, "vae-repa-e": {"vae"}, "vae-dcae": {"vae", "model"},
     "repa-dinov3": {"repa_weight", "repa_encoder"}, "irepa-dinov2": {"repa_weight", "repa_variant", "repa_encoder"},
     "irepa-dinov3": {"repa_weight", "repa_variant", "repa_encoder"}, "resolution-aware": {"resolution_aware"},
+    "resolution-aware-vec": {"resolution_aware"},
 }
 GPU_ONLY = {"fp8"}  # refused on this CPU before step 1 (test_bad_ablation_input_is_refused_before_step_1)
 
@@ -341,7 +342,7 @@ def test_overlays_change_exactly_their_keys_and_each_runs_3_steps(data, tmp_path
 
 
 @pytest.mark.parametrize("name", ["muon", "repa-dinov2", "repa-burnin", "irepa-dinov3", "tread", "sprint", "ema",
-                                  "contrastive-fm", "min-snr", "resolution-aware"])
+                                  "contrastive-fm", "min-snr", "resolution-aware", "resolution-aware-vec"])
 def test_killed_and_resumed_overlay_matches_uninterrupted(name, data, tmp_path):
     from safetensors.torch import load_file
 
@@ -377,6 +378,7 @@ def test_killed_and_resumed_overlay_matches_uninterrupted(name, data, tmp_path):
     aux = set(load_file(ckpt / "aux.safetensors")) if (ckpt / "aux.safetensors").exists() else set()
     assert ({k.split(".")[0] for k in aux} == {"sprint_fusion"}) == (name == "sprint")
     assert ({k.split(".")[0] for k in aux} == {"repa_projector"}) == ("repa" in name)
+    assert ({k.split(".")[0] for k in aux} == {"resolution_tokens"}) == (name == "resolution-aware")
     assert not any("fusion" in k or "projector" in k for k in load_file(ckpt / "transformer" /
                                                                       "diffusion_pytorch_model.safetensors"))
     assert (ckpt / "transformer_ema").is_dir() == (name == "ema")

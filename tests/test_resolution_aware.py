@@ -1,11 +1,11 @@
-"""Resolution-aware conditioning (`--resolution-aware vec`): PRX's formula, an effect only through its module,
-the baseline's init elsewhere, and an export that PRXPipeline loads; `token` mode refused with its reason."""
+"""Resolution-aware conditioning: `vec` (PRX's formula, an effect only through its module, the baseline's init
+elsewhere, an export that PRXPipeline loads) and `token` (PRX's tokens before the text; sampled through the
+Denoiser, refused by prx-export)."""
 import math
 
 import pytest
 import torch
 
-from contract.config import ConfigError
 from trainer.algorithms.resolution_aware import ResolutionAware
 from trainer.config import TrainConfig
 from trainer.model import Denoiser, build_model
@@ -63,9 +63,43 @@ def test_it_changes_the_output_only_through_its_module_and_leaves_the_baseline_i
     torch.testing.assert_close(den(**x)[0], base(**x)[0], rtol=0, atol=0)
 
 
-def test_token_mode_is_refused_with_its_reason():
-    with pytest.raises(ConfigError, match="--resolution-aware vec"):
-        TrainConfig(model="tiny", resolution_aware="token")
+def test_token_mode_is_prxs_tokens_before_the_text():
+    from trainer.algorithms.resolution_aware import ResolutionTokens
+
+    den = Denoiser(build_model("tiny", 16, 32))
+    ResolutionAware(TrainConfig(model="tiny", resolution_aware="token")).build(den, None)
+    tokens = den.aux["resolution_tokens"]
+    assert isinstance(tokens, ResolutionTokens) and not any(k.startswith("resolution") for k in
+                                                            den.transformer.state_dict())
+    # PRX: stack([h_embedder(timestep_embedding(H, 128, time_factor=1)), w_embedder(same for W)], dim=1)
+    got = tokens(2, 8, 6, dtype=torch.float32)
+    for i, (mlp, size) in enumerate(((tokens.h_embedder, 8.0), (tokens.w_embedder, 6.0))):
+        emb = prx_timestep_embedding(torch.full((2,), size), 128, time_factor=1.0)
+        torch.testing.assert_close(got[:, i], mlp.out_layer(torch.nn.functional.silu(mlp.in_layer(emb))))
+    # the forward: txt_in's output gets the two tokens in front, the mask two ones
+    seen = {}
+    den.transformer.blocks[0].register_forward_pre_hook(
+        lambda m, args, kw: seen.update(txt=kw["encoder_hidden_states"], mask=kw["attention_mask"]), with_kwargs=True)
+    x = inputs(h=8, w=6)
+    den(**x)
+    txt = den.transformer.txt_in(x["encoder_hidden_states"])  # (the hook: tokens before the text)
+    torch.testing.assert_close(seen["txt"], txt)
+    torch.testing.assert_close(seen["txt"][:, :2], tokens(2, 8, 6, dtype=torch.float32))
+    assert seen["txt"].shape[1] == 7 and seen["mask"].shape[-1] == 7 and bool(seen["mask"][:, :2].all())
+
+
+def test_token_mode_changes_the_output_only_through_its_tokens():
+    base, den = Denoiser(build_model("tiny", 16, 32)), Denoiser(build_model("tiny", 16, 32))
+    ResolutionAware(TrainConfig(model="tiny", resolution_aware="token")).build(den, None)
+    for m in (base, den):  # the same perturbed weights: a fresh PRX model's modulation is zero
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in m.transformer.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    x = inputs()
+    assert not torch.allclose(den(**x)[0], base(**x)[0])
+    den(**x)[0].square().mean().backward()
+    assert all(p.grad is not None for p in den.aux["resolution_tokens"].parameters())
 
 
 def test_a_vec_run_exports_and_loads_in_prx_pipeline(eval_runs, tmp_path):
@@ -86,3 +120,26 @@ def test_a_vec_run_exports_and_loads_in_prx_pipeline(eval_runs, tmp_path):
                  guidance_scale=1.0, num_inference_steps=2, height=64, width=32, output_type="pt",
                  use_resolution_binning=False).images
     assert image.shape[-2:] == (64, 32)
+
+
+def test_a_token_run_samples_fine_tunes_and_is_not_exported(eval_runs, tmp_path, capsys):
+    from conftest import train_tiny
+    from safetensors.torch import load_file
+
+    from trainer.export import main as export_main
+    from trainer.sample import Sampler, open_run
+
+    run = train_tiny(eval_runs["enc"], tmp_path / "run", resolution_aware="token")
+    sampler = Sampler(open_run(run))
+    assert "resolution_tokens" in sampler.model.aux
+    assert export_main([run, "--out", str(tmp_path / "out")]) != 0
+    assert "trained with resolution_aware" in capsys.readouterr().err
+    # seed 1: a fresh init of the tokens would differ from the parent's by far more than one step moves them
+    child = train_tiny(eval_runs["enc"], tmp_path / "child", resolution_aware="token", init_from=run, steps=1, seed=1)
+    parent_tokens = sampler.model.aux["resolution_tokens"].state_dict()
+    # one step from the parent's tokens (lr 1e-3): close to them, far from a fresh init
+    got = load_file(f"{child}/checkpoints/step-00000001/aux.safetensors")
+    diff = max(float((got["resolution_tokens." + k] - v).abs().max()) for k, v in parent_tokens.items())
+    assert diff < 5e-3
+    with pytest.raises(ValueError, match="--resolution-aware token"):
+        train_tiny(eval_runs["enc"], tmp_path / "plain", init_from=run, steps=1)

@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from contract.errors import PrxError
+from trainer.model import INFERENCE_AUX
 
 CKPT_RE = re.compile(r"step-(\d{8})")
 CHECKSUMS = "checksums.json"
@@ -490,13 +491,13 @@ def load_parent(init_from: str, weights: str, denoiser, vae: dict, text_encoder:
     load_weights(denoiser.transformer, ckpt, sub)
     file = os.path.join(ckpt, "aux.safetensors")
     parent_aux = _read_tensors(file) if os.path.exists(file) else {}
-    prefix = "ema.sprint_fusion." if weights == "ema" and any(k.startswith("ema.") for k in parent_aux) \
-        else "sprint_fusion."
-    fusion = {k[len(prefix):]: v for k, v in parent_aux.items() if k.startswith(prefix)}
-    if fusion and "sprint_fusion" not in denoiser.aux:
-        raise ValueError(f"--init-from {init_from}: the parent was trained with --routing sprint, whose fusion layer is "
-                         "part of the model; fine-tune it with --routing sprint too")
-    if fusion:
-        denoiser.aux["sprint_fusion"].load_state_dict({**denoiser.aux["sprint_fusion"].state_dict(), **fusion})
+    ema = "ema." if weights == "ema" and any(k.startswith("ema.") for k in parent_aux) else ""
+    for name, flag in INFERENCE_AUX.items():  # modules that are part of the model (SPRINT fusion, resolution tokens)
+        got = {k[len(ema + name) + 1:]: v for k, v in parent_aux.items() if k.startswith(f"{ema}{name}.")}
+        if got and name not in denoiser.aux:
+            raise ValueError(f"--init-from {init_from}: the parent was trained with {flag}, whose {name} is part of "
+                             f"the model; fine-tune it with {flag} too")
+        if got:
+            denoiser.aux[name].load_state_dict({**denoiser.aux[name].state_dict(), **got})
     step = _read_json(os.path.join(ckpt, "state.json")).get("step")
     return {"init_from": os.path.abspath(ckpt), "run": os.path.abspath(run_dir), "step": step, "weights": weights}

@@ -103,9 +103,20 @@ class TrainConfig:
                                                  "MSE(prediction, the target rolled by one in the batch)")
     min_snr_gamma: float = option(0.0, help="Min-SNR loss weighting (0 = off; the usual gamma: 5): the v-space loss "
                                             "weighted by min(SNR(t), gamma) t^2 (not in PRX)")
+    lpips_weight: float = option(0.0, help="LPIPS (VGG) loss weight (0 = off; PRX: 0.1): loss += w x mean "
+                                           "LPIPS(x0 prediction, x0) in pixels; x-prediction only")
+    lpips_weights: str | None = option(None, help="state dict of lpips.LPIPS(net='vgg') (.pth or .safetensors), "
+                                                  "needed by --lpips-weight; make it with "
+                                                  "python -m trainer.algorithms.lpips --write-weights FILE")
+    lpips_resize: float = option(1.0, help="scale factor of the images before LPIPS (bilinear; PRX's JiT: 0.5)")
+    pdino_weight: float = option(0.0, help="P-DINO loss weight (0 = off; PRX: 0.01): loss += w x mean over "
+                                           "patches of 1 - cos(DINO(x0 prediction), DINO(x0)); x-prediction only")
+    pdino_encoder: str = option("dinov2-b", help="P-DINO's frozen DINOv2 (alias, hub id or folder)")
+    pdino_resolution: int = option(224, help="images resized to this square size (bilinear) before P-DINO's DINOv2")
     resolution_aware: str = option("none", choices=["none", "vec", "token"],
                                    help="condition on the latent's (H, W): vec = added to the timestep vector "
-                                        "(diffusers' resolution_embeds); token is PRX's, refused (no pipeline has it)")
+                                        "(diffusers' resolution_embeds); token = two tokens before the text (PRX's "
+                                        "configs; prx-export refuses it)")
     init_from: str | None = option(None, help="fine-tune start: weights only from RUN (latest checkpoint) or a "
                                               "checkpoint folder; step 0, new optimizer")
     init_weights: str = option("raw", choices=["raw", "ema"], help="with --init-from: the parent's raw or EMA weights")
@@ -172,13 +183,12 @@ class TrainConfig:
             raise ConfigError("--repa-weight, --repa-block and --repa-until-step must be >= 0")
         if self.contrastive_weight < 0 or self.min_snr_gamma < 0:
             raise ConfigError("--contrastive-weight and --min-snr-gamma must be >= 0 (0 = off)")
+        if self.lpips_weight < 0 or self.pdino_weight < 0:
+            raise ConfigError("--lpips-weight and --pdino-weight must be >= 0 (0 = off)")
+        if not 0.0 < self.lpips_resize <= 1.0 or self.pdino_resolution < 14:
+            raise ConfigError("--lpips-resize must be in (0, 1] and --pdino-resolution at least 14 (one DINO patch)")
         if not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
             raise ConfigError("--muon-momentum must be in [0, 1) and --muon-weight-decay >= 0")
-        if self.resolution_aware == "token":
-            raise ConfigError("--resolution-aware token (PRX's configs' mode) prepends two resolution tokens to the "
-                              "text through modules that diffusers' PRXTransformer2DModel lacks, so neither "
-                              "prx-sample, PRXPipeline nor an export could use the model: use --resolution-aware vec "
-                              "(diffusers' resolution_embeds, PRX-7B's mode)")
         if self.init_weights == "ema" and not self.init_from:
             raise ConfigError("--init-weights ema needs --init-from RUN|CHECKPOINT")
 
@@ -224,11 +234,13 @@ _INVOCATION = {"resume", "config", "base", "out"}  # how the run was started, no
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """The same config with local data paths made absolute (so RUN/config.yaml works from any folder)."""
+    """The same config with local data paths (and --lpips-weights) made absolute (so RUN/config.yaml works from
+    any folder)."""
     def fix(p: str) -> str:
         return p if "://" in p or os.path.isabs(p) else os.path.abspath(p)
 
-    return dataclasses.replace(cfg, shards=[fix(p) for p in cfg.shards], mix=fix(cfg.mix) if cfg.mix else cfg.mix)
+    return dataclasses.replace(cfg, shards=[fix(p) for p in cfg.shards], mix=fix(cfg.mix) if cfg.mix else cfg.mix,
+                               lpips_weights=fix(cfg.lpips_weights) if cfg.lpips_weights else cfg.lpips_weights)
 
 
 def unsafe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

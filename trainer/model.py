@@ -148,6 +148,11 @@ def train_flops_per_sample(cfg: dict[str, Any], height: int, width: int, text_le
 
 
 # ------------------------------------------------------------------------------------------- denoiser + aux
+# The auxiliary modules the denoiser runs at inference too (part of the model, carried into a fine-tune start),
+# with the flag that adds them. The others (REPA's projector) serve training only.
+INFERENCE_AUX = {"sprint_fusion": "--routing sprint", "resolution_tokens": "--resolution-aware token"}
+
+
 class Denoiser(torch.nn.Module):
     """The PRXTransformer2DModel plus the training algorithms' auxiliary modules, as one module (so DDP reduces
     the auxiliary gradients too). Called like the transformer (`return_dict=False`), plus:
@@ -155,7 +160,7 @@ class Denoiser(torch.nn.Module):
     - `repa_features` (B x N x D): also return the per-sample REPA cosine of block `repa_block`'s output;
     - `route_seed`: the seed of this forward's TREAD/SPRINT route (training only).
 
-    `transformer` is saved with `save_pretrained`; `aux` (`repa_projector`, `sprint_fusion`) goes to
+    `transformer` is saved with `save_pretrained`; `aux` (`repa_projector`, `sprint_fusion`, `resolution_tokens`) goes to
     `aux.safetensors`. Without routing and fusion the forward is the transformer's own. The algorithms
     (trainer/algorithms/) set it up in their `build` through `set_routing` and `add_repa`; the constructor's
     arguments do the same in one call.
@@ -198,6 +203,15 @@ class Denoiser(torch.nn.Module):
                                       else irepa.build_projector(projector, hidden, int(dim), seed=seed + 2))
         self.repa_hook = repa.RepaHook(self.transformer.blocks[block])
 
+    def add_resolution_tokens(self, tokens: torch.nn.Module) -> None:
+        """PRX's resolution tokens (trainer/algorithms/resolution_aware.py): `tokens(B, H, W, dtype)` (B x 2 x
+        hidden) put before the text tokens by a forward hook on `txt_in`; the forward extends the mask."""
+        self.aux["resolution_tokens"] = tokens
+        self.transformer.txt_in.register_forward_hook(self._prepend_resolution_tokens)
+
+    def _prepend_resolution_tokens(self, module, args, txt: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.aux["resolution_tokens"](*self._latent_grid, dtype=txt.dtype), txt], dim=1)
+
     def stop_repa(self) -> None:
         """REPA burn-in over: remove the hook and freeze the projector (it keeps its weights)."""
         if self.repa_hook is not None:
@@ -227,6 +241,10 @@ class Denoiser(torch.nn.Module):
         from trainer.algorithms import routing as routing_mod
 
         route = self.route(hidden_states, route_seed)
+        if "resolution_tokens" in self.aux:  # two tokens go before the text (the txt_in hook): the mask grows
+            self._latent_grid = (hidden_states.shape[0], *hidden_states.shape[-2:])
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], 2), attention_mask], 1)
         want_repa = repa_features is not None and self.repa_hook is not None
         if want_repa:
             self.repa_hook.recording = True

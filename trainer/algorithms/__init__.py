@@ -55,7 +55,7 @@ def needed_at_inference(config: dict) -> list[Algorithm]:
     """The algorithms a run's recorded config switches on whose inference needs modules outside transformer/
     (`Algorithm.inference_modules`): what no stock pipeline can run."""
     cfg = recorded(config)
-    return [cls(cfg) for cls in REGISTRY if cls.inference_modules and cls.enabled(cfg)]
+    return [a for a in (cls(cfg) for cls in REGISTRY if cls.enabled(cfg)) if a.inference_modules]
 
 
 def inference_model(model, config: dict, aux_file: str, weights: str = "raw"):
