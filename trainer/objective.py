@@ -94,6 +94,9 @@ class Losses:
     pred: torch.Tensor | None = None       # B x C x H x W: the prediction in v-space (float32), what `flow` compares
     target: torch.Tensor | None = None     # B x C x H x W: the v-space target
     t: torch.Tensor | None = None          # B: the timesteps, on the prediction's device
+    x0_pred: torch.Tensor | None = None    # B x C x H x W: the prediction as x0 (float32, with its graph): the
+                                           # model's output itself with x-prediction, x_t - t v_hat with v
+    x0: torch.Tensor | None = None         # B x C x H x W: the clean x0 the sample was noised from (no graph)
 
 
 def losses(model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor,
@@ -115,7 +118,8 @@ def losses(model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, emb: tor
         pred, target = out, v
     target = target.float()
     flow = ((pred - target) ** 2).flatten(1).mean(1)
-    return Losses(flow, outs[1] if len(outs) > 1 else None, pred, target, tt)
+    x0_pred = out if oc.prediction == "x" else x_t - tt.view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype) * out
+    return Losses(flow, outs[1] if len(outs) > 1 else None, pred, target, tt, x0_pred, x0.detach())
 
 
 def per_sample_loss(model, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
