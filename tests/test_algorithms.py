@@ -213,7 +213,8 @@ def test_compile_compiles_the_denoiser_with_its_algorithms(shards, tmp_path, mon
         compiled_modules.append(module)
         return compile(module, backend="aot_eager", **kw)
 
-    kw = dict(steps=2, grad_accum=1, checkpoint_every=1000, routing="sprint", ema_decay=0.5, ema_every=1)
+    kw = dict(steps=2, grad_accum=1, checkpoint_every=1000, routing="sprint", ema_decay=0.5, ema_every=1,
+              resolution_aware="token")  # the txt_in hook and the grown mask traced too
     eager = run(cfg_for(shards, str(tmp_path / "eager"), **kw))
     monkeypatch.setattr(torch, "compile", aot_eager)
     compiled = run(cfg_for(shards, str(tmp_path / "compiled"), compile=True, **kw))
