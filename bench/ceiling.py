@@ -141,7 +141,7 @@ def null_vlm():
 def null_encoders(vae_folder: str, te_folder: str, max_length: int, cleaning: str):
     import torch
 
-    from contract.encoders.text import TextEncoder, load_text_encoder
+    from contract.encoders.text import TextEncoder, load_text_encoder, split_rows
     from contract.encoders.vae import VAE, load_vae
 
     class NullVAE(VAE):
@@ -150,11 +150,11 @@ def null_encoders(vae_folder: str, te_folder: str, max_length: int, cleaning: st
             return z, z.clone()
 
     class NullText(TextEncoder):
-        def encode(self, texts):
-            """As TextEncoder.encode after the forward: the batch's hidden states on the CPU, one clone each."""
-            tok = self.tokenize(texts)
-            hidden = torch.zeros(len(texts), tok["input_ids"].shape[1], TEXT_DIM, dtype=torch.bfloat16)
-            return [hidden[i, :int(n)].clone() for i, n in enumerate(tok["attention_mask"].sum(dim=1))]
+        def encode_tokens(self, tok):
+            """As TextEncoder.encode_tokens after the forward: the batch's hidden states on the CPU, split into
+            each caption's real tokens."""
+            hidden = torch.zeros(*tok["input_ids"].shape, TEXT_DIM, dtype=torch.bfloat16)
+            return split_rows(hidden, tok["attention_mask"].sum(dim=1).tolist(), self.tokenizer.padding_side == "left")
 
     vae, text = load_vae(vae_folder), load_text_encoder(te_folder, max_length, cleaning)
     return (NullVAE(vae.model, vae.spec, vae.info, vae.device, vae.bf16),

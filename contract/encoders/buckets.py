@@ -91,5 +91,7 @@ def to_tensor(arrays: list[np.ndarray]):
     """uint8 H x W x 3 arrays (same size) -> float32 B x 3 x H x W in [-1, 1] (the VAE's input range)."""
     import torch
 
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return batch / 127.5 - 1.0
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    out = torch.empty(batch.shape, dtype=torch.float32)
+    out.copy_(batch)          # one pass into a contiguous float32 batch, then in place: x / 127.5 - 1.0
+    return out.div_(127.5).sub_(1.0)

@@ -124,6 +124,26 @@ class TextEncoder:
         return self.tokenizer(list(texts), padding="longest", max_length=self.max_length, truncation=True,
                               return_attention_mask=True, return_tensors="pt")
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each caption's token ids as `tokenize` makes them (truncated at max_length), unpadded: one tokenizer
+        call for a whole batch, padded later per forward (`pad`)."""
+        return self.tokenizer(list(texts), max_length=self.max_length, truncation=True, verbose=False)["input_ids"]
+
+    def pad(self, ids: list[list[int]]) -> dict:
+        """Token id lists -> what `tokenize` returns for their captions: input_ids padded to the longest with the
+        pad token (on the tokenizer's padding side) and the attention mask, int64."""
+        import torch
+
+        n = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), n), self.tokenizer.pad_token_id, dtype=torch.int64)
+        mask = torch.zeros((len(ids), n), dtype=torch.int64)
+        left = self.tokenizer.padding_side == "left"
+        for row, x in enumerate(ids):
+            cols = slice(n - len(x), n) if left else slice(0, len(x))
+            input_ids[row, cols] = torch.tensor(x, dtype=torch.int64)
+            mask[row, cols] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens before truncation (to tell whether a caption was cut at max_length)."""
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
@@ -150,23 +170,29 @@ class TextEncoder:
 
     def encode(self, texts: list[str]):
         """Cleaned captions -> list of L_i x D bfloat16 CPU tensors (real tokens only)."""
+        return self.encode_tokens(self.tokenize(texts)) if texts else []
+
+    def encode_tokens(self, tok) -> list:
+        """A tokenised batch (`tokenize`, or `pad` of `token_ids`) -> each caption's L_i x D bfloat16 CPU
+        hidden states, real tokens only: views of one batch tensor (contiguous rows; no copy per caption)."""
         import torch
 
-        if not texts:
-            return []
-        tok = self.tokenize(texts)
-        if int(tok["attention_mask"].sum(dim=1).min()) == 0:
+        lengths = tok["attention_mask"].sum(dim=1)
+        if int(lengths.min()) == 0:
             raise PrxError("a caption with 0 tokens reached the text encoder; drop it first (count_tokens)")
         ids = tok["input_ids"].to(self.device, non_blocking=True)
         mask = tok["attention_mask"].to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16,
                                                     enabled=self.bf16):
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        hidden = hidden.to(torch.bfloat16).cpu()
-        lengths = tok["attention_mask"].sum(dim=1).tolist()
-        if self.tokenizer.padding_side == "left":
-            return [hidden[i, hidden.shape[1] - n:].clone() for i, n in enumerate(lengths)]
-        return [hidden[i, :n].clone() for i, n in enumerate(lengths)]
+        return split_rows(hidden.to(torch.bfloat16).cpu(), lengths.tolist(), self.tokenizer.padding_side == "left")
+
+
+def split_rows(hidden, lengths: list[int], left: bool) -> list:
+    """B x L x D -> row i's real tokens (the last n on the left-padded side, else the first n), as views."""
+    hidden = hidden.contiguous()
+    width = hidden.shape[1]
+    return [hidden[i, width - n:] if left else hidden[i, :n] for i, n in enumerate(lengths)]
 
 
 def language_model(model):

@@ -13,6 +13,7 @@ over captions sorted by length, in BF16 autocast on a GPU. Models load once per 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from contract.shards import BadMember, Sample, ShardWriter, dumps_json
 from pipeline.stage import MapStage, Result, PrxError, Task, keep, reject
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 ledger.register_reasons({
     "no_caption_variant": (ledger.REJECTED, "encode: none of the requested caption variants is present, "
@@ -73,6 +75,28 @@ class EncodeConfig(CommonConfig):
 
 
 @dataclass
+class Padding:
+    """The text encoder's padding waste: tokens its forwards computed / real caption tokens."""
+
+    real: int = 0
+    computed: int = 0
+    forwards: int = 0
+    worst: float = 0.0      # the most wasteful forward's ratio
+
+    def add(self, real: int, computed: int) -> None:
+        self.real, self.computed, self.forwards = self.real + real, self.computed + computed, self.forwards + 1
+        self.worst = max(self.worst, computed / max(real, 1))
+
+    @property
+    def ratio(self) -> float:
+        return self.computed / max(self.real, 1)
+
+    def describe(self) -> str:
+        return (f"text-encoder padding {self.ratio:.3f} (tokens computed / real: {self.computed:,} / {self.real:,} "
+                f"over {self.forwards} forwards; worst forward {self.worst:.3f})")
+
+
+@dataclass
 class Prepared:
     """One sample after the CPU work: decoded crop, cleaned captions, or the Result that ends it."""
 
@@ -101,6 +125,7 @@ class EncodeStage(MapStage):
         self.batch_size = max(1, int(cfg.batch_size))
         self.prefetch_threads = max(1, int(cfg.decode_threads))
         self._record: dict[str, Any] | None = None
+        self.padding = Padding()
 
     # ------------------------------------------------------------------ driver side
     def validate(self) -> None:
@@ -185,7 +210,9 @@ class EncodeStage(MapStage):
     def process(self, task: Task, writer: ShardWriter) -> None:
         _vae, text, _teacher = self.models()
         self.write_empty_prompt(text)
+        self.padding = Padding()
         super().process(task, writer)
+        log.info("encode shard %06d: %s", task.index, self.padding.describe())
 
     def process_prepared(self, samples: list[Sample], task: Task, prepared: list[Prepared]) -> list[Result]:
         return self.encode_batch(prepared, *self.models())
@@ -234,31 +261,34 @@ class EncodeStage(MapStage):
         return "; ".join(parts)
 
     # ------------------------------------------------------------------ model part
-    def _drop_zero_token_captions(self, prepared: list[Prepared], text) -> dict[tuple[int, str], int]:
-        """Token counts (before truncation) of every caption to encode; a caption the tokenizer makes 0 tokens
-        of (one that adds no special tokens) has nothing to encode: the variant is dropped, and a sample left
-        with none gets its `no_caption_variant` row."""
+    def _tokenize(self, prepared: list[Prepared], text) -> dict[tuple[int, str], tuple[list[int], bool]]:
+        """(token ids as the text encoder gets them, truncated?) of every caption to encode, in one tokenizer
+        call for the batch; only captions that fill max_length are counted again without truncation (were they
+        cut?). A caption the tokenizer makes 0 tokens of (one that adds no special tokens) has nothing to
+        encode: the variant is dropped, and a sample left with none gets its `no_caption_variant` row."""
         items = [(i, v, t) for i, p in enumerate(prepared) if p.done is None for v, t in p.texts.items()]
-        counts = text.count_tokens([t for _, _, t in items]) if items else []
-        full_tokens = {}
-        for (i, v, _), n in zip(items, counts):
-            full_tokens[(i, v)] = n
-            if n == 0:
+        ids = text.token_ids([t for _, _, t in items]) if items else []
+        full = [k for k, x in enumerate(ids) if len(x) >= text.max_length]
+        cut = {k for k, n in zip(full, text.count_tokens([items[k][2] for k in full]) if full else [])
+               if n > self.cfg.max_length}
+        tokens = {}
+        for k, ((i, v, _), x) in enumerate(zip(items, ids)):
+            tokens[(i, v)] = (x, k in cut)
+            if not x:
                 p = prepared[i]
                 del p.texts[v]
                 p.no_tokens.append(v)
                 if not p.texts:
                     p.done = reject(p.sample, "no_caption_variant", self._missing_detail(p))
-        return full_tokens
+        return tokens
 
-    def encode_batch(self, prepared: list[Prepared], vae, text, teacher) -> list[Result]:
-        from safetensors.torch import save
-
-        full_tokens = self._drop_zero_token_captions(prepared, text)
-        todo = [i for i, p in enumerate(prepared) if p.done is None]
-        latents: dict[int, tuple[Any, Any]] = {}
+    def _encode_images(self, prepared: list[Prepared], todo: list[int], vae, teacher) -> tuple[dict, dict]:
+        """({i: (mean, logvar, finite?)}, {i: REPA features}): one forward per bucket size, in chunks of
+        batch_size; nothing to run in pixel space without a teacher."""
+        latents: dict[int, tuple[Any, Any, bool]] = {}
         feats: dict[int, Any] = {}
-        # images: one forward per bucket size, in chunks of batch_size
+        if isinstance(vae, PixelSpace) and teacher is None:
+            return latents, feats
         by_size: dict[tuple[int, int], list[int]] = {}
         for i in todo:
             by_size.setdefault(prepared[i].crop.size, []).append(i)
@@ -269,20 +299,36 @@ class EncodeStage(MapStage):
                 pixels = bk.to_tensor([prepared[i].pixels for i in chunk])
                 if not isinstance(vae, PixelSpace):
                     mean, logvar = vae.encode(pixels)
+                    finite = (mean.isfinite().flatten(1).all(1) & logvar.isfinite().flatten(1).all(1)).tolist()
                     for j, i in enumerate(chunk):
-                        latents[i] = (mean[j].contiguous(), logvar[j].contiguous())
+                        latents[i] = (mean[j].contiguous(), logvar[j].contiguous(), finite[j])
                 if teacher is not None:
                     f = teacher.features(pixels)
                     for j, i in enumerate(chunk):
                         feats[i] = f[j].contiguous()
-        # captions: sorted by length so a forward pads little
-        items = [(i, v, t) for i in todo for v, t in prepared[i].texts.items()]
-        items.sort(key=lambda x: (-len(x[2]), x[0], x[1]))
+        return latents, feats
+
+    def _encode_texts(self, items: list[tuple[int, str, str, list[int]]], text) -> dict[tuple[int, str], Any]:
+        """Hidden states of each (sample, variant, caption, token ids); one forward per batch_size
+        captions, sorted by length so a forward pads little (its padding counted in `self.padding`)."""
+        items = sorted(items, key=lambda x: (-len(x[2]), x[0], x[1]))
         hidden: dict[tuple[int, str], Any] = {}
         for s in range(0, len(items), self.batch_size):
             chunk = items[s:s + self.batch_size]
-            for (i, v, _), h in zip(chunk, text.encode([t for _, _, t in chunk])):
+            tok = text.pad([x[3] for x in chunk])
+            self.padding.add(int(tok["attention_mask"].sum()), tok["input_ids"].numel())
+            for (i, v, _, _), h in zip(chunk, text.encode_tokens(tok)):
                 hidden[(i, v)] = h
+        return hidden
+
+    def encode_batch(self, prepared: list[Prepared], vae, text, teacher) -> list[Result]:
+        from safetensors.torch import save
+
+        tokens = self._tokenize(prepared, text)
+        todo = [i for i, p in enumerate(prepared) if p.done is None]
+        latents, feats = self._encode_images(prepared, todo, vae, teacher)
+        hidden = self._encode_texts([(i, v, t, tokens[(i, v)][0]) for i in todo
+                                     for v, t in prepared[i].texts.items()], text)
 
         results = []
         vrec = {k: vae.info[k] for k in ("name", "id", "revision", "subfolder", "scaling_factor", "shift_factor",
@@ -311,7 +357,7 @@ class EncodeStage(MapStage):
                 members[embedding_member(v)] = save({"hidden": h})
                 enc["captions"][v] = {"member": embedding_member(v), "source": caption_member(v),
                                       "tokens": int(h.shape[0]),
-                                      "truncated": full_tokens[(i, v)] > self.cfg.max_length}
+                                      "truncated": tokens[(i, v)][1]}
             if p.missing or p.empty or p.no_tokens:
                 enc["missing_variants"] = sorted(p.missing + p.empty + p.no_tokens)
             if teacher is not None:
@@ -331,15 +377,14 @@ class EncodeStage(MapStage):
 
     @staticmethod
     def image_members(p: Prepared, latent) -> tuple[dict[str, bytes], list[int]] | Result:
-        """The image in the encoded space, with its shape: the VAE posterior, or in pixel space (no latent)
-        the crop itself; a `nonfinite_latent` row for a posterior with NaN or infinite values."""
-        import torch
+        """The image in the encoded space, with its shape: the VAE posterior (mean, logvar, finite?), or in pixel
+        space (no latent) the crop itself; a `nonfinite_latent` row for a posterior with NaN or infinite values."""
         from safetensors.torch import save
 
         if latent is None:
             return {PIXELS_MEMBER: encode_image(p.pixels)}, [3, *p.crop.size]
-        mean, logvar = latent
-        if not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
+        mean, logvar, finite = latent
+        if not finite:
             return reject(p.sample, "nonfinite_latent", f"crop {p.crop.box} at {p.crop.size}")
         return {LATENT_MEMBER: save({"mean": mean, "logvar": logvar})}, list(mean.shape)
 
