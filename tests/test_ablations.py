@@ -43,8 +43,11 @@ def data(tmp_path_factory, tiny_model):
                      "--variants", "original", *enc]) == 0
     assert prx_data(["encode", "--in", str(root / "cap"), "--out", str(root / "rich3"), "--resolution", "64",
                      "--variants", "long", "--repa", tiny_model("tiny-dinov3"), "--repa-patch-size", "2", *enc]) == 0
+    from test_perceptual import random_lpips_state
+
+    torch.save(random_lpips_state(), str(root / "lpips_vgg.pth"))  # random VGG LPIPS weights (a state dict)
     return {"root": root, "rich": str(root / "rich"), "plain": str(root / "plain"), "rich3": str(root / "rich3"),
-            "vae": vae, "te": te}
+            "vae": vae, "te": te, "lpips": str(root / "lpips_vgg.pth"), "dino": dino}
 
 
 def cfg_for(data, tmp_path, **kw) -> TrainConfig:
@@ -304,6 +307,8 @@ EXPECTED_CHANGES = {
     "repa-dinov3": {"repa_weight", "repa_encoder"}, "irepa-dinov2": {"repa_weight", "repa_variant", "repa_encoder"},
     "irepa-dinov3": {"repa_weight", "repa_variant", "repa_encoder"}, "resolution-aware": {"resolution_aware"},
     "resolution-aware-vec": {"resolution_aware"},
+    "lpips-jit": {"vae", "model", "prediction", "shift", "lpips_weight", "lpips_resize"},
+    "perceptual-dino": {"prediction", "pdino_weight"},
 }
 GPU_ONLY = {"fp8"}  # refused on this CPU before step 1 (test_bad_ablation_input_is_refused_before_step_1)
 
@@ -316,6 +321,10 @@ def overlay_cli(name: str, data, out: str, **extra) -> list[str]:
             "--batch-size", "2", "--warmup-steps", "0", "--out", out, "--log-every", "1", "--no-tensorboard",
             "--device", "cpu", "--route-start", "0", "--route-end", "1", "--repa-block", "0", "--ema-every", "1",
             "--repa-until-step", "2" if name == "repa-burnin" else "0", "--shuffle-buffer", str(BUFFER)]
+    if name.startswith("lpips"):
+        args += ["--lpips-weights", data["lpips"]]
+    if name == "perceptual-dino":
+        args += ["--pdino-encoder", data["dino"]]  # the tiny DINOv2 with registers, not the hub's
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
@@ -342,7 +351,8 @@ def test_overlays_change_exactly_their_keys_and_each_runs_3_steps(data, tmp_path
 
 
 @pytest.mark.parametrize("name", ["muon", "repa-dinov2", "repa-burnin", "irepa-dinov3", "tread", "sprint", "ema",
-                                  "contrastive-fm", "min-snr", "resolution-aware", "resolution-aware-vec"])
+                                  "contrastive-fm", "min-snr", "resolution-aware", "resolution-aware-vec",
+                                  "lpips-jit", "perceptual-dino"])
 def test_killed_and_resumed_overlay_matches_uninterrupted(name, data, tmp_path):
     from safetensors.torch import load_file
 
