@@ -350,7 +350,8 @@ def test_overlays_change_exactly_their_keys_and_each_runs_3_steps(data, tmp_path
         assert os.path.exists(tmp_path / name / "checkpoints" / "step-00000003" / "state.json"), name
 
 
-@pytest.mark.parametrize("name", ["muon", "repa-dinov2", "repa-burnin", "irepa-dinov3", "tread", "sprint", "ema",
+@pytest.mark.parametrize("name", ["muon", "repa-dinov2", "repa-burnin", "repa-dinov3", "irepa-dinov2", "irepa-dinov3",
+                                  "tread", "sprint", "ema",
                                   "contrastive-fm", "min-snr", "resolution-aware", "resolution-aware-vec",
                                   "lpips-jit", "perceptual-dino"])
 def test_killed_and_resumed_overlay_matches_uninterrupted(name, data, tmp_path):
