@@ -16,6 +16,8 @@ times the project's own code path and returns rows (what, figure, note):
              (transformers T5GemmaEncoderModel) at 256 tokens, BF16 autocast: images/s, captions/s.
 - encode-spaces: FLUX.2's VAE (AutoencoderKLFlux2) and DC-AE f32c32 (AutoencoderDC) through the encode stage's
              VAE.encode at 256 px: images/s.
+- decode:    `--decode cpu` vs `--decode gpu`: JPEG decode + 256 px centre crop, Pillow in one CPU thread vs
+             torchvision's nvJPEG + resize_box on the GPU: images/s.
 - recaption: Qwen2-VL-2B (transformers Qwen2VLForConditionalGeneration.generate, what the transformers
              backend calls), a batch of images of 256 vision tokens each (synthetic patches of the
              processor's output shape), sampled, a fixed number of new tokens: captions/s, tokens/s.
@@ -384,11 +386,67 @@ def section_train_pixel(ctx: Ctx) -> list[tuple[str, str, str]]:
              "patch -> hidden projection, not through the bottleneck)")]
 
 
+def _jpegs(n: int, small: bool) -> list[bytes]:
+    """n distinct JPEGs (quality 90) of 512-1024 px a side (48-64 px with --dry-run): rescaled scikit-image photos."""
+    import io
+
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    bases = [Image.fromarray(f()) for f in (skimage.data.astronaut, skimage.data.coffee, skimage.data.chelsea)]
+    out = []
+    for i in range(n):
+        lo, hi = (48, 65) if small else (512, 1025)
+        img = bases[i % len(bases)].resize((int(rng.integers(lo, hi)), int(rng.integers(lo, hi))))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def section_decode(ctx: Ctx) -> list[tuple[str, str, str]]:
+    """`prx-data encode --decode cpu|gpu`'s per-image work: JPEG decode and the 256 px centre crop's LANCZOS
+    resize, by Pillow in one CPU thread, and on the device (torchvision's batched nvJPEG decode, resize_box)."""
+    import io
+
+    import torch
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from contract.encoders import buckets as bk
+    from contract.images import decode_image
+    from pipeline.device_decode import resize_box
+
+    n, res = (4, 32) if ctx.dry_run else (256, 256)
+    jpegs = _jpegs(n, ctx.dry_run)
+    sizes = [Image.open(io.BytesIO(j)).size for j in jpegs]
+    crops = [bk.plan_crop(w, h, res) for w, h in sizes]
+    raw = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+
+    def cpu():
+        for j, c in zip(jpegs, crops):
+            bk.crop_resize(decode_image(j)[0], c)
+
+    def device():
+        for img, c in zip(decode_jpeg(raw, mode=ImageReadMode.RGB, device=ctx.device), crops):
+            resize_box(img, c.box, c.size)
+
+    steps = 1 if ctx.dry_run else 3
+    t_cpu, t_dev = timed(ctx, cpu, steps), timed(ctx, device, steps)
+    what = f"{n} JPEGs of {'48-64' if ctx.dry_run else '512-1024'} px -> {res} px centre crop"
+    return [("decode: Pillow, one CPU thread", f"{n / t_cpu:.0f} images/s", what),
+            (f"decode: nvJPEG + resize_box on {ctx.device}", f"{n / t_dev:.0f} images/s",
+             what + "; decode batched, float64 resize (exact Pillow two-pass)")]
+
+
 SECTIONS: dict[str, Callable[[Ctx], list[tuple[str, str, str]]]] = {
     "train": section_train,
     "train-pixel": section_train_pixel,
     "encode": section_encode,
     "encode-spaces": section_encode_spaces,
+    "decode": section_decode,
     "recaption": section_recaption,
     "sample": section_sample,
     "extractors": section_extractors,

@@ -21,7 +21,7 @@ def test_gpu_benchmark_dry_run_writes_every_section(tmp_path, capsys):
     assert gpu.main(["--dry-run", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "gpu.json").read_text())
     assert doc["dry_run"] and set(doc["sections"]) == set(gpu.SECTIONS) == {
-        "train", "train-pixel", "encode", "encode-spaces", "recaption", "sample", "extractors", "fp8"}
+        "train", "train-pixel", "encode", "encode-spaces", "decode", "recaption", "sample", "extractors", "fp8"}
     for name, sec in doc["sections"].items():
         assert "error" not in sec and sec["rows"], name
     assert {"date", "device", "torch"} <= set(doc["machine"])

@@ -138,7 +138,7 @@ def _placeholders(value, paths: dict[str, str]):
 
 # options that change how a run executes, not what it writes: left out of the config hash (contract.config)
 RUNTIME = {"out", "executor", "scheduler", "workers", "overwrite", "config", "progress", "batch_size",
-           "decode_threads"}
+           "decode_threads", "decode", "decode_device"}
 
 
 def _digest(value) -> str:

@@ -88,10 +88,15 @@ def crop_resize(img: Image.Image, crop: Crop) -> np.ndarray:
 
 
 def to_tensor(arrays: list[np.ndarray]):
-    """uint8 H x W x 3 arrays (same size) -> float32 B x 3 x H x W in [-1, 1] (the VAE's input range)."""
+    """uint8 H x W x 3 arrays or tensors (same size) -> float32 B x 3 x H x W in [-1, 1] (the VAE's input range),
+    on the device of the tensors among them."""
     import torch
 
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    out = torch.empty(batch.shape, dtype=torch.float32)
+    if any(isinstance(a, torch.Tensor) for a in arrays):   # crops resized on a device (encode --decode gpu)
+        device = next(a.device for a in arrays if isinstance(a, torch.Tensor))
+        batch = torch.stack([torch.as_tensor(a).to(device) for a in arrays]).permute(0, 3, 1, 2)
+    else:
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    out = torch.empty(batch.shape, dtype=torch.float32, device=batch.device)
     out.copy_(batch)          # one pass into a contiguous float32 batch, then in place: x / 127.5 - 1.0
     return out.div_(127.5).sub_(1.0)

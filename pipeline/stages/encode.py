@@ -24,6 +24,8 @@ from contract.encoded import (EMPTY_PROMPT_FILE, LATENT_MEMBER, ORIGINAL, REPA_M
 from contract.encoders import buckets as bk
 from contract.encoders.pixels import PIXELS_MEMBER, PixelSpace, encode_image, is_pixel_space, pixel_info
 from contract.images import DEFAULT_MAX_PIXELS, ImageRejected
+from pipeline.device_decode import DECODERS, crop_on_device, on_device
+from pipeline.device_decode import provenance as decode_provenance
 from pipeline.runner import cached, worker_device
 from contract.shards import BadMember, Sample, ShardWriter, dumps_json
 from pipeline.stage import MapStage, Result, PrxError, Task, keep, reject
@@ -65,6 +67,12 @@ class EncodeConfig(CommonConfig):
                                    minimum=1)
     batch_size: int = option(32, runtime=True, help="images (and captions) per encoder forward", minimum=1)
     decode_threads: int = option(4, runtime=True, help="CPU threads that decode, crop and clean captions", minimum=1)
+    decode: str = option("cpu", runtime=True, choices=list(DECODERS),
+                         help="JPEG decoder: cpu (Pillow) or gpu (torchvision's nvJPEG decode and the crop's resize on "
+                              "the device; other images, and any it cannot read, go through the CPU decoder)")
+    decode_device: str | None = option(None, runtime=True,
+                                       help="torch device of --decode gpu (default: the worker's GPU, the CPU "
+                                            "without one; cpu runs the same code path with the output of --decode cpu)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -103,7 +111,7 @@ class Prepared:
     sample: Sample
     meta: dict[str, Any] = field(default_factory=dict)
     crop: bk.Crop | None = None
-    pixels: Any = None                     # uint8 H x W x 3
+    pixels: Any = None                     # uint8 H x W x 3 (numpy; a torch tensor on the device after a GPU resize)
     texts: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)
@@ -172,7 +180,7 @@ class EncodeStage(MapStage):
         return self._record
 
     def provenance(self) -> dict[str, Any]:
-        return {"encoded": self.record()}
+        return {"encoded": self.record(), **decode_provenance(self.cfg.decode)}
 
     # ------------------------------------------------------------------ worker side
     def models(self):
@@ -227,13 +235,14 @@ class EncodeStage(MapStage):
         except BadMember as exc:
             p.done = reject(sample, "bad_member", str(exc))
             return p
-        try:
-            img, _info = sample.image(self.cfg.max_image_pixels)
-        except ImageRejected as exc:
-            p.done = reject(sample, exc.reason, exc.detail)
-            return p
-        p.crop = bk.plan_crop(img.width, img.height, self.cfg.resolution, self.cfg.buckets)
-        p.pixels = bk.crop_resize(img, p.crop)
+        if not self._crop_on_device(sample, p):
+            try:
+                img, _info = sample.image(self.cfg.max_image_pixels)
+            except ImageRejected as exc:
+                p.done = reject(sample, exc.reason, exc.detail)
+                return p
+            p.crop = bk.plan_crop(img.width, img.height, self.cfg.resolution, self.cfg.buckets)
+            p.pixels = bk.crop_resize(img, p.crop)
         clean = cached(("encode-cleaner", self.cfg.cleaning), lambda: cleaner(self.cfg.cleaning))
         for v in self.cfg.variants:
             raw = sample.text(caption_member(v))
@@ -248,6 +257,20 @@ class EncodeStage(MapStage):
         if not p.texts:
             p.done = reject(sample, "no_caption_variant", self._missing_detail(p))
         return p
+
+    def _crop_on_device(self, sample: Sample, p: Prepared) -> bool:
+        """--decode gpu: the crop decoded and resized on the device (p.pixels a uint8 h x w x 3 tensor there);
+        False when the device path does not take the image (the CPU path then decodes or rejects it)."""
+        if self.cfg.decode != "gpu" or sample.image_member is None:
+            return False
+        got = on_device(sample.members[sample.image_member], self.cfg.max_image_pixels,
+                        self.cfg.decode_device or worker_device())
+        if got is None:
+            return False
+        img, info = got
+        p.crop = bk.plan_crop(info.width, info.height, self.cfg.resolution, self.cfg.buckets)
+        p.pixels = crop_on_device(img, p.crop)
+        return True
 
     @staticmethod
     def _missing_detail(p: Prepared) -> str:
@@ -382,7 +405,8 @@ class EncodeStage(MapStage):
         from safetensors.torch import save
 
         if latent is None:
-            return {PIXELS_MEMBER: encode_image(p.pixels)}, [3, *p.crop.size]
+            pixels = p.pixels.cpu().numpy() if hasattr(p.pixels, "cpu") else p.pixels   # a GPU crop: to the host
+            return {PIXELS_MEMBER: encode_image(pixels)}, [3, *p.crop.size]
         mean, logvar, finite = latent
         if not finite:
             return reject(p.sample, "nonfinite_latent", f"crop {p.crop.box} at {p.crop.size}")

@@ -37,6 +37,8 @@ from contract.shards import BadMember, Problem, Sample, ShardWriter, dumps_json,
 from filters import dedup as dd
 from filters.base import Check, Context, Filter, Judgement, ScoreBatch, ScoreFilter, View, keep_top_threshold
 from filters.clip import ClipSpec, load_clip, resolve_clip
+from pipeline.device_decode import DECODERS, on_device, to_pil
+from pipeline.device_decode import provenance as decode_provenance
 from pipeline.runner import cached, worker_device
 from pipeline.stage import GlobalStage, PrxError, Result, Task, keep, reject
 
@@ -58,6 +60,13 @@ class StageOptions:
     rescore: bool = option(False, help="recompute scores already stored in json.scores for the same model")
     batch_size: int = option(64, runtime=True, help="images per model batch", minimum=1)
     decode_threads: int = option(4, runtime=True, help="CPU threads decoding and preprocessing images", minimum=1)
+    decode: str = option("cpu", runtime=True, choices=list(DECODERS),
+                         help="JPEG decoder: cpu (Pillow) or gpu (torchvision's nvJPEG decode on the device, the pixels "
+                              "back to the host for the checks, pHash and CLIP preprocessing; other images, and any it "
+                              "cannot read, go through the CPU decoder)")
+    decode_device: str | None = option(None, runtime=True,
+                                       help="torch device of --decode gpu (default: the worker's GPU, the CPU "
+                                            "without one; cpu runs the same code path with the output of --decode cpu)")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="refuse to decode images whose header declares more",
                                    minimum=1)
 
@@ -191,6 +200,7 @@ class FilterStage(GlobalStage):
         for f in self.built:
             if f.active():
                 out.update(f.provenance())
+        out.update(decode_provenance(self.cfg.decode))
         if "perceptual" in self.cfg.dedup:
             from importlib import metadata
 
@@ -286,7 +296,7 @@ class FilterStage(GlobalStage):
         image = None
         if need_pixels or not (isinstance(width, int) and isinstance(height, int)):
             try:
-                image, info = s.image(self.cfg.max_image_pixels)
+                image, info = self._image(s)
             except ImageRejected as exc:
                 return exc
             width, height = info.width, info.height
@@ -298,6 +308,16 @@ class FilterStage(GlobalStage):
                 out["tensor"] = model.image_tensor(image)
             out["image"] = image
         return out
+
+    def _image(self, s: Sample):
+        """(RGB PIL image, ImageInfo): with --decode gpu decoded on the device when it takes the image, else (and
+        for every rejection) by the CPU decoder, `Sample.image`."""
+        if self.cfg.decode == "gpu" and s.image_member is not None:
+            got = on_device(s.members[s.image_member], self.cfg.max_image_pixels,
+                            self.cfg.decode_device or worker_device())
+            if got is not None:
+                return to_pil(got[0]), got[1]
+        return s.image(self.cfg.max_image_pixels)
 
     def _score(self, samples: list[Sample], recs: list[dict], tensors: list, model) -> None:
         """Every active score on the samples still in the running (scores already there are kept)."""
