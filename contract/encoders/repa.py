@@ -15,8 +15,9 @@ from typing import Any
 
 from contract.models import ModelSpec, loading, resolve
 
-DEFAULT_CLASS = "transformers.Dinov2WithRegistersModel"
-CLASSES = {"dinov2_with_registers": DEFAULT_CLASS, "dinov3_vit": "transformers.DINOv3ViTModel"}  # by model_type
+TEACHERS = {"dinov2": "transformers.Dinov2WithRegistersModel", "dinov3": "transformers.DINOv3ViTModel"}  # families
+DEFAULT_CLASS = TEACHERS["dinov2"]
+CLASSES = {"dinov2_with_registers": TEACHERS["dinov2"], "dinov3_vit": TEACHERS["dinov3"]}  # by config model_type
 
 
 def teacher_class(spec: ModelSpec, config) -> str:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contract.encoders.repa import TEACHERS
 from trainer.algorithms.base import Algorithm, log
 from trainer.algorithms.routing import gather_tokens
 
@@ -79,9 +80,6 @@ def cosine_per_sample(projected: torch.Tensor, features: torch.Tensor) -> torch.
 def repa_loss(cos: torch.Tensor, weight: float) -> torch.Tensor:
     """-weight x mean cosine."""
     return -weight * cos.mean()
-
-
-TEACHERS = {"dinov2": "transformers.Dinov2WithRegistersModel", "dinov3": "transformers.DINOv3ViTModel"}
 
 
 def check_sources(infos: list[dict], latent_downsample: int | None, patch_size: int, encoder: str = "any") -> int:
