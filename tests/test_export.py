@@ -103,3 +103,14 @@ def test_a_run_whose_inference_needs_modules_outside_transformer(eval_runs, tmp_
     assert not torch.equal(aux["sprint_fusion.linear.weight"], aux["ema.sprint_fusion.linear.weight"])
     assert sample_main(["--run", run, "--prompt", "a cat", "--steps", "2", "--out", str(tmp_path / "img")]) == 0
     assert any(f.endswith(".png") for f in os.listdir(tmp_path / "img"))
+
+
+def test_listing_inference_modules_builds_only_the_algorithms_that_have_them():
+    """A run's recorded config is read to find inference modules without building its other algorithms: an LPIPS
+    run whose weights file has moved (its algorithm refuses to build without it) still samples."""
+    from trainer.algorithms import needed_at_inference
+
+    config = {"lpips_weight": 0.1, "lpips_weights": "/moved/lpips_vgg.pth", "prediction": "v", "routing": "sprint"}
+    assert [a.name for a in needed_at_inference(config)] == ["sprint"]
+    assert [a.name for a in needed_at_inference({"resolution_aware": "token"})] == ["resolution_aware"]
+    assert needed_at_inference({"resolution_aware": "vec", "repa_weight": 0.5}) == []

@@ -55,7 +55,7 @@ def needed_at_inference(config: dict) -> list[Algorithm]:
     """The algorithms a run's recorded config switches on whose inference needs modules outside transformer/
     (`Algorithm.inference_modules`): what no stock pipeline can run."""
     cfg = recorded(config)
-    return [a for a in (cls(cfg) for cls in REGISTRY if cls.enabled(cfg)) if a.inference_modules]
+    return [cls(cfg) for cls in REGISTRY if cls.enabled(cfg) and cls.inference_modules(cfg)]
 
 
 def inference_model(model, config: dict, aux_file: str, weights: str = "raw"):

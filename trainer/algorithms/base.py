@@ -39,7 +39,7 @@ Every hook has a do-nothing default, so an algorithm overrides only what it uses
   as `<name>.<key>` (e.g. ema.sprint_fusion.weight). Modules in `denoiser.aux` are saved by the checkpoint itself.
 - `summary`: the algorithm's parameters for RUN/summary.json (default: the values of its `keys`).
 
-`inference_modules`: True when the algorithm's model needs, at inference, modules that are not in transformer/
+`inference_modules(cfg)`: True when the algorithm's model needs, at inference, modules that are not in transformer/
 (SPRINT's fusion layer). prx-sample and prx-eval run such a run through `inference_model` (the transformer in a
 Denoiser with those modules, built by `build_inference` and loaded from aux.safetensors); prx-export refuses it
 (`needed_at_inference`), since no stock pipeline has them. Modules used only in training (REPA's projector) do
@@ -65,7 +65,6 @@ class Algorithm:
     name: str = ""                  # summary.json / checkpoint prefix; unique in the registry
     keys: tuple[str, ...] = ()      # its flat TrainConfig keys (summary.json records their values)
     unused_parameters: bool = False
-    inference_modules: bool = False  # inference needs modules outside transformer/ (prx-sample, prx-export refuse)
 
     def __init__(self, cfg, rank: int = 0, device: torch.device = torch.device("cpu")):
         self.cfg, self.rank, self.device = cfg, rank, device  # this process's rank and device
@@ -74,6 +73,11 @@ class Algorithm:
     def enabled(cls, cfg) -> bool:
         """Whether `cfg` switches this algorithm on."""
         raise NotImplementedError
+
+    @classmethod
+    def inference_modules(cls, cfg) -> bool:
+        """Whether `cfg`'s model needs this algorithm's modules outside transformer/ at inference."""
+        return False
 
     def data_needs(self) -> dict[str, Any]:
         return {}

@@ -61,9 +61,9 @@ class ResolutionAware(Algorithm):
     def enabled(cls, cfg) -> bool:
         return cfg.resolution_aware != "none"
 
-    @property
-    def inference_modules(self) -> bool:
-        return self.cfg.resolution_aware == "token"
+    @classmethod
+    def inference_modules(cls, cfg) -> bool:
+        return cfg.resolution_aware == "token"
 
     def build(self, denoiser, spec) -> None:
         if self.cfg.resolution_aware == "token":

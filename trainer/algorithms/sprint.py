@@ -9,4 +9,7 @@ from trainer.algorithms.tread import Tread
 class Sprint(Tread):
     """The routed blocks see the kept tokens; at route_end the fusion layer merges them with the dense output."""
     name, fusion = "sprint", True
-    inference_modules = True  # the fusion layer (aux.safetensors) runs at inference too
+
+    @classmethod
+    def inference_modules(cls, cfg) -> bool:
+        return True  # the fusion layer (aux.safetensors) runs at inference too
