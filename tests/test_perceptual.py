@@ -152,11 +152,12 @@ def test_lpips_refuses_pickled_objects_garbage_and_other_state_dicts_without_unp
 
 
 def test_lpips_weights_file_round_trips_as_pth_and_safetensors(tmp_path, monkeypatch):
-    """`python -m trainer.algorithms.lpips --write-weights FILE` writes what --lpips-weights reads (the download
+    """`python -m trainer.algorithms.lpips_weights --write-weights FILE` writes what --lpips-weights reads (the download
     replaced by random weights here)."""
     import lpips
 
     from trainer.algorithms import lpips as ours
+    from trainer.algorithms.lpips_weights import main as write_main
 
     state, real = random_lpips_state(seed=3), lpips.LPIPS
 
@@ -170,7 +171,7 @@ def test_lpips_weights_file_round_trips_as_pth_and_safetensors(tmp_path, monkeyp
 
     monkeypatch.setattr(lpips, "LPIPS", offline_lpips)
     for name in ("w.pth", "w.safetensors"):
-        assert ours.main(["--write-weights", str(tmp_path / name)]) == 0
+        assert write_main(["--write-weights", str(tmp_path / name)]) == 0
         back = ours.load_lpips(str(tmp_path / name)).state_dict()
         assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 

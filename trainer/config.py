@@ -107,7 +107,7 @@ class TrainConfig:
                                            "LPIPS(x0 prediction, x0) in pixels; x-prediction only")
     lpips_weights: str | None = option(None, help="state dict of lpips.LPIPS(net='vgg') (.pth or .safetensors), "
                                                   "needed by --lpips-weight; make it with "
-                                                  "python -m trainer.algorithms.lpips --write-weights FILE")
+                                                  "python -m trainer.algorithms.lpips_weights --write-weights FILE")
     lpips_resize: float = option(1.0, help="scale factor of the images before LPIPS (bilinear; PRX's JiT: 0.5)")
     pdino_weight: float = option(0.0, help="P-DINO loss weight (0 = off; PRX: 0.01): loss += w x mean over "
                                            "patches of 1 - cos(DINO(x0 prediction), DINO(x0)); x-prediction only")

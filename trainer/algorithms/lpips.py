@@ -20,14 +20,12 @@ Nothing is downloaded at run time: `--lpips-weights FILE` is the full state dict
 (torchvision's ImageNet VGG16 features and lpips's v0.1 linear heads), read with torch.load(weights_only=True)
 or safetensors, never unpickled. Make it once on a machine with internet:
 
-    python -m trainer.algorithms.lpips --write-weights lpips_vgg.pth
+    python -m trainer.algorithms.lpips_weights --write-weights lpips_vgg.pth
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import sys
 import warnings
 from contextlib import nullcontext
 
@@ -38,7 +36,7 @@ from contract.errors import PrxError
 from trainer.algorithms.base import Algorithm, log
 from trainer.algorithms.perceptual import autocast, check_x_prediction, to_pixels
 
-HOW_TO = ("make it on a machine with internet (pip install lpips): python -m trainer.algorithms.lpips "
+HOW_TO = ("make it on a machine with internet (pip install lpips): python -m trainer.algorithms.lpips_weights "
           "--write-weights lpips_vgg.pth (torchvision's VGG16 and lpips's linear heads), then pass "
           "--lpips-weights lpips_vgg.pth")
 
@@ -161,40 +159,3 @@ class Lpips(Algorithm):
 
     def summary(self) -> dict:
         return {**super().summary(), "lpips_weights_sha256": getattr(self, "sha256", None)}
-
-
-def write_weights(path: str) -> None:
-    """lpips.LPIPS(net="vgg") as lpips builds it (downloads torchvision's ImageNet VGG16; lpips's bundled v0.1
-    linear heads), its full state dict saved to `path` (.safetensors, else torch.save)."""
-    lpips = _lpips()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        net = lpips.LPIPS(net="vgg", verbose=False)
-    state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}  # lins.i shares lini's
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file(state, path)
-    else:
-        torch.save(state, path)
-    load_lpips(path)  # the file reads back the way prx-train reads it
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.algorithms.lpips",
-                                description="Write the VGG LPIPS weights prx-train --lpips-weights reads (needs "
-                                            "internet once: torchvision's VGG16).")
-    p.add_argument("--write-weights", metavar="FILE", required=True, help=".pth or .safetensors to write")
-    args = p.parse_args(argv)
-    try:
-        write_weights(args.write_weights)
-    except PrxError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    print(f"wrote {args.write_weights} (sha256 {_sha256(args.write_weights)})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
