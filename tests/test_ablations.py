@@ -315,7 +315,8 @@ GPU_ONLY = {"fp8"}  # refused on this CPU before step 1 (test_bad_ablation_input
 
 def overlay_cli(name: str, data, out: str, **extra) -> list[str]:
     """The overlay, run on the tiny model over the test shards (what the command line overrides)."""
-    shards = data["rich3"] if name.endswith("dinov3") else data["rich"]  # DINOv3 teacher features
+    # rich3: DINOv3 teacher features, and 64 px crops, a quarter of the pixels the perceptual losses decode and score
+    shards = data["rich3"] if name.endswith("dinov3") or name.startswith(("lpips", "perceptual")) else data["rich"]
     args = ["--config", f"manifests/ablations/{name}.yaml", "--shards", shards, "--mix", "",
             "--model", "tiny", "--vae", data["vae"], "--text-encoder", data["te"], "--steps", "3",
             "--batch-size", "2", "--warmup-steps", "0", "--out", out, "--log-every", "1", "--no-tensorboard",
