@@ -160,10 +160,10 @@ class Denoiser(torch.nn.Module):
     - `repa_features` (B x N x D): also return the per-sample REPA cosine of block `repa_block`'s output;
     - `route_seed`: the seed of this forward's TREAD/SPRINT route (training only).
 
-    `transformer` is saved with `save_pretrained`; `aux` (`repa_projector`, `sprint_fusion`, `resolution_tokens`) goes to
-    `aux.safetensors`. Without routing and fusion the forward is the transformer's own. The algorithms
-    (trainer/algorithms/) set it up in their `build` through `set_routing` and `add_repa`; the constructor's
-    arguments do the same in one call.
+    `transformer` is saved with `save_pretrained`; `aux` (`repa_projector`, `sprint_fusion`,
+    `resolution_tokens`) goes to `aux.safetensors`. Without routing, fusion and resolution tokens the forward is
+    the transformer's own. The algorithms (trainer/algorithms/) set it up in their `build` through `set_routing`,
+    `add_repa` and `add_resolution_tokens`; the constructor's arguments do the first two in one call.
     """
 
     def __init__(self, transformer, routing: str = "none", route_start: int = 0, route_end: int = 0,
