@@ -90,6 +90,13 @@ def resolve(name: str, default_cls: str | None = None) -> ModelSpec:
     return ModelSpec(name=name, id=name, revision="main", cls=default_cls)
 
 
+def model_name(record: dict[str, Any]) -> str:
+    """What to load for a recorded encoder (a shard's or run's record): its alias if it still is one, else its id
+    (hub id or folder)."""
+    name = record.get("name")
+    return name if name in aliases() else record["id"]
+
+
 def import_class(path: str) -> type:
     module, _, attr = path.rpartition(".")
     return getattr(importlib.import_module(module), attr)

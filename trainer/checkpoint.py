@@ -74,7 +74,8 @@ def _files(path: str) -> list[str]:
     return sorted(f for f in out if f != CHECKSUMS)
 
 
-def _sha256(file: str, flush: bool = False) -> str:
+def sha256_file(file: str, flush: bool = False) -> str:
+    """The file's sha256 (hex), read in 16 MiB blocks; `flush`: fsync it too."""
     h = hashlib.sha256()
     with open(file, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
@@ -88,7 +89,7 @@ def write_checksums(path: str) -> None:
     """checksums.json: size and sha256 of every file in `path`, each file flushed to disk first (so a crash cannot
     leave a published checkpoint cut short); written last, under a temporary name renamed into place."""
     files = _files(path)
-    doc = {"sha256": {f: _sha256(os.path.join(path, f), flush=True) for f in files},
+    doc = {"sha256": {f: sha256_file(os.path.join(path, f), flush=True) for f in files},
            "bytes": {f: os.path.getsize(os.path.join(path, f)) for f in files}}
     tmp = os.path.join(path, f".{CHECKSUMS}.tmp")
     with open(tmp, "w") as fh:
@@ -136,7 +137,7 @@ def _checksum_problem(path: str, only: tuple[str, ...]) -> str | None:
         if os.path.getsize(file) != sizes.get(rel):
             return f"{rel} is {os.path.getsize(file)} bytes, {CHECKSUMS} records {sizes.get(rel)}"
         try:
-            if _sha256(file) != sums[rel]:
+            if sha256_file(file) != sums[rel]:
                 return f"{rel} checksum mismatch"
         except OSError as exc:  # a bad disk sector (EIO), a permission
             return f"{rel} cannot be read ({exc.strerror})"

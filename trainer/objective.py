@@ -68,6 +68,13 @@ def caption_dropout(emb: torch.Tensor, mask: torch.Tensor, empty_emb: torch.Tens
     return emb, mask, drop
 
 
+def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
+    """The trainer's compute dtype: BF16 autocast with --autocast bf16, or auto on CUDA; None (FP32) otherwise."""
+    if cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 @dataclass
 class ObjectiveConfig:
     prediction: str = "v"

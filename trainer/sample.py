@@ -33,6 +33,7 @@ import yaml
 
 from contract.config import ConfigError, add_arguments, build_config, check_bounds, option, quote, save_yaml
 from contract.errors import PrxError
+from contract.models import model_name
 from trainer import algorithms
 from trainer.checkpoint import CKPT_RE, ckpt_dir, list_checkpoints, verify
 from trainer.data import TEXT_MAX_LENGTH
@@ -123,14 +124,6 @@ def open_run(run: str | None = None, ckpt: str | None = None, weights: str | Non
     aux = ("aux.safetensors",) if algorithms.needed_at_inference(config) else ()  # SPRINT's fusion layer
     verify(path, only=(EMA if chosen == "ema" else RAW, *aux))  # a damaged checkpoint is named, not a traceback
     return RunInfo(run_dir, path, step, chosen, config, data)
-
-
-def model_name(record: dict[str, Any]) -> str:
-    """What to load for a recorded encoder: its alias if it still is one, else its id (hub id or folder)."""
-    from contract.models import aliases
-
-    name = record.get("name")
-    return name if name in aliases() else record["id"]
 
 
 # ------------------------------------------------------------------------------------------- sampler

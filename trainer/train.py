@@ -30,7 +30,7 @@ from trainer.config import TrainConfig, absolute_paths, load_mixture, refuse_uns
 from trainer.data import DataSpec, check_captions, open_sources, pad_embedding
 from trainer.model import (PRESETS, Denoiser, build_model, check_fits, check_preset_for_space, check_weights_dtype,
                            count_parameters, train_flops_per_sample)
-from trainer.objective import ObjectiveConfig, draw_noise, losses as step_losses, per_sample_loss
+from trainer.objective import ObjectiveConfig, autocast_dtype, draw_noise, losses as step_losses, per_sample_loss
 from trainer.optim import build_optimizer, clip_grad, lr_at, set_lr
 
 log = logging.getLogger("prx.train")
@@ -49,12 +49,6 @@ def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
         raise RuntimeError("--device cuda but no CUDA device is visible")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def _barrier(world: int):

@@ -26,10 +26,10 @@ def teacher_class(spec: ModelSpec, config) -> str:
     return CLASSES.get(getattr(config, "model_type", None)) or spec.cls or DEFAULT_CLASS
 
 
-def load_config(spec: ModelSpec):
+def load_config(spec: ModelSpec, flag: str = "--repa"):
     from transformers import AutoConfig
 
-    with loading(spec, "--repa"):
+    with loading(spec, flag):
         return AutoConfig.from_pretrained(spec.id, **spec.load_kwargs())
 
 

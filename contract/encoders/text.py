@@ -130,19 +130,10 @@ class TextEncoder:
         return self.tokenizer(list(texts), max_length=self.max_length, truncation=True, verbose=False)["input_ids"]
 
     def pad(self, ids: list[list[int]]) -> dict:
-        """Token id lists -> what `tokenize` returns for their captions: input_ids padded to the longest with the
-        pad token (on the tokenizer's padding side) and the attention mask, int64."""
-        import torch
-
-        n = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), n), self.tokenizer.pad_token_id, dtype=torch.int64)
-        mask = torch.zeros((len(ids), n), dtype=torch.int64)
-        left = self.tokenizer.padding_side == "left"
-        for row, x in enumerate(ids):
-            cols = slice(n - len(x), n) if left else slice(0, len(x))
-            input_ids[row, cols] = torch.tensor(x, dtype=torch.int64)
-            mask[row, cols] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+        """Token id lists -> what `tokenize` returns for their captions (the tokenizer's own padding: to the
+        longest, on its padding side, with the attention mask)."""
+        return self.tokenizer.pad({"input_ids": ids}, padding="longest", return_attention_mask=True,
+                                  return_tensors="pt")
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens before truncation (to tell whether a caption was cut at max_length)."""

@@ -24,7 +24,6 @@ or safetensors, never unpickled. Make it once on a machine with internet:
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from contextlib import nullcontext
@@ -33,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from contract.errors import PrxError
-from trainer.algorithms.base import Algorithm, log
-from trainer.algorithms.perceptual import autocast, check_x_prediction, to_pixels
+from trainer.algorithms.perceptual import PerceptualLoss
+from trainer.checkpoint import sha256_file
 
 HOW_TO = ("make it on a machine with internet (pip install lpips): python -m trainer.algorithms.lpips_weights "
           "--write-weights lpips_vgg.pth (torchvision's VGG16 and lpips's linear heads), then pass "
@@ -116,46 +115,22 @@ def lpips_per_sample(net, pred: torch.Tensor, target: torch.Tensor, resize: floa
     return net(pred, target).reshape(pred.shape[0]).float()
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-class Lpips(Algorithm):
+class Lpips(PerceptualLoss):
     """`--lpips-weight W` (> 0, x-prediction): loss += W x mean LPIPS_vgg(x0 prediction, x0), in pixels."""
-    name, keys = "lpips", ("lpips_weight", "lpips_weights", "lpips_resize")
-
-    @classmethod
-    def enabled(cls, cfg) -> bool:
-        return cfg.lpips_weight > 0
+    name, keys, weight_key = "lpips", ("lpips_weight", "lpips_weights", "lpips_resize"), "lpips_weight"
 
     def __init__(self, cfg, rank: int = 0, device: torch.device = torch.device("cpu")):
-        super().__init__(cfg, rank, device)  # made in preflight: refused before any run of a study trains
-        check_x_prediction(cfg, "--lpips-weight")
+        super().__init__(cfg, rank, device)
         if not cfg.lpips_weights or not os.path.isfile(cfg.lpips_weights):
             load_state(cfg.lpips_weights)  # says how to make the file
 
-    def build(self, denoiser, spec) -> None:
+    def load(self) -> str:
         self.net = load_lpips(self.cfg.lpips_weights, self.device)  # frozen; not in denoiser.aux: not trained
-        self.sha256 = _sha256(self.cfg.lpips_weights)
-        self.pixels = to_pixels(spec.vae, self.device)
-        self.last: torch.Tensor | None = None
-        log.info("LPIPS: VGG from %s (sha256 %s), weight %g, resize %g, in %s", self.cfg.lpips_weights,
-                 self.sha256[:12], self.cfg.lpips_weight, self.cfg.lpips_resize,
-                 "pixel space" if self.pixels.pixel_space else "pixels decoded by the run's VAE")
+        self.sha256 = sha256_file(self.cfg.lpips_weights)
+        return f"VGG from {self.cfg.lpips_weights} (sha256 {self.sha256[:12]}), resize {self.cfg.lpips_resize:g}"
 
-    def loss_terms(self, out, batch) -> dict[str, torch.Tensor]:
-        pred, target = self.pixels.pair(out, self.cfg)
-        with autocast(self.cfg, self.device):
-            value = lpips_per_sample(self.net, pred, target, self.cfg.lpips_resize).mean()
-        self.last = value.detach()
-        return {"lpips_loss": self.cfg.lpips_weight * value}
-
-    def log_values(self, out, batch) -> dict[str, torch.Tensor]:
-        return {"lpips": self.last} if self.last is not None else {}  # unweighted, PRX's loss/train/lpips
+    def distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return lpips_per_sample(self.net, pred, target, self.cfg.lpips_resize)
 
     def summary(self) -> dict:
         return {**super().summary(), "lpips_weights_sha256": getattr(self, "sha256", None)}

@@ -13,7 +13,8 @@ import warnings
 import torch
 
 from contract.errors import PrxError
-from trainer.algorithms.lpips import _lpips, _sha256, load_lpips
+from trainer.algorithms.lpips import _lpips, load_lpips
+from trainer.checkpoint import sha256_file
 
 
 def write_weights(path: str) -> None:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: could not fetch torchvision's ImageNet VGG16 weights ({exc}): run this once on a "
                          "machine with internet, or put vgg16-397923af.pth in $TORCH_HOME/hub/checkpoints/ first\n")
         return 2
-    print(f"wrote {args.write_weights} (sha256 {_sha256(args.write_weights)})")
+    print(f"wrote {args.write_weights} (sha256 {sha256_file(args.write_weights)})")
     return 0
 
 

@@ -25,8 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.algorithms.base import Algorithm, log
-from trainer.algorithms.perceptual import autocast, check_x_prediction, to_pixels
+from trainer.algorithms.perceptual import PerceptualLoss
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # PRX's IMAGENET_DEFAULT_MEAN / STD
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,14 +51,11 @@ class PdinoEncoder(torch.nn.Module):
 
 def load_encoder(name: str, resolution: int, device: torch.device = torch.device("cpu")) -> PdinoEncoder:
     """The frozen DINO by alias, hub id or folder (`--pdino-encoder`), as the REPA teacher is loaded."""
-    from transformers import AutoConfig
-
-    from contract.encoders.repa import DEFAULT_CLASS, teacher_class
-    from contract.models import from_pretrained, loading, resolve
+    from contract.encoders.repa import DEFAULT_CLASS, load_config, teacher_class
+    from contract.models import from_pretrained, resolve
 
     spec = resolve(name, DEFAULT_CLASS)
-    with loading(spec, "--pdino-encoder"):
-        config = AutoConfig.from_pretrained(spec.id, **spec.load_kwargs())
+    config = load_config(spec, "--pdino-encoder")
     model = from_pretrained(spec, teacher_class(spec, config), flag="--pdino-encoder", dtype=torch.float32)
     return PdinoEncoder(model, getattr(config, "num_register_tokens", 0), resolution).to(device)
 
@@ -72,31 +68,13 @@ def pdino_per_sample(encoder: PdinoEncoder, pred: torch.Tensor, target: torch.Te
     return (1 - F.cosine_similarity(f_pred.float(), f_target.float(), dim=-1)).mean(dim=-1)
 
 
-class PerceptualDino(Algorithm):
+class PerceptualDino(PerceptualLoss):
     """`--pdino-weight W` (> 0, x-prediction): loss += W x mean over patches of 1 - cos(DINO(x0 pred), DINO(x0))."""
-    name, keys = "pdino", ("pdino_weight", "pdino_encoder", "pdino_resolution")
+    name, keys, weight_key = "pdino", ("pdino_weight", "pdino_encoder", "pdino_resolution"), "pdino_weight"
 
-    @classmethod
-    def enabled(cls, cfg) -> bool:
-        return cfg.pdino_weight > 0
-
-    def __init__(self, cfg, rank: int = 0, device: torch.device = torch.device("cpu")):
-        super().__init__(cfg, rank, device)  # made in preflight: refused before any run of a study trains
-        check_x_prediction(cfg, "--pdino-weight")
-
-    def build(self, denoiser, spec) -> None:
+    def load(self) -> str:
         self.encoder = load_encoder(self.cfg.pdino_encoder, self.cfg.pdino_resolution, self.device)
-        self.pixels = to_pixels(spec.vae, self.device)
-        self.last: torch.Tensor | None = None
-        log.info("P-DINO: %s at %d px, weight %g, in %s", self.cfg.pdino_encoder, self.cfg.pdino_resolution,
-                 self.cfg.pdino_weight, "pixel space" if self.pixels.pixel_space else "pixels decoded by the run's VAE")
+        return f"{self.cfg.pdino_encoder} at {self.cfg.pdino_resolution} px"
 
-    def loss_terms(self, out, batch) -> dict[str, torch.Tensor]:
-        pred, target = self.pixels.pair(out, self.cfg)
-        with autocast(self.cfg, self.device):
-            value = pdino_per_sample(self.encoder, pred, target).mean()
-        self.last = value.detach()
-        return {"pdino_loss": self.cfg.pdino_weight * value}
-
-    def log_values(self, out, batch) -> dict[str, torch.Tensor]:
-        return {"pdino": self.last} if self.last is not None else {}  # unweighted, PRX's loss/train/pdino
+    def distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return pdino_per_sample(self.encoder, pred, target)

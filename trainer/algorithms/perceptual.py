@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from trainer.algorithms.base import Algorithm, log
+
 
 def check_x_prediction(cfg, flag: str) -> None:
     """Refuse before step 1 unless the model predicts x0 (PRX's guard on both losses)."""
@@ -27,10 +29,11 @@ def check_x_prediction(cfg, flag: str) -> None:
 
 
 def autocast(cfg, device: torch.device):
-    """The trainer's compute dtype, its rule (trainer.train.autocast_dtype, not imported: no import cycle): BF16
-    autocast with --autocast bf16, or auto on CUDA (as PRX runs both losses in BF16); none otherwise."""
-    on = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
+    """The trainer's autocast (trainer.objective.autocast_dtype: BF16 on CUDA, as PRX runs both losses)."""
+    from trainer.objective import autocast_dtype
+
+    dtype = autocast_dtype(cfg, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
 class ToPixels:
@@ -42,11 +45,9 @@ class ToPixels:
         self.device, self.vae = device, None
         if not is_pixel_space(vae_record.get("class")):
             from contract.encoders.vae import load_vae
-            from contract.models import aliases
+            from contract.models import model_name
 
-            # the recorded VAE, named as trainer.sample.model_name does: its alias if it still is one, else its id
-            name = vae_record.get("name") if vae_record.get("name") in aliases() else vae_record["id"]
-            self.vae = load_vae(name, device=str(device))  # frozen, eval, float32
+            self.vae = load_vae(model_name(vae_record), device=str(device))  # frozen, eval, float32
         self._key: Any = None
         self._pixels: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -86,3 +87,44 @@ def to_pixels(vae_record: dict[str, Any], device: torch.device) -> ToPixels:
         _DECODERS.clear()  # one run at a time: a new run's VAE replaces the last one's
         _DECODERS[key] = ToPixels(vae_record, device)
     return _DECODERS[key]
+
+
+class PerceptualLoss(Algorithm):
+    """A loss between the predicted and the clean x0 as pixels, x-prediction only (LPIPS, P-DINO): a subclass
+    names its weight key, loads its frozen network in `load` and scores a pair in `distance` (B values).
+
+        loss += weight x mean_i distance(x0_pred_i, x0_i)     (logged: `<name>_loss`, and `<name>` unweighted)
+    """
+    weight_key = ""  # the TrainConfig key of the weight (0 = off)
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return getattr(cfg, cls.weight_key) > 0
+
+    def __init__(self, cfg, rank: int = 0, device: torch.device = torch.device("cpu")):
+        super().__init__(cfg, rank, device)  # made in preflight: refused before any run of a study trains
+        check_x_prediction(cfg, "--" + self.weight_key.replace("_", "-"))
+
+    def load(self) -> str:
+        """Load the frozen network; returns what to log about it."""
+        raise NotImplementedError
+
+    def distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def build(self, denoiser, spec) -> None:
+        what = self.load()
+        self.pixels = to_pixels(spec.vae, self.device)
+        self.last: torch.Tensor | None = None
+        log.info("%s: %s, weight %g, in %s", self.name, what, getattr(self.cfg, self.weight_key),
+                 "pixel space" if self.pixels.pixel_space else "pixels decoded by the run's VAE")
+
+    def loss_terms(self, out, batch) -> dict[str, torch.Tensor]:
+        pred, target = self.pixels.pair(out, self.cfg)
+        with autocast(self.cfg, self.device):
+            value = self.distance(pred, target).mean()
+        self.last = value.detach()
+        return {f"{self.name}_loss": getattr(self.cfg, self.weight_key) * value}
+
+    def log_values(self, out, batch) -> dict[str, torch.Tensor]:
+        return {self.name: self.last} if self.last is not None else {}  # unweighted, PRX's loss/train/<name>
