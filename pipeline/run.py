@@ -434,7 +434,8 @@ def _start_cluster(run: RunConfig, steps: list[Step]):
     from pipeline.runner import start_local_cluster
 
     uses_gpus = any(getattr(stage_class(s.name), "uses_model", False) for s in steps if s.name != AUDIT)
-    cluster = start_local_cluster(run.workers, uses_gpus)
+    processes = any(getattr(s.cfg, "prepare_processes", 0) for s in steps)
+    cluster = start_local_cluster(run.workers, uses_gpus, daemon=not processes)
     return cluster.scheduler_address, cluster
 
 

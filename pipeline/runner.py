@@ -128,7 +128,7 @@ class LocalExecutor:
 class DaskExecutor:
     """A distributed.LocalCluster on this machine, or an existing cluster by address."""
 
-    def __init__(self, scheduler: str | None, workers: int | None, uses_model: bool):
+    def __init__(self, scheduler: str | None, workers: int | None, uses_model: bool, processes: int = 0):
         from distributed import Client
 
         self.cluster = None
@@ -139,7 +139,7 @@ class DaskExecutor:
             if uses_model and any(w.get("resources", {}).get("GPU") for w in infos):
                 self.resources = {"GPU": 1}
         else:
-            self.cluster = start_local_cluster(workers, uses_gpus=uses_model)
+            self.cluster = start_local_cluster(workers, uses_gpus=uses_model, daemon=not processes)
             self.client = Client(self.cluster)
             if uses_model and _local_gpu_count():
                 self.resources = {"GPU": 1}
@@ -184,10 +184,11 @@ LOCAL_CLUSTER_DEFAULTS = {"distributed": {
     "worker": {"profile": {"enabled": False}, "memory": {"monitor-interval": "1s"}}}}
 
 
-def start_local_cluster(workers: int | None, uses_gpus: bool):
+def start_local_cluster(workers: int | None, uses_gpus: bool, daemon: bool = True):
     """A distributed.LocalCluster here: one worker process per GPU (each advertising a `GPU` resource) when
     there are GPUs and `uses_gpus`, else one per core; `workers` overrides the count. `prx-data run` starts
-    one for the whole pipeline and hands its address to every stage (as --scheduler)."""
+    one for the whole pipeline and hands its address to every stage (as --scheduler). `daemon` False: workers
+    that may start processes of their own (--prepare-processes; pipeline/prepare_pool.py)."""
     import dask.config
     from distributed import LocalCluster
 
@@ -199,7 +200,8 @@ def start_local_cluster(workers: int | None, uses_gpus: bool):
         kwargs["resources"] = {"GPU": 1}
     else:
         kwargs["n_workers"] = workers or os.cpu_count() or 1
-    return LocalCluster(**kwargs)
+    with dask.config.set({"distributed.worker.daemon": daemon}):
+        return LocalCluster(**kwargs)
 
 
 def _local_gpu_count() -> int:
@@ -215,7 +217,7 @@ def make_executor(cfg: Any, uses_model: bool):
     if cfg.executor == "local":
         return LocalExecutor()
     if cfg.executor == "dask":
-        return DaskExecutor(cfg.scheduler, cfg.workers, uses_model)
+        return DaskExecutor(cfg.scheduler, cfg.workers, uses_model, getattr(cfg, "prepare_processes", 0))
     raise PrxError(f"unknown executor {cfg.executor!r}: use local or dask")
 
 

@@ -1,8 +1,9 @@
 """What a stage is: a config dataclass plus a pure function over one shard.
 
 `Stage`     plans tasks (one per output shard) and processes one task into a ShardWriter.
-`MapStage`  the usual case, input shard N -> output shard N: read samples, prepare each (CPU work, in threads
-            one batch ahead when `prefetch_threads`), handle a batch, write kept samples (members the stage
+`MapStage`  the usual case, input shard N -> output shard N: read samples, prepare each (CPU work, one batch
+            ahead in `prefetch_threads` threads or `prepare_processes` processes: pipeline/prepare_pool.py),
+            handle a batch, write kept samples (with `write_behind`, in a writer thread while the next batch runs) (members the stage
             does not own copied byte for byte) and one ledger row each.
 `GlobalStage` a MapStage that first needs a view of every shard: scan (per shard, a parquet of partial
             results) -> reduce (one plan, hashed into `_stage.json`) -> apply (per shard).
@@ -125,6 +126,8 @@ class MapStage(Stage):
 
     batch_size: int = 64
     prefetch_threads: int = 0  # > 0: prepare() runs in this many threads one batch ahead, so the model never waits
+    prepare_processes: int = 0  # > 0: ... in this many processes instead (each its own GIL; pipeline/prepare_pool.py)
+    write_behind: bool = False  # True: a writer thread writes batch N while batch N+1 is processed
 
     def plan(self) -> list[Task]:
         if not self.cfg.input:
@@ -155,10 +158,25 @@ class MapStage(Stage):
             yield item
 
     def process(self, task: Task, writer: ShardWriter) -> None:
-        for problems, results in self.batches(task):
-            for p in problems:
-                writer.add_row(p.row())
-            self._write(results, writer)
+        """Each batch's rows and kept samples written in order; with `write_behind`, by a writer thread while
+        the next batch is processed (its file writes release the GIL)."""
+        if not self.write_behind:
+            for problems, results in self.batches(task):
+                self._write_batch(problems, results, writer)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-write") as wpool:
+            pending: Future | None = None
+            for problems, results in self.batches(task):
+                if pending is not None:
+                    pending.result()
+                pending = wpool.submit(self._write_batch, problems, results, writer)
+            if pending is not None:
+                pending.result()
+
+    def _write_batch(self, problems: list[Problem], results: list[Result], writer: ShardWriter) -> None:
+        for p in problems:
+            writer.add_row(p.row())
+        self._write(results, writer)
 
     # --- per batch: prepare each sample (CPU work; in threads one batch ahead), then process the batch
     def prepare(self, sample: Sample) -> Any:
@@ -174,17 +192,17 @@ class MapStage(Stage):
         raise NotImplementedError
 
     def batches(self, task: Task) -> Iterator[tuple[list[Problem], list[Result]]]:
-        """(Problems read, Results) per batch of `batch_size` samples. With prefetch_threads, batch N+1's
-        prepare() calls are submitted before batch N is processed; the pool lives as long as the shard."""
-        pool = (ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix=f"{self.name}-prepare")
-                if self.prefetch_threads > 0 else None)
+        """(Problems read, Results) per batch of `batch_size` samples. With prefetch threads or prepare
+        processes, batch N+1's prepare() calls are submitted before batch N is processed."""
+        pool = self._prepare_pool()
+        ahead: list[Future] = []
         try:
             pending = None
             for problems, samples in self._read_batches(task):
                 if pool is None:
                     yield self._finish(problems, samples, None, task)
                     continue
-                ahead = [pool.submit(self.prepare, s) for s in samples]
+                ahead = pool.submit(self, samples)
                 if pending is not None:
                     yield self._finish(*pending, task)
                 pending = (problems, samples, ahead)
@@ -192,7 +210,16 @@ class MapStage(Stage):
                 yield self._finish(*pending, task)
         finally:
             if pool is not None:
-                pool.shutdown(cancel_futures=True)
+                pool.done_with_shard(ahead)
+
+    def _prepare_pool(self):
+        from pipeline import prepare_pool
+
+        if self.prepare_processes > 0:
+            return prepare_pool.process_pool(type(self), self.cfg, self.prepare_processes)
+        if self.prefetch_threads > 0:
+            return prepare_pool.thread_pool(self.name, self.prefetch_threads)
+        return None
 
     def _read_batches(self, task: Task) -> Iterator[tuple[list[Problem], list[Sample]]]:
         problems: list[Problem] = []
@@ -215,7 +242,8 @@ class MapStage(Stage):
         """Adds this batch's seconds per sample (waiting on its prepare threads included) to each row, on top
         of any time a stage already put there (the filter's scan)."""
         start = time.perf_counter()
-        prepared = [f.result() for f in ahead] if ahead is not None else [self.prepare(s) for s in batch]
+        prepared = ([x for f in ahead for x in f.result()] if ahead is not None
+                    else [self.prepare(s) for s in batch])
         results = self.process_prepared(batch, task, prepared)
         if len(results) != len(batch):
             raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} samples")

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import photo_arrays
 from contract import ledger
 from contract.shards import ShardWriter
-from test_host_path_golden import WORDS, caption, exact_encode_stage, run_encode
+from test_host_path_golden import WORDS, ExactEncode, caption, run_encode
 
 
 def mixed_captions(n: int, seed: int = 0) -> list[str]:
@@ -35,7 +35,7 @@ def stage_and_text(tiny_model, tmp_path_factory):
     cfg = build_config(EncodeConfig, {"input": str(tmp), "out": str(tmp / "out"), "vae": tiny_model("tiny-flux-vae"),
                                       "text_encoder": tiny_model("tiny-t5gemma"), "max_length": 256,
                                       "batch_size": 16})
-    stage = exact_encode_stage(cfg)
+    stage = ExactEncode(cfg)
     return stage, stage.models()[1]
 
 

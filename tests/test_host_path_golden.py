@@ -19,8 +19,11 @@ import torch
 from PIL import Image
 
 from contract import ledger
+from contract.encoders.text import TextEncoder, load_text_encoder
+from contract.encoders.vae import VAE, load_vae
 from contract.shards import Problem, ShardWriter, read_shard
 from pipeline.cli import main
+from pipeline.stages.encode import EncodeStage
 
 WORDS = ("red blue green small large wooden stone glass river mountain forest street light shadow morning "
          "evening quiet busy old new bright dark soft sharp").split()
@@ -63,20 +66,16 @@ class IdsText(torch.nn.Module):
         return SimpleNamespace(last_hidden_state=(h * attention_mask.unsqueeze(-1)).float())
 
 
-def exact_encode_stage(cfg):
-    from contract.encoders.text import TextEncoder, load_text_encoder
-    from contract.encoders.vae import VAE, load_vae
-    from pipeline.stages.encode import EncodeStage
+class ExactEncode(EncodeStage):
+    """The encode stage with the exact stand-in forwards (module level: a prepare process builds it too)."""
 
-    class ExactEncode(EncodeStage):
-        def models(self):
-            vae, text = load_vae(cfg.vae), load_text_encoder(cfg.text_encoder, cfg.max_length, cfg.cleaning)
-            channels = int(vae.info["latent_channels"])
-            dim = int(text.info["hidden_size"])
-            return (VAE(StridedVAE(channels), vae.spec, vae.info, "cpu", False),
-                    TextEncoder(IdsText(dim), text.tokenizer, text.spec, text.info, "cpu", False, text.clean), None)
-
-    return ExactEncode(cfg)
+    def models(self):
+        cfg = self.cfg
+        vae, text = load_vae(cfg.vae), load_text_encoder(cfg.text_encoder, cfg.max_length, cfg.cleaning)
+        channels = int(vae.info["latent_channels"])
+        dim = int(text.info["hidden_size"])
+        return (VAE(StridedVAE(channels), vae.spec, vae.info, "cpu", False),
+                TextEncoder(IdsText(dim), text.tokenizer, text.spec, text.info, "cpu", False, text.clean), None)
 
 
 @pytest.fixture(scope="module")
@@ -117,16 +116,20 @@ def _local(data: bytes) -> bytes:
     return re.sub(rb"/[^\"]*?/pytest-[0-9]+/", b"<tmp>/", data)
 
 
-def run_encode(src: str, out: str, tiny_model, **extra) -> str:
+def encode_config(src: str, out: str, tiny_model, **extra):
     from contract.config import build_config
-    from pipeline.runner import run_stage
     from pipeline.stages.encode import EncodeConfig
 
-    cfg = build_config(EncodeConfig, {"input": src, "out": out, "executor": "local", "progress": False,
-                                      "vae": tiny_model("tiny-flux-vae"), "text_encoder": tiny_model("tiny-t5gemma"),
-                                      "resolution": 64, "max_length": 48, "batch_size": 3, "decode_threads": 2,
-                                      **extra})
-    run_stage(exact_encode_stage(cfg))
+    return build_config(EncodeConfig, {"input": src, "out": out, "executor": "local", "progress": False,
+                                       "vae": tiny_model("tiny-flux-vae"), "text_encoder": tiny_model("tiny-t5gemma"),
+                                       "resolution": 64, "max_length": 48, "batch_size": 3, "decode_threads": 2,
+                                       **extra})
+
+
+def run_encode(src: str, out: str, tiny_model, **extra) -> str:
+    from pipeline.runner import run_stage
+
+    run_stage(ExactEncode(encode_config(src, out, tiny_model, **extra)))
     return out
 
 
@@ -181,3 +184,39 @@ def test_encode_ledger_rows_are_the_golden_ones(encoded):
 
 def test_loader_batches_are_the_golden_ones(encoded):
     assert batch_digest(encoded) == GOLDEN_BATCHES
+
+
+@pytest.mark.parametrize("executor", ["local", pytest.param("dask", marks=pytest.mark.slow)])
+def test_encode_in_prepare_processes_is_golden(captioned, tiny_model, tmp_path, executor):
+    """--prepare-processes: decode, crop, cleaning and tokenisation in spawned processes, the same bytes; under
+    Dask too (prx's local cluster then starts its worker non-daemonic, so that it may have children)."""
+    extra = {"workers": 1} if executor == "dask" else {}
+    out = run_encode(captioned, str(tmp_path / "encoded"), tiny_model, prepare_processes=2, executor=executor,
+                     **extra)
+    assert member_digest(out) == GOLDEN_MEMBERS
+    assert ledger_digest(out) == GOLDEN_LEDGER
+
+
+def test_a_prepare_process_tokenises_what_the_batch_call_would(captioned, tiny_model, tmp_path):
+    """With processes, prepare() hands back each caption's (token ids, cut?) as the text encoder's tokenizer
+    makes them in the batch; with threads it leaves that to the batch (one tokenizer shared by threads is not
+    thread-safe)."""
+    sample = next(x for x in read_shard(os.path.join(captioned, "000000.tar")) if not isinstance(x, Problem))
+    text = load_text_encoder(tiny_model("tiny-t5gemma"), 48)
+    p = ExactEncode(encode_config(captioned, str(tmp_path / "a"), tiny_model, prepare_processes=2)).prepare(sample)
+    assert set(p.tokens) == set(p.texts) == {"original", "long", "short"}
+    for v, t in p.texts.items():
+        ids, cut = p.tokens[v]
+        assert ids == text.token_ids([t])[0]
+        assert cut == (text.count_tokens([t])[0] > 48)
+    assert any(cut for _, cut in p.tokens.values())   # the 150-word long caption is cut at 48 tokens
+    assert ExactEncode(encode_config(captioned, str(tmp_path / "b"), tiny_model)).prepare(sample).tokens == {}
+
+
+def test_prepare_processes_in_a_daemonic_worker_is_a_clear_error(monkeypatch):
+    from contract.errors import PrxError
+    from pipeline import prepare_pool
+
+    monkeypatch.setattr(prepare_pool.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
+    with pytest.raises(PrxError, match="distributed.worker.daemon: False"):
+        prepare_pool.process_pool(ExactEncode, None, 2)

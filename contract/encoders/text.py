@@ -127,7 +127,7 @@ class TextEncoder:
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Each caption's token ids as `tokenize` makes them (truncated at max_length), unpadded: one tokenizer
         call for a whole batch, padded later per forward (`pad`)."""
-        return self.tokenizer(list(texts), max_length=self.max_length, truncation=True, verbose=False)["input_ids"]
+        return token_ids(self.tokenizer, texts, self.max_length)
 
     def pad(self, ids: list[list[int]]) -> dict:
         """Token id lists -> what `tokenize` returns for their captions (the tokenizer's own padding: to the
@@ -137,7 +137,7 @@ class TextEncoder:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens before truncation (to tell whether a caption was cut at max_length)."""
-        return [len(ids) for ids in self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
+        return count_tokens(self.tokenizer, texts)
 
     def encode_empty_prompt(self):
         """The empty prompt's hidden states (L x D bfloat16), for classifier-free guidance. A tokenizer that adds
@@ -179,6 +179,26 @@ class TextEncoder:
         return split_rows(hidden.to(torch.bfloat16).cpu(), lengths.tolist(), self.tokenizer.padding_side == "left")
 
 
+def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Each caption's token ids, truncated at max_length, unpadded (what the encoder gets, before padding)."""
+    return tokenizer(list(texts), max_length=max_length, truncation=True, verbose=False)["input_ids"]
+
+
+def count_tokens(tokenizer, texts: list[str]) -> list[int]:
+    """Each caption's tokens before truncation."""
+    return [len(ids) for ids in tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
+
+
+def caption_tokens(tokenizer, texts: list[str], max_length: int) -> list[tuple[list[int], bool]]:
+    """(token ids truncated at max_length, was the caption cut?) per caption: one tokenizer call for all of
+    them; only the captions that fill max_length are counted again, untruncated."""
+    ids = token_ids(tokenizer, texts, max_length)
+    full = [k for k, x in enumerate(ids) if len(x) >= max_length]
+    counts = count_tokens(tokenizer, [texts[k] for k in full]) if full else []
+    cut = {k for k, n in zip(full, counts) if n > max_length}
+    return [(x, k in cut) for k, x in enumerate(ids)]
+
+
 def split_rows(hidden, lengths: list[int], left: bool) -> list:
     """B x L x D -> row i's real tokens (the last n on the left-padded side, else the first n), as views."""
     hidden = hidden.contiguous()
@@ -197,7 +217,6 @@ def load_text_encoder(name: str, max_length: int = 256, cleaning: str | None = N
                       bf16: bool = False) -> TextEncoder:
     """`cleaning` None: the model's default (`default_cleaning`)."""
     import torch
-    from transformers import AutoTokenizer
 
     cleaning = cleaning or default_cleaning(name)
     spec = resolve(name)
@@ -209,17 +228,28 @@ def load_text_encoder(name: str, max_length: int = 256, cleaning: str | None = N
         kwargs["is_encoder_decoder"] = False  # load the encoder half of an encoder-decoder checkpoint
     with loading(spec, FLAG):
         model = klass.from_pretrained(spec.id, **spec.load_kwargs(), dtype=torch.float32, **kwargs)
-        tok_kwargs = {k: v for k, v in spec.load_kwargs().items() if k != "subfolder"}
-        if spec.extra.get("tokenizer_subfolder"):
-            tok_kwargs["subfolder"] = spec.extra["tokenizer_subfolder"]
-        elif spec.subfolder:
-            tok_kwargs["subfolder"] = spec.subfolder
-        tokenizer = AutoTokenizer.from_pretrained(spec.id, **tok_kwargs)
+    tokenizer = load_tokenizer(spec)
     if getattr(config, "is_encoder_decoder", False) and hasattr(model, "get_encoder") \
             and "EncoderModel" not in type(model).__name__:
         model = model.get_encoder()
     model = language_model(model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False).eval().to(device)
     return TextEncoder(model, tokenizer, spec, info, device, bf16, cleaner(cleaning))
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The text encoder's tokenizer alone (its `tokenizer_subfolder`, else its subfolder), with a pad token
+    (its eos where it has none): what `load_text_encoder` gives the encoder, and what a prepare process of
+    the encode stage tokenises with."""
+    from transformers import AutoTokenizer
+
+    kwargs = {k: v for k, v in spec.load_kwargs().items() if k != "subfolder"}
+    if spec.extra.get("tokenizer_subfolder"):
+        kwargs["subfolder"] = spec.extra["tokenizer_subfolder"]
+    elif spec.subfolder:
+        kwargs["subfolder"] = spec.subfolder
+    with loading(spec, FLAG):
+        tokenizer = AutoTokenizer.from_pretrained(spec.id, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -7,9 +7,10 @@ variant (`hidden`, bfloat16 L x D, real tokens only), optionally `repa.safetenso
 back with `contract.encoded`. `--vae none` is pixel space: `pixels.webp` (the crop itself, lossless;
 contract/encoders/pixels.py) instead of `latent.safetensors`.
 
-Work per batch: decode, crop and clean captions in CPU threads (the next batch is prepared while the
-current one is encoded), then batched VAE / teacher forwards per bucket size and text-encoder forwards
-over captions sorted by length, in BF16 autocast on a GPU. Models load once per worker.
+Work per batch: decode, crop and clean captions in CPU threads, or in `--prepare-processes` processes that
+also tokenise (the next batch is prepared while the current one is encoded), then batched VAE / teacher
+forwards per bucket size and text-encoder forwards over captions sorted by length, in BF16 autocast on a GPU;
+a writer thread writes the batch while the next one is encoded. Models load once per worker.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from contract.encoders.pixels import PIXELS_MEMBER, PixelSpace, encode_image, is
 from contract.images import DEFAULT_MAX_PIXELS, ImageRejected
 from pipeline.device_decode import DECODERS, crop_on_device, on_device
 from pipeline.device_decode import provenance as decode_provenance
+from pipeline.prepare_pool import prepare_processes_option
 from pipeline.runner import cached, worker_device
 from contract.shards import BadMember, Sample, ShardWriter, dumps_json
 from pipeline.stage import MapStage, Result, PrxError, Task, keep, reject
@@ -67,6 +69,7 @@ class EncodeConfig(CommonConfig):
                                    minimum=1)
     batch_size: int = option(32, runtime=True, help="images (and captions) per encoder forward", minimum=1)
     decode_threads: int = option(4, runtime=True, help="CPU threads that decode, crop and clean captions", minimum=1)
+    prepare_processes: int = prepare_processes_option()
     decode: str = option("cpu", runtime=True, choices=list(DECODERS),
                          help="JPEG decoder: cpu (Pillow) or gpu (torchvision's nvJPEG decode and the crop's resize on "
                               "the device; other images, and any it cannot read, go through the CPU decoder)")
@@ -116,6 +119,7 @@ class Prepared:
     missing: list[str] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)
     no_tokens: list[str] = field(default_factory=list)  # variants the text encoder's tokenizer makes 0 tokens of
+    tokens: dict[str, tuple[list[int], bool]] = field(default_factory=dict)  # (ids, cut?), by a prepare process
     done: Result | None = None
 
 
@@ -127,11 +131,13 @@ class EncodeStage(MapStage):
     config_cls = EncodeConfig
     owned = (EMPTY_PROMPT_FILE,)
     uses_model = True
+    write_behind = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.batch_size = max(1, int(cfg.batch_size))
         self.prefetch_threads = max(1, int(cfg.decode_threads))
+        self.prepare_processes = int(cfg.prepare_processes)
         self._record: dict[str, Any] | None = None
         self.padding = Padding()
 
@@ -156,6 +162,9 @@ class EncodeStage(MapStage):
             raise PrxError("--max-length must be at least 1")
         if cfg.repa_patch_size < 1:
             raise PrxError("--repa-patch-size must be at least 1")
+        if cfg.prepare_processes and cfg.decode == "gpu":
+            raise PrxError("--prepare-processes decodes on the CPU in its processes; with --decode gpu the decode "
+                           "is on the device: use one or the other")
         self.record()
 
     def record(self) -> dict[str, Any]:
@@ -227,7 +236,7 @@ class EncodeStage(MapStage):
 
     # ------------------------------------------------------------------ CPU part (threads)
     def prepare(self, sample: Sample) -> Prepared:
-        from contract.encoders.text import cleaner
+        from contract.encoders.text import caption_tokens, cleaner
 
         p = Prepared(sample)
         try:
@@ -256,7 +265,17 @@ class EncodeStage(MapStage):
             p.texts[v] = cleaned
         if not p.texts:
             p.done = reject(sample, "no_caption_variant", self._missing_detail(p))
+        elif self.prepare_processes:  # a process has its own tokenizer (threads would share one, not thread-safe)
+            p.tokens = dict(zip(p.texts, caption_tokens(self._tokenizer(), list(p.texts.values()),
+                                                        self.cfg.max_length)))
         return p
+
+    def _tokenizer(self):
+        from contract.encoders.text import load_tokenizer
+        from contract.models import resolve
+
+        name = self.cfg.text_encoder
+        return cached(("encode-tokenizer", name), lambda: load_tokenizer(resolve(name)))
 
     def _crop_on_device(self, sample: Sample, p: Prepared) -> bool:
         """--decode gpu: the crop decoded and resized on the device (p.pixels a uint8 h x w x 3 tensor there);
@@ -285,20 +304,22 @@ class EncodeStage(MapStage):
 
     # ------------------------------------------------------------------ model part
     def _tokenize(self, prepared: list[Prepared], text) -> dict[tuple[int, str], tuple[list[int], bool]]:
-        """(token ids as the text encoder gets them, truncated?) of every caption to encode, in one tokenizer
-        call for the batch; only captions that fill max_length are counted again without truncation (were they
-        cut?). A caption the tokenizer makes 0 tokens of (one that adds no special tokens) has nothing to
-        encode: the variant is dropped, and a sample left with none gets its `no_caption_variant` row."""
+        """(token ids as the text encoder gets them, truncated?) of every caption to encode: those a prepare
+        process tokenised, the rest in one tokenizer call for the batch (`caption_tokens`). A caption the
+        tokenizer makes 0 tokens of (one that adds no special tokens) has nothing to encode: the variant is
+        dropped, and a sample left with none gets its `no_caption_variant` row."""
+        from contract.encoders.text import caption_tokens
+
         items = [(i, v, t) for i, p in enumerate(prepared) if p.done is None for v, t in p.texts.items()]
-        ids = text.token_ids([t for _, _, t in items]) if items else []
-        full = [k for k, x in enumerate(ids) if len(x) >= text.max_length]
-        cut = {k for k, n in zip(full, text.count_tokens([items[k][2] for k in full]) if full else [])
-               if n > self.cfg.max_length}
+        todo = [k for k, (i, v, _) in enumerate(items) if v not in prepared[i].tokens]
+        here = dict(zip(todo, caption_tokens(text.tokenizer, [items[k][2] for k in todo], text.max_length)
+                        if todo else []))
         tokens = {}
-        for k, ((i, v, _), x) in enumerate(zip(items, ids)):
-            tokens[(i, v)] = (x, k in cut)
+        for k, (i, v, _) in enumerate(items):
+            p = prepared[i]
+            x, cut = here[k] if k in here else p.tokens[v]
+            tokens[(i, v)] = (x, cut)
             if not x:
-                p = prepared[i]
                 del p.texts[v]
                 p.no_tokens.append(v)
                 if not p.texts:

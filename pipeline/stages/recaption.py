@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -33,8 +32,9 @@ from contract import fs, ledger
 from contract.config import CommonConfig, option
 from contract.images import DEFAULT_MAX_PIXELS as DEFAULT_MAX_IMAGE_PIXELS
 from contract.images import ImageRejected
+from pipeline.prepare_pool import prepare_processes_option
 from pipeline.runner import cached, worker_device
-from contract.shards import BadMember, Problem, Sample, ShardWriter
+from contract.shards import BadMember, Sample, ShardWriter
 from pipeline.stage import MapStage, Result, PrxError, Task, keep, reject
 
 ledger.register_reasons(checks_mod.REASONS)
@@ -85,6 +85,7 @@ class RecaptionConfig(CommonConfig):
                                                     "write (a crash loses at most one batch)", minimum=1)
     model_batch_size: int = option(16, runtime=True, help="transformers: sequences per generate() call", minimum=1)
     decode_threads: int = option(4, runtime=True, help="threads decoding/resizing images ahead of the model", minimum=1)
+    prepare_processes: int = prepare_processes_option()
     max_model_len: int = option(8192, runtime=True, help="vllm: max_model_len", minimum=1)
     gpu_memory_utilization: float = option(0.9, runtime=True, help="vllm: gpu_memory_utilization")
 
@@ -150,11 +151,13 @@ class RecaptionStage(MapStage):
     config_cls = RecaptionConfig
     owned = (".cache",)
     uses_model = True
+    write_behind = True
 
     def __init__(self, cfg: RecaptionConfig, backend=None):
         super().__init__(cfg)
         self.batch_size = max(1, int(cfg.batch_size))
         self.prefetch_threads = max(1, int(cfg.decode_threads))
+        self.prepare_processes = int(cfg.prepare_processes)
         self._backend = backend
         self._plans: dict[str, VariantPlan] | None = None
 
@@ -282,25 +285,13 @@ class RecaptionStage(MapStage):
 
     # ------------------------------------------------------------------ the shard
     def process(self, task: Task, writer: ShardWriter) -> None:
-        """MapStage's batches, each written by a writer thread while the next one is captioned."""
+        """MapStage's batches (each written by a writer thread while the next one is captioned)."""
         backend = self.backend()
         plans = self.variant_plans()
         cache = CaptionCache(self.cfg.out, task.index)
         self._shard = _Shard(backend, plans, {v: self.cache_key(backend, v, p) for v, p in plans.items()},
                              cache, cache.load(), self.text_tokenizer())
-        with ThreadPoolExecutor(1, thread_name_prefix="write") as wpool:
-            pending: Future | None = None
-            for problems, results in self.batches(task):
-                if pending is not None:
-                    pending.result()
-                pending = wpool.submit(self._write_batch, problems, results, writer)
-            if pending is not None:
-                pending.result()
-
-    def _write_batch(self, problems: list[Problem], results: list[Result], writer: ShardWriter) -> None:
-        for p in problems:
-            writer.add_row(p.row())
-        self._write(results, writer)
+        super().process(task, writer)
 
     def prepare(self, sample: Sample):
         """RGB image within the VLM pixel budget, or an ImageRejected; runs in a prefetch thread."""
