@@ -287,3 +287,33 @@ def test_tiny_qwen2_vl_transformers_every_sample_every_variant(raw, tmp_path, ti
             assert prov["sampling"]["max_new_tokens"] == budget and 0 < prov["output_tokens"] <= budget
             assert prov["max_pixels"] == 12544 and prov["checks"] == []
             assert isinstance(prov["mean_logprob"], float) and prov["text_encoder"]["tokens"] > 0
+
+
+class ImageRecorder(ScriptedBackend):
+    """Good captions; records each request's image (size and pixel digest) by sample key."""
+
+    seen: dict
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen = {}
+
+    def generate(self, requests):
+        import hashlib
+
+        for r in requests:
+            self.seen[r.key] = (r.image.size, r.image.mode, hashlib.sha256(r.image.tobytes()).hexdigest())
+        return super().generate(requests)
+
+
+def test_prepare_processes_give_the_model_the_same_images(raw, tmp_path, inject):
+    """--prepare-processes: decode and resize in a spawned process; the backend gets the same pixels, the
+    shards are the same bytes."""
+    backend = ImageRecorder()
+    name = inject(backend)
+    assert run_recaption(raw, tmp_path / "t", "--backend", name, "--seed", "3") == 0
+    threads, backend.seen = backend.seen, {}
+    assert run_recaption(raw, tmp_path / "p", "--backend", name, "--seed", "3", "--prepare-processes", "1") == 0
+    assert len(threads) == len(samples(raw)) and backend.seen == threads
+    by_key = {s.key: dict(s.members) for s in samples(tmp_path / "t")}
+    assert {s.key: dict(s.members) for s in samples(tmp_path / "p")} == by_key

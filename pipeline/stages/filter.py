@@ -214,33 +214,52 @@ class FilterStage(GlobalStage):
         return cached(("open_clip", spec.model_name, spec.pretrained, device), lambda: load_clip(spec, device))
 
     def scan(self, task: Task) -> pa.Table:
+        """Scan records of the shard's samples, a batch at a time: batch N+1's images decode in the threads while
+        batch N is scored, so the model does not wait for the decoder."""
         records: list[dict] = []
-        batch: list[Sample] = []
         with ThreadPoolExecutor(self.cfg.decode_threads) as pool:
-            for item in self.samples(task):
-                if isinstance(item, Problem):
-                    continue  # apply writes its ledger row
-                batch.append(item)
-                if len(batch) >= self.cfg.batch_size:
-                    records += self._scan_batch(batch, task, pool)
-                    batch = []
-            if batch:
-                records += self._scan_batch(batch, task, pool)
+            pending = None
+            for batch in self._sample_batches(task):
+                started = self._start_batch(batch, task, pool)
+                if pending is not None:
+                    records += self._finish_batch(*pending)
+                pending = started
+            if pending is not None:
+                records += self._finish_batch(*pending)
         return _records_table(records)
 
-    def _scan_batch(self, samples: list[Sample], task: Task, pool) -> list[dict]:
+    def _sample_batches(self, task: Task):
+        batch: list[Sample] = []
+        for item in self.samples(task):
+            if isinstance(item, Problem):
+                continue  # apply writes its ledger row
+            batch.append(item)
+            if len(batch) >= self.cfg.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _start_batch(self, samples: list[Sample], task: Task, pool) -> tuple:
+        """Records and caption checks (cheap, and a rejected caption needs no model), then the decodes submitted."""
         start = time.perf_counter()
         names = self.score_names
         recs = [self._new_record(s, task, names.values()) for s in samples]
-        captions = self.checks("caption")   # cheap, and a rejected caption needs no model
+        captions = self.checks("caption")
         for s, rec in zip(samples, recs):
             if captions and not rec["reasons"]:
                 _run_checks(captions, View(s.key, rec["meta"], s.text("txt") or "", rec["nbytes"]), rec)
         need_emb = "semantic" in self.cfg.dedup or any(n not in r["scores"] for n in names.values() for r in recs)
         model = self._model() if need_emb and self.clip_spec else None
-        tensors = self._decode_and_check(samples, recs, pool, model, need_emb)
+        decoded = self._submit_decodes(samples, recs, pool, model, need_emb)
+        return samples, recs, decoded, model, time.perf_counter() - start
+
+    def _finish_batch(self, samples: list[Sample], recs: list[dict], decoded: list, model, spent: float) -> list[dict]:
+        """The decoded images' checks and the scores; each record's seconds: its share of this batch's work."""
+        start = time.perf_counter()
+        tensors = self._check_decoded(samples, recs, decoded)
         self._score(samples, recs, tensors, model)
-        per = (time.perf_counter() - start) / max(len(samples), 1)
+        per = (spent + time.perf_counter() - start) / max(len(samples), 1)
         for rec in recs:
             rec["seconds"] = per
             rec.pop("meta", None)
@@ -265,19 +284,21 @@ class FilterStage(GlobalStage):
         rec["sha256"] = str(meta.get("sha256") or (hashlib.sha256(data).hexdigest() if data else ""))
         return rec
 
-    def _decode_and_check(self, samples, recs, pool, model, need_emb: bool) -> list:
-        """Decode (in threads) what needs decoding, run the size and pixel checks; the model's input tensors."""
+    def _submit_decodes(self, samples, recs, pool, model, need_emb: bool) -> list:
+        """Decode (in threads) what needs decoding: a future per sample, None where nothing is to decode."""
         image_checks = self.checks("size", "pixels")
         need_pixels = (any(c.needs == "pixels" for c in image_checks) or "perceptual" in self.cfg.dedup
                        or need_emb)
+        return [None if rec["reasons"] and not image_checks else pool.submit(self._decode, s, rec["meta"],
+                                                                             need_pixels, model)
+                for s, rec in zip(samples, recs)]
 
-        def decode(s: Sample, rec: dict):
-            if rec["reasons"] and not image_checks:
-                return None
-            return self._decode(s, rec["meta"], need_pixels, model)
-
+    def _check_decoded(self, samples, recs, decoded: list) -> list:
+        """The size and pixel checks on the decoded images; the model's input tensors."""
+        image_checks = self.checks("size", "pixels")
         tensors: list = [None] * len(recs)
-        for i, (s, rec, res) in enumerate(zip(samples, recs, pool.map(decode, samples, recs))):
+        for i, (s, rec, fut) in enumerate(zip(samples, recs, decoded)):
+            res = fut.result() if fut is not None else None
             if res is None:
                 continue
             if isinstance(res, ImageRejected):
