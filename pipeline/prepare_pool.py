@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from contract.config import option
@@ -38,11 +39,23 @@ class Pool:
         self.executor, self.chunk, self.owned = executor, chunk, owned
 
     def submit(self, stage, samples: list) -> list[Future]:
-        """Futures whose results, concatenated, are `[stage.prepare(s) for s in samples]`."""
+        """Futures whose results, concatenated, are `[stage.prepare(s) for s in samples]` (in a process, by
+        its own copy of the stage)."""
         if isinstance(self.executor, ThreadPoolExecutor):
             return [self.executor.submit(_prepare_many, stage, [s]) for s in samples]
         size = max(1, -(-len(samples) // self.chunk))
         return [self.executor.submit(_prepare_in_child, samples[i:i + size]) for i in range(0, len(samples), size)]
+
+    @staticmethod
+    def results(futures: list[Future]) -> list[Any]:
+        """The prepared items, in order; a process that died (killed, out of memory, a crash in a decoder) is
+        one clear error: the shard stays unfinished, and the next call starts a fresh pool."""
+        try:
+            return [x for f in futures for x in f.result()]
+        except BrokenProcessPool:
+            raise RuntimeError("a --prepare-processes process died (killed, out of memory, or a crash in a "
+                               "decoder); this shard is left unfinished: run the same command again to resume, "
+                               "or use --prepare-processes 0") from None
 
     def done_with_shard(self, futures: list[Future]) -> None:
         """After a shard: a thread pool closes; a process pool stays for the next shard, its queued work cancelled."""
@@ -72,7 +85,7 @@ def process_pool(stage_cls: type, cfg: Any, processes: int) -> Pool:
                        "workers with the Dask config distributed.worker.daemon: False, or use "
                        "--prepare-processes 0 (threads)")
     key = (stage_cls.__module__, stage_cls.__qualname__, processes, repr(cfg))
-    if _POOL["key"] != key:
+    if _POOL["key"] != key or getattr(_POOL["executor"], "_broken", False):
         if _POOL["executor"] is not None:
             _POOL["executor"].shutdown(cancel_futures=True)
         _POOL["executor"] = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),

@@ -3,8 +3,8 @@
 `Stage`     plans tasks (one per output shard) and processes one task into a ShardWriter.
 `MapStage`  the usual case, input shard N -> output shard N: read samples, prepare each (CPU work, one batch
             ahead in `prefetch_threads` threads or `prepare_processes` processes: pipeline/prepare_pool.py),
-            handle a batch, write kept samples (with `write_behind`, in a writer thread while the next batch runs) (members the stage
-            does not own copied byte for byte) and one ledger row each.
+            handle a batch, write kept samples (members the stage does not own copied byte for byte) and one
+            ledger row each (with `write_behind`, in a writer thread while the next batch runs).
 `GlobalStage` a MapStage that first needs a view of every shard: scan (per shard, a parquet of partial
             results) -> reduce (one plan, hashed into `_stage.json`) -> apply (per shard).
 The runner (`pipeline.runner`) decides where and when tasks run; stages never see executors.
@@ -22,6 +22,7 @@ from contract import ledger
 from contract.config import CommonConfig
 from contract.errors import PrxError
 from contract.ledger import read_stage_json
+from pipeline.prepare_pool import Pool, process_pool, thread_pool
 from contract.shards import (MemberCaps, Problem, Sample, ShardWriter, dumps_json, list_shards, read_shard,
                              shard_index)
 
@@ -178,9 +179,10 @@ class MapStage(Stage):
             writer.add_row(p.row())
         self._write(results, writer)
 
-    # --- per batch: prepare each sample (CPU work; in threads one batch ahead), then process the batch
+    # --- per batch: prepare each sample (CPU work; in threads or processes one batch ahead), then process it
     def prepare(self, sample: Sample) -> Any:
-        """Per-sample CPU work (decode, crop) that can run in a thread while the previous batch runs."""
+        """Per-sample CPU work (decode, crop) that can run in a thread or a process (then from `self.cfg` alone)
+        while the previous batch runs."""
         return None
 
     def process_prepared(self, samples: list[Sample], task: Task, prepared: list[Any]) -> list[Result]:
@@ -212,13 +214,11 @@ class MapStage(Stage):
             if pool is not None:
                 pool.done_with_shard(ahead)
 
-    def _prepare_pool(self):
-        from pipeline import prepare_pool
-
+    def _prepare_pool(self) -> Pool | None:
         if self.prepare_processes > 0:
-            return prepare_pool.process_pool(type(self), self.cfg, self.prepare_processes)
+            return process_pool(type(self), self.cfg, self.prepare_processes)
         if self.prefetch_threads > 0:
-            return prepare_pool.thread_pool(self.name, self.prefetch_threads)
+            return thread_pool(self.name, self.prefetch_threads)
         return None
 
     def _read_batches(self, task: Task) -> Iterator[tuple[list[Problem], list[Sample]]]:
@@ -242,8 +242,7 @@ class MapStage(Stage):
         """Adds this batch's seconds per sample (waiting on its prepare threads included) to each row, on top
         of any time a stage already put there (the filter's scan)."""
         start = time.perf_counter()
-        prepared = ([x for f in ahead for x in f.result()] if ahead is not None
-                    else [self.prepare(s) for s in batch])
+        prepared = Pool.results(ahead) if ahead is not None else [self.prepare(s) for s in batch]
         results = self.process_prepared(batch, task, prepared)
         if len(results) != len(batch):
             raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} samples")

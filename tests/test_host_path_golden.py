@@ -220,3 +220,28 @@ def test_prepare_processes_in_a_daemonic_worker_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(prepare_pool.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
     with pytest.raises(PrxError, match="distributed.worker.daemon: False"):
         prepare_pool.process_pool(ExactEncode, None, 2)
+
+
+class DyingEncode(ExactEncode):
+    """A prepare process that dies on its first sample while PRX_TEST_DIE_IN_PREPARE is set (read by each
+    process as it starts its work, so a pool started after it is unset works)."""
+
+    def prepare(self, sample):
+        if os.environ.get("PRX_TEST_DIE_IN_PREPARE"):
+            os._exit(3)
+        return super().prepare(sample)
+
+
+def test_a_prepare_process_that_dies_is_one_clear_error_and_the_rerun_resumes(captioned, tiny_model, tmp_path,
+                                                                             monkeypatch):
+    from pipeline.runner import run_stage
+
+    cfg = encode_config(captioned, str(tmp_path / "encoded"), tiny_model, prepare_processes=1)
+    monkeypatch.setenv("PRX_TEST_DIE_IN_PREPARE", "1")
+    with pytest.raises(RuntimeError, match="prepare-processes process died.*run the same command again"):
+        run_stage(DyingEncode(cfg))
+    assert not [p for p in os.listdir(cfg.out) if p.endswith(".tar")]   # nothing half-written published
+    monkeypatch.delenv("PRX_TEST_DIE_IN_PREPARE")
+    run_stage(DyingEncode(cfg))   # the same stage and config: the broken pool is replaced
+    assert member_digest(cfg.out) == GOLDEN_MEMBERS
+    assert ledger_digest(cfg.out) == GOLDEN_LEDGER

@@ -234,7 +234,7 @@ class EncodeStage(MapStage):
     def process_prepared(self, samples: list[Sample], task: Task, prepared: list[Prepared]) -> list[Result]:
         return self.encode_batch(prepared, *self.models())
 
-    # ------------------------------------------------------------------ CPU part (threads)
+    # ------------------------------------------------------------------ CPU part (threads or processes)
     def prepare(self, sample: Sample) -> Prepared:
         from contract.encoders.text import caption_tokens, cleaner
 
