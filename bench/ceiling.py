@@ -22,8 +22,9 @@ One worker (the local executor), the stages' default thread settings; recaption 
 `--prepare-processes 4` (their per-sample work in 4 processes), the loader in this process and as the
 trainer runs it (`LoaderFeed`, 4 worker processes, `--loader-workers`'s default).
 
-Printed per stage: samples/s; CPU-seconds per sample of the worker process (all its threads), of its main
-thread (the model loop), and of its children (prepare processes, loader workers); with threads, decode/resize
+Printed per stage: samples/s; CPU-seconds per sample of the worker process (all its threads), split into its
+main thread (the model loop), its writer thread and the others (prepare threads, torch's intra-op threads,
+the process pool's queue threads), and of its children (prepare processes, loader workers); with threads, decode/resize
 (the GIL-released part: the same images through the same decode and resize calls, timed alone in this
 thread) and the rest, worker CPU - decode/resize, a bound on the GIL-held time (tar parsing, json, ledgers,
 batching, writing; it also holds GIL-released C work); with processes the bound is the worker's whole CPU;
@@ -208,6 +209,7 @@ class Row:
     wall: float
     cpu: float
     main: float        # the worker's main thread (the model loop)
+    writer: float      # the worker's writer threads (`write_behind`: tar members and ledger rows)
     side: float        # children: --prepare-processes or the loader's worker processes
     decode: float      # CPU-seconds per sample of decode/resize, measured alone (threads rows)
     threads: int       # prepare threads, or processes when side > 0
@@ -244,9 +246,46 @@ def children_cpu() -> float:
     return total
 
 
-def timed_run(fn, stage: str) -> tuple[float, float, float, float]:
-    """Wall, process CPU, main-thread CPU and children's CPU seconds of fn(); under `--profile STAGE` that
-    stage's cProfile top functions."""
+class WriterThreads:
+    """CPU seconds of this process's writer threads (named `*-write_*`), sampled every 0.2 s while they live
+    (a thread's last fraction of a second before it ends is missed)."""
+
+    def __init__(self):
+        import threading
+
+        self.cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def _run(self):
+        import threading
+
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            writers = {t.native_id for t in threading.enumerate() if "-write" in t.name}
+            for t in me.threads():
+                if t.id in writers:
+                    self.cpu[t.id] = t.user_time + t.system_time
+            self._stop.wait(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def total(self) -> float:
+        return sum(self.cpu.values())
+
+
+def timed_run(fn, stage: str) -> tuple[float, float, float, float, float]:
+    """Wall, process CPU, main-thread CPU, writer-thread CPU and children's CPU seconds of fn(); under
+    `--profile STAGE` that stage's cProfile top functions."""
     prof = None
     if PROFILE["stage"] == stage:
         import cProfile
@@ -254,7 +293,8 @@ def timed_run(fn, stage: str) -> tuple[float, float, float, float]:
         prof = cProfile.Profile()
         prof.enable()
     t0, c0, m0, k0 = time.perf_counter(), time.process_time(), time.thread_time(), children_cpu()
-    fn()
+    with WriterThreads() as writers:
+        fn()
     wall, cpu, main = time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - m0
     side = children_cpu() - k0
     if prof is not None:
@@ -262,7 +302,7 @@ def timed_run(fn, stage: str) -> tuple[float, float, float, float]:
 
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(PROFILE["top"])
-    return wall, cpu, main, side
+    return wall, cpu, main, writers.total, side
 
 
 def decode_cost(folder: str, prep) -> float:
@@ -346,9 +386,9 @@ def stage_row(name: str, stage, n: int, decode: float, warm_from: str | None = N
     procs = getattr(stage, "prepare_processes", 0)
     if procs:
         warm_pool(stage, warm_from)
-    wall, cpu, main, side = timed_run(lambda: run_stage(stage), name)
+    wall, cpu, main, writer, side = timed_run(lambda: run_stage(stage), name)
     label = f"{name}, --prepare-processes {procs}" if procs else name
-    return Row(label, n, wall, cpu, main, side, decode, procs or stage.cfg.decode_threads)
+    return Row(label, n, wall, cpu, main, writer, side, decode, procs or stage.cfg.decode_threads)
 
 
 def warm_pool(stage, folder: str) -> None:
@@ -374,10 +414,10 @@ def loader_row(folder: str, args, workers: int) -> Row:
     for _ in range(max(1, 2 * workers)):
         feed.next()  # shards opened, buffer filled; workers started, their prefetch full
     n = args.loader_batches * args.loader_batch
-    wall, cpu, main, side = timed_run(lambda: [feed.next() for _ in range(args.loader_batches)], "loader")
+    wall, cpu, main, writer, side = timed_run(lambda: [feed.next() for _ in range(args.loader_batches)], "loader")
     feed.close()
     label = f"loader, --loader-workers {workers}" if workers else "loader, in-process"
-    return Row(label, n, wall, cpu, main, side, 0.0, max(workers, 1))
+    return Row(label, n, wall, cpu, main, writer, side, 0.0, max(workers, 1))
 
 
 def main() -> int:
@@ -403,8 +443,9 @@ def main() -> int:
     rows = run_all(args)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}; "
           f"{args.n} samples\n")
-    print("| stage | samples/s here | worker CPU ms/sample | its main thread ms | children CPU ms | decode/resize "
-          f"alone ms | GIL-held bound ms | ceiling at {args.cores} cores | GPU rate | ceiling / GPU | GIL target |")
+    print("| stage | samples/s here | worker CPU ms/sample | of it: main thread / writer / other threads | "
+          f"children CPU ms | decode/resize alone ms | GIL-held bound ms | ceiling at {args.cores} cores | GPU rate | "
+          "ceiling / GPU | GIL target |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = r.stage.split(",")[0]
@@ -413,9 +454,10 @@ def main() -> int:
         rest = r.rest()
         met = "unresolved" if rest is None else "met" if rest * 1e3 <= target else "not met"
         shown = "unresolved" if rest is None else f"{1e3 * rest:.2f}"
-        print(f"| {r.stage} | {r.n / r.wall:.0f} | {1e3 * r.cpu / r.n:.2f} | {1e3 * r.main / r.n:.2f} | "
-              f"{1e3 * r.side / r.n:.2f} | {1e3 * r.decode:.2f} | {shown} | {c:.0f} | "
-              f"{model} ~{rate:,}/s | {c / rate:.2f} | {target} ms: {met} |")
+        ms = [1e3 * x / r.n for x in (r.cpu, r.main, r.writer, r.cpu - r.main - r.writer, r.side)]
+        print(f"| {r.stage} | {r.n / r.wall:.0f} | {ms[0]:.2f} | {ms[1]:.2f} / {ms[2]:.2f} / {ms[3]:.2f} | "
+              f"{ms[4]:.2f} | {1e3 * r.decode:.2f} | {shown} | {c:.0f} | {model} ~{rate:,}/s | {c / rate:.2f} | "
+              f"{target} ms: {met} |")
     return 0
 
 
