@@ -53,7 +53,7 @@ class Pool:
         try:
             return [x for f in futures for x in f.result()]
         except BrokenProcessPool:
-            raise RuntimeError("a --prepare-processes process died (killed, out of memory, or a crash in a "
+            raise PrxError("a --prepare-processes process died (killed, out of memory, or a crash in a "
                                "decoder); this shard is left unfinished: run the same command again to resume, "
                                "or use --prepare-processes 0") from None
 

@@ -21,6 +21,7 @@ from PIL import Image
 from contract import ledger
 from contract.encoders.text import TextEncoder, load_text_encoder
 from contract.encoders.vae import VAE, load_vae
+from contract.errors import PrxError
 from contract.shards import Problem, ShardWriter, read_shard
 from pipeline.cli import main
 from pipeline.stages.encode import EncodeStage
@@ -214,7 +215,6 @@ def test_a_prepare_process_tokenises_what_the_batch_call_would(captioned, tiny_m
 
 
 def test_prepare_processes_in_a_daemonic_worker_is_a_clear_error(monkeypatch):
-    from contract.errors import PrxError
     from pipeline import prepare_pool
 
     monkeypatch.setattr(prepare_pool.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
@@ -238,7 +238,7 @@ def test_a_prepare_process_that_dies_is_one_clear_error_and_the_rerun_resumes(ca
 
     cfg = encode_config(captioned, str(tmp_path / "encoded"), tiny_model, prepare_processes=1)
     monkeypatch.setenv("PRX_TEST_DIE_IN_PREPARE", "1")
-    with pytest.raises(RuntimeError, match="prepare-processes process died.*run the same command again"):
+    with pytest.raises(PrxError, match="prepare-processes process died.*run the same command again"):
         run_stage(DyingEncode(cfg))
     assert not [p for p in os.listdir(cfg.out) if p.endswith(".tar")]   # nothing half-written published
     monkeypatch.delenv("PRX_TEST_DIE_IN_PREPARE")
