@@ -34,6 +34,20 @@ def test_null_captions_fall_in_the_variant_word_bands():
 def test_ceiling_is_the_slowest_of_gil_decode_threads_and_cores(k, expected):
     # 10 samples, 10 ms CPU each, 6 ms of it decode on 4 threads: GIL-held 4 ms -> 250/s at 12 cores;
     # at 2 cores the CPU bound (10 ms / 2 = 5 ms) wins -> 200/s.
-    row = ceiling.Row("encode", n=10, wall=1.0, cpu=0.1, decode=0.006, threads=4)
+    row = ceiling.Row("encode", n=10, wall=1.0, cpu=0.1, main=0.03, writer=0.01, side=0.0, decode=0.006, threads=4)
     assert row.rest() == pytest.approx(0.004)
     assert row.ceiling(k) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("k, expected", [(12, 400.0), (2, 1000 / 6)])
+def test_with_processes_the_worker_cpu_is_the_gil_bound_and_the_children_run_in_parallel(k, expected):
+    # 10 samples: the worker 2 ms each (all of it counted as GIL-held), its 4 processes 10 ms each between them:
+    # 10 / 4 = 2.5 ms at 12 cores -> 400/s; at 2 cores all CPU, 12 ms / 2 = 6 ms, wins.
+    row = ceiling.Row("encode", n=10, wall=1.0, cpu=0.02, main=0.01, writer=0.0, side=0.1, decode=0.0, threads=4)
+    assert row.rest() == pytest.approx(0.002)
+    assert row.ceiling(k) == pytest.approx(expected)
+
+
+def test_a_decode_alone_as_slow_as_the_whole_stage_leaves_the_gil_part_unresolved():
+    row = ceiling.Row("filter", n=10, wall=1.0, cpu=0.1, main=0.02, writer=0.0, side=0.0, decode=0.012, threads=4)
+    assert row.rest() is None
