@@ -11,7 +11,9 @@
   address, start its workers with the Dask config `distributed.worker.daemon: False`.
 
 Work goes out in chunks (a batch split in about 2N pieces), so the pickling and queueing cost per sample
-stays small; the prepared items come back in the batch's order.
+stays small; the prepared items come back in the batch's order. Processes pay where `prepare` holds the GIL
+(encode: caption cleaning and tokenisation), not where its result is large (recaption: images at the VLM's
+pixel budget, pickled back): BENCHMARKS.md, host-path ceilings.
 """
 from __future__ import annotations
 
@@ -53,9 +55,9 @@ class Pool:
         try:
             return [x for f in futures for x in f.result()]
         except BrokenProcessPool:
-            raise PrxError("a --prepare-processes process died (killed, out of memory, or a crash in a "
-                               "decoder); this shard is left unfinished: run the same command again to resume, "
-                               "or use --prepare-processes 0") from None
+            raise PrxError("a --prepare-processes process died (killed, out of memory, or a crash in a decoder); "
+                           "this shard is left unfinished: run the same command again to resume, or use "
+                           "--prepare-processes 0") from None
 
     def done_with_shard(self, futures: list[Future]) -> None:
         """After a shard: a thread pool closes; a process pool stays for the next shard, its queued work cancelled."""
