@@ -276,3 +276,31 @@ def test_encode_fans_out_into_several_latent_spaces_from_one_input(tmp_path, mon
         path.write_text(yaml.safe_dump({"name": "bad", "stages": stages}))
         with pytest.raises(ManifestError, match=r"stage 3 \(filter\) is out of order"):
             build_steps(str(path), str(tmp_path / "r2"), RunConfig(executor="local"))
+
+
+@pytest.mark.parametrize("processes, daemon", [(0, True), (2, False)])
+def test_the_runs_cluster_has_non_daemonic_workers_when_a_stage_asks_for_prepare_processes(tmp_path, monkeypatch,
+                                                                                         processes, daemon):
+    """A daemonic Dask worker cannot start processes: the run's one local cluster is started without the daemon
+    flag when any stage sets prepare-processes, and with it (Dask's default) otherwise."""
+    import pipeline.runner
+    from pipeline.run import RunConfig, _start_cluster, build_steps
+
+    (tmp_path / "photos").mkdir()
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"name": "m", "stages": [
+        {"ingest": {"in": str(tmp_path / "photos")}},
+        {"encode": {"vae": "none", "prepare-processes": processes}}]}))
+    started = {}
+
+    class Cluster:
+        scheduler_address = "tcp://here"
+
+    def start(workers, uses_gpus, daemon=True):
+        started["daemon"] = daemon
+        return Cluster()
+
+    monkeypatch.setattr(pipeline.runner, "start_local_cluster", start)
+    steps = build_steps(str(path), str(tmp_path / "root"), RunConfig())
+    assert _start_cluster(RunConfig(), steps)[0] == "tcp://here"
+    assert started == {"daemon": daemon}
