@@ -103,7 +103,25 @@ def _start_child(stage_cls: type, cfg: Any) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle; its pool then stops us
+    _exit_with_parent()
     _CHILD["stage"] = stage_cls(cfg)
+
+
+def _exit_with_parent(every: float = 0.5) -> None:
+    """A worker killed without closing its pool (a Dask nanny's terminate, SIGKILL) leaves its children waiting
+    on a queue they hold both ends of: each one watches for its parent to go and then exits."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="prx-parent-watch", daemon=True).start()
 
 
 def _prepare_in_child(samples: list) -> list:

@@ -245,3 +245,37 @@ def test_a_prepare_process_that_dies_is_one_clear_error_and_the_rerun_resumes(ca
     run_stage(DyingEncode(cfg))   # the same stage and config: the broken pool is replaced
     assert member_digest(cfg.out) == GOLDEN_MEMBERS
     assert ledger_digest(cfg.out) == GOLDEN_LEDGER
+
+
+def test_prepare_processes_exit_when_their_worker_is_killed(tmp_path):
+    """A worker killed without closing its pool (SIGKILL, a Dask nanny's terminate) leaves no process behind."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "worker.py"
+    script.write_text(f"""
+import os, signal, sys
+sys.path[:0] = {sys.path!r}
+from contract.config import build_config
+from pipeline import prepare_pool
+from pipeline.stages.encode import EncodeConfig, EncodeStage
+
+if __name__ == "__main__":
+    cfg = build_config(EncodeConfig, {{"input": "in", "out": "out", "vae": "none", "prepare_processes": 2}})
+    pool = prepare_pool.process_pool(EncodeStage, cfg, 2)
+    for f in [pool.executor.submit(prepare_pool._prepare_in_child, []) for _ in range(4)]:
+        f.result()
+    print(" ".join(str(p) for p in pool.executor._processes), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    children = [int(p) for p in out.stdout.split()]
+    assert children, out.stderr
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                              for p in children):
+        time.sleep(0.2)
+    assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
