@@ -60,6 +60,9 @@ REASONS: dict[str, tuple[str, str]] = {
 }
 
 
+_BUILTIN = tuple(REASONS)   # before any stage registers its own
+
+
 def outcome_of(reason: str) -> str:
     return REASONS[reason][0]
 
@@ -142,8 +145,12 @@ def read_folder(folder: str) -> pa.Table:
 
 
 def reason_table_markdown() -> str:
+    """The contract's own codes as declared, then the registered ones by name (the same table whatever order
+    the stages and filters were imported in)."""
+    registered = sorted(c for c in REASONS if c not in _BUILTIN)
     lines = ["| reason | outcome | meaning |", "|---|---|---|"]
-    for code, (outcome, meaning) in REASONS.items():
+    for code in [*_BUILTIN, *registered]:
+        outcome, meaning = REASONS[code]
         if code:
             lines.append(f"| `{code}` | {outcome} | {meaning} |")
     return "\n".join(lines)
