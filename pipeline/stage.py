@@ -239,8 +239,8 @@ class MapStage(Stage):
         return problems, self._timed(samples, task, ahead)
 
     def _timed(self, batch: list[Sample], task: Task, ahead: list[Future] | None = None) -> list[Result]:
-        """Adds this batch's seconds per sample (waiting on its prepare threads included) to each row, on top
-        of any time a stage already put there (the filter's scan)."""
+        """Adds this batch's seconds per sample (waiting on its prepare threads or processes included) to each
+        row, on top of any time a stage already put there (the filter's scan)."""
         start = time.perf_counter()
         prepared = Pool.results(ahead) if ahead is not None else [self.prepare(s) for s in batch]
         results = self.process_prepared(batch, task, prepared)
